@@ -1,0 +1,82 @@
+//! Typed errors of the engines: what failed, on which path, and why.
+
+use std::io;
+use std::path::PathBuf;
+
+/// The operation that failed, named the way users know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Open,
+    Create,
+    Read,
+    Write,
+    Fsync,
+    SetPermissions,
+    SetOwner,
+    SetTimes,
+    SetXattr,
+    Truncate,
+    Rename,
+    Verify,
+    /// The source changed size while it was copied.
+    SourceChanged,
+}
+
+impl Op {
+    fn verb(self) -> &'static str {
+        match self {
+            Op::Open => "cannot open",
+            Op::Create => "cannot create",
+            Op::Read => "error reading",
+            Op::Write => "error writing",
+            Op::Fsync => "cannot fsync",
+            Op::SetPermissions => "cannot set permissions on",
+            Op::SetOwner => "cannot set owner of",
+            Op::SetTimes => "cannot set times on",
+            Op::SetXattr => "cannot set extended attributes on",
+            Op::Truncate => "cannot truncate",
+            Op::Rename => "cannot rename into place",
+            Op::Verify => "verification failed for",
+            Op::SourceChanged => "source changed while copying",
+        }
+    }
+}
+
+/// One job's failure: the operation, the path it was applied to, and the OS's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{} '{}': {}", .op.verb(), .path.display(), .source)]
+pub struct JobError {
+    pub op: Op,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl JobError {
+    pub fn new(op: Op, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        JobError { op, path: path.into(), source }
+    }
+    /// The current `errno` as a job error.
+    pub fn last_os(op: Op, path: impl Into<PathBuf>) -> Self {
+        Self::new(op, path, io::Error::last_os_error())
+    }
+}
+
+/// Why an engine could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// io_uring cannot be used on this host.
+    #[error("io_uring is unavailable: {reason}")]
+    UringUnavailable { reason: String },
+    /// A shard could not be set up.
+    #[error("cannot start engine shard {shard}: {source}")]
+    ShardSetup { shard: usize, source: io::Error },
+    /// A shard thread died; its jobs cannot complete.
+    #[error("engine shard {shard} stopped unexpectedly: {message}")]
+    ShardDied { shard: usize, message: String },
+    /// The configuration is unusable.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
