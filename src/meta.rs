@@ -1,0 +1,218 @@
+//! Metadata of source entries and how it is applied to directories and symlinks (files are finished by the engine).
+
+use std::ffi::CString;
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use fastsync_engine::{FinishSpec, Timestamp};
+
+/// What the user asked to preserve beyond the defaults (mode, owner where permitted, times).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Preserve {
+    pub xattrs: bool,
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Access and modification times of `md`, with nanoseconds.
+pub fn times(md: &Metadata) -> [Timestamp; 2] {
+    [
+        Timestamp {
+            sec: md.atime(),
+            nsec: md.atime_nsec(),
+        },
+        Timestamp {
+            sec: md.mtime(),
+            nsec: md.mtime_nsec(),
+        },
+    ]
+}
+
+/// The finish spec for a copy of an entry with metadata `md` (xattrs read from `src` when asked).
+pub fn finish_spec(
+    src: &Path,
+    md: &Metadata,
+    preserve: Preserve,
+    fsync: bool,
+    verify: bool,
+) -> io::Result<FinishSpec> {
+    Ok(FinishSpec {
+        mode: Some(md.mode() & 0o7777),
+        owner: Some((md.uid(), md.gid())),
+        times: Some(times(md)),
+        xattrs: if preserve.xattrs {
+            read_xattrs(src)?
+        } else {
+            Vec::new()
+        },
+        fsync,
+        verify,
+    })
+}
+
+/// All extended attributes of `path` (not following symlinks). An unsupporting filesystem yields none.
+#[cfg(target_os = "linux")]
+pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let p = c_path(path)?;
+    let mut names = vec![0u8; 1024];
+    let len = loop {
+        // SAFETY: the buffer is valid for `names.len()` bytes.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) => names.resize(names.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            _ => return Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name).expect("split on NUL");
+        let mut value = vec![0u8; 256];
+        loop {
+            // SAFETY: the buffer is valid for `value.len()` bytes.
+            let n = unsafe {
+                libc::lgetxattr(
+                    p.as_ptr(),
+                    cname.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            if n >= 0 {
+                value.truncate(n as usize);
+                break;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) => value.resize(value.len() * 4, 0),
+                // Removed between list and get.
+                Some(libc::ENODATA) => {
+                    value.clear();
+                    break;
+                }
+                _ => return Err(e),
+            }
+        }
+        out.push((name.to_vec(), value));
+    }
+    Ok(out)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read_xattrs(_path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    Ok(Vec::new())
+}
+
+/// Set extended attributes on `path` (not following symlinks).
+#[cfg(target_os = "linux")]
+pub fn write_xattrs(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    let p = c_path(path)?;
+    for (name, value) in xattrs {
+        let cname = CString::new(name.as_slice())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: valid C strings and slice.
+        let rc = unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn write_xattrs(_path: &Path, _xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    Ok(())
+}
+
+/// Which step of applying metadata failed.
+#[derive(Debug)]
+pub struct MetaError {
+    pub what: &'static str,
+    pub source: io::Error,
+}
+
+/// Apply a finish spec to a directory or symlink by path (never following a final symlink).
+pub fn apply_by_path(path: &Path, spec: &FinishSpec, is_symlink: bool) -> Result<(), MetaError> {
+    let p = c_path(path).map_err(|source| MetaError {
+        what: "invalid path",
+        source,
+    })?;
+    if !spec.xattrs.is_empty() {
+        write_xattrs(path, &spec.xattrs).map_err(|source| MetaError {
+            what: "cannot set extended attributes on",
+            source,
+        })?;
+    }
+    if let Some((uid, gid)) = spec.owner {
+        // SAFETY: valid C string.
+        if unsafe { libc::lchown(p.as_ptr(), uid, gid) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EPERM) {
+                return Err(MetaError {
+                    what: "cannot set owner of",
+                    source: e,
+                });
+            }
+        }
+    }
+    if let (Some(mode), false) = (spec.mode, is_symlink) {
+        // SAFETY: valid C string.
+        if unsafe { libc::chmod(p.as_ptr(), (mode & 0o7777) as libc::mode_t) } != 0 {
+            return Err(MetaError {
+                what: "cannot set permissions on",
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    if let Some([a, m]) = spec.times {
+        let ts = [
+            libc::timespec {
+                tv_sec: a.sec as _,
+                tv_nsec: a.nsec as _,
+            },
+            libc::timespec {
+                tv_sec: m.sec as _,
+                tv_nsec: m.nsec as _,
+            },
+        ];
+        // SAFETY: valid C string and timespec array.
+        if unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                ts.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } != 0
+        {
+            return Err(MetaError {
+                what: "cannot set times on",
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a file has holes: fewer blocks allocated than its size needs.
+pub fn looks_sparse(md: &Metadata) -> bool {
+    md.blocks().saturating_mul(512) < md.size().saturating_sub(4096)
+}

@@ -1,0 +1,125 @@
+//! The run summary: counted while copying, printed for humans with `--stats` or as one JSON object with `--json`.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub command: &'static str,
+    pub engine: &'static str,
+    pub cores: usize,
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    /// Special files (FIFOs, sockets, devices) skipped.
+    pub skipped: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub errors: u64,
+    /// The first failures, one line each (all of them were printed on stderr).
+    pub failures: Vec<String>,
+}
+
+impl Summary {
+    pub fn new(command: &'static str, engine: &'static str, cores: usize) -> Self {
+        Summary {
+            command,
+            engine,
+            cores,
+            ..Default::default()
+        }
+    }
+
+    /// Throughput in decimal GB/s (what storage vendors and `fio` report).
+    pub fn gb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+
+    /// One JSON object on one line.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct WithRate<'a> {
+            #[serde(flatten)]
+            s: &'a Summary,
+            gb_per_s: f64,
+            files_per_s: f64,
+        }
+        let files_per_s = if self.seconds > 0.0 {
+            self.files as f64 / self.seconds
+        } else {
+            0.0
+        };
+        serde_json::to_string(&WithRate {
+            s: self,
+            gb_per_s: self.gb_per_s(),
+            files_per_s,
+        })
+        .expect("summary serializes")
+    }
+
+    /// The human summary, like rsync's `--stats`.
+    pub fn write_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "files: {}  directories: {}  symlinks: {}  hardlinks: {}  skipped: {}  errors: {}",
+            self.files, self.directories, self.symlinks, self.hardlinks, self.skipped, self.errors
+        )?;
+        writeln!(
+            out,
+            "bytes: {} ({})  in {:.3} s  = {:.3} GB/s",
+            self.bytes,
+            human_bytes(self.bytes),
+            self.seconds,
+            self.gb_per_s()
+        )?;
+        writeln!(out, "engine: {}  cores: {}", self.engine, self.cores)
+    }
+}
+
+/// Binary-prefixed size, as `ls -h` prints it.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(4 << 30), "4.0 GiB");
+    }
+
+    #[test]
+    fn json_has_rates_and_counts() {
+        let mut s = Summary::new("copy", "uring", 2);
+        s.bytes = 2_000_000_000;
+        s.seconds = 2.0;
+        s.files = 4;
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(v["engine"], "uring");
+        assert_eq!(v["files"], 4);
+        assert_eq!(v["gb_per_s"], 1.0);
+        assert_eq!(v["files_per_s"], 2.0);
+    }
+}

@@ -1,0 +1,660 @@
+//! One shard's event loop: a ring, a buffer arena (registered where memlock allows) and the jobs it has admitted.
+//!
+//! Every admitted job owns exactly one buffer slot for its whole life, so the slot index doubles as the task index
+//! and the arena bounds both memory and the number of I/Os in flight. A task is a small state machine; each step
+//! queues submission entries, and the loop submits them all with one `io_uring_enter` that also waits for at least
+//! one completion.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use fastsync_engine::finish::cstr;
+use fastsync_engine::{
+    AlignedArena, ChunkedFile, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op,
+    Outcome, RangeJob, Session, ShardCtx, ShardStats, abandon, finish_file,
+};
+use io_uring::{IoUring, opcode, squeue, types};
+
+/// The I/O alignment O_DIRECT needs on every device we expect.
+const DIRECT_ALIGN_BYTES: u64 = 4096;
+
+/// `user_data` of operations no task waits for (closing a fixed source file).
+const UD_DETACHED: u64 = u64::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    OpenSrc = 0,
+    OpenDst = 1,
+    Read = 2,
+    Write = 3,
+    ReadBack = 4,
+}
+
+impl Step {
+    fn from_bits(b: u64) -> Step {
+        match b {
+            0 => Step::OpenSrc,
+            1 => Step::OpenDst,
+            2 => Step::Read,
+            3 => Step::Write,
+            _ => Step::ReadBack,
+        }
+    }
+}
+
+fn user_data(slot: usize, step: Step) -> u64 {
+    ((slot as u64) << 3) | step as u64
+}
+
+/// Where a task's source bytes come from.
+enum Src {
+    /// Not opened yet (whole-file job waiting for its OPENAT).
+    Pending,
+    /// A slot in this ring's fixed-file table.
+    Fixed(u32),
+    /// A descriptor shared with other shards (ranges of a chunked file).
+    Shared,
+}
+
+/// State of one admitted job.
+struct Task {
+    job: Job,
+    /// Whole-file jobs: paths as C strings, alive until their OPENATs complete.
+    src_c: Option<CString>,
+    tmp_c: Option<CString>,
+    src: Src,
+    dst_fd: Option<OwnedFd>,
+    /// Next source offset to read.
+    offset: u64,
+    /// End of the range to copy (`u64::MAX` for whole files: read to end of file).
+    end: u64,
+    /// Bytes of the current block read, and how many of them are already written.
+    block_len: u64,
+    block_written: u64,
+    /// Whether the last read was short (end of file for a whole file).
+    at_eof: bool,
+    /// BLAKE3 of the current block's source bytes (verify mode).
+    src_hash: Option<blake3::Hash>,
+    ops_pending: u32,
+    error: Option<JobError>,
+    bytes_written: u64,
+}
+
+pub(crate) fn start(
+    config: &EngineConfig,
+    registrable_bytes_total: usize,
+) -> Result<Session, EngineError> {
+    let per_shard = registrable_bytes_total / config.shards.max(1);
+    let registrable_slots = if registrable_bytes_total == usize::MAX {
+        usize::MAX
+    } else {
+        per_shard / config.block_bytes
+    };
+    let block_bytes = config.block_bytes;
+    let slots = config.slots_per_shard;
+    Session::start(config, "fs-uring", move |_index| {
+        let shard = Shard::new(block_bytes, slots, registrable_slots)?;
+        Ok(move |ctx: &mut ShardCtx| shard.run(ctx))
+    })
+}
+
+struct Shard {
+    ring: IoUring,
+    arena: AlignedArena,
+    /// Slots `0..registered` are registered buffers (buffer index = slot); the rest use plain READ/WRITE.
+    registered: usize,
+    tasks: Vec<Option<Task>>,
+    free: Vec<usize>,
+    stats: ShardStats,
+}
+
+impl Shard {
+    fn new(block_bytes: usize, slots: usize, registrable_slots: usize) -> io::Result<Shard> {
+        let entries = (slots * 2 + 16).next_power_of_two().clamp(64, 4096) as u32;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        // One fixed-file slot per task plus room for closes still in flight.
+        ring.submitter()
+            .register_files_sparse((slots * 2 + 8) as u32)?;
+        let arena = AlignedArena::new(block_bytes, slots);
+        let want = slots.min(registrable_slots).min(u16::MAX as usize);
+        let mut registered = 0;
+        if want > 0 {
+            let iovecs: Vec<libc::iovec> = (0..want)
+                .map(|i| libc::iovec {
+                    iov_base: arena.slot_ptr(i).cast(),
+                    iov_len: block_bytes,
+                })
+                .collect();
+            // SAFETY: the iovecs point into `arena`, which lives as long as the ring (both owned by the shard, and
+            // the ring is dropped first: field order).
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => registered = want,
+                Err(e) => warn_once(&format!(
+                    "fastsync: cannot register I/O buffers ({e}); continuing with unregistered buffers \
+                     (raise RLIMIT_MEMLOCK: ulimit -l unlimited)"
+                )),
+            }
+        }
+        Ok(Shard {
+            ring,
+            arena,
+            registered,
+            tasks: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
+            stats: ShardStats::default(),
+        })
+    }
+
+    fn run(mut self, ctx: &mut ShardCtx) -> ShardStats {
+        let mut in_flight = 0usize;
+        loop {
+            // Admit jobs while we have buffer slots.
+            while !self.free.is_empty() {
+                let Some(job) = ctx.next_job() else { break };
+                let slot = self.free.pop().expect("checked non-empty");
+                in_flight += 1;
+                self.admit(slot, job);
+                if self.tasks[slot]
+                    .as_ref()
+                    .is_some_and(|t| t.ops_pending == 0)
+                {
+                    in_flight -= self.retire(slot, ctx);
+                }
+            }
+            if in_flight == 0 {
+                if !ctx.wait_for_work() {
+                    break;
+                }
+                continue;
+            }
+            self.stats.syscalls += 1;
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                // EINTR/EBUSY: completions are pending or a signal arrived; reap and go round again.
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) {
+                    panic!("io_uring_enter failed: {e}");
+                }
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (ud, res) in cqes {
+                if ud == UD_DETACHED {
+                    continue;
+                }
+                let slot = (ud >> 3) as usize;
+                self.on_cqe(slot, Step::from_bits(ud & 7), res);
+                if self.tasks[slot]
+                    .as_ref()
+                    .is_some_and(|t| t.ops_pending == 0)
+                {
+                    in_flight -= self.retire(slot, ctx);
+                }
+            }
+        }
+        self.stats
+    }
+
+    /// Queue a submission entry, flushing the queue to the kernel when it is full.
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in our entries (paths, buffers) stays alive until the completion arrives: paths
+            // are owned by the task, buffers by the arena.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            self.stats.syscalls += 1;
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn admit(&mut self, slot: usize, job: Job) {
+        let mut task = Task {
+            job,
+            src_c: None,
+            tmp_c: None,
+            src: Src::Pending,
+            dst_fd: None,
+            offset: 0,
+            end: u64::MAX,
+            block_len: 0,
+            block_written: 0,
+            at_eof: false,
+            src_hash: None,
+            ops_pending: 0,
+            error: None,
+            bytes_written: 0,
+        };
+        match &task.job {
+            Job::File(f) => {
+                let (src_c, tmp_c) = match (cstr(&f.src), cstr(&f.tmp)) {
+                    (Ok(s), Ok(t)) => (s, t),
+                    (Err(e), _) => {
+                        task.error = Some(JobError::new(Op::Open, &f.src, e));
+                        self.tasks[slot] = Some(task);
+                        return;
+                    }
+                    (_, Err(e)) => {
+                        task.error = Some(JobError::new(Op::Create, &f.dst, e));
+                        self.tasks[slot] = Some(task);
+                        return;
+                    }
+                };
+                let dst_flags = if f.finish.verify {
+                    libc::O_RDWR
+                } else {
+                    libc::O_WRONLY
+                };
+                let open_src = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), src_c.as_ptr())
+                    // Direct descriptors live only in the ring's table, so O_CLOEXEC is meaningless and the kernel
+                    // rejects it with EINVAL.
+                    .flags(libc::O_RDONLY)
+                    .file_index(Some(types::DestinationSlot::auto_target()))
+                    .build()
+                    .user_data(user_data(slot, Step::OpenSrc));
+                let open_dst = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), tmp_c.as_ptr())
+                    .flags(dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
+                    .mode(0o600)
+                    .build()
+                    .user_data(user_data(slot, Step::OpenDst));
+                task.src_c = Some(src_c);
+                task.tmp_c = Some(tmp_c);
+                task.ops_pending = 2;
+                self.tasks[slot] = Some(task);
+                self.push(open_src);
+                self.push(open_dst);
+            }
+            Job::Range(r) => {
+                task.src = Src::Shared;
+                task.offset = r.offset;
+                task.end = r.offset + r.len;
+                self.tasks[slot] = Some(task);
+                self.read_next(slot);
+            }
+        }
+    }
+
+    fn task(&mut self, slot: usize) -> &mut Task {
+        self.tasks[slot]
+            .as_mut()
+            .expect("completion for a live task")
+    }
+
+    fn on_cqe(&mut self, slot: usize, step: Step, res: i32) {
+        let t = self.task(slot);
+        t.ops_pending -= 1;
+        let err = (res < 0).then(|| io::Error::from_raw_os_error(-res));
+        match step {
+            Step::OpenSrc => match err {
+                None => t.src = Src::Fixed(res as u32),
+                Some(e) => {
+                    let path = job_src(&t.job).to_path_buf();
+                    t.error.get_or_insert(JobError::new(Op::Open, path, e));
+                }
+            },
+            Step::OpenDst => match err {
+                // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+                None => t.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(res as RawFd) }),
+                Some(e) => {
+                    let path = job_dst(&t.job).to_path_buf();
+                    t.error.get_or_insert(JobError::new(Op::Create, path, e));
+                }
+            },
+            Step::Read => self.on_read(slot, res, err),
+            Step::Write => self.on_write(slot, res, err),
+            Step::ReadBack => self.on_read_back(slot, res, err),
+        }
+        let t = self.task(slot);
+        // Both opens done and nothing failed: start copying.
+        if matches!(step, Step::OpenSrc | Step::OpenDst) && t.ops_pending == 0 && t.error.is_none()
+        {
+            t.src_c = None;
+            t.tmp_c = None;
+            self.read_next(slot);
+        }
+    }
+
+    /// Queue the read of the next block, or do nothing when the task's range is complete.
+    fn read_next(&mut self, slot: usize) {
+        let block = self.arena.block_bytes() as u64;
+        let direct = self.direct(slot);
+        let t = self.task(slot);
+        if t.at_eof || t.offset >= t.end {
+            return;
+        }
+        let mut len = block.min(t.end - t.offset);
+        if direct {
+            len = len.next_multiple_of(DIRECT_ALIGN_BYTES).min(block);
+        }
+        let offset = t.offset;
+        t.block_len = 0;
+        t.block_written = 0;
+        t.ops_pending += 1;
+        let sqe = self
+            .read_sqe(slot, offset, len as u32, false)
+            .user_data(user_data(slot, Step::Read));
+        self.push(sqe);
+    }
+
+    fn direct(&self, slot: usize) -> bool {
+        match &self.tasks[slot].as_ref().expect("live task").job {
+            Job::Range(r) => r.file.direct,
+            Job::File(_) => false,
+        }
+    }
+
+    /// A read of `len` bytes at `offset` into the task's slot, from the source or (read-back) the destination.
+    fn read_sqe(&self, slot: usize, offset: u64, len: u32, from_dst: bool) -> squeue::Entry {
+        let t = self.tasks[slot].as_ref().expect("live task");
+        let buf = self.arena.slot_ptr(slot);
+        let fixed_buf = (slot < self.registered).then_some(slot as u16);
+        if from_dst {
+            let fd = types::Fd(dst_raw(t));
+            return match fixed_buf {
+                Some(i) => opcode::ReadFixed::new(fd, buf, len, i)
+                    .offset(offset)
+                    .build(),
+                None => opcode::Read::new(fd, buf, len).offset(offset).build(),
+            };
+        }
+        match (&t.src, fixed_buf) {
+            (Src::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(*f), buf, len, i)
+                .offset(offset)
+                .build(),
+            (Src::Fixed(f), None) => opcode::Read::new(types::Fixed(*f), buf, len)
+                .offset(offset)
+                .build(),
+            (_, Some(i)) => opcode::ReadFixed::new(types::Fd(src_raw(t)), buf, len, i)
+                .offset(offset)
+                .build(),
+            (_, None) => opcode::Read::new(types::Fd(src_raw(t)), buf, len)
+                .offset(offset)
+                .build(),
+        }
+    }
+
+    fn write_sqe(&self, slot: usize, offset: u64, from: usize, len: u32) -> squeue::Entry {
+        let t = self.tasks[slot].as_ref().expect("live task");
+        // SAFETY: `from` < block size, so the pointer stays inside the slot.
+        let buf = unsafe { self.arena.slot_ptr(slot).add(from) };
+        let fd = types::Fd(dst_raw(t));
+        match (slot < self.registered).then_some(slot as u16) {
+            Some(i) => opcode::WriteFixed::new(fd, buf, len, i)
+                .offset(offset)
+                .build(),
+            None => opcode::Write::new(fd, buf, len).offset(offset).build(),
+        }
+    }
+
+    fn on_read(&mut self, slot: usize, res: i32, err: Option<io::Error>) {
+        let block = self.arena.block_bytes() as u64;
+        let direct = self.direct(slot);
+        let t = self.task(slot);
+        if let Some(e) = err {
+            let path = job_src(&t.job).to_path_buf();
+            t.error.get_or_insert(JobError::new(Op::Read, path, e));
+            return;
+        }
+        let n = res as u64;
+        let requested = if direct {
+            block
+                .min(t.end - t.offset)
+                .next_multiple_of(DIRECT_ALIGN_BYTES)
+                .min(block)
+        } else {
+            block.min(t.end - t.offset)
+        };
+        let is_range = matches!(t.job, Job::Range(_));
+        // A whole file ends at the first short read; a range that ends early means the source shrank.
+        let n = if is_range { n.min(t.end - t.offset) } else { n };
+        if n == 0 || (n < requested && !is_range) {
+            t.at_eof = true;
+        }
+        if is_range && n < (t.end - t.offset).min(block) {
+            let path = job_src(&t.job).to_path_buf();
+            t.error.get_or_insert(JobError::new(
+                Op::SourceChanged,
+                path,
+                io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copying"),
+            ));
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        t.block_len = n;
+        if job_verify(&t.job) {
+            // SAFETY: the read into this slot has completed and no other I/O uses it.
+            let data = unsafe { &self.arena.slot_mut(slot)[..n as usize] };
+            let h = blake3::hash(data);
+            self.task(slot).src_hash = Some(h);
+        }
+        self.write_rest(slot);
+    }
+
+    /// Queue the write of the unwritten part of the current block.
+    fn write_rest(&mut self, slot: usize) {
+        let direct = self.direct(slot);
+        let t = self.task(slot);
+        let from = t.block_written;
+        let mut len = t.block_len - from;
+        if direct {
+            // O_DIRECT needs whole blocks; bytes past the end of the file are cut by the final truncate.
+            len = len.next_multiple_of(DIRECT_ALIGN_BYTES);
+        }
+        let offset = t.offset + from;
+        t.ops_pending += 1;
+        let sqe = self
+            .write_sqe(slot, offset, from as usize, len as u32)
+            .user_data(user_data(slot, Step::Write));
+        self.push(sqe);
+    }
+
+    fn on_write(&mut self, slot: usize, res: i32, err: Option<io::Error>) {
+        let t = self.task(slot);
+        if let Some(e) = err {
+            let path = job_dst(&t.job).to_path_buf();
+            t.error.get_or_insert(JobError::new(Op::Write, path, e));
+            return;
+        }
+        if res == 0 {
+            let path = job_dst(&t.job).to_path_buf();
+            t.error.get_or_insert(JobError::new(
+                Op::Write,
+                path,
+                io::Error::from(io::ErrorKind::WriteZero),
+            ));
+            return;
+        }
+        t.block_written = (t.block_written + res as u64).min(t.block_len);
+        if t.block_written < t.block_len {
+            self.write_rest(slot);
+            return;
+        }
+        if job_verify(&t.job) {
+            let (offset, len) = (t.offset, t.block_len);
+            let len = if self.direct(slot) {
+                len.next_multiple_of(DIRECT_ALIGN_BYTES)
+            } else {
+                len
+            };
+            self.task(slot).ops_pending += 1;
+            let sqe = self
+                .read_sqe(slot, offset, len as u32, true)
+                .user_data(user_data(slot, Step::ReadBack));
+            self.push(sqe);
+            return;
+        }
+        self.block_done(slot);
+    }
+
+    fn on_read_back(&mut self, slot: usize, res: i32, err: Option<io::Error>) {
+        let t = self.task(slot);
+        let n = t.block_len as usize;
+        let mismatch = match err {
+            Some(e) => Some(e),
+            None if (res as usize) < n => Some(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "destination is shorter than what was written",
+            )),
+            None => {
+                let expected = t.src_hash.take();
+                // SAFETY: the read-back into this slot has completed and no other I/O uses it.
+                let data = unsafe { &self.arena.slot_mut(slot)[..n] };
+                (Some(blake3::hash(data)) != expected).then(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "destination differs from source (BLAKE3 mismatch at offset {})",
+                            self.task(slot).offset
+                        ),
+                    )
+                })
+            }
+        };
+        if let Some(e) = mismatch {
+            let t = self.task(slot);
+            let path = job_dst(&t.job).to_path_buf();
+            t.error.get_or_insert(JobError::new(Op::Verify, path, e));
+            return;
+        }
+        self.block_done(slot);
+    }
+
+    fn block_done(&mut self, slot: usize) {
+        let t = self.task(slot);
+        t.offset += t.block_len;
+        t.bytes_written += t.block_len;
+        self.stats.bytes_written += t.block_len;
+        self.read_next(slot);
+    }
+
+    /// The task has no operation in flight: finish it (or clean up after its error), report it, free its slot.
+    /// Returns the number of tasks retired (0 while a detached close still needs the task, else 1).
+    fn retire(&mut self, slot: usize, ctx: &ShardCtx) -> usize {
+        let mut t = self.tasks[slot].take().expect("live task");
+        if let Src::Fixed(f) = t.src {
+            let close = opcode::Close::new(types::Fixed(f))
+                .build()
+                .user_data(UD_DETACHED);
+            self.push(close);
+        }
+        self.stats.jobs += 1;
+        let outcome = match &t.job {
+            Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
+            Job::Range(r) => range_outcome(r, t.error.take()),
+        };
+        ctx.complete(Completion {
+            tag: t.job.tag(),
+            bytes: t.bytes_written,
+            shard: ctx.index,
+            outcome,
+        });
+        self.free.push(slot);
+        1
+    }
+}
+
+fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -> Outcome {
+    let result = match (error, dst_fd) {
+        (Some(e), fd) => {
+            if fd.is_some() {
+                abandon(&f.tmp);
+            }
+            Err(e)
+        }
+        (None, Some(fd)) => finish_file(fd.as_fd(), None, &f.tmp, &f.dst, &f.finish)
+            .inspect_err(|_| abandon(&f.tmp)),
+        (None, None) => unreachable!("a file task without error has its destination open"),
+    };
+    match result {
+        Ok(()) => Outcome::FileDone,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+fn range_outcome(r: &RangeJob, error: Option<JobError>) -> Outcome {
+    let ok = error.is_none();
+    let last = r.file.range_done(ok);
+    let file: &ChunkedFile = &r.file;
+    match (error, last) {
+        (Some(e), true) => {
+            abandon(&file.tmp);
+            Outcome::Failed(e)
+        }
+        (Some(e), false) => Outcome::Failed(e),
+        (None, false) => Outcome::RangeDone,
+        (None, true) => {
+            if file.failed.load(std::sync::atomic::Ordering::Acquire) {
+                abandon(&file.tmp);
+                return Outcome::RangeAbandoned;
+            }
+            let truncate = file.direct.then_some(file.size);
+            match finish_file(
+                file.dst_fd.as_fd(),
+                truncate,
+                &file.tmp,
+                &file.dst,
+                &file.finish,
+            ) {
+                Ok(()) => Outcome::RangeDoneFileDone,
+                Err(e) => {
+                    abandon(&file.tmp);
+                    Outcome::Failed(e)
+                }
+            }
+        }
+    }
+}
+
+fn job_src(job: &Job) -> &Path {
+    match job {
+        Job::File(f) => &f.src,
+        Job::Range(r) => &r.file.src,
+    }
+}
+
+fn job_dst(job: &Job) -> &Path {
+    match job {
+        Job::File(f) => &f.dst,
+        Job::Range(r) => &r.file.dst,
+    }
+}
+
+fn job_verify(job: &Job) -> bool {
+    match job {
+        Job::File(f) => f.finish.verify,
+        Job::Range(r) => r.file.finish.verify,
+    }
+}
+
+fn src_raw(t: &Task) -> RawFd {
+    match &t.job {
+        Job::Range(r) => r.file.src_fd.as_raw_fd(),
+        Job::File(_) => unreachable!("whole-file sources are fixed files"),
+    }
+}
+
+fn dst_raw(t: &Task) -> RawFd {
+    match &t.job {
+        Job::Range(r) => r.file.dst_fd.as_raw_fd(),
+        Job::File(_) => t.dst_fd.as_ref().expect("destination open").as_raw_fd(),
+    }
+}
+
+fn warn_once(msg: &str) {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| eprintln!("{msg}"));
+}
