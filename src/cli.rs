@@ -39,13 +39,7 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct GlobalArgs {
     /// Engine: io_uring when available (auto), io_uring or fail (uring), or the portable thread pool (fallback)
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "auto",
-        env = "FASTSYNC_ENGINE"
-    )]
+    #[arg(long, global = true, value_enum, default_value = "auto", env = "FASTSYNC_ENGINE")]
     pub engine: EngineChoice,
     /// Cores (shards) to use [default: all available]
     #[arg(long, global = true, env = "FASTSYNC_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -108,11 +102,7 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
             let _ = e.print();
             return code;
         }
@@ -135,10 +125,7 @@ fn run(cli: &Cli) -> Result<i32, Error> {
             eprintln!("fastsync: {note}");
         }
     }
-    let cores = g
-        .cores
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cores = g.cores.map(usize::from).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let config = engine_config(selected.engine.kind(), cores);
     if g.verbose > 0 {
         eprintln!(
@@ -153,22 +140,14 @@ fn run(cli: &Cli) -> Result<i32, Error> {
     let opts = CopyOptions {
         dereference: args.dereference,
         hard_links: args.hard_links,
-        preserve: Preserve {
-            xattrs: args.xattrs,
-        },
+        preserve: Preserve { xattrs: args.xattrs },
         fsync: args.fsync,
         verify: args.verify,
         direct_io: args.direct_io,
         quiet: g.quiet,
         progress: !g.json,
     };
-    let mut summary = copy::copy(
-        &args.src,
-        &args.dst,
-        &opts,
-        selected.engine.as_ref(),
-        &config,
-    )?;
+    let mut summary = copy::copy(&args.src, &args.dst, &opts, selected.engine.as_ref(), &config)?;
     summary.cores = cores;
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not turn a good copy into a failure.
@@ -178,10 +157,7 @@ fn run(cli: &Cli) -> Result<i32, Error> {
         let _ = summary.write_human(&mut out);
     }
     if summary.errors > 0 {
-        eprintln!(
-            "fastsync: {} error(s); some entries were not copied (listed above)",
-            summary.errors
-        );
+        eprintln!("fastsync: {} error(s); some entries were not copied (listed above)", summary.errors);
         return Ok(exit::PARTIAL);
     }
     Ok(exit::OK)

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::time::Instant;
 
 use fastsync_engine::{
-    ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, Job, Outcome, RangeJob,
-    Session, abandon, finish::cstr, finish_file,
+    ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, Job, Outcome, RangeJob, Session, abandon,
+    finish::cstr, finish_file,
 };
 
 use crate::Error;
@@ -67,6 +67,7 @@ pub fn copy(
 ) -> Result<Summary, Error> {
     let started = Instant::now();
     let (root_md, target) = resolve(src, dst, opts)?;
+    let id = meta::Identity::current();
     let session = engine.start(config)?;
     let direct_ok = engine.capabilities().direct_io && opts.direct_io == DirectIo::Auto;
     let mut exec = Exec {
@@ -84,6 +85,7 @@ pub fn copy(
         },
         tmp_seq: 0,
         ancestors: Vec::new(),
+        id,
     };
     let result = exec.run(src, &target, root_md);
     let drained = exec.session.drain(&mut |c| exec.st.on_completion(c));
@@ -123,8 +125,7 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
             }
         }
         let canon_src = fs::canonicalize(src).map_err(|e| Error::io("cannot resolve", src, e))?;
-        let canon_dst =
-            canonicalize_lenient(dst).map_err(|e| Error::io("cannot resolve", dst, e))?;
+        let canon_dst = canonicalize_lenient(dst).map_err(|e| Error::io("cannot resolve", dst, e))?;
         if canon_dst == canon_src {
             return Err(Error::Refused(format!(
                 "cannot copy directory '{}' onto itself ('{}')",
@@ -143,20 +144,14 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
     }
     let into_dir = dst_md.as_ref().is_some_and(|d| d.is_dir()) || trailing_slash;
     let target = if into_dir {
-        let name = src
-            .file_name()
-            .ok_or_else(|| Error::Refused(format!("'{}' has no file name", src.display())))?;
+        let name = src.file_name().ok_or_else(|| Error::Refused(format!("'{}' has no file name", src.display())))?;
         dst.join(name)
     } else {
         dst.to_path_buf()
     };
     if let Ok(t) = fs::symlink_metadata(&target) {
         if t.dev() == md.dev() && t.ino() == md.ino() {
-            return Err(Error::Refused(format!(
-                "'{}' and '{}' are the same file",
-                src.display(),
-                target.display()
-            )));
+            return Err(Error::Refused(format!("'{}' and '{}' are the same file", src.display(), target.display())));
         }
         if t.is_dir() {
             return Err(Error::Refused(format!(
@@ -171,11 +166,7 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
 
 /// Canonical form of a path that may not exist yet: its deepest existing ancestor, canonicalized, plus the rest.
 fn canonicalize_lenient(path: &Path) -> io::Result<PathBuf> {
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(path)
-    };
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
     let mut existing = abs.as_path();
     let mut rest = Vec::new();
     loop {
@@ -188,12 +179,7 @@ fn canonicalize_lenient(path: &Path) -> io::Result<PathBuf> {
                 return Ok(out);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                rest.push(
-                    existing
-                        .file_name()
-                        .map(|n| n.to_owned())
-                        .unwrap_or_default(),
-                );
+                rest.push(existing.file_name().map(|n| n.to_owned()).unwrap_or_default());
                 existing = match existing.parent() {
                     Some(p) => p,
                     None => return Err(e),
@@ -213,6 +199,8 @@ struct DirNode {
     /// Every entry of the source directory has been handed out.
     walked: bool,
     parent: Option<usize>,
+    /// The directory passes its group to new files (set-group-ID bit), so `chown` is never a no-op in it.
+    setgid: bool,
 }
 
 /// A file with jobs in flight.
@@ -228,9 +216,7 @@ struct FileCtx {
 
 /// Hard-link bookkeeping for `-H`: names waiting for an inode's first copy, then that copy's path.
 enum LinkState {
-    Pending {
-        waiters: Vec<(PathBuf, Option<usize>)>,
-    },
+    Pending { waiters: Vec<(PathBuf, Option<usize>)> },
     Done(PathBuf),
     Failed,
 }
@@ -255,6 +241,7 @@ struct Exec<'a> {
     tmp_seq: u64,
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
+    id: meta::Identity,
 }
 
 /// One open level of the depth-first walk.
@@ -268,15 +255,13 @@ impl Exec<'_> {
     fn run(&mut self, src: &Path, target: &Path, root_md: Metadata) -> Result<(), Error> {
         if !root_md.is_dir() {
             if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent)
-                    .map_err(|e| Error::io("cannot create directory", parent, e))?;
+                fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
             }
             self.entry(src, target, &root_md, None)?;
             return Ok(());
         }
         if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent)
-                .map_err(|e| Error::io("cannot create directory", parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
         }
         let Some(root) = self.open_dir(src, target, &root_md, None) else {
             return Ok(());
@@ -292,25 +277,17 @@ impl Exec<'_> {
                 }
                 Some(Err(e)) => {
                     let dst = frame.dst.clone();
-                    self.st.fail(format!(
-                        "cannot read directory for '{}': {e}",
-                        dst.display()
-                    ));
+                    self.st.fail(format!("cannot read directory for '{}': {e}", dst.display()));
                 }
                 Some(Ok(entry)) => {
                     let src = entry.path();
                     let dst = frame.dst.join(entry.file_name());
                     let dir = frame.dir;
-                    let md = if self.opts.dereference {
-                        fs::metadata(&src)
-                    } else {
-                        entry.metadata()
-                    };
+                    let md = if self.opts.dereference { fs::metadata(&src) } else { entry.metadata() };
                     let md = match md {
                         Ok(md) => md,
                         Err(e) => {
-                            self.st
-                                .fail(format!("cannot stat '{}': {e}", src.display()));
+                            self.st.fail(format!("cannot stat '{}': {e}", src.display()));
                             continue;
                         }
                     };
@@ -328,71 +305,48 @@ impl Exec<'_> {
     }
 
     /// Create the destination directory and start walking the source one. `None` when it failed (reported).
-    fn open_dir(
-        &mut self,
-        src: &Path,
-        dst: &Path,
-        md: &Metadata,
-        parent: Option<usize>,
-    ) -> Option<Frame> {
+    fn open_dir(&mut self, src: &Path, dst: &Path, md: &Metadata, parent: Option<usize>) -> Option<Frame> {
         let key = (md.dev(), md.ino());
         if self.ancestors.contains(&key) {
-            self.st.fail(format!(
-                "symlink loop: '{}' is its own ancestor; not followed",
-                src.display()
-            ));
+            self.st.fail(format!("symlink loop: '{}' is its own ancestor; not followed", src.display()));
             return None;
         }
         if let Err(e) = make_dir(dst) {
-            self.st
-                .fail(format!("cannot create directory '{}': {e}", dst.display()));
+            self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
             return None;
         }
-        let spec = match meta::finish_spec(src, md, self.opts.preserve, false, false) {
+        let setgid = fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false);
+        let spec = meta::finish_spec(src, md, self.opts.preserve, &self.id, true, false, false).map(|mut s| {
+            // Directories are created owner-only (so we can fill read-only ones); their mode is always set at the end.
+            s.mode = Some(md.mode() & 0o7777);
+            s
+        });
+        let spec = match spec {
             Ok(s) => s,
             Err(e) => {
-                self.st.fail(format!(
-                    "cannot read extended attributes of '{}': {e}",
-                    src.display()
-                ));
+                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
                 return None;
             }
         };
         let iter = match fs::read_dir(src) {
             Ok(it) => it,
             Err(e) => {
-                self.st
-                    .fail(format!("cannot open directory '{}': {e}", src.display()));
+                self.st.fail(format!("cannot open directory '{}': {e}", src.display()));
                 return None;
             }
         };
-        let dir = self.st.dirs.insert(DirNode {
-            dst: dst.to_path_buf(),
-            spec,
-            pending: 0,
-            walked: false,
-            parent,
-        });
+        let dir =
+            self.st.dirs.insert(DirNode { dst: dst.to_path_buf(), spec, pending: 0, walked: false, parent, setgid });
         if let Some(p) = parent {
             self.st.dirs.get_mut(p).pending += 1;
         }
         self.st.summary.directories += 1;
         self.ancestors.push(key);
-        Some(Frame {
-            iter,
-            dst: dst.to_path_buf(),
-            dir,
-        })
+        Some(Frame { iter, dst: dst.to_path_buf(), dir })
     }
 
     /// Copy one non-directory entry.
-    fn entry(
-        &mut self,
-        src: &Path,
-        dst: &Path,
-        md: &Metadata,
-        dir: Option<usize>,
-    ) -> Result<(), Error> {
+    fn entry(&mut self, src: &Path, dst: &Path, md: &Metadata, dir: Option<usize>) -> Result<(), Error> {
         let ft = md.file_type();
         if ft.is_file() {
             return self.file(src, dst, md, dir);
@@ -417,9 +371,7 @@ impl Exec<'_> {
         };
         self.st.summary.skipped += 1;
         if !self.opts.quiet {
-            self.st
-                .progress
-                .println(&format!("fastsync: skipping {kind} '{}'", src.display()));
+            self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", src.display()));
         }
         Ok(())
     }
@@ -430,21 +382,15 @@ impl Exec<'_> {
     }
 
     fn symlink(&mut self, src: &Path, dst: &Path, md: &Metadata) -> Result<(), String> {
-        let target = fs::read_link(src)
-            .map_err(|e| format!("cannot read symlink '{}': {e}", src.display()))?;
+        let target = fs::read_link(src).map_err(|e| format!("cannot read symlink '{}': {e}", src.display()))?;
         let tmp = self.tmp_path(dst);
         std::os::unix::fs::symlink(&target, &tmp)
             .map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))?;
-        let spec = FinishSpec {
-            owner: Some((md.uid(), md.gid())),
-            times: Some(meta::times(md)),
-            ..Default::default()
-        };
+        let spec = FinishSpec { owner: Some((md.uid(), md.gid())), times: Some(meta::times(md)), ..Default::default() };
         let done = meta::apply_by_path(&tmp, &spec, true)
             .map_err(|e| format!("{} '{}': {}", e.what, dst.display(), e.source))
             .and_then(|()| {
-                fs::rename(&tmp, dst)
-                    .map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))
+                fs::rename(&tmp, dst).map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))
             });
         if done.is_err() {
             abandon(&tmp);
@@ -452,13 +398,7 @@ impl Exec<'_> {
         done
     }
 
-    fn file(
-        &mut self,
-        src: &Path,
-        dst: &Path,
-        md: &Metadata,
-        dir: Option<usize>,
-    ) -> Result<(), Error> {
+    fn file(&mut self, src: &Path, dst: &Path, md: &Metadata, dir: Option<usize>) -> Result<(), Error> {
         let mut link_key = None;
         if self.opts.hard_links && md.nlink() > 1 {
             let key = (md.dev(), md.ino());
@@ -476,36 +416,21 @@ impl Exec<'_> {
                     return Ok(());
                 }
                 Some(LinkState::Failed) => {
-                    self.st.fail(format!(
-                        "cannot link '{}': its first copy failed",
-                        dst.display()
-                    ));
+                    self.st.fail(format!("cannot link '{}': its first copy failed", dst.display()));
                     return Ok(());
                 }
                 None => {
-                    self.st.links.insert(
-                        key,
-                        LinkState::Pending {
-                            waiters: Vec::new(),
-                        },
-                    );
+                    self.st.links.insert(key, LinkState::Pending { waiters: Vec::new() });
                     link_key = Some(key);
                 }
             }
         }
-        let spec = match meta::finish_spec(
-            src,
-            md,
-            self.opts.preserve,
-            self.opts.fsync,
-            self.opts.verify,
-        ) {
+        let setgid_dir = dir.is_some_and(|d| self.st.dirs.get_mut(d).setgid);
+        let (preserve, fsync, verify) = (self.opts.preserve, self.opts.fsync, self.opts.verify);
+        let spec = match meta::finish_spec(src, md, preserve, &self.id, setgid_dir, fsync, verify) {
             Ok(s) => s,
             Err(e) => {
-                self.st.fail(format!(
-                    "cannot read extended attributes of '{}': {e}",
-                    src.display()
-                ));
+                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
                 self.st.link_failed(link_key);
                 return Ok(());
             }
@@ -514,14 +439,7 @@ impl Exec<'_> {
         let size = md.size();
         let sparse = meta::looks_sparse(md);
         self.st.progress.add_total(size);
-        let ctx = FileCtx {
-            dir,
-            dst: dst.to_path_buf(),
-            jobs_left: 1,
-            done_ok: false,
-            failed: false,
-            link_key,
-        };
+        let ctx = FileCtx { dir, dst: dst.to_path_buf(), jobs_left: 1, done_ok: false, failed: false, link_key };
         match plan::plan_file(size, sparse, self.shards) {
             FilePlan::Whole => {
                 let fid = self.st.files.insert(ctx);
@@ -534,30 +452,30 @@ impl Exec<'_> {
                     tmp,
                     dst: dst.to_path_buf(),
                     size_hint: size,
+                    follow_symlinks: self.opts.dereference,
                     finish: spec,
                 };
                 let st = &mut self.st;
-                self.session
-                    .submit(Job::File(job), &mut |c| st.on_completion(c))?;
+                self.session.submit(Job::File(job), &mut |c| st.on_completion(c))?;
             }
             FilePlan::Chunked { chunk_bytes } => {
                 let direct = self.direct_ok && !sparse && size >= DIRECT_FILE_BYTES_MIN;
-                let (src_fd, dst_fd, direct) = match open_pair(src, &tmp, dst, direct) {
-                    Ok(t) => t,
-                    Err(msg) => {
-                        self.st.fail(msg);
-                        self.st.link_failed(link_key);
-                        return Ok(());
-                    }
-                };
+                let (src_fd, dst_fd, direct) =
+                    match open_pair(src, &tmp, dst, direct, self.opts.dereference, spec.create_mode) {
+                        Ok(t) => t,
+                        Err(msg) => {
+                            self.st.fail(msg);
+                            self.st.link_failed(link_key);
+                            return Ok(());
+                        }
+                    };
                 // The size of the file as opened is what we copy; the walk's size may be stale.
                 let size = fstat_size(&src_fd).unwrap_or(size);
                 // SAFETY: plain syscall on a descriptor we own.
                 if unsafe { libc::ftruncate(dst_fd.as_raw_fd(), size as libc::off_t) } != 0 {
                     let e = io::Error::last_os_error();
                     abandon(&tmp);
-                    self.st
-                        .fail(format!("cannot create '{}': {e}", dst.display()));
+                    self.st.fail(format!("cannot create '{}': {e}", dst.display()));
                     self.st.link_failed(link_key);
                     return Ok(());
                 }
@@ -578,28 +496,17 @@ impl Exec<'_> {
                     ranges_left: AtomicU32::new(1),
                     failed: AtomicBool::new(false),
                 });
-                let extents = if sparse {
-                    data_extents(&file.src_fd, size)
-                } else {
-                    vec![(0, size)]
-                };
+                let extents = if sparse { data_extents(&file.src_fd, size) } else { vec![(0, size)] };
                 for (start, end) in extents {
                     for (offset, len) in plan::split_extent(start, end, chunk_bytes) {
                         if file.failed.load(std::sync::atomic::Ordering::Acquire) {
                             break;
                         }
-                        file.ranges_left
-                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        file.ranges_left.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                         self.st.files.get_mut(fid).jobs_left += 1;
-                        let job = RangeJob {
-                            tag: fid as u64,
-                            file: file.clone(),
-                            offset,
-                            len,
-                        };
+                        let job = RangeJob { tag: fid as u64, file: file.clone(), offset, len };
                         let st = &mut self.st;
-                        self.session
-                            .submit(Job::Range(job), &mut |c| st.on_completion(c))?;
+                        self.session.submit(Job::Range(job), &mut |c| st.on_completion(c))?;
                     }
                 }
                 // Release the hold; if every range already completed, the file is finished here.
@@ -609,13 +516,7 @@ impl Exec<'_> {
                         Outcome::RangeAbandoned
                     } else {
                         let truncate = file.direct.then_some(file.size);
-                        match finish_file(
-                            file.dst_fd.as_fd(),
-                            truncate,
-                            &file.tmp,
-                            &file.dst,
-                            &file.finish,
-                        ) {
+                        match finish_file(file.dst_fd.as_fd(), truncate, &file.tmp, &file.dst, &file.finish) {
                             Ok(()) => Outcome::RangeDoneFileDone,
                             Err(e) => {
                                 abandon(&file.tmp);
@@ -626,12 +527,7 @@ impl Exec<'_> {
                 } else {
                     Outcome::RangeDone
                 };
-                self.st.on_completion(Completion {
-                    tag: fid as u64,
-                    bytes: 0,
-                    shard: usize::MAX,
-                    outcome,
-                });
+                self.st.on_completion(Completion { tag: fid as u64, bytes: 0, shard: usize::MAX, outcome });
             }
         }
         Ok(())
@@ -683,22 +579,12 @@ impl State {
                 Some(LinkState::Pending { waiters, .. }) => waiters,
                 _ => Vec::new(),
             };
-            self.links.insert(
-                key,
-                if ok {
-                    LinkState::Done(f.dst.clone())
-                } else {
-                    LinkState::Failed
-                },
-            );
+            self.links.insert(key, if ok { LinkState::Done(f.dst.clone()) } else { LinkState::Failed });
             for (name, dir) in waiters {
                 if ok {
                     self.make_link(&f.dst, &name);
                 } else {
-                    self.fail(format!(
-                        "cannot link '{}': its first copy failed",
-                        name.display()
-                    ));
+                    self.fail(format!("cannot link '{}': its first copy failed", name.display()));
                 }
                 if let Some(d) = dir {
                     self.child_done(d);
@@ -725,13 +611,9 @@ impl State {
 
     fn link_failed(&mut self, key: Option<(u64, u64)>) {
         let Some(key) = key else { return };
-        if let Some(LinkState::Pending { waiters, .. }) = self.links.insert(key, LinkState::Failed)
-        {
+        if let Some(LinkState::Pending { waiters, .. }) = self.links.insert(key, LinkState::Failed) {
             for (name, dir) in waiters {
-                self.fail(format!(
-                    "cannot link '{}': its first copy failed",
-                    name.display()
-                ));
+                self.fail(format!("cannot link '{}': its first copy failed", name.display()));
                 if let Some(d) = dir {
                     self.child_done(d);
                 }
@@ -777,10 +659,7 @@ fn make_dir(dst: &Path) -> io::Result<()> {
             if fs::metadata(dst)?.is_dir() {
                 Ok(())
             } else {
-                Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "a non-directory is in the way",
-                ))
+                Err(io::Error::new(io::ErrorKind::AlreadyExists, "a non-directory is in the way"))
             }
         }
         Err(e) => Err(e),
@@ -795,8 +674,14 @@ pub fn tmp_name(dst: &Path, seq: u64) -> PathBuf {
     let mut tmp = Vec::with_capacity(keep.len() + 40);
     tmp.push(b'.');
     tmp.extend_from_slice(keep);
-    tmp.extend_from_slice(format!(".fstmp-{}-{seq}", std::process::id()).as_bytes());
+    tmp.extend_from_slice(format!(".fstmp-{}-{seq}", pid()).as_bytes());
     dst.with_file_name(std::ffi::OsStr::from_bytes(&tmp))
+}
+
+/// This process's id, read once (it is part of every temporary name).
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 fn open_raw(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
@@ -822,8 +707,11 @@ fn open_pair(
     tmp: &Path,
     dst: &Path,
     direct: bool,
+    follow: bool,
+    create_mode: u32,
 ) -> Result<(OwnedFd, OwnedFd, bool), String> {
-    let open_src = |d: bool| open_raw(src, libc::O_RDONLY | if d { O_DIRECT } else { 0 }, 0);
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+    let open_src = |d: bool| open_raw(src, libc::O_RDONLY | nofollow | if d { O_DIRECT } else { 0 }, 0);
     let (src_fd, direct) = match open_src(direct) {
         Ok(fd) => (fd, direct),
         Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => match open_src(false) {
@@ -833,11 +721,8 @@ fn open_pair(
         Err(e) => return Err(format!("cannot open '{}': {e}", src.display())),
     };
     let create = |d: bool| {
-        open_raw(
-            tmp,
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | if d { O_DIRECT } else { 0 },
-            0o600,
-        )
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | if d { O_DIRECT } else { 0 };
+        open_raw(tmp, flags, create_mode as libc::mode_t)
     };
     let dst_fd = match create(direct) {
         Ok(fd) => fd,
@@ -876,11 +761,7 @@ fn data_extents(fd: &OwnedFd, size: u64) -> Vec<(u64, u64)> {
         }
         // SAFETY: plain syscall.
         let hole = unsafe { libc::lseek(raw, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size
-        } else {
-            (hole as u64).min(size)
-        };
+        let end = if hole < 0 { size } else { (hole as u64).min(size) };
         out.push((data as u64, end));
         pos = end as i64;
     }

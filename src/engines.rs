@@ -27,10 +27,7 @@ pub fn select(choice: EngineChoice) -> Result<Selected, Error> {
     match choice {
         EngineChoice::Fallback => Ok(fallback(vec!["engine: fallback (forced)".into()])),
         EngineChoice::Uring => {
-            let e = probe_uring().map_err(|source| Error::EngineForced {
-                engine: "uring",
-                source,
-            })?;
+            let e = probe_uring().map_err(|source| Error::EngineForced { engine: "uring", source })?;
             let mut notes = vec!["engine: uring (forced)".to_string()];
             notes.extend(e.notes());
             Ok(Selected { engine: e, notes })
@@ -47,10 +44,7 @@ pub fn select(choice: EngineChoice) -> Result<Selected, Error> {
 }
 
 fn fallback(notes: Vec<String>) -> Selected {
-    Selected {
-        engine: Box::new(FallbackEngine::new()),
-        notes,
-    }
+    Selected { engine: Box::new(FallbackEngine::new()), notes }
 }
 
 #[cfg(target_os = "linux")]
@@ -60,7 +54,5 @@ fn probe_uring() -> Result<Box<dyn Engine>, fastsync_engine::EngineError> {
 
 #[cfg(not(target_os = "linux"))]
 fn probe_uring() -> Result<Box<dyn Engine>, fastsync_engine::EngineError> {
-    Err(fastsync_engine::EngineError::UringUnavailable {
-        reason: "io_uring exists only on Linux".into(),
-    })
+    Err(fastsync_engine::EngineError::UringUnavailable { reason: "io_uring exists only on Linux".into() })
 }

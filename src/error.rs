@@ -21,11 +21,7 @@ pub mod exit {
 pub enum Error {
     /// A syscall on a path failed; `what` is the verb phrase ("cannot stat").
     #[error("{what} '{}': {source}", .path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { what: &'static str, path: PathBuf, source: io::Error },
     /// The request is refused (exit code 2).
     #[error("{0}")]
     Refused(String),
@@ -34,19 +30,12 @@ pub enum Error {
     Engine(#[from] EngineError),
     /// The user forced an engine that cannot run here.
     #[error("--engine {engine}: {source}")]
-    EngineForced {
-        engine: &'static str,
-        source: EngineError,
-    },
+    EngineForced { engine: &'static str, source: EngineError },
 }
 
 impl Error {
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        Error::Io {
-            what,
-            path: path.into(),
-            source,
-        }
+        Error::Io { what, path: path.into(), source }
     }
 
     /// The process exit code for this error.

@@ -16,41 +16,58 @@ pub struct Preserve {
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 /// Access and modification times of `md`, with nanoseconds.
 pub fn times(md: &Metadata) -> [Timestamp; 2] {
-    [
-        Timestamp {
-            sec: md.atime(),
-            nsec: md.atime_nsec(),
-        },
-        Timestamp {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec(),
-        },
-    ]
+    [Timestamp { sec: md.atime(), nsec: md.atime_nsec() }, Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() }]
 }
 
-/// The finish spec for a copy of an entry with metadata `md` (xattrs read from `src` when asked).
+/// Who we are and what our umask takes away, read once: they decide which `chown`/`chmod` calls are no-ops.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    pub euid: u32,
+    pub egid: u32,
+    pub umask: u32,
+}
+
+impl Identity {
+    /// Read the identity. Call it before starting threads: reading the umask means setting it and back.
+    pub fn current() -> Identity {
+        // SAFETY: no preconditions; the umask is restored at once.
+        let umask = unsafe {
+            let m = libc::umask(0o022);
+            libc::umask(m);
+            m as u32
+        };
+        // SAFETY: no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Identity { euid, egid, umask }
+    }
+}
+
+/// The finish spec for a copy of an entry with metadata `md` (xattrs read from `src` when asked). The file is created
+/// with its final permission bits when the umask lets them through, and `chown` is skipped when the new file is
+/// already ours with the right group (`setgid_dir`: the destination directory hands its own group to new files).
 pub fn finish_spec(
     src: &Path,
     md: &Metadata,
     preserve: Preserve,
+    id: &Identity,
+    setgid_dir: bool,
     fsync: bool,
     verify: bool,
 ) -> io::Result<FinishSpec> {
+    let mode = md.mode() & 0o7777;
+    let create_mode = mode & 0o777;
+    let owner = (md.uid(), md.gid());
     Ok(FinishSpec {
-        mode: Some(md.mode() & 0o7777),
-        owner: Some((md.uid(), md.gid())),
+        create_mode,
+        mode: (create_mode & !id.umask != mode).then_some(mode),
+        owner: (owner != (id.euid, id.egid) || setgid_dir).then_some(owner),
         times: Some(times(md)),
-        xattrs: if preserve.xattrs {
-            read_xattrs(src)?
-        } else {
-            Vec::new()
-        },
+        xattrs: if preserve.xattrs { read_xattrs(src)? } else { Vec::new() },
         fsync,
         verify,
     })
@@ -80,14 +97,7 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut value = vec![0u8; 256];
         loop {
             // SAFETY: the buffer is valid for `value.len()` bytes.
-            let n = unsafe {
-                libc::lgetxattr(
-                    p.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_mut_ptr().cast(),
-                    value.len(),
-                )
-            };
+            let n = unsafe { libc::lgetxattr(p.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
             if n >= 0 {
                 value.truncate(n as usize);
                 break;
@@ -118,18 +128,9 @@ pub fn read_xattrs(_path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 pub fn write_xattrs(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
     let p = c_path(path)?;
     for (name, value) in xattrs {
-        let cname = CString::new(name.as_slice())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let cname = CString::new(name.as_slice()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: valid C strings and slice.
-        let rc = unsafe {
-            libc::lsetxattr(
-                p.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
+        let rc = unsafe { libc::lsetxattr(p.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -151,62 +152,34 @@ pub struct MetaError {
 
 /// Apply a finish spec to a directory or symlink by path (never following a final symlink).
 pub fn apply_by_path(path: &Path, spec: &FinishSpec, is_symlink: bool) -> Result<(), MetaError> {
-    let p = c_path(path).map_err(|source| MetaError {
-        what: "invalid path",
-        source,
-    })?;
+    let p = c_path(path).map_err(|source| MetaError { what: "invalid path", source })?;
     if !spec.xattrs.is_empty() {
-        write_xattrs(path, &spec.xattrs).map_err(|source| MetaError {
-            what: "cannot set extended attributes on",
-            source,
-        })?;
+        write_xattrs(path, &spec.xattrs)
+            .map_err(|source| MetaError { what: "cannot set extended attributes on", source })?;
     }
     if let Some((uid, gid)) = spec.owner {
         // SAFETY: valid C string.
         if unsafe { libc::lchown(p.as_ptr(), uid, gid) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EPERM) {
-                return Err(MetaError {
-                    what: "cannot set owner of",
-                    source: e,
-                });
+                return Err(MetaError { what: "cannot set owner of", source: e });
             }
         }
     }
     if let (Some(mode), false) = (spec.mode, is_symlink) {
         // SAFETY: valid C string.
         if unsafe { libc::chmod(p.as_ptr(), (mode & 0o7777) as libc::mode_t) } != 0 {
-            return Err(MetaError {
-                what: "cannot set permissions on",
-                source: io::Error::last_os_error(),
-            });
+            return Err(MetaError { what: "cannot set permissions on", source: io::Error::last_os_error() });
         }
     }
     if let Some([a, m]) = spec.times {
         let ts = [
-            libc::timespec {
-                tv_sec: a.sec as _,
-                tv_nsec: a.nsec as _,
-            },
-            libc::timespec {
-                tv_sec: m.sec as _,
-                tv_nsec: m.nsec as _,
-            },
+            libc::timespec { tv_sec: a.sec as _, tv_nsec: a.nsec as _ },
+            libc::timespec { tv_sec: m.sec as _, tv_nsec: m.nsec as _ },
         ];
         // SAFETY: valid C string and timespec array.
-        if unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                p.as_ptr(),
-                ts.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        } != 0
-        {
-            return Err(MetaError {
-                what: "cannot set times on",
-                source: io::Error::last_os_error(),
-            });
+        if unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            return Err(MetaError { what: "cannot set times on", source: io::Error::last_os_error() });
         }
     }
     Ok(())

@@ -32,9 +32,7 @@ pub fn plan_file(size: u64, sparse: bool, shards: usize) -> FilePlan {
     if size < SINGLE_CHUNK_BYTES_MAX && !sparse {
         return FilePlan::Whole;
     }
-    FilePlan::Chunked {
-        chunk_bytes: chunk_bytes(size, shards),
-    }
+    FilePlan::Chunked { chunk_bytes: chunk_bytes(size, shards) }
 }
 
 /// Chunk size for a file of `size` bytes on `shards` shards; always a multiple of 1 MiB.
@@ -71,20 +69,12 @@ mod tests {
     fn small_files_are_one_job() {
         assert_eq!(plan_file(0, false, 2), FilePlan::Whole);
         assert_eq!(plan_file(MIB - 1, false, 2), FilePlan::Whole);
-        assert_eq!(
-            plan_file(MIB, false, 2),
-            FilePlan::Chunked {
-                chunk_bytes: 4 * MIB
-            }
-        );
+        assert_eq!(plan_file(MIB, false, 2), FilePlan::Chunked { chunk_bytes: 4 * MIB });
     }
 
     #[test]
     fn sparse_small_files_are_chunked_to_skip_holes() {
-        assert!(matches!(
-            plan_file(600 << 10, true, 2),
-            FilePlan::Chunked { .. }
-        ));
+        assert!(matches!(plan_file(600 << 10, true, 2), FilePlan::Chunked { .. }));
     }
 
     #[test]
@@ -109,15 +99,7 @@ mod tests {
     #[test]
     fn split_covers_extent_exactly_on_aligned_boundaries() {
         let ranges: Vec<_> = split_extent(3 * MIB + 5, 13 * MIB, 4 * MIB).collect();
-        assert_eq!(
-            ranges,
-            vec![
-                (3 * MIB + 5, MIB - 5),
-                (4 * MIB, 4 * MIB),
-                (8 * MIB, 4 * MIB),
-                (12 * MIB, MIB)
-            ]
-        );
+        assert_eq!(ranges, vec![(3 * MIB + 5, MIB - 5), (4 * MIB, 4 * MIB), (8 * MIB, 4 * MIB), (12 * MIB, MIB)]);
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert_eq!(total, 13 * MIB - (3 * MIB + 5));
         assert_eq!(split_extent(7, 7, MIB).count(), 0);
@@ -126,12 +108,7 @@ mod tests {
 
     #[test]
     fn split_is_contiguous_for_any_extent() {
-        for (s, e, c) in [
-            (0u64, 10u64, 3u64),
-            (1, 100, 7),
-            (5, 6, 1),
-            (0, 1 << 20, 4096),
-        ] {
+        for (s, e, c) in [(0u64, 10u64, 3u64), (1, 100, 7), (5, 6, 1), (0, 1 << 20, 4096)] {
             let mut pos = s;
             for (off, len) in split_extent(s, e, c) {
                 assert_eq!(off, pos);

@@ -25,11 +25,7 @@ impl Progress {
             );
             bar
         });
-        Progress {
-            bar,
-            files: 0,
-            message_at: Instant::now(),
-        }
+        Progress { bar, files: 0, message_at: Instant::now() }
     }
 
     /// More bytes discovered by the walk (the total grows while the walk streams).

@@ -7,10 +7,7 @@ pub struct Slab<T> {
 
 impl<T> Slab<T> {
     pub fn new() -> Self {
-        Slab {
-            entries: Vec::new(),
-            free: Vec::new(),
-        }
+        Slab { entries: Vec::new(), free: Vec::new() }
     }
 
     pub fn insert(&mut self, value: T) -> usize {

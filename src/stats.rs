@@ -24,21 +24,12 @@ pub struct Summary {
 
 impl Summary {
     pub fn new(command: &'static str, engine: &'static str, cores: usize) -> Self {
-        Summary {
-            command,
-            engine,
-            cores,
-            ..Default::default()
-        }
+        Summary { command, engine, cores, ..Default::default() }
     }
 
     /// Throughput in decimal GB/s (what storage vendors and `fio` report).
     pub fn gb_per_s(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.bytes as f64 / self.seconds / 1e9
-        } else {
-            0.0
-        }
+        if self.seconds > 0.0 { self.bytes as f64 / self.seconds / 1e9 } else { 0.0 }
     }
 
     /// One JSON object on one line.
@@ -50,17 +41,9 @@ impl Summary {
             gb_per_s: f64,
             files_per_s: f64,
         }
-        let files_per_s = if self.seconds > 0.0 {
-            self.files as f64 / self.seconds
-        } else {
-            0.0
-        };
-        serde_json::to_string(&WithRate {
-            s: self,
-            gb_per_s: self.gb_per_s(),
-            files_per_s,
-        })
-        .expect("summary serializes")
+        let files_per_s = if self.seconds > 0.0 { self.files as f64 / self.seconds } else { 0.0 };
+        serde_json::to_string(&WithRate { s: self, gb_per_s: self.gb_per_s(), files_per_s })
+            .expect("summary serializes")
     }
 
     /// The human summary, like rsync's `--stats`.
@@ -91,11 +74,7 @@ pub fn human_bytes(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 #[cfg(test)]

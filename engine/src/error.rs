@@ -54,11 +54,7 @@ pub struct JobError {
 
 impl JobError {
     pub fn new(op: Op, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        JobError {
-            op,
-            path: path.into(),
-            source,
-        }
+        JobError { op, path: path.into(), source }
     }
     /// The current `errno` as a job error.
     pub fn last_os(op: Op, path: impl Into<PathBuf>) -> Self {

@@ -13,16 +13,11 @@ use crate::{FinishSpec, JobError, Op};
 
 /// A path as a C string (paths from the OS never contain NUL; one that does is reported as invalid input).
 pub fn cstr(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 fn check(rc: libc::c_int, op: Op, path: &Path) -> Result<(), JobError> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(JobError::last_os(op, path))
-    }
+    if rc == 0 { Ok(()) } else { Err(JobError::last_os(op, path)) }
 }
 
 /// Finish a destination whose bytes are all written: optional truncate (O_DIRECT tails), xattrs, owner, mode, times,
@@ -38,11 +33,7 @@ pub fn finish_file(
     let raw = fd.as_raw_fd();
     if let Some(size) = truncate_to {
         // SAFETY: plain syscall on a descriptor we borrow.
-        check(
-            unsafe { libc::ftruncate(raw, size as libc::off_t) },
-            Op::Truncate,
-            tmp,
-        )?;
+        check(unsafe { libc::ftruncate(raw, size as libc::off_t) }, Op::Truncate, tmp)?;
     }
     for (name, value) in &spec.xattrs {
         set_xattr(raw, name, value).map_err(|e| JobError::new(Op::SetXattr, tmp, e))?;
@@ -59,29 +50,15 @@ pub fn finish_file(
     }
     if let Some(mode) = spec.mode {
         // SAFETY: plain syscall.
-        check(
-            unsafe { libc::fchmod(raw, (mode & 0o7777) as libc::mode_t) },
-            Op::SetPermissions,
-            tmp,
-        )?;
+        check(unsafe { libc::fchmod(raw, (mode & 0o7777) as libc::mode_t) }, Op::SetPermissions, tmp)?;
     }
     if let Some([atime, mtime]) = spec.times {
         let ts = [
-            libc::timespec {
-                tv_sec: atime.sec as _,
-                tv_nsec: atime.nsec as _,
-            },
-            libc::timespec {
-                tv_sec: mtime.sec as _,
-                tv_nsec: mtime.nsec as _,
-            },
+            libc::timespec { tv_sec: atime.sec as _, tv_nsec: atime.nsec as _ },
+            libc::timespec { tv_sec: mtime.sec as _, tv_nsec: mtime.nsec as _ },
         ];
         // SAFETY: `ts` is a valid array of two timespecs.
-        check(
-            unsafe { libc::futimens(raw, ts.as_ptr()) },
-            Op::SetTimes,
-            tmp,
-        )?;
+        check(unsafe { libc::futimens(raw, ts.as_ptr()) }, Op::SetTimes, tmp)?;
     }
     if spec.fsync {
         // SAFETY: plain syscall.
@@ -89,8 +66,7 @@ pub fn finish_file(
     }
     std::fs::rename(tmp, dst).map_err(|e| JobError::new(Op::Rename, dst, e))?;
     if spec.fsync {
-        fsync_dir(dst)
-            .map_err(|e| JobError::new(Op::Fsync, dst.parent().unwrap_or(Path::new(".")), e))?;
+        fsync_dir(dst).map_err(|e| JobError::new(Op::Fsync, dst.parent().unwrap_or(Path::new(".")), e))?;
     }
     Ok(())
 }
@@ -115,24 +91,15 @@ fn set_xattr(fd: libc::c_int, name: &[u8], value: &[u8]) -> io::Result<()> {
     let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: name is NUL-terminated, value is a valid slice.
     let rc = unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(target_os = "macos")]
 fn set_xattr(fd: libc::c_int, name: &[u8], value: &[u8]) -> io::Result<()> {
     let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: name is NUL-terminated, value is a valid slice.
-    let rc =
-        unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0, 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let rc = unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0, 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "macos")))]

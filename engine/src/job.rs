@@ -15,9 +15,12 @@ pub struct Timestamp {
 }
 
 /// What to do to a destination file once its bytes are written, before it is renamed into place.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FinishSpec {
-    /// Permission bits to set (`chmod`), including setuid/setgid/sticky.
+    /// Permission bits the temporary file is created with (the process umask applies). When they already give the
+    /// final mode, `mode` is `None` and no `chmod` is needed.
+    pub create_mode: u32,
+    /// Permission bits to set (`chmod`), including setuid/setgid/sticky, when creation alone cannot give them.
     pub mode: Option<u32>,
     /// Owner and group to set; `EPERM` is ignored ("where permitted"), like `cp -a` as an ordinary user.
     pub owner: Option<(u32, u32)>,
@@ -29,6 +32,20 @@ pub struct FinishSpec {
     pub fsync: bool,
     /// Hash each block of the source as it is read, read it back from the destination and compare.
     pub verify: bool,
+}
+
+impl Default for FinishSpec {
+    fn default() -> Self {
+        FinishSpec {
+            create_mode: 0o600,
+            mode: None,
+            owner: None,
+            times: None,
+            xattrs: Vec::new(),
+            fsync: false,
+            verify: false,
+        }
+    }
 }
 
 /// Copy one whole (small) file: open, create the temporary, copy to end of file, finish, rename.
@@ -43,6 +60,9 @@ pub struct FileJob {
     pub dst: PathBuf,
     /// Size seen when the source was walked (a hint for buffer choice; the copy runs to end of file).
     pub size_hint: u64,
+    /// Open the source even if it is now a symlink (`-L`). Otherwise it is opened with O_NOFOLLOW, so a source
+    /// swapped for a symlink after the walk fails instead of leaking what the link points to.
+    pub follow_symlinks: bool,
     pub finish: FinishSpec,
 }
 

@@ -22,22 +22,13 @@ unsafe impl Send for AlignedArena {}
 impl AlignedArena {
     /// Allocate `slots` blocks of `block_bytes` (a multiple of [`ALIGN_BYTES`]).
     pub fn new(block_bytes: usize, slots: usize) -> Self {
-        assert!(
-            block_bytes > 0 && block_bytes.is_multiple_of(ALIGN_BYTES),
-            "block size must be page-aligned"
-        );
+        assert!(block_bytes > 0 && block_bytes.is_multiple_of(ALIGN_BYTES), "block size must be page-aligned");
         assert!(slots > 0, "an arena needs at least one slot");
-        let layout =
-            Layout::from_size_align(block_bytes * slots, ALIGN_BYTES).expect("arena layout");
+        let layout = Layout::from_size_align(block_bytes * slots, ALIGN_BYTES).expect("arena layout");
         // SAFETY: layout has non-zero size.
-        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })
-            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedArena {
-            ptr,
-            layout,
-            block_bytes,
-            slots,
-        }
+        let ptr =
+            NonNull::new(unsafe { alloc_zeroed(layout) }).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedArena { ptr, layout, block_bytes, slots }
     }
 
     pub fn block_bytes(&self) -> usize {

@@ -54,11 +54,7 @@ impl ShardCtx {
             return Some(job);
         }
         loop {
-            match self
-                .shared
-                .injector
-                .steal_batch_with_limit_and_pop(&self.local, 16)
-            {
+            match self.shared.injector.steal_batch_with_limit_and_pop(&self.local, 16) {
                 Steal::Success(job) => return Some(job),
                 Steal::Retry => continue,
                 Steal::Empty => break,
@@ -129,9 +125,7 @@ impl Session {
         F: FnOnce(&mut ShardCtx) -> ShardStats + 'static,
     {
         if config.shards == 0 || config.jobs_in_flight_max == 0 {
-            return Err(EngineError::Config(
-                "shards and jobs in flight must be at least 1".into(),
-            ));
+            return Err(EngineError::Config("shards and jobs in flight must be at least 1".into()));
         }
         let workers: Vec<Worker<Job>> = (0..config.shards).map(|_| Worker::new_fifo()).collect();
         let parkers: Vec<Parker> = (0..config.shards).map(|_| Parker::new()).collect();
@@ -145,11 +139,7 @@ impl Session {
         });
         let (done_tx, done_rx) = bounded(config.jobs_in_flight_max + config.shards);
         let (ready_tx, ready_rx) = bounded::<(usize, std::io::Result<()>)>(config.shards);
-        let cores = if config.pin {
-            core_affinity::get_core_ids().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let cores = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let setup = Arc::new(setup);
         let mut threads = Vec::with_capacity(config.shards);
         for (index, (local, parker)) in workers.into_iter().zip(parkers).enumerate() {
@@ -164,7 +154,11 @@ impl Session {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    let main = match setup(index) {
+                    let setup_result = catch_unwind(AssertUnwindSafe(|| setup(index))).unwrap_or_else(|_| {
+                        shared.died.store(true, Ordering::SeqCst);
+                        Err(std::io::Error::other("shard setup panicked"))
+                    });
+                    let main = match setup_result {
                         Ok(main) => {
                             let _ = ready.send((index, Ok(())));
                             main
@@ -174,14 +168,7 @@ impl Session {
                             return Err("setup failed".to_string());
                         }
                     };
-                    let mut ctx = ShardCtx {
-                        index,
-                        local,
-                        parker,
-                        shared: shared.clone(),
-                        done,
-                        steals: 0,
-                    };
+                    let mut ctx = ShardCtx { index, local, parker, shared: shared.clone(), done, steals: 0 };
                     match catch_unwind(AssertUnwindSafe(|| main(&mut ctx))) {
                         Ok(mut stats) => {
                             stats.steals = ctx.steals;
@@ -198,10 +185,7 @@ impl Session {
                         }
                     }
                 })
-                .map_err(|e| EngineError::ShardSetup {
-                    shard: index,
-                    source: e,
-                })?;
+                .map_err(|e| EngineError::ShardSetup { shard: index, source: e })?;
             threads.push(handle);
         }
         drop(ready_tx);
@@ -222,10 +206,7 @@ impl Session {
                 }
                 Err(_) => {
                     session.stop();
-                    return Err(EngineError::ShardDied {
-                        shard: 0,
-                        message: "exited during setup".into(),
-                    });
+                    return Err(EngineError::ShardDied { shard: 0, message: "exited during setup".into() });
                 }
             }
         }
@@ -233,11 +214,7 @@ impl Session {
     }
 
     /// Hand a job to the shards. When the in-flight limit is reached, completions are drained into `on_done` first.
-    pub fn submit(
-        &mut self,
-        job: Job,
-        on_done: &mut dyn FnMut(Completion),
-    ) -> Result<(), EngineError> {
+    pub fn submit(&mut self, job: Job, on_done: &mut dyn FnMut(Completion)) -> Result<(), EngineError> {
         while self.in_flight >= self.in_flight_max {
             self.wait_one(on_done)?;
         }
@@ -290,10 +267,7 @@ impl Session {
                 return EngineError::ShardDied { shard, message };
             }
         }
-        EngineError::ShardDied {
-            shard: 0,
-            message: "unknown".into(),
-        }
+        EngineError::ShardDied { shard: 0, message: "unknown".into() }
     }
 
     fn wake_one(&mut self) {
@@ -324,10 +298,7 @@ impl Session {
                 Ok(Ok(s)) => stats.push(s),
                 Ok(Err(message)) => return Err(EngineError::ShardDied { shard, message }),
                 Err(_) => {
-                    return Err(EngineError::ShardDied {
-                        shard,
-                        message: "panic".into(),
-                    });
+                    return Err(EngineError::ShardDied { shard, message: "panic".into() });
                 }
             }
         }

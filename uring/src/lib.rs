@@ -28,16 +28,11 @@ impl UringEngine {
         #[cfg(target_os = "linux")]
         {
             let found = probe::probe()?;
-            Ok(UringEngine {
-                registrable_bytes_total: found.registrable_bytes,
-                notes: found.notes,
-            })
+            Ok(UringEngine { registrable_bytes_total: found.registrable_bytes, notes: found.notes })
         }
         #[cfg(not(target_os = "linux"))]
         {
-            Err(EngineError::UringUnavailable {
-                reason: "io_uring exists only on Linux".into(),
-            })
+            Err(EngineError::UringUnavailable { reason: "io_uring exists only on Linux".into() })
         }
     }
 }
@@ -63,9 +58,7 @@ impl Engine for UringEngine {
         #[cfg(not(target_os = "linux"))]
         {
             let _ = config;
-            Err(EngineError::UringUnavailable {
-                reason: "io_uring exists only on Linux".into(),
-            })
+            Err(EngineError::UringUnavailable { reason: "io_uring exists only on Linux".into() })
         }
     }
 }

@@ -11,9 +11,7 @@ pub(crate) struct Found {
 }
 
 fn unavailable(reason: impl Into<String>) -> EngineError {
-    EngineError::UringUnavailable {
-        reason: reason.into(),
-    }
+    EngineError::UringUnavailable { reason: reason.into() }
 }
 
 pub(crate) fn probe() -> Result<Found, EngineError> {
@@ -32,29 +30,23 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
         Err(e) => {
             let why = match e.raw_os_error() {
                 // ENOSYS: kernel older than 5.1 or built without CONFIG_IO_URING; seccomp filters often return it too.
-                Some(libc::ENOSYS) => {
-                    "the kernel has no io_uring, or a seccomp profile (e.g. a container's) blocks it"
-                }
+                Some(libc::ENOSYS) => "the kernel has no io_uring, or a seccomp profile (e.g. a container's) blocks it",
                 // EPERM: io_uring_disabled=1 and we are not in io_uring_group, or seccomp/LSM denies it.
                 Some(libc::EPERM) => {
                     "not permitted (kernel.io_uring_disabled=1 without membership of kernel.io_uring_group, or a \
                      seccomp/LSM policy)"
                 }
                 // ENOMEM: ring memory is charged to RLIMIT_MEMLOCK on kernels before 5.12.
-                Some(libc::ENOMEM) => {
-                    "out of locked memory for the ring (raise RLIMIT_MEMLOCK: ulimit -l)"
-                }
+                Some(libc::ENOMEM) => "out of locked memory for the ring (raise RLIMIT_MEMLOCK: ulimit -l)",
                 _ => "io_uring_setup failed",
             };
             return Err(unavailable(format!("{why}: {e}")));
         }
     };
     let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| {
-        unavailable(format!(
-            "the kernel cannot report io_uring opcodes (older than 5.6?): {e}"
-        ))
-    })?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| unavailable(format!("the kernel cannot report io_uring opcodes (older than 5.6?): {e}")))?;
     let needed = [
         (opcode::OpenAt::CODE, "OPENAT"),
         (opcode::Read::CODE, "READ"),
@@ -63,23 +55,14 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
         (opcode::WriteFixed::CODE, "WRITE_FIXED"),
         (opcode::Close::CODE, "CLOSE"),
     ];
-    let missing: Vec<&str> = needed
-        .iter()
-        .filter(|(c, _)| !probe.is_supported(*c))
-        .map(|(_, n)| *n)
-        .collect();
+    let missing: Vec<&str> = needed.iter().filter(|(c, _)| !probe.is_supported(*c)).map(|(_, n)| *n).collect();
     if !missing.is_empty() {
-        return Err(unavailable(format!(
-            "the kernel lacks io_uring opcodes {}",
-            missing.join(", ")
-        )));
+        return Err(unavailable(format!("the kernel lacks io_uring opcodes {}", missing.join(", "))));
     }
     // Opening straight into an allocated fixed-file slot needs Linux 5.19.
-    ring.submitter().register_files_sparse(4).map_err(|e| {
-        unavailable(format!(
-            "sparse fixed-file tables are unsupported (Linux 5.19+ needed): {e}"
-        ))
-    })?;
+    ring.submitter()
+        .register_files_sparse(4)
+        .map_err(|e| unavailable(format!("sparse fixed-file tables are unsupported (Linux 5.19+ needed): {e}")))?;
     let registrable_bytes = match memlock_budget() {
         Ok(None) => usize::MAX,
         Ok(Some(bytes)) => {
@@ -92,24 +75,16 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
             bytes
         }
         Err(e) => {
-            notes.push(format!(
-                "cannot read RLIMIT_MEMLOCK ({e}); registering no buffers"
-            ));
+            notes.push(format!("cannot read RLIMIT_MEMLOCK ({e}); registering no buffers"));
             0
         }
     };
-    Ok(Found {
-        registrable_bytes,
-        notes,
-    })
+    Ok(Found { registrable_bytes, notes })
 }
 
 /// Bytes of memory we may pin, or `None` when unlimited (root with CAP_IPC_LOCK, or an infinite limit).
 fn memlock_budget() -> io::Result<Option<usize>> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into `lim`.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());

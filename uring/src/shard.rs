@@ -12,8 +12,8 @@ use std::path::Path;
 
 use fastsync_engine::finish::cstr;
 use fastsync_engine::{
-    AlignedArena, ChunkedFile, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op,
-    Outcome, RangeJob, Session, ShardCtx, ShardStats, abandon, finish_file,
+    AlignedArena, ChunkedFile, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, RangeJob,
+    Session, ShardCtx, ShardStats, abandon, finish_file,
 };
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -82,16 +82,10 @@ struct Task {
     bytes_written: u64,
 }
 
-pub(crate) fn start(
-    config: &EngineConfig,
-    registrable_bytes_total: usize,
-) -> Result<Session, EngineError> {
+pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Result<Session, EngineError> {
     let per_shard = registrable_bytes_total / config.shards.max(1);
-    let registrable_slots = if registrable_bytes_total == usize::MAX {
-        usize::MAX
-    } else {
-        per_shard / config.block_bytes
-    };
+    let registrable_slots =
+        if registrable_bytes_total == usize::MAX { usize::MAX } else { per_shard / config.block_bytes };
     let block_bytes = config.block_bytes;
     let slots = config.slots_per_shard;
     Session::start(config, "fs-uring", move |_index| {
@@ -120,18 +114,13 @@ impl Shard {
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
         // One fixed-file slot per task plus room for closes still in flight.
-        ring.submitter()
-            .register_files_sparse((slots * 2 + 8) as u32)?;
+        ring.submitter().register_files_sparse((slots * 2 + 8) as u32)?;
         let arena = AlignedArena::new(block_bytes, slots);
         let want = slots.min(registrable_slots).min(u16::MAX as usize);
         let mut registered = 0;
         if want > 0 {
-            let iovecs: Vec<libc::iovec> = (0..want)
-                .map(|i| libc::iovec {
-                    iov_base: arena.slot_ptr(i).cast(),
-                    iov_len: block_bytes,
-                })
-                .collect();
+            let iovecs: Vec<libc::iovec> =
+                (0..want).map(|i| libc::iovec { iov_base: arena.slot_ptr(i).cast(), iov_len: block_bytes }).collect();
             // SAFETY: the iovecs point into `arena`, which lives as long as the ring (both owned by the shard, and
             // the ring is dropped first: field order).
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
@@ -161,10 +150,7 @@ impl Shard {
                 let slot = self.free.pop().expect("checked non-empty");
                 in_flight += 1;
                 self.admit(slot, job);
-                if self.tasks[slot]
-                    .as_ref()
-                    .is_some_and(|t| t.ops_pending == 0)
-                {
+                if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
                     in_flight -= self.retire(slot, ctx);
                 }
             }
@@ -177,28 +163,18 @@ impl Shard {
             self.stats.syscalls += 1;
             if let Err(e) = self.ring.submit_and_wait(1) {
                 // EINTR/EBUSY: completions are pending or a signal arrived; reap and go round again.
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                ) {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) {
                     panic!("io_uring_enter failed: {e}");
                 }
             }
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
                 if ud == UD_DETACHED {
                     continue;
                 }
                 let slot = (ud >> 3) as usize;
                 self.on_cqe(slot, Step::from_bits(ud & 7), res);
-                if self.tasks[slot]
-                    .as_ref()
-                    .is_some_and(|t| t.ops_pending == 0)
-                {
+                if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
                     in_flight -= self.retire(slot, ctx);
                 }
             }
@@ -251,21 +227,17 @@ impl Shard {
                         return;
                     }
                 };
-                let dst_flags = if f.finish.verify {
-                    libc::O_RDWR
-                } else {
-                    libc::O_WRONLY
-                };
+                let dst_flags = if f.finish.verify { libc::O_RDWR } else { libc::O_WRONLY };
                 let open_src = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), src_c.as_ptr())
                     // Direct descriptors live only in the ring's table, so O_CLOEXEC is meaningless and the kernel
                     // rejects it with EINVAL.
-                    .flags(libc::O_RDONLY)
+                    .flags(libc::O_RDONLY | if f.follow_symlinks { 0 } else { libc::O_NOFOLLOW })
                     .file_index(Some(types::DestinationSlot::auto_target()))
                     .build()
                     .user_data(user_data(slot, Step::OpenSrc));
                 let open_dst = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), tmp_c.as_ptr())
                     .flags(dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
-                    .mode(0o600)
+                    .mode(f.finish.create_mode as libc::mode_t)
                     .build()
                     .user_data(user_data(slot, Step::OpenDst));
                 task.src_c = Some(src_c);
@@ -286,9 +258,7 @@ impl Shard {
     }
 
     fn task(&mut self, slot: usize) -> &mut Task {
-        self.tasks[slot]
-            .as_mut()
-            .expect("completion for a live task")
+        self.tasks[slot].as_mut().expect("completion for a live task")
     }
 
     fn on_cqe(&mut self, slot: usize, step: Step, res: i32) {
@@ -317,8 +287,7 @@ impl Shard {
         }
         let t = self.task(slot);
         // Both opens done and nothing failed: start copying.
-        if matches!(step, Step::OpenSrc | Step::OpenDst) && t.ops_pending == 0 && t.error.is_none()
-        {
+        if matches!(step, Step::OpenSrc | Step::OpenDst) && t.ops_pending == 0 && t.error.is_none() {
             t.src_c = None;
             t.tmp_c = None;
             self.read_next(slot);
@@ -341,9 +310,7 @@ impl Shard {
         t.block_len = 0;
         t.block_written = 0;
         t.ops_pending += 1;
-        let sqe = self
-            .read_sqe(slot, offset, len as u32, false)
-            .user_data(user_data(slot, Step::Read));
+        let sqe = self.read_sqe(slot, offset, len as u32, false).user_data(user_data(slot, Step::Read));
         self.push(sqe);
     }
 
@@ -362,25 +329,15 @@ impl Shard {
         if from_dst {
             let fd = types::Fd(dst_raw(t));
             return match fixed_buf {
-                Some(i) => opcode::ReadFixed::new(fd, buf, len, i)
-                    .offset(offset)
-                    .build(),
+                Some(i) => opcode::ReadFixed::new(fd, buf, len, i).offset(offset).build(),
                 None => opcode::Read::new(fd, buf, len).offset(offset).build(),
             };
         }
         match (&t.src, fixed_buf) {
-            (Src::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(*f), buf, len, i)
-                .offset(offset)
-                .build(),
-            (Src::Fixed(f), None) => opcode::Read::new(types::Fixed(*f), buf, len)
-                .offset(offset)
-                .build(),
-            (_, Some(i)) => opcode::ReadFixed::new(types::Fd(src_raw(t)), buf, len, i)
-                .offset(offset)
-                .build(),
-            (_, None) => opcode::Read::new(types::Fd(src_raw(t)), buf, len)
-                .offset(offset)
-                .build(),
+            (Src::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(*f), buf, len, i).offset(offset).build(),
+            (Src::Fixed(f), None) => opcode::Read::new(types::Fixed(*f), buf, len).offset(offset).build(),
+            (_, Some(i)) => opcode::ReadFixed::new(types::Fd(src_raw(t)), buf, len, i).offset(offset).build(),
+            (_, None) => opcode::Read::new(types::Fd(src_raw(t)), buf, len).offset(offset).build(),
         }
     }
 
@@ -390,9 +347,7 @@ impl Shard {
         let buf = unsafe { self.arena.slot_ptr(slot).add(from) };
         let fd = types::Fd(dst_raw(t));
         match (slot < self.registered).then_some(slot as u16) {
-            Some(i) => opcode::WriteFixed::new(fd, buf, len, i)
-                .offset(offset)
-                .build(),
+            Some(i) => opcode::WriteFixed::new(fd, buf, len, i).offset(offset).build(),
             None => opcode::Write::new(fd, buf, len).offset(offset).build(),
         }
     }
@@ -408,10 +363,7 @@ impl Shard {
         }
         let n = res as u64;
         let requested = if direct {
-            block
-                .min(t.end - t.offset)
-                .next_multiple_of(DIRECT_ALIGN_BYTES)
-                .min(block)
+            block.min(t.end - t.offset).next_multiple_of(DIRECT_ALIGN_BYTES).min(block)
         } else {
             block.min(t.end - t.offset)
         };
@@ -455,9 +407,7 @@ impl Shard {
         }
         let offset = t.offset + from;
         t.ops_pending += 1;
-        let sqe = self
-            .write_sqe(slot, offset, from as usize, len as u32)
-            .user_data(user_data(slot, Step::Write));
+        let sqe = self.write_sqe(slot, offset, from as usize, len as u32).user_data(user_data(slot, Step::Write));
         self.push(sqe);
     }
 
@@ -470,11 +420,7 @@ impl Shard {
         }
         if res == 0 {
             let path = job_dst(&t.job).to_path_buf();
-            t.error.get_or_insert(JobError::new(
-                Op::Write,
-                path,
-                io::Error::from(io::ErrorKind::WriteZero),
-            ));
+            t.error.get_or_insert(JobError::new(Op::Write, path, io::Error::from(io::ErrorKind::WriteZero)));
             return;
         }
         t.block_written = (t.block_written + res as u64).min(t.block_len);
@@ -484,15 +430,9 @@ impl Shard {
         }
         if job_verify(&t.job) {
             let (offset, len) = (t.offset, t.block_len);
-            let len = if self.direct(slot) {
-                len.next_multiple_of(DIRECT_ALIGN_BYTES)
-            } else {
-                len
-            };
+            let len = if self.direct(slot) { len.next_multiple_of(DIRECT_ALIGN_BYTES) } else { len };
             self.task(slot).ops_pending += 1;
-            let sqe = self
-                .read_sqe(slot, offset, len as u32, true)
-                .user_data(user_data(slot, Step::ReadBack));
+            let sqe = self.read_sqe(slot, offset, len as u32, true).user_data(user_data(slot, Step::ReadBack));
             self.push(sqe);
             return;
         }
@@ -504,10 +444,9 @@ impl Shard {
         let n = t.block_len as usize;
         let mismatch = match err {
             Some(e) => Some(e),
-            None if (res as usize) < n => Some(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "destination is shorter than what was written",
-            )),
+            None if (res as usize) < n => {
+                Some(io::Error::new(io::ErrorKind::UnexpectedEof, "destination is shorter than what was written"))
+            }
             None => {
                 let expected = t.src_hash.take();
                 // SAFETY: the read-back into this slot has completed and no other I/O uses it.
@@ -545,9 +484,7 @@ impl Shard {
     fn retire(&mut self, slot: usize, ctx: &ShardCtx) -> usize {
         let mut t = self.tasks[slot].take().expect("live task");
         if let Src::Fixed(f) = t.src {
-            let close = opcode::Close::new(types::Fixed(f))
-                .build()
-                .user_data(UD_DETACHED);
+            let close = opcode::Close::new(types::Fixed(f)).build().user_data(UD_DETACHED);
             self.push(close);
         }
         self.stats.jobs += 1;
@@ -555,12 +492,7 @@ impl Shard {
             Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
             Job::Range(r) => range_outcome(r, t.error.take()),
         };
-        ctx.complete(Completion {
-            tag: t.job.tag(),
-            bytes: t.bytes_written,
-            shard: ctx.index,
-            outcome,
-        });
+        ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
         self.free.push(slot);
         1
     }
@@ -574,8 +506,7 @@ fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -
             }
             Err(e)
         }
-        (None, Some(fd)) => finish_file(fd.as_fd(), None, &f.tmp, &f.dst, &f.finish)
-            .inspect_err(|_| abandon(&f.tmp)),
+        (None, Some(fd)) => finish_file(fd.as_fd(), None, &f.tmp, &f.dst, &f.finish).inspect_err(|_| abandon(&f.tmp)),
         (None, None) => unreachable!("a file task without error has its destination open"),
     };
     match result {
@@ -601,13 +532,7 @@ fn range_outcome(r: &RangeJob, error: Option<JobError>) -> Outcome {
                 return Outcome::RangeAbandoned;
             }
             let truncate = file.direct.then_some(file.size);
-            match finish_file(
-                file.dst_fd.as_fd(),
-                truncate,
-                &file.tmp,
-                &file.dst,
-                &file.finish,
-            ) {
+            match finish_file(file.dst_fd.as_fd(), truncate, &file.tmp, &file.dst, &file.finish) {
                 Ok(()) => Outcome::RangeDoneFileDone,
                 Err(e) => {
                     abandon(&file.tmp);

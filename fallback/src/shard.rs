@@ -1,0 +1,208 @@
+//! What a shard does with each job: whole files and ranges, copied with blocking syscalls through slot 0 of the
+//! shard's arena (or offloaded to the kernel on Linux), verified when asked, then finished or abandoned.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use fastsync_engine::{
+    AlignedArena, Completion, FileJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, abandon, finish_file,
+};
+
+use crate::offload::{Offload, offload_file, offload_range};
+use crate::sys;
+
+/// The names one copy deals with, for errors: where bytes come from, the file written, the name users asked for.
+struct Names<'a> {
+    src: &'a Path,
+    tmp: &'a Path,
+    dst: &'a Path,
+}
+
+/// One shard's state: its buffer and its counters. Runs one job at a time, start to end.
+pub(crate) struct Shard {
+    arena: AlignedArena,
+    stats: ShardStats,
+}
+
+impl Shard {
+    pub(crate) fn new(arena: AlignedArena) -> Self {
+        Shard { arena, stats: ShardStats::default() }
+    }
+
+    pub(crate) fn into_stats(self) -> ShardStats {
+        self.stats
+    }
+
+    /// Run one job to its end and describe how it ended.
+    pub(crate) fn run(&mut self, job: Job, shard: usize) -> Completion {
+        let tag = job.tag();
+        let mut written_bytes = 0;
+        let outcome = match &job {
+            Job::File(file) => self.run_file(file, &mut written_bytes),
+            Job::Range(range) => self.run_range(range, &mut written_bytes),
+        };
+        self.stats.jobs += 1;
+        self.stats.bytes_written += written_bytes;
+        Completion { tag, bytes: written_bytes, shard, outcome }
+    }
+
+    fn run_file(&mut self, job: &FileJob, written_bytes: &mut u64) -> Outcome {
+        let src = match sys::open_source(&job.src, job.follow_symlinks) {
+            Ok(fd) => fd,
+            Err(e) => return Outcome::Failed(JobError::new(Op::Open, &job.src, e)),
+        };
+        // Read access is needed to read written blocks back. A failed create leaves nothing to clean up; with EEXIST
+        // the temporary name is someone else's file, which must not be removed. Users know the destination's name.
+        let dst = match sys::create_temp(&job.tmp, job.finish.verify, job.finish.create_mode) {
+            Ok(fd) => fd,
+            Err(e) => return Outcome::Failed(JobError::new(Op::Create, &job.dst, e)),
+        };
+        let names = Names { src: &job.src, tmp: &job.tmp, dst: &job.dst };
+        let result = self
+            .copy_file(src.as_fd(), dst.as_fd(), job, &names, written_bytes)
+            .and_then(|()| finish_file(dst.as_fd(), None, &job.tmp, &job.dst, &job.finish));
+        drop(src);
+        drop(dst);
+        match result {
+            Ok(()) => Outcome::FileDone,
+            Err(e) => {
+                abandon(&job.tmp);
+                Outcome::Failed(e)
+            }
+        }
+    }
+
+    /// Copy a whole file to its end of file, whatever its size was when it was walked.
+    fn copy_file(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        job: &FileJob,
+        names: &Names<'_>,
+        written_bytes: &mut u64,
+    ) -> Result<(), JobError> {
+        let verify = job.finish.verify;
+        // A file that was empty when walked most likely still is: one read proves it, cheaper than a clone attempt.
+        // Verification needs the bytes in memory, so it always takes the read/write path.
+        let start = if verify || job.size_hint == 0 {
+            0
+        } else {
+            match offload_file(src, dst, names.tmp, &mut self.stats.syscalls, written_bytes)? {
+                Offload::Complete => return Ok(()),
+                Offload::ResumeAt(offset) => offset,
+            }
+        };
+        self.copy_blocks(src, dst, names, start, None, verify, written_bytes)
+    }
+
+    fn run_range(&mut self, job: &RangeJob, written_bytes: &mut u64) -> Outcome {
+        let file = &*job.file;
+        // Once another range failed the file will be abandoned: copying this one would be wasted I/O.
+        let result = if file.failed.load(Ordering::Acquire) { Ok(()) } else { self.copy_range(job, written_bytes) };
+        let last = file.range_done(result.is_ok());
+        match result {
+            Err(e) => {
+                if last {
+                    abandon(&file.tmp);
+                }
+                Outcome::Failed(e)
+            }
+            Ok(()) if !last => Outcome::RangeDone,
+            // Acquire pairs with the Release in `range_done`: every earlier range's failure is visible here.
+            Ok(()) if file.failed.load(Ordering::Acquire) => {
+                abandon(&file.tmp);
+                Outcome::RangeAbandoned
+            }
+            Ok(()) => {
+                let truncate_to = file.direct.then_some(file.size);
+                match finish_file(file.dst_fd.as_fd(), truncate_to, &file.tmp, &file.dst, &file.finish) {
+                    Ok(()) => Outcome::RangeDoneFileDone,
+                    Err(e) => {
+                        abandon(&file.tmp);
+                        Outcome::Failed(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copy one range at the same offsets in both files. The destination already has its final size.
+    fn copy_range(&mut self, job: &RangeJob, written_bytes: &mut u64) -> Result<(), JobError> {
+        let file = &*job.file;
+        let (src, dst) = (file.src_fd.as_fd(), file.dst_fd.as_fd());
+        let names = Names { src: &file.src, tmp: &file.tmp, dst: &file.dst };
+        let verify = file.finish.verify;
+        let end = job.offset + job.len;
+        let start = if verify {
+            job.offset
+        } else {
+            match offload_range(src, dst, job.offset, Some(end), &mut self.stats.syscalls, written_bytes) {
+                Offload::Complete => return Ok(()),
+                Offload::ResumeAt(offset) => offset,
+            }
+        };
+        self.copy_blocks(src, dst, &names, start, Some(end), verify, written_bytes)
+    }
+
+    /// Copy `[start, end)`, or from `start` to end of file when `end` is `None`, one block at a time through slot 0.
+    ///
+    /// With `verify`, each block is hashed as read from the source, written, read back from the destination into the
+    /// same slot, hashed again and compared. With an `end`, a source that ends before it has shrunk.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_blocks(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        names: &Names<'_>,
+        start: u64,
+        end: Option<u64>,
+        verify: bool,
+        written_bytes: &mut u64,
+    ) -> Result<(), JobError> {
+        let block_bytes = self.arena.block_bytes();
+        // SAFETY: the shard runs one job at a time with blocking syscalls: nothing else touches slot 0 meanwhile.
+        let slot = unsafe { self.arena.slot_mut(0) };
+        let calls = &mut self.stats.syscalls;
+        let mut offset = start;
+        loop {
+            let want_bytes = match end {
+                None => block_bytes,
+                Some(end) if offset >= end => return Ok(()),
+                Some(end) => (end - offset).min(block_bytes as u64) as usize,
+            };
+            let block = &mut slot[..want_bytes];
+            let read_bytes =
+                sys::pread_full(src, block, offset, calls).map_err(|e| JobError::new(Op::Read, names.src, e))?;
+            // `pread_full` stops short only at end of file.
+            let at_eof = read_bytes < want_bytes;
+            if at_eof && end.is_some() {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copying");
+                return Err(JobError::new(Op::SourceChanged, names.src, e));
+            }
+            if read_bytes > 0 {
+                let data = &mut block[..read_bytes];
+                let source_hash = verify.then(|| blake3::hash(data));
+                sys::pwrite_all(dst, data, offset, calls).map_err(|e| JobError::new(Op::Write, names.tmp, e))?;
+                *written_bytes += read_bytes as u64;
+                if let Some(source_hash) = source_hash {
+                    let back_bytes =
+                        sys::pread_full(dst, data, offset, calls).map_err(|e| JobError::new(Op::Read, names.tmp, e))?;
+                    // A short read-back leaves source bytes in the tail of the slot: compare lengths too.
+                    if back_bytes != read_bytes || blake3::hash(data) != source_hash {
+                        let e = io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("destination differs from source (BLAKE3 mismatch at offset {offset})"),
+                        );
+                        return Err(JobError::new(Op::Verify, names.dst, e));
+                    }
+                }
+                offset += read_bytes as u64;
+            }
+            if at_eof {
+                return Ok(());
+            }
+        }
+    }
+}

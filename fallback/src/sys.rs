@@ -1,0 +1,173 @@
+//! Thin wrappers over the blocking syscalls a shard issues: EINTR is retried, short transfers are continued, and
+//! every data syscall is counted (retries included) into the caller's counter.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Open a source for reading: `O_RDONLY | O_CLOEXEC | O_NOFOLLOW` (std adds `O_CLOEXEC` and retries EINTR).
+/// `O_NOFOLLOW` makes a source replaced by a symlink after the walk fail with `ELOOP` instead of being followed;
+/// `follow` (for `-L`) drops it.
+pub(crate) fn open_source(path: &Path, follow: bool) -> io::Result<OwnedFd> {
+    let file = OpenOptions::new().read(true).custom_flags(if follow { 0 } else { libc::O_NOFOLLOW }).open(path)?;
+    Ok(file.into())
+}
+
+/// Create a temporary destination exclusively: `O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC`, mode `mode` (the
+/// [`fastsync_engine::FinishSpec::create_mode`]; anything creation cannot give is applied when the file is finished). With `readable`, `O_RDWR` instead, so that written blocks can be read back.
+pub(crate) fn create_temp(path: &Path, readable: bool, mode: u32) -> io::Result<OwnedFd> {
+    let file = OpenOptions::new().write(true).read(readable).create_new(true).mode(mode).open(path)?;
+    Ok(file.into())
+}
+
+/// A file offset as `off_t`; one that does not fit (32-bit `off_t`) is `EOVERFLOW`, as the kernel would say.
+fn off_t(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// The error of a syscall that returned -1, or `None` when it was only interrupted by a signal (`EINTR`).
+fn failure() -> Option<io::Error> {
+    let e = io::Error::last_os_error();
+    (e.kind() != io::ErrorKind::Interrupted).then_some(e)
+}
+
+/// One `pread`, retried on `EINTR`. Returns the bytes read; 0 means end of file.
+pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, calls: &mut u64) -> io::Result<usize> {
+    let offset = off_t(offset)?;
+    loop {
+        *calls += 1;
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        if let Some(e) = failure() {
+            return Err(e);
+        }
+    }
+}
+
+/// Read at `offset` until `buf` is full or the file ends. Returns the bytes read, fewer than `buf.len()` only when a
+/// read returned 0 (end of file): a short read alone proves nothing (a signal, or a file still growing).
+pub(crate) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, calls: &mut u64) -> io::Result<usize> {
+    let mut done_bytes = 0;
+    while done_bytes < buf.len() {
+        let n = pread(fd, &mut buf[done_bytes..], offset + done_bytes as u64, calls)?;
+        if n == 0 {
+            break;
+        }
+        done_bytes += n;
+    }
+    Ok(done_bytes)
+}
+
+/// Write all of `buf` at `offset`, continuing after short writes and retrying `EINTR`.
+pub(crate) fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, calls: &mut u64) -> io::Result<()> {
+    let mut done_bytes = 0;
+    while done_bytes < buf.len() {
+        let at = off_t(offset + done_bytes as u64)?;
+        let rest = &buf[done_bytes..];
+        *calls += 1;
+        // SAFETY: `rest` is valid for reads of `rest.len()` bytes.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), at) };
+        if n > 0 {
+            done_bytes += n as usize;
+        } else if n == 0 {
+            // Regular files never do this; looping would spin forever.
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "write accepted no bytes"));
+        } else if let Some(e) = failure() {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// `ioctl(dst, FICLONE, src)`: make `dst` share all of `src`'s extents (a reflink: btrfs, XFS, bcachefs, ...).
+#[cfg(target_os = "linux")]
+pub(crate) fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, calls: &mut u64) -> io::Result<()> {
+    loop {
+        *calls += 1;
+        // SAFETY: FICLONE takes the source descriptor as its integer argument.
+        if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+            return Ok(());
+        }
+        if let Some(e) = failure() {
+            return Err(e);
+        }
+    }
+}
+
+/// One `copy_file_range` of up to `len` bytes at `offset` in both files (explicit offsets: neither descriptor's file
+/// position moves). Returns the bytes copied; 0 means the source has no data at `offset` (end of file).
+#[cfg(target_os = "linux")]
+pub(crate) fn copy_file_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+    calls: &mut u64,
+) -> io::Result<usize> {
+    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    loop {
+        // The kernel advances these copies, not the descriptors' positions.
+        let (mut src_offset, mut dst_offset) = (offset, offset);
+        *calls += 1;
+        // SAFETY: both offset pointers are valid for the call; loff_t is 64-bit on every Linux target.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                (&raw mut src_offset).cast(),
+                dst.as_raw_fd(),
+                (&raw mut dst_offset).cast(),
+                len,
+                0,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        if let Some(e) = failure() {
+            return Err(e);
+        }
+    }
+}
+
+/// The size of an open file (`fstat`).
+#[cfg(target_os = "linux")]
+pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is valid for writes of one `struct stat`; it is read only after fstat succeeded.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.st_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn pread_full_stops_only_at_end_of_file() {
+        let dir = std::env::temp_dir().join(format!("fastsync-fallback-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let _ = std::fs::remove_file(&path);
+        let fd = create_temp(&path, true).unwrap();
+        let mut calls = 0;
+        pwrite_all(fd.as_fd(), b"hello world", 0, &mut calls).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(pread_full(fd.as_fd(), &mut buf, 6, &mut calls).unwrap(), 5);
+        assert_eq!(&buf[..5], b"world");
+        // One write, then one read with data and one that found the end.
+        assert_eq!(calls, 3);
+        // The temporary is created exclusively.
+        assert_eq!(create_temp(&path, false).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
