@@ -115,14 +115,12 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
     let dst_md = fs::metadata(dst).ok();
     let trailing_slash = dst.as_os_str().as_bytes().ends_with(b"/");
     if md.is_dir() {
-        if let Some(d) = &dst_md {
-            if !d.is_dir() {
-                return Err(Error::Refused(format!(
-                    "cannot overwrite non-directory '{}' with directory '{}'",
-                    dst.display(),
-                    src.display()
-                )));
-            }
+        if dst_md.as_ref().is_some_and(|d| !d.is_dir()) {
+            return Err(Error::Refused(format!(
+                "cannot overwrite non-directory '{}' with directory '{}'",
+                dst.display(),
+                src.display()
+            )));
         }
         let canon_src = fs::canonicalize(src).map_err(|e| Error::io("cannot resolve", src, e))?;
         let canon_dst = canonicalize_lenient(dst).map_err(|e| Error::io("cannot resolve", dst, e))?;

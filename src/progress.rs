@@ -43,11 +43,9 @@ impl Progress {
 
     pub fn file_done(&mut self) {
         self.files += 1;
-        if let Some(b) = &self.bar {
-            if self.message_at.elapsed() > Duration::from_millis(100) {
-                b.set_message(format!("{} files", self.files));
-                self.message_at = Instant::now();
-            }
+        if let Some(b) = self.bar.as_ref().filter(|_| self.message_at.elapsed() > Duration::from_millis(100)) {
+            b.set_message(format!("{} files", self.files));
+            self.message_at = Instant::now();
         }
     }
 

@@ -5,6 +5,12 @@ pub struct Slab<T> {
     free: Vec<usize>,
 }
 
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T> Slab<T> {
     pub fn new() -> Self {
         Slab { entries: Vec::new(), free: Vec::new() }

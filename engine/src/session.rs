@@ -124,8 +124,15 @@ impl Session {
         S: Fn(usize) -> std::io::Result<F> + Send + Sync + 'static,
         F: FnOnce(&mut ShardCtx) -> ShardStats + 'static,
     {
-        if config.shards == 0 || config.jobs_in_flight_max == 0 {
-            return Err(EngineError::Config("shards and jobs in flight must be at least 1".into()));
+        if config.shards == 0 || config.jobs_in_flight_max == 0 || config.slots_per_shard == 0 {
+            return Err(EngineError::Config("shards, buffer slots and jobs in flight must be at least 1".into()));
+        }
+        if config.block_bytes == 0 || !config.block_bytes.is_multiple_of(crate::pool::ALIGN_BYTES) {
+            return Err(EngineError::Config(format!(
+                "block size {} is not a positive multiple of {} bytes",
+                config.block_bytes,
+                crate::pool::ALIGN_BYTES
+            )));
         }
         let workers: Vec<Worker<Job>> = (0..config.shards).map(|_| Worker::new_fifo()).collect();
         let parkers: Vec<Parker> = (0..config.shards).map(|_| Parker::new()).collect();

@@ -12,7 +12,6 @@ mod offload;
 mod shard;
 mod sys;
 
-use fastsync_engine::pool::ALIGN_BYTES;
 use fastsync_engine::{
     AlignedArena, Capabilities, Engine, EngineConfig, EngineError, EngineKind, Session, ShardCtx, ShardStats,
 };
@@ -39,16 +38,6 @@ impl Engine for FallbackEngine {
     }
 
     fn start(&self, config: &EngineConfig) -> Result<Session, EngineError> {
-        // `AlignedArena::new` panics on these; a panic in a shard's setup would leave `Session::start` waiting.
-        if config.block_bytes == 0 || !config.block_bytes.is_multiple_of(ALIGN_BYTES) {
-            return Err(EngineError::Config(format!(
-                "block size {} is not a positive multiple of {ALIGN_BYTES} bytes",
-                config.block_bytes
-            )));
-        }
-        if config.slots_per_shard == 0 {
-            return Err(EngineError::Config("a shard needs at least one buffer slot".into()));
-        }
         let (block_bytes, slots) = (config.block_bytes, config.slots_per_shard);
         Session::start(config, "fs-fallback", move |_shard| {
             let arena = AlignedArena::new(block_bytes, slots);

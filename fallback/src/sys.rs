@@ -158,7 +158,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         let _ = std::fs::remove_file(&path);
-        let fd = create_temp(&path, true).unwrap();
+        let fd = create_temp(&path, true, 0o600).unwrap();
         let mut calls = 0;
         pwrite_all(fd.as_fd(), b"hello world", 0, &mut calls).unwrap();
         let mut buf = [0u8; 64];
@@ -167,7 +167,7 @@ mod tests {
         // One write, then one read with data and one that found the end.
         assert_eq!(calls, 3);
         // The temporary is created exclusively.
-        assert_eq!(create_temp(&path, false).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(create_temp(&path, false, 0o600).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

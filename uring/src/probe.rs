@@ -18,12 +18,8 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
     let mut notes = Vec::new();
     // kernel.io_uring_disabled: 0 = allowed, 1 = only for members of kernel.io_uring_group (or CAP_SYS_ADMIN),
     // 2 = disabled for everyone (Linux 6.6+).
-    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        if v.trim() == "2" {
-            return Err(unavailable(
-                "disabled by the sysctl kernel.io_uring_disabled=2 (set it to 0 to allow io_uring)",
-            ));
-        }
+    if std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|v| v.trim() == "2") {
+        return Err(unavailable("disabled by the sysctl kernel.io_uring_disabled=2 (set it to 0 to allow io_uring)"));
     }
     let ring = match IoUring::new(8) {
         Ok(r) => r,

@@ -1,4 +1,4 @@
-//! End-to-end tests of the fallback engine: jobs go through a real session, results are checked with `std::fs`.
+//! The engine contract, run against both engines: jobs go through a real session, results are checked with `std::fs`.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::OwnedFd;
@@ -12,6 +12,7 @@ use fastsync_engine::{
     RangeJob, ShardStats, Timestamp,
 };
 use fastsync_fallback::FallbackEngine;
+use fastsync_uring::UringEngine;
 
 const BLOCK_BYTES: usize = 64 * 1024;
 
@@ -22,7 +23,7 @@ impl TempDir {
     fn new(name: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("fastsync-fallback-{}-{n}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("fastsync-engine-{}-{n}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).unwrap();
         TempDir(path)
@@ -44,8 +45,8 @@ fn config() -> EngineConfig {
 }
 
 /// Run `jobs` through a fresh session; completions sorted by tag.
-fn run(jobs: Vec<Job>) -> (Vec<Completion>, Vec<ShardStats>) {
-    let mut session = FallbackEngine::new().start(&config()).unwrap();
+fn run(engine: &dyn Engine, jobs: Vec<Job>) -> (Vec<Completion>, Vec<ShardStats>) {
+    let mut session = engine.start(&config()).unwrap();
     let mut done = Vec::new();
     let mut on_done = |c: Completion| done.push(c);
     for job in jobs {
@@ -95,26 +96,18 @@ fn file_job(dir: &TempDir, tag: u64, size_bytes: usize, size_hint: u64, verify: 
         tmp: dir.join(&format!(".dst-{tag}.tmp")),
         dst: dir.join(&format!("dst-{tag}")),
         size_hint,
+        follow_symlinks: false,
         finish: finish_spec(verify),
     };
     (job, data)
 }
 
-#[test]
-fn reports_kind_and_capabilities() {
-    let engine = FallbackEngine::new();
-    assert_eq!(engine.kind(), EngineKind::Fallback);
-    assert!(!engine.capabilities().direct_io);
-}
-
-#[test]
-fn rejects_unaligned_block_size() {
+fn rejects_unaligned_block_size(engine: &dyn Engine) {
     let config = EngineConfig { block_bytes: 1000, ..config() };
-    assert!(matches!(FallbackEngine::new().start(&config), Err(EngineError::Config(_))));
+    assert!(matches!(engine.start(&config), Err(EngineError::Config(_))));
 }
 
-#[test]
-fn copies_whole_files() {
+fn copies_whole_files(engine: &dyn Engine) {
     let dir = TempDir::new("files");
     let sizes = [0, 1, BLOCK_BYTES, 3 * BLOCK_BYTES + 1234];
     let mut jobs = Vec::new();
@@ -135,7 +128,7 @@ fn copies_whole_files() {
         jobs.push(Job::File(job));
         tag += 1;
     }
-    let (done, stats) = run(jobs);
+    let (done, stats) = run(engine, jobs);
 
     assert_eq!(done.len(), expected.len());
     for (c, (tmp, dst, data)) in done.iter().zip(&expected) {
@@ -152,8 +145,7 @@ fn copies_whole_files() {
     assert!(stats.iter().map(|s| s.syscalls).sum::<u64>() >= expected.len() as u64);
 }
 
-#[test]
-fn missing_source_fails_to_open() {
+fn missing_source_fails_to_open(engine: &dyn Engine) {
     let dir = TempDir::new("missing");
     let job = FileJob {
         tag: 7,
@@ -161,9 +153,10 @@ fn missing_source_fails_to_open() {
         tmp: dir.join(".dst.tmp"),
         dst: dir.join("dst"),
         size_hint: 10,
+        follow_symlinks: false,
         finish: FinishSpec::default(),
     };
-    let (done, _) = run(vec![Job::File(job)]);
+    let (done, _) = run(engine, vec![Job::File(job)]);
     let Outcome::Failed(err) = &done[0].outcome else { panic!("{:?}", done[0].outcome) };
     assert_eq!(err.op, Op::Open);
     assert_eq!(err.path, dir.join("nope"));
@@ -173,13 +166,12 @@ fn missing_source_fails_to_open() {
     assert!(!dir.join("dst").exists());
 }
 
-#[test]
-fn existing_temporary_is_not_ours_to_remove() {
+fn existing_temporary_is_not_ours_to_remove(engine: &dyn Engine) {
     let dir = TempDir::new("exists");
     let (job, _) = file_job(&dir, 1, 100, 100, false);
     fs::write(&job.tmp, b"someone else's").unwrap();
     let (tmp, dst) = (job.tmp.clone(), job.dst.clone());
-    let (done, _) = run(vec![Job::File(job)]);
+    let (done, _) = run(engine, vec![Job::File(job)]);
     let Outcome::Failed(err) = &done[0].outcome else { panic!("{:?}", done[0].outcome) };
     assert_eq!((err.op, &err.path), (Op::Create, &dst));
     assert_eq!(err.source.kind(), std::io::ErrorKind::AlreadyExists);
@@ -225,8 +217,7 @@ fn ranges(file: ChunkedFile, piece_bytes: u64, first_tag: u64) -> Vec<Job> {
         .collect()
 }
 
-#[test]
-fn copies_a_chunked_file_in_ranges() {
+fn copies_a_chunked_file_in_ranges(engine: &dyn Engine) {
     for verify in [false, true] {
         let dir = TempDir::new("ranges");
         let data = content(5 * BLOCK_BYTES + 777, 42);
@@ -235,7 +226,7 @@ fn copies_a_chunked_file_in_ranges() {
         // Pieces that straddle blocks, so ranges start and end at unaligned offsets.
         let jobs = ranges(file, 70_000, 100);
         let count = jobs.len();
-        let (done, _) = run(jobs);
+        let (done, _) = run(engine, jobs);
 
         assert_eq!(done.len(), count);
         let finished = done.iter().filter(|c| matches!(c.outcome, Outcome::RangeDoneFileDone)).count();
@@ -248,14 +239,13 @@ fn copies_a_chunked_file_in_ranges() {
     }
 }
 
-#[test]
-fn shrunken_source_abandons_the_chunked_file() {
+fn shrunken_source_abandons_the_chunked_file(engine: &dyn Engine) {
     let dir = TempDir::new("shrunk");
     // The planner saw 4 blocks; only 1.5 are left.
     let data = content(BLOCK_BYTES + BLOCK_BYTES / 2, 3);
     let file = chunked(&dir, "shrunk", &data, 4 * BLOCK_BYTES as u64, None, false);
     let (src, tmp, dst) = (file.src.clone(), file.tmp.clone(), file.dst.clone());
-    let (done, _) = run(ranges(file, BLOCK_BYTES as u64, 0));
+    let (done, _) = run(engine, ranges(file, BLOCK_BYTES as u64, 0));
 
     let changed: Vec<_> = done
         .iter()
@@ -274,8 +264,7 @@ fn shrunken_source_abandons_the_chunked_file() {
     assert!(!dst.exists());
 }
 
-#[test]
-fn verify_detects_a_destination_that_differs() {
+fn verify_detects_a_destination_that_differs(engine: &dyn Engine) {
     let dir = TempDir::new("verify");
     let data = content(BLOCK_BYTES + 10, 9);
     // Writes to /dev/null vanish and read back as end of file: the check must fail before any rename.
@@ -283,7 +272,7 @@ fn verify_detects_a_destination_that_differs() {
     let file = chunked(&dir, "null", &data, data.len() as u64, Some(null.into()), true);
     fs::write(&file.tmp, b"").unwrap();
     let (tmp, dst) = (file.tmp.clone(), file.dst.clone());
-    let (done, _) = run(ranges(file, 2 * BLOCK_BYTES as u64, 0));
+    let (done, _) = run(engine, ranges(file, 2 * BLOCK_BYTES as u64, 0));
 
     let Outcome::Failed(err) = &done[0].outcome else { panic!("{:?}", done[0].outcome) };
     assert_eq!((err.op, &err.path), (Op::Verify, &dst));
@@ -292,3 +281,40 @@ fn verify_detects_a_destination_that_differs() {
     assert!(!tmp.exists());
     assert!(!dst.exists());
 }
+
+/// Every case above, once per engine.
+macro_rules! on_both_engines {
+    ($($case:ident),* $(,)?) => {
+        mod uring {
+            fn engine() -> super::UringEngine {
+                super::UringEngine::probe().expect("io_uring must work on the test machine; run the fallback suite elsewhere")
+            }
+            $(#[test] fn $case() { super::$case(&engine()) })*
+            #[test]
+            fn reports_kind_and_capabilities() {
+                use super::Engine;
+                assert_eq!(engine().kind(), super::EngineKind::Uring);
+                assert!(engine().capabilities().direct_io);
+            }
+        }
+        mod fallback {
+            $(#[test] fn $case() { super::$case(&super::FallbackEngine::new()) })*
+            #[test]
+            fn reports_kind_and_capabilities() {
+                use super::Engine;
+                assert_eq!(super::FallbackEngine::new().kind(), super::EngineKind::Fallback);
+                assert!(!super::FallbackEngine::new().capabilities().direct_io);
+            }
+        }
+    };
+}
+
+on_both_engines!(
+    rejects_unaligned_block_size,
+    copies_whole_files,
+    missing_source_fails_to_open,
+    existing_temporary_is_not_ours_to_remove,
+    copies_a_chunked_file_in_ranges,
+    shrunken_source_abandons_the_chunked_file,
+    verify_detects_a_destination_that_differs
+);
