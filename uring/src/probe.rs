@@ -49,7 +49,6 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
         (opcode::Write::CODE, "WRITE"),
         (opcode::ReadFixed::CODE, "READ_FIXED"),
         (opcode::WriteFixed::CODE, "WRITE_FIXED"),
-        (opcode::Close::CODE, "CLOSE"),
     ];
     let missing: Vec<&str> = needed.iter().filter(|(c, _)| !probe.is_supported(*c)).map(|(_, n)| *n).collect();
     if !missing.is_empty() {

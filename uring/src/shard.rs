@@ -20,9 +20,6 @@ use io_uring::{IoUring, opcode, squeue, types};
 /// The I/O alignment O_DIRECT needs on every device we expect.
 const DIRECT_ALIGN_BYTES: u64 = 4096;
 
-/// `user_data` of operations no task waits for (closing a fixed source file).
-const UD_DETACHED: u64 = u64::MAX;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
     OpenSrc = 0,
@@ -77,6 +74,8 @@ struct Task {
     at_eof: bool,
     /// BLAKE3 of the current block's source bytes (verify mode).
     src_hash: Option<blake3::Hash>,
+    /// The first block was read before the destination was open; write it when the open completes.
+    write_deferred: bool,
     ops_pending: u32,
     error: Option<JobError>,
     bytes_written: u64,
@@ -169,9 +168,6 @@ impl Shard {
             }
             let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
-                if ud == UD_DETACHED {
-                    continue;
-                }
                 let slot = (ud >> 3) as usize;
                 self.on_cqe(slot, Step::from_bits(ud & 7), res);
                 if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
@@ -208,6 +204,7 @@ impl Shard {
             block_written: 0,
             at_eof: false,
             src_hash: None,
+            write_deferred: false,
             ops_pending: 0,
             error: None,
             bytes_written: 0,
@@ -228,12 +225,18 @@ impl Shard {
                     }
                 };
                 let dst_flags = if f.finish.verify { libc::O_RDWR } else { libc::O_WRONLY };
+                // The source opens straight into fixed-file slot `slot` (the task's own), and its first read is
+                // linked to the open: the kernel starts reading as soon as the open succeeds, with no round trip
+                // through this loop; if the open fails the read completes with ECANCELED. Whatever file a previous
+                // task left in the slot is replaced (and released) by the open.
+                let fixed = types::DestinationSlot::try_from_slot_target(slot as u32).expect("slot fits the table");
                 let open_src = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), src_c.as_ptr())
                     // Direct descriptors live only in the ring's table, so O_CLOEXEC is meaningless and the kernel
                     // rejects it with EINVAL.
                     .flags(libc::O_RDONLY | if f.follow_symlinks { 0 } else { libc::O_NOFOLLOW })
-                    .file_index(Some(types::DestinationSlot::auto_target()))
+                    .file_index(Some(fixed))
                     .build()
+                    .flags(squeue::Flags::IO_LINK)
                     .user_data(user_data(slot, Step::OpenSrc));
                 let open_dst = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), tmp_c.as_ptr())
                     .flags(dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
@@ -242,9 +245,23 @@ impl Shard {
                     .user_data(user_data(slot, Step::OpenDst));
                 task.src_c = Some(src_c);
                 task.tmp_c = Some(tmp_c);
-                task.ops_pending = 2;
+                task.src = Src::Fixed(slot as u32);
+                task.ops_pending = 3;
                 self.tasks[slot] = Some(task);
+                let first_read = self
+                    .read_sqe(slot, 0, self.arena.block_bytes() as u32, false)
+                    .user_data(user_data(slot, Step::Read));
+                // Linked entries must be queued back to back; make room for both first.
+                let room = {
+                    let sq = self.ring.submission();
+                    sq.capacity() - sq.len()
+                };
+                if room < 2 {
+                    self.stats.syscalls += 1;
+                    let _ = self.ring.submit();
+                }
                 self.push(open_src);
+                self.push(first_read);
                 self.push(open_dst);
             }
             Job::Range(r) => {
@@ -267,15 +284,24 @@ impl Shard {
         let err = (res < 0).then(|| io::Error::from_raw_os_error(-res));
         match step {
             Step::OpenSrc => match err {
-                None => t.src = Src::Fixed(res as u32),
+                None => {}
                 Some(e) => {
                     let path = job_src(&t.job).to_path_buf();
                     t.error.get_or_insert(JobError::new(Op::Open, path, e));
                 }
             },
             Step::OpenDst => match err {
-                // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
-                None => t.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(res as RawFd) }),
+                None => {
+                    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+                    t.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(res as RawFd) });
+                    t.src_c = None;
+                    t.tmp_c = None;
+                    // The linked first read may have finished already and be waiting for somewhere to write.
+                    if t.write_deferred && t.error.is_none() {
+                        t.write_deferred = false;
+                        self.write_rest(slot);
+                    }
+                }
                 Some(e) => {
                     let path = job_dst(&t.job).to_path_buf();
                     t.error.get_or_insert(JobError::new(Op::Create, path, e));
@@ -284,13 +310,6 @@ impl Shard {
             Step::Read => self.on_read(slot, res, err),
             Step::Write => self.on_write(slot, res, err),
             Step::ReadBack => self.on_read_back(slot, res, err),
-        }
-        let t = self.task(slot);
-        // Both opens done and nothing failed: start copying.
-        if matches!(step, Step::OpenSrc | Step::OpenDst) && t.ops_pending == 0 && t.error.is_none() {
-            t.src_c = None;
-            t.tmp_c = None;
-            self.read_next(slot);
         }
     }
 
@@ -392,6 +411,12 @@ impl Shard {
             let h = blake3::hash(data);
             self.task(slot).src_hash = Some(h);
         }
+        let t = self.task(slot);
+        if matches!(t.job, Job::File(_)) && t.dst_fd.is_none() {
+            // Only possible for the linked first read of a whole file whose destination is still being created.
+            t.write_deferred = true;
+            return;
+        }
         self.write_rest(slot);
     }
 
@@ -482,10 +507,8 @@ impl Shard {
     /// Returns the number of tasks retired (0 while a detached close still needs the task, else 1).
     fn retire(&mut self, slot: usize, ctx: &ShardCtx) -> usize {
         let mut t = self.tasks[slot].take().expect("live task");
-        if let Src::Fixed(f) = t.src {
-            let close = opcode::Close::new(types::Fixed(f)).build().user_data(UD_DETACHED);
-            self.push(close);
-        }
+        // A whole file's source stays in fixed slot `slot` until the next task's open replaces it (or the ring is
+        // dropped): no CLOSE round trip per file.
         self.stats.jobs += 1;
         let outcome = match &t.job {
             Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
