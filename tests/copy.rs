@@ -1,0 +1,1127 @@
+//! Integration tests of `fastsync copy`: every copy case runs on both engines (`case::uring`, `case::fallback`), and
+//! results are checked with independent means (std::fs, lstat, libc xattr calls, BLAKE3 digests), never with
+//! fastsync itself.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
+macro_rules! both_engines {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[test]
+                fn uring() {
+                    super::$case(crate::common::Engine::Uring)
+                }
+                #[test]
+                fn fallback() {
+                    super::$case(crate::common::Engine::Fallback)
+                }
+            }
+        )*
+    };
+}
+
+both_engines!(
+    everything_tree,
+    everything_tree_default_flags,
+    dir_into_new_nested_dst,
+    dir_into_existing_dst,
+    empty_source_dir,
+    root_dir_metadata,
+    file_to_new_path,
+    file_into_existing_dir,
+    file_into_dir_with_trailing_slash,
+    file_onto_existing_file_overwrites,
+    overwrite_existing_tree,
+    modes_and_owners,
+    mtimes_ns,
+    mtimes_extreme,
+    symlinks_not_followed,
+    empty_files_and_dirs,
+    non_utf8_names,
+    sparse_large,
+    sparse_small,
+    large_files,
+    huge_file,
+    chunk_boundaries,
+    many_small_files,
+    deep_nesting,
+    dereference_file_symlinks,
+    dereference_dir_symlink,
+    dereference_dangling_fails,
+    hardlinks_preserved,
+    hardlinks_without_flag,
+    xattrs_copied,
+    xattrs_not_copied_without_flag,
+    special_files_skipped,
+    fsync_exact,
+    verify_exact,
+    fsync_and_verify_exact,
+    stats_output,
+    json_output,
+    json_reports_failures,
+    env_selects_engine,
+    engine_flag_overrides_env,
+    cores_option,
+    quiet_run_is_silent,
+    verbose_run,
+    nonexistent_src,
+    file_onto_itself,
+    dir_into_itself,
+    dir_onto_existing_file,
+    usage_errors,
+    permission_denied_as_nobody,
+);
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("fastsync-test-").tempdir().unwrap()
+}
+
+fn mtime_of(p: &Path) -> (i64, i64) {
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.mtime(), m.mtime_nsec())
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+fn parse_json(out: &Output) -> serde_json::Value {
+    let s = out.stdout_str();
+    match serde_json::from_str::<serde_json::Value>(s.trim()) {
+        Ok(v) => {
+            out.check(v.is_object(), "--json stdout is not a JSON object");
+            v
+        }
+        Err(e) => {
+            out.check(false, &format!("--json stdout is not exactly one JSON object: {e}"));
+            unreachable!()
+        }
+    }
+}
+
+fn json_u64(out: &Output, v: &serde_json::Value, key: &str) -> u64 {
+    match v.get(key).and_then(|x| x.as_u64()) {
+        Some(n) => n,
+        None => {
+            out.check(false, &format!("--json: key {key:?} missing or not a non-negative integer"));
+            unreachable!()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Whole trees
+// ---------------------------------------------------------------------------------------------------------------
+
+fn everything_tree(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let info = build_everything(&src);
+    if !info.xattrs {
+        eprintln!("note: user xattrs not supported on the temp filesystem; xattrs not exercised");
+    }
+    let dst = t.path().join("dst");
+    let out = copy_ok(e, &["-H", "-X"], &src, &dst);
+    let err = out.stderr_str();
+    for name in &info.special_names {
+        let base = Path::new(os(name)).file_name().unwrap().to_string_lossy().into_owned();
+        out.check(err.contains(&base), &format!("no warning naming skipped special file {}", show(name)));
+    }
+    compare_trees(&src, &dst, CompareOpts { xattrs: true, hardlinks: true });
+}
+
+fn everything_tree_default_flags(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    build_everything(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts { xattrs: false, hardlinks: false });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Where things land (rclone's rule)
+// ---------------------------------------------------------------------------------------------------------------
+
+fn dir_into_new_nested_dst(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("a/b/c/dst");
+    copy_ok(e, &[], &src, &dst);
+    assert!(!dst.join("src").exists(), "SRC dir was nested under DST instead of its contents being copied");
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn dir_into_existing_dst(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    // Existing DST: contents go directly in it, not in DST/src.
+    let dst = t.path().join("dst");
+    mkdirs(&dst);
+    copy_ok(e, &[], &src, &dst);
+    assert!(!dst.join("src").exists(), "existing DST: SRC dir was nested as DST/src");
+    compare_trees(&src, &dst, CompareOpts::default());
+    // Trailing slash on SRC and DST changes nothing.
+    let dst2 = t.path().join("dst2");
+    mkdirs(&dst2);
+    copy_ok(e, &[], with_slash(&src), with_slash(&dst2));
+    assert!(!dst2.join("src").exists(), "trailing slashes: SRC dir was nested as DST/src");
+    compare_trees(&src, &dst2, CompareOpts::default());
+}
+
+fn empty_source_dir(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    assert!(fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false), "DST not created as a directory");
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 0, "DST of an empty SRC dir is not empty");
+}
+
+/// The directory DST created from SRC gets SRC's mode and mtime (directories' metadata is preserved).
+fn root_dir_metadata(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    chmod(&src, 0o750);
+    set_times(&src, 1_234_567_890, 987_654_321);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+    assert_eq!(mode_of(&dst), 0o750, "mode of the created DST directory");
+    assert_eq!(mtime_of(&dst), (1_234_567_890, 987_654_321), "mtime of the created DST directory");
+}
+
+fn file_to_new_path(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("in.bin");
+    write_file(&src, &random_bytes(1, 10_000));
+    lchown(&src, 1234, 5678);
+    chmod(&src, 0o640);
+    set_times(&src, 1_111_111_111, 222_222_222);
+    let dst = t.path().join("out.bin");
+    copy_ok(e, &[], &src, &dst);
+    let m = fs::symlink_metadata(&dst).unwrap();
+    assert!(m.is_file(), "DST is not a regular file");
+    assert_same_bytes(&src, &dst);
+    assert_eq!(m.mode() & 0o7777, 0o640, "mode");
+    assert_eq!((m.uid(), m.gid()), (1234, 5678), "owner");
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_111_111_111, 222_222_222), "mtime");
+    assert_no_tmp(t.path());
+}
+
+fn file_into_existing_dir(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("in.bin");
+    write_file(&src, &random_bytes(2, 5000));
+    let dir = t.path().join("dir");
+    mkdirs(&dir);
+    copy_ok(e, &[], &src, &dir);
+    assert!(
+        fs::symlink_metadata(dir.join("in.bin")).unwrap().is_file(),
+        "file did not keep its name in the existing dir"
+    );
+    assert_same_bytes(&src, &dir.join("in.bin"));
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    // A non-UTF-8 name keeps its raw bytes.
+    let odd = t.path().join(os(b"caf\xe9.bin"));
+    write_file(&odd, b"odd name");
+    copy_ok(e, &[], &odd, &dir);
+    assert_same_bytes(&odd, &dir.join(os(b"caf\xe9.bin")));
+}
+
+fn file_into_dir_with_trailing_slash(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("in.bin");
+    write_file(&src, &random_bytes(3, 7000));
+    // Existing dir given with a slash.
+    let dir = t.path().join("dir");
+    mkdirs(&dir);
+    copy_ok(e, &[], &src, with_slash(&dir));
+    assert_same_bytes(&src, &dir.join("in.bin"));
+    // Non-existing dir given with a slash: the file keeps its name inside it.
+    let newdir = t.path().join("newdir");
+    copy_ok(e, &[], &src, with_slash(&newdir));
+    assert!(newdir.is_dir(), "DST ending in / was not created as a directory");
+    assert_same_bytes(&src, &newdir.join("in.bin"));
+}
+
+fn file_onto_existing_file_overwrites(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("in.bin");
+    write_file(&src, &random_bytes(4, 3000));
+    chmod(&src, 0o600);
+    set_times(&src, 1_000_000_000, 1);
+    let dst = t.path().join("out.bin");
+    write_file(&dst, &random_bytes(5, 100_000)); // longer: must be truncated
+    chmod(&dst, 0o444);
+    copy_ok(e, &[], &src, &dst);
+    assert_same_bytes(&src, &dst);
+    assert_eq!(mode_of(&dst), 0o600);
+    assert_eq!(mtime_of(&dst), (1_000_000_000, 1));
+}
+
+fn overwrite_existing_tree(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    // Stale versions: longer, shorter, read-only, plus a file only in DST.
+    write_file(&dst.join("a.txt"), &random_bytes(900, 200_000));
+    write_file(&dst.join("sub/c.txt"), b"x");
+    write_file(&dst.join("sub/deep/d.bin"), &random_bytes(901, 3000));
+    chmod(&dst.join("sub/deep/d.bin"), 0o444);
+    write_file(&dst.join("keep.me"), b"only in dst");
+    copy_ok(e, &[], &src, &dst);
+    assert_eq!(fs::read(dst.join("keep.me")).unwrap(), b"only in dst", "file only in DST was changed or removed");
+    fs::remove_file(dst.join("keep.me")).unwrap();
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Metadata
+// ---------------------------------------------------------------------------------------------------------------
+
+fn modes_and_owners(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    type Spec = (&'static str, u32, Option<(u32, u32)>);
+    let files: &[Spec] = &[
+        ("suid", 0o4755, Some((1234, 5678))),
+        ("sgid", 0o2750, Some((1234, 5678))),
+        ("both", 0o6755, None),
+        ("sticky_file", 0o1644, None),
+        ("none", 0o000, None),
+        ("all", 0o777, None),
+        ("ro", 0o444, Some((4321, 8765))),
+        ("x_only", 0o711, None),
+    ];
+    for (name, mode, owner) in files {
+        let p = src.join(name);
+        write_file(&p, name.as_bytes());
+        if let Some((u, g)) = owner {
+            lchown(&p, *u, *g);
+        }
+        chmod(&p, *mode);
+    }
+    // A setgid directory owned by group 5678: files created in it inherit 5678, but the copies must keep 0:0.
+    let sg = src.join("setgid_dir");
+    mkdirs(&sg);
+    write_file(&sg.join("rootfile"), b"root owned");
+    mkdirs(&sg.join("rootdir"));
+    lchown(&sg, 1234, 5678);
+    chmod(&sg, 0o2775);
+    let sticky = src.join("sticky_dir");
+    mkdirs(&sticky);
+    write_file(&sticky.join("f"), b"f");
+    chmod(&sticky, 0o1777);
+    let private = src.join("private_dir");
+    mkdirs(&private);
+    write_file(&private.join("f"), b"f");
+    chmod(&private, 0o700);
+    let ro = src.join("ro_dir");
+    mkdirs(&ro.join("inner"));
+    write_file(&ro.join("inner/f"), b"f");
+    chmod(&ro.join("inner"), 0o500);
+    chmod(&ro, 0o555);
+    ln_s("suid", &src.join("owned_link"));
+    lchown(&src.join("owned_link"), 1234, 5678);
+    stamp_dir_times(&src, 1_500_000_000);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn mtimes_ns(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src.join("d1/d2"));
+    mkdirs(&src.join("emptydir"));
+    for (i, rel) in ["f1", "d1/f2", "d1/d2/f3", "d1/d2/empty"].iter().enumerate() {
+        let p = src.join(rel);
+        write_file(&p, &random_bytes(i as u64, i * 1000));
+        set_times(&p, 1_500_000_000 + i as i64 * 1000, 111_111_111 * (i as i64 + 1) + 3);
+    }
+    ln_s("f1", &src.join("l1"));
+    set_times(&src.join("l1"), 1_400_000_000, 999_999_999);
+    ln_s("../nowhere", &src.join("d1/l2"));
+    set_times(&src.join("d1/l2"), 1_400_000_001, 1);
+    set_times(&src.join("emptydir"), 1_234_000_000, 500_000_001);
+    set_times(&src.join("d1/d2"), 1_234_000_001, 500_000_002);
+    set_times(&src.join("d1"), 1_234_000_002, 500_000_003);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn mtimes_extreme(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let cases: &[(&str, i64, i64)] = &[
+        ("epoch", 0, 0),
+        ("pre_epoch", -86_400, 5),
+        ("after_2038", 4_102_444_800, 123_456_789),
+        ("ns_max", 1, 999_999_999),
+    ];
+    for (name, s, ns) in cases {
+        let p = src.join(name);
+        write_file(&p, name.as_bytes());
+        set_times(&p, *s, *ns);
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    for (name, s, ns) in cases {
+        assert_eq!(mtime_of(&dst.join(name)), (*s, *ns), "mtime of {name}");
+    }
+}
+
+fn symlinks_not_followed(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src.join("dir/inner"));
+    write_file(&src.join("file.txt"), b"target content");
+    write_file(&src.join("dir/inner/x"), b"x");
+    ln_s("file.txt", &src.join("rel"));
+    ln_s("../file.txt", &src.join("dir/up"));
+    ln_s("/etc/passwd", &src.join("abs"));
+    ln_s(t.path().join("outside"), &src.join("abs_dangling"));
+    ln_s("no/such/target", &src.join("dangling"));
+    ln_s("self", &src.join("self"));
+    ln_s("loop_b", &src.join("loop_a"));
+    ln_s("loop_a", &src.join("loop_b"));
+    ln_s("dir", &src.join("to_dir"));
+    ln_s("dir/", &src.join("to_dir_slash"));
+    ln_s("rel", &src.join("chain"));
+    ln_s(os(b"caf\xe9/\xff"), &src.join("nonutf8_target"));
+    ln_s("x".repeat(1000), &src.join("long_target"));
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+    // Explicit: the directory link was not followed (no contents duplicated under it).
+    assert!(fs::symlink_metadata(dst.join("to_dir")).unwrap().file_type().is_symlink());
+}
+
+fn empty_files_and_dirs(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src.join("e1"));
+    mkdirs(&src.join("e2/e3/e4"));
+    mkdirs(&src.join("has_empty_file"));
+    write_file(&src.join("empty"), b"");
+    write_file(&src.join("has_empty_file/zero"), b"");
+    chmod(&src.join("empty"), 0o604);
+    stamp_dir_times(&src, 1_450_000_000);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn non_utf8_names(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join(os(b"caf\xe9")), b"latin1");
+    mkdirs(&src.join(os(b"\xff\xfe")));
+    write_file(&src.join(os(b"\xff\xfe/\x80\x81.bin")), &random_bytes(9, 70_000));
+    mkdirs(&src.join(os(b"empty\xc0")));
+    ln_s(os(b"caf\xe9"), &src.join(os(b"l\xe9")));
+    write_file(&src.join(os(b"\xe2\x28\xa1")), b"invalid utf-8 sequence");
+    stamp_dir_times(&src, 1_450_000_000);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sparse and large files
+// ---------------------------------------------------------------------------------------------------------------
+
+fn sparse_large(e: Engine) {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let p = src.join("sparse");
+    let f = fs::File::create(&p).unwrap();
+    f.write_all_at(&random_bytes(11, MIB as usize), 0).unwrap();
+    f.write_all_at(&random_bytes(12, MIB as usize), 65 * MIB).unwrap();
+    drop(f);
+    let size = 66 * MIB;
+    assert_eq!(fs::metadata(&p).unwrap().len(), size);
+    if allocated(&p) > 8 * MIB {
+        eprintln!("note: temp filesystem does not keep holes (source allocates {} bytes); skipped", allocated(&p));
+        return;
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    let q = dst.join("sparse");
+    assert_same_bytes(&p, &q);
+    let a = allocated(&q);
+    assert!(
+        a <= 8 * MIB,
+        "holes not preserved: destination allocates {a} bytes for a {size}-byte file with 2 MiB of data (source: {})",
+        allocated(&p)
+    );
+}
+
+fn sparse_small(e: Engine) {
+    use std::os::unix::fs::FileExt;
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let p = src.join("small_sparse");
+    let f = fs::File::create(&p).unwrap();
+    f.set_len(600 * 1024).unwrap(); // trailing hole
+    f.write_all_at(&random_bytes(21, 4096), 0).unwrap();
+    f.write_all_at(&random_bytes(22, 4096), 300 * 1024).unwrap();
+    drop(f);
+    set_times(&p, 1_333_333_333, 333);
+    if allocated(&p) > 64 * 1024 {
+        eprintln!("note: temp filesystem does not keep holes; skipped");
+        return;
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    let q = dst.join("small_sparse");
+    assert_same_bytes(&p, &q);
+    assert_eq!(mtime_of(&q), (1_333_333_333, 333));
+    let a = allocated(&q);
+    assert!(
+        a <= 150 * 1024,
+        "holes not preserved: destination allocates {a} bytes for a 600 KiB file with 8 KiB of data (source: {})",
+        allocated(&p)
+    );
+}
+
+fn large_files(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_big_file(&src.join("five"), 51, 5 << 20);
+    write_big_file(&src.join("twenty_odd"), 52, (20 << 20) + 12_345);
+    set_times(&src.join("five"), 1_600_000_000, 5);
+    set_times(&src.join("twenty_odd"), 1_600_000_001, 20);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    assert_same_bytes(&src.join("five"), &dst.join("five"));
+    assert_same_bytes(&src.join("twenty_odd"), &dst.join("twenty_odd"));
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn huge_file(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("huge.bin");
+    let len = (130u64 << 20) + 4097;
+    write_big_file(&src, 130, len);
+    set_times(&src, 1_650_000_000, 130_130_130);
+    let dst = t.path().join("copy.bin");
+    copy_ok(e, &[], &src, &dst);
+    assert_same_bytes(&src, &dst);
+    assert_eq!(mtime_of(&dst), (1_650_000_000, 130_130_130));
+    assert_no_tmp(t.path());
+}
+
+fn chunk_boundaries(e: Engine) {
+    const K: usize = 1024;
+    const M: usize = 1 << 20;
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    let sizes = [
+        1,
+        511,
+        512,
+        4095,
+        4096,
+        4097,
+        64 * K - 1,
+        64 * K,
+        64 * K + 1,
+        128 * K + 1,
+        M - 1,
+        M,
+        M + 1,
+        2 * M + 1,
+        4 * M - 1,
+        4 * M,
+        4 * M + 1,
+    ];
+    for (i, s) in sizes.iter().enumerate() {
+        write_file(&src.join(format!("size_{s}")), &random_bytes(300 + i as u64, *s));
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn many_small_files(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    let mut rng = Rng::new(1500);
+    for i in 0..1500u64 {
+        let p = src.join(format!("dir{:02}/file{i:04}", i % 15));
+        let n = rng.below(3000) as usize;
+        write_file(&p, &random_bytes(i, n));
+    }
+    stamp_dir_times(&src, 1_420_000_000);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn deep_nesting(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    let mut p = src.clone();
+    for i in 0..60 {
+        p = p.join(format!("level{i:02}"));
+        if i % 10 == 0 {
+            mkdirs(&p);
+            write_file(&p.join("f"), format!("at {i}").as_bytes());
+        }
+    }
+    mkdirs(&p);
+    write_file(&p.join("bottom"), b"bottom");
+    stamp_dir_times(&src, 1_480_000_000);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// -L, -H, -X
+// ---------------------------------------------------------------------------------------------------------------
+
+fn dereference_file_symlinks(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src.join("sub"));
+    let real = src.join("real.txt");
+    write_file(&real, &random_bytes(61, 12_345));
+    chmod(&real, 0o640);
+    set_times(&real, 1_510_000_000, 42);
+    let outside = t.path().join("outside.bin");
+    write_file(&outside, &random_bytes(62, 70_000));
+    ln_s("real.txt", &src.join("link_file"));
+    ln_s("../real.txt", &src.join("sub/link_up"));
+    ln_s(&outside, &src.join("link_abs"));
+    let dst = t.path().join("dst");
+    copy_ok(e, &["-L"], &src, &dst);
+    for (link, target) in [("link_file", &real), ("sub/link_up", &real), ("link_abs", &outside)] {
+        let q = dst.join(link);
+        let m = fs::symlink_metadata(&q).unwrap_or_else(|er| panic!("{link} missing in DST: {er}"));
+        assert!(m.file_type().is_file(), "-L: {link} is not a regular file in DST ({:?})", m.file_type());
+        assert_same_bytes(target, &q);
+        assert_eq!(m.mode() & 0o7777, mode_of(target), "-L: {link} mode is not the target's");
+        assert_eq!((m.mtime(), m.mtime_nsec()), mtime_of(target), "-L: {link} mtime is not the target's");
+    }
+    assert_same_bytes(&real, &dst.join("real.txt"));
+}
+
+fn dereference_dir_symlink(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    let realdir = t.path().join("realdir");
+    write_file(&realdir.join("x.txt"), b"inside the linked dir");
+    write_file(&realdir.join("y/z.bin"), &random_bytes(63, 9000));
+    mkdirs(&src);
+    ln_s(&realdir, &src.join("link_dir"));
+    let dst = t.path().join("dst");
+    copy_ok(e, &["-L"], &src, &dst);
+    let q = dst.join("link_dir");
+    assert!(fs::symlink_metadata(&q).unwrap().is_dir(), "-L: symlink to a directory is not a directory in DST");
+    assert_same_bytes(&realdir.join("x.txt"), &q.join("x.txt"));
+    assert_same_bytes(&realdir.join("y/z.bin"), &q.join("y/z.bin"));
+}
+
+fn dereference_dangling_fails(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("ok.txt"), b"fine");
+    write_file(&src.join("ok2.bin"), &random_bytes(64, 100_000));
+    ln_s("no/such/file", &src.join("broken"));
+    let dst = t.path().join("dst");
+    let out = copy(e, &["-L"], &src, &dst);
+    out.assert_code(1);
+    out.assert_one_failure("broken", "");
+    assert_same_bytes(&src.join("ok.txt"), &dst.join("ok.txt"));
+    assert_same_bytes(&src.join("ok2.bin"), &dst.join("ok2.bin"));
+    assert!(fs::symlink_metadata(dst.join("broken")).is_err(), "-L: dangling link produced an entry in DST");
+    assert_no_tmp(&dst);
+}
+
+/// Source with hard-link groups {a, b, sub/c} and {d, other/e}, and a single file f.
+fn hardlink_tree(src: &Path) {
+    write_file(&src.join("a"), &random_bytes(71, 5000));
+    write_file(&src.join("d"), &random_bytes(72, 6000));
+    write_file(&src.join("f"), &random_bytes(73, 7000));
+    mkdirs(&src.join("sub"));
+    mkdirs(&src.join("other"));
+    fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    fs::hard_link(src.join("a"), src.join("sub/c")).unwrap();
+    fs::hard_link(src.join("d"), src.join("other/e")).unwrap();
+    set_times(&src.join("a"), 1_520_000_000, 1);
+    set_times(&src.join("d"), 1_520_000_000, 2);
+    stamp_dir_times(src, 1_440_000_000);
+}
+
+fn hardlinks_preserved(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    hardlink_tree(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &["-H"], &src, &dst);
+    let m = |r: &str| fs::symlink_metadata(dst.join(r)).unwrap();
+    let (a, b, c, d, ee, f) = (m("a"), m("b"), m("sub/c"), m("d"), m("other/e"), m("f"));
+    assert!(a.ino() == b.ino() && a.ino() == c.ino(), "-H: a, b, sub/c are not one inode");
+    assert_eq!(a.nlink(), 3, "-H: nlink of a");
+    assert_eq!(d.ino(), ee.ino(), "-H: d and other/e are not one inode");
+    assert_eq!(d.nlink(), 2, "-H: nlink of d");
+    assert_ne!(a.ino(), d.ino(), "-H: separate groups merged");
+    assert_eq!(f.nlink(), 1);
+    compare_trees(&src, &dst, CompareOpts { xattrs: false, hardlinks: true });
+}
+
+fn hardlinks_without_flag(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    hardlink_tree(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts { xattrs: false, hardlinks: false });
+}
+
+fn xattr_tree(src: &Path) -> bool {
+    mkdirs(src);
+    if !xattrs_supported(src) {
+        eprintln!("note: user xattrs not supported (ENOTSUP) on the temp filesystem; xattr case skipped");
+        return false;
+    }
+    write_file(&src.join("f.txt"), b"with xattrs");
+    lsetxattr(&src.join("f.txt"), "user.a", b"hello").unwrap();
+    lsetxattr(&src.join("f.txt"), "user.bin", b"\x00\x01\x02\xff").unwrap();
+    lsetxattr(&src.join("f.txt"), "user.empty", b"").unwrap();
+    lsetxattr(&src.join("f.txt"), "user.big", &random_bytes(81, 2000)).unwrap();
+    write_file(&src.join("big.bin"), &random_bytes(82, 3 << 20));
+    lsetxattr(&src.join("big.bin"), "user.on_big", b"chunked file").unwrap();
+    write_file(&src.join("plain"), b"no xattrs");
+    mkdirs(&src.join("d"));
+    lsetxattr(&src.join("d"), "user.dir", b"directory attr").unwrap();
+    ln_s("f.txt", &src.join("link"));
+    stamp_dir_times(src, 1_460_000_000);
+    true
+}
+
+fn xattrs_copied(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    if !xattr_tree(&src) {
+        return;
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &["-X"], &src, &dst);
+    let got = user_xattrs(&dst.join("f.txt"));
+    assert_eq!(got.get(b"user.a".as_slice()).map(Vec::as_slice), Some(b"hello".as_slice()), "-X: user.a");
+    assert_eq!(got.len(), 4, "-X: f.txt xattrs {got:?}");
+    compare_trees(&src, &dst, CompareOpts { xattrs: true, hardlinks: false });
+}
+
+fn xattrs_not_copied_without_flag(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    if !xattr_tree(&src) {
+        return;
+    }
+    let dst = t.path().join("dst");
+    copy_ok(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts { xattrs: false, hardlinks: false });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Special files
+// ---------------------------------------------------------------------------------------------------------------
+
+fn special_files_skipped(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src.join("sub"));
+    write_file(&src.join("a.txt"), b"regular");
+    write_file(&src.join("sub/b.txt"), b"regular too");
+    mkfifo(&src.join("the_fifo"));
+    mkfifo(&src.join("sub/nested_fifo"));
+    mksock(&src.join("the_socket"));
+    let mut names = vec!["the_fifo", "nested_fifo", "the_socket"];
+    if mkchardev(&src.join("the_chardev")) {
+        names.push("the_chardev");
+    }
+    stamp_dir_times(&src, 1_470_000_000);
+    let dst = t.path().join("dst");
+    let out = copy_cmd(e, &[], &src, &dst).timeout(Duration::from_secs(20)).run();
+    out.assert_success();
+    let err = out.stderr_str();
+    for n in &names {
+        out.check(err.contains(n), &format!("no warning on stderr naming skipped {n}"));
+    }
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// --fsync, --verify
+// ---------------------------------------------------------------------------------------------------------------
+
+fn durable_tree(src: &Path) {
+    build_small_tree(src);
+    write_big_file(&src.join("big"), 91, (5 << 20) + 3);
+    write_file(&src.join("empty"), b"");
+    set_times(&src.join("big"), 1_530_000_000, 9);
+    stamp_dir_times(src, 1_200_000_000);
+}
+
+fn fsync_exact(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    durable_tree(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &["--fsync"], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn verify_exact(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    durable_tree(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &["--verify"], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn fsync_and_verify_exact(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    durable_tree(&src);
+    let dst = t.path().join("dst");
+    copy_ok(e, &["--fsync", "--verify"], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Output: --stats, --json, -q, -v
+// ---------------------------------------------------------------------------------------------------------------
+
+fn stats_output(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    for i in 0..13 {
+        write_file(&src.join(format!("f{i}")), &random_bytes(i, 100 * i as usize));
+    }
+    let dst = t.path().join("dst");
+    let out = copy_ok(e, &["--stats"], &src, &dst);
+    let so = out.stdout_str();
+    out.check(!so.trim().is_empty(), "--stats printed nothing on stdout");
+    out.check(so.contains("13"), "--stats summary does not mention the 13 files copied");
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn check_json_counts(out: &Output, v: &serde_json::Value, src: &Path, e: Engine) {
+    let (files, dirs, links, bytes) = tree_counts(src);
+    out.check(v.get("engine").and_then(|x| x.as_str()) == Some(e.name()), "--json: engine is not the forced engine");
+    out.check(json_u64(out, v, "files") == files, &format!("--json: files != {files}"));
+    let d = json_u64(out, v, "directories");
+    out.check(
+        d == dirs || d == dirs + 1,
+        &format!("--json: directories != {dirs} (or {} counting the root)", dirs + 1),
+    );
+    out.check(json_u64(out, v, "symlinks") == links, &format!("--json: symlinks != {links}"));
+    out.check(json_u64(out, v, "bytes") == bytes, &format!("--json: bytes != {bytes}"));
+    out.check(v.get("seconds").map(|x| x.is_number()).unwrap_or(false), "--json: seconds missing or not a number");
+    out.check(json_u64(out, v, "cores") >= 1, "--json: cores < 1");
+}
+
+fn json_output(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    write_file(&src.join("sub/empty"), b"");
+    write_big_file(&src.join("big"), 93, (3 << 20) + 1);
+    let dst = t.path().join("dst");
+    let out = copy_ok(e, &["--json"], &src, &dst);
+    let v = parse_json(&out);
+    check_json_counts(&out, &v, &src, e);
+    out.check(json_u64(&out, &v, "errors") == 0, "--json: errors != 0");
+    out.check(
+        v.get("failures").and_then(|x| x.as_array()).map(|a| a.is_empty()).unwrap_or(false),
+        "--json: failures is not an empty array",
+    );
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn json_reports_failures(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("ok.txt"), b"fine");
+    ln_s("nowhere", &src.join("dangling_one"));
+    let dst = t.path().join("dst");
+    let out = copy(e, &["-L", "--json"], &src, &dst);
+    out.assert_code(1);
+    let v = parse_json(&out);
+    out.check(json_u64(&out, &v, "errors") == 1, "--json: errors != 1 for one dangling link under -L");
+    let fails = v.get("failures").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+    out.check(fails.len() == 1, "--json: failures does not hold exactly one entry");
+    out.check(
+        fails[0].as_str().map(|s| s.contains("dangling_one")).unwrap_or(false),
+        "--json: the failure string does not name the entry",
+    );
+    out.check(v.get("engine").and_then(|x| x.as_str()) == Some(e.name()), "--json: engine is not the forced engine");
+    assert_same_bytes(&src.join("ok.txt"), &dst.join("ok.txt"));
+    assert_no_tmp(&dst);
+}
+
+fn env_selects_engine(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = fastsync().env("FASTSYNC_ENGINE", e.name()).arg("copy").arg("--json").arg(&src).arg(&dst).run();
+    out.assert_success();
+    let v = parse_json(&out);
+    check_json_counts(&out, &v, &src, e);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn engine_flag_overrides_env(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = copy_cmd(e, &["--json"], &src, &dst).env("FASTSYNC_ENGINE", e.other().name()).run();
+    out.assert_success();
+    let v = parse_json(&out);
+    out.check(
+        v.get("engine").and_then(|x| x.as_str()) == Some(e.name()),
+        "--engine on the command line did not override FASTSYNC_ENGINE",
+    );
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn cores_option(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    for i in 0..200u64 {
+        write_file(&src.join(format!("d{}/f{i}", i % 7)), &random_bytes(i, (i * 97 % 20_000) as usize));
+    }
+    write_big_file(&src.join("big"), 94, (6 << 20) + 5);
+    stamp_dir_times(&src, 1_410_000_000);
+    let dst1 = t.path().join("dst1");
+    let out = copy_ok(e, &["--cores", "1", "--json"], &src, &dst1);
+    let v = parse_json(&out);
+    out.check(json_u64(&out, &v, "cores") == 1, "--cores 1: json cores != 1");
+    out.check(v.get("engine").and_then(|x| x.as_str()) == Some(e.name()), "--json: engine is not the forced engine");
+    compare_trees(&src, &dst1, CompareOpts::default());
+    let dst4 = t.path().join("dst4");
+    copy_ok(e, &["--cores", "4"], &src, &dst4);
+    compare_trees(&src, &dst4, CompareOpts::default());
+}
+
+fn quiet_run_is_silent(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    write_big_file(&src.join("big"), 95, 4 << 20);
+    let dst = t.path().join("dst");
+    let out = copy_ok(e, &["-q"], &src, &dst);
+    out.check(out.stderr.is_empty(), "-q: stderr of a successful run is not empty");
+    out.check(out.stdout.is_empty(), "-q: stdout of a successful run is not empty");
+    compare_trees(&src, &dst, CompareOpts::default());
+    // Without -q and without a TTY, no progress bar (no carriage returns or escape sequences).
+    let dst2 = t.path().join("dst2");
+    let out = copy_ok(e, &[], &src, &dst2);
+    out.check(
+        !out.stderr.contains(&b'\r') && !out.stderr.contains(&0x1b),
+        "progress bar drawn on stderr although it is not a TTY",
+    );
+    out.check(
+        !out.stdout.contains(&b'\r') && !out.stdout.contains(&0x1b),
+        "progress bar drawn on stdout although it is not a TTY",
+    );
+}
+
+fn verbose_run(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = copy_ok(e, &["-v"], &src, &dst);
+    out.check(!out.stdout.is_empty() || !out.stderr.is_empty(), "-v: printed nothing at all");
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors and refusals
+// ---------------------------------------------------------------------------------------------------------------
+
+fn nonexistent_src(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("does_not_exist");
+    let dst = t.path().join("dst");
+    let out = copy(e, &[], &src, &dst);
+    out.assert_code(1);
+    out.assert_one_failure("does_not_exist", "No such file or directory");
+    assert_no_tmp(t.path());
+}
+
+fn file_onto_itself(e: Engine) {
+    let t = tmp();
+    let dir = t.path().join("dir");
+    let f = dir.join("f.bin");
+    let data = random_bytes(101, 50_000);
+    write_file(&f, &data);
+    for dst in [f.clone().into_os_string(), dir.clone().into_os_string(), with_slash(&dir)] {
+        let out = copy(e, &[], &f, &dst);
+        out.assert_code(2);
+        out.check(!out.stderr.is_empty(), "refusal printed nothing on stderr");
+        assert_eq!(fs::read(&f).unwrap(), data, "file copied onto itself was damaged (DST {dst:?})");
+        assert_no_tmp(&dir);
+    }
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "extra entries appeared next to the file");
+}
+
+fn dir_into_itself(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let before: Vec<Vec<u8>> = snapshot(&src).into_keys().collect();
+    let targets: Vec<PathBuf> = vec![src.clone(), src.join("sub"), src.join("sub/deep"), src.join("new/deeper")];
+    for dst in targets {
+        let out = copy_cmd(e, &[], &src, &dst).timeout(Duration::from_secs(30)).run();
+        out.assert_code(2);
+        out.check(!out.stderr.is_empty(), "refusal printed nothing on stderr");
+        let after: Vec<Vec<u8>> = snapshot(&src).into_keys().filter(|k| !k.starts_with(b"new")).collect();
+        assert_eq!(after, before, "SRC tree changed after refused copy into {}", dst.display());
+        assert_no_tmp(&src);
+    }
+}
+
+fn dir_onto_existing_file(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let f = t.path().join("a_file");
+    write_file(&f, b"must stay");
+    let out = copy(e, &[], &src, &f);
+    out.assert_code(2);
+    out.check(!out.stderr.is_empty(), "refusal printed nothing on stderr");
+    assert!(fs::symlink_metadata(&f).unwrap().is_file(), "the existing file was replaced");
+    assert_eq!(fs::read(&f).unwrap(), b"must stay");
+    assert_no_tmp(t.path());
+}
+
+fn usage_errors(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = copy(e, &["--no-such-flag"], &src, &dst);
+    out.assert_code(2);
+    out.check(!dst.exists(), "bad flag: DST was created");
+    let out = fastsync().arg("copy").arg("--engine").arg(e.name()).arg(&src).run();
+    out.assert_code(2);
+    let out = fastsync().arg("copy").arg("--engine").arg("warp-drive").arg(&src).arg(&dst).run();
+    out.assert_code(2);
+    let out = copy(e, &["--cores", "many"], &src, &dst);
+    out.assert_code(2);
+    out.check(!dst.exists(), "usage error: DST was created");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Permission denied (as an unprivileged user)
+// ---------------------------------------------------------------------------------------------------------------
+
+fn find_in_path(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .as_bytes()
+        .split(|&b| b == b':')
+        .map(|d| Path::new(os(d)).join(prog))
+        .find(|p| p.is_file())
+}
+
+fn permission_denied_as_nobody(e: Engine) {
+    let Some(setpriv) = find_in_path("setpriv") else {
+        eprintln!("note: setpriv not found; permission-denied case skipped");
+        return;
+    };
+    let t = tmp();
+    chmod(t.path(), 0o755);
+    // A copy of the binary that nobody can surely execute.
+    let exe = t.path().join("fastsync");
+    fs::copy(bin(), &exe).unwrap();
+    chmod(&exe, 0o755);
+    let src = t.path().join("src");
+    write_file(&src.join("a.txt"), b"readable a");
+    write_file(&src.join("sub/b.bin"), &random_bytes(111, 300_000));
+    write_file(&src.join("secret"), &random_bytes(112, 200_000));
+    write_file(&src.join("sub/c.txt"), b"readable c");
+    for p in ["a.txt", "sub/b.bin", "sub/c.txt"] {
+        chmod(&src.join(p), 0o644);
+    }
+    chmod(&src.join("secret"), 0o000);
+    chmod(&src.join("sub"), 0o755);
+    chmod(&src, 0o755);
+    let dst_parent = t.path().join("dst");
+    mkdirs(&dst_parent);
+    lchown(&dst_parent, 65534, 65534);
+    let dst = dst_parent.join("out");
+    let out = Cmd::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["copy", "--engine", e.name()])
+        .arg(&src)
+        .arg(&dst)
+        .run();
+    out.assert_code(1);
+    out.assert_one_failure("secret", "Permission denied");
+    for p in ["a.txt", "sub/b.bin", "sub/c.txt"] {
+        assert_same_bytes(&src.join(p), &dst.join(p));
+    }
+    assert!(fs::symlink_metadata(dst.join("secret")).is_err(), "a file exists under the unreadable file's final name");
+    assert_no_tmp(&dst_parent);
+    let _ = fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o644));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Engine-independent CLI checks
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn engine_auto_reports_a_real_engine() {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = fastsync().args(["copy", "--engine", "auto", "--json"]).arg(&src).arg(&dst).run();
+    out.assert_success();
+    let v = parse_json(&out);
+    let eng = v.get("engine").and_then(|x| x.as_str()).unwrap_or("");
+    out.check(eng == "uring" || eng == "fallback", "--engine auto: engine is neither uring nor fallback");
+    compare_trees(&src, &dst, CompareOpts::default());
+}
