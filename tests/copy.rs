@@ -1125,3 +1125,68 @@ fn engine_auto_reports_a_real_engine() {
     out.check(eng == "uring" || eng == "fallback", "--engine auto: engine is neither uring nor fallback");
     compare_trees(&src, &dst, CompareOpts::default());
 }
+
+/// `strace` making `io_uring_setup` fail the way a container's seccomp profile or `kernel.io_uring_disabled` does.
+/// Returns `None` (and says so) where strace is missing or cannot trace here.
+fn under_failing_io_uring(errno: &str) -> Option<Cmd> {
+    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
+    if probe.code != Some(0) {
+        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
+        return None;
+    }
+    let inject = format!("inject=io_uring_setup:error={errno}");
+    Some(
+        Cmd::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=io_uring_setup", "-e", &inject])
+            .arg(bin()),
+    )
+}
+
+#[test]
+fn auto_falls_back_when_io_uring_is_blocked() {
+    for errno in ["ENOSYS", "EPERM"] {
+        let Some(cmd) = under_failing_io_uring(errno) else { return };
+        let t = tmp();
+        let src = t.path().join("src");
+        build_small_tree(&src);
+        let dst = t.path().join("dst");
+        let out = cmd.args(["copy", "--engine", "auto", "--json", "-v"]).arg(&src).arg(&dst).run();
+        out.assert_success();
+        let v = parse_json(&out);
+        out.check(v.get("engine").and_then(|x| x.as_str()) == Some("fallback"), "auto did not fall back");
+        out.check(
+            out.stderr_str().contains("io_uring is unavailable") && out.stderr_str().contains("fallback engine"),
+            "-v did not say why the fallback engine was chosen",
+        );
+        compare_trees(&src, &dst, CompareOpts::default());
+    }
+}
+
+#[test]
+fn auto_fallback_is_silent_without_verbose() {
+    let Some(cmd) = under_failing_io_uring("ENOSYS") else { return };
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let out = cmd.args(["copy", "--engine", "auto"]).arg(&src).arg(t.path().join("dst")).run();
+    out.assert_success();
+    out.check(out.stderr_str().is_empty(), "the fallback choice was announced without -v");
+}
+
+#[test]
+fn forced_uring_where_blocked_is_an_error() {
+    let Some(cmd) = under_failing_io_uring("EPERM") else { return };
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let dst = t.path().join("dst");
+    let out = cmd.env("FASTSYNC_ENGINE", "uring").args(["copy"]).arg(&src).arg(&dst).run();
+    out.assert_code(1);
+    let lines = out.stderr_lines();
+    out.check(lines.len() == 1, "expected exactly one error line");
+    out.check(
+        lines[0].starts_with("fastsync: --engine uring: io_uring is unavailable"),
+        "error does not name the cause",
+    );
+    out.check(!dst.exists(), "nothing may be written when the forced engine cannot start");
+}
