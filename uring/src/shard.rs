@@ -23,19 +23,17 @@ const DIRECT_ALIGN_BYTES: u64 = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
     OpenSrc = 0,
-    OpenDst = 1,
-    Read = 2,
-    Write = 3,
-    ReadBack = 4,
+    Read = 1,
+    Write = 2,
+    ReadBack = 3,
 }
 
 impl Step {
     fn from_bits(b: u64) -> Step {
         match b {
             0 => Step::OpenSrc,
-            1 => Step::OpenDst,
-            2 => Step::Read,
-            3 => Step::Write,
+            1 => Step::Read,
+            2 => Step::Write,
             _ => Step::ReadBack,
         }
     }
@@ -58,9 +56,8 @@ enum Src {
 /// State of one admitted job.
 struct Task {
     job: Job,
-    /// Whole-file jobs: paths as C strings, alive until their OPENATs complete.
+    /// Whole-file jobs: the source path as a C string, alive until its OPENAT completes.
     src_c: Option<CString>,
-    tmp_c: Option<CString>,
     src: Src,
     dst_fd: Option<OwnedFd>,
     /// Next source offset to read.
@@ -74,8 +71,6 @@ struct Task {
     at_eof: bool,
     /// BLAKE3 of the current block's source bytes (verify mode).
     src_hash: Option<blake3::Hash>,
-    /// The first block was read before the destination was open; write it when the open completes.
-    write_deferred: bool,
     ops_pending: u32,
     error: Option<JobError>,
     bytes_written: u64,
@@ -195,7 +190,6 @@ impl Shard {
         let mut task = Task {
             job,
             src_c: None,
-            tmp_c: None,
             src: Src::Pending,
             dst_fd: None,
             offset: 0,
@@ -204,7 +198,6 @@ impl Shard {
             block_written: 0,
             at_eof: false,
             src_hash: None,
-            write_deferred: false,
             ops_pending: 0,
             error: None,
             bytes_written: 0,
@@ -238,15 +231,27 @@ impl Shard {
                     .build()
                     .flags(squeue::Flags::IO_LINK)
                     .user_data(user_data(slot, Step::OpenSrc));
-                let open_dst = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), tmp_c.as_ptr())
-                    .flags(dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
-                    .mode(f.finish.create_mode as libc::mode_t)
-                    .build()
-                    .user_data(user_data(slot, Step::OpenDst));
+                // The temporary is created right here with a plain openat: io_uring never attempts an O_CREAT open
+                // inline (it always punts it to an io-wq worker thread), so through the ring it would cost a thread
+                // hand-off per file for nothing.
+                // SAFETY: valid C string; the descriptor is owned by the OwnedFd below.
+                let fd = unsafe {
+                    libc::open(
+                        tmp_c.as_ptr(),
+                        dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                        f.finish.create_mode as libc::c_uint,
+                    )
+                };
+                if fd < 0 {
+                    task.error = Some(JobError::last_os(Op::Create, &f.dst));
+                    self.tasks[slot] = Some(task);
+                    return;
+                }
+                // SAFETY: fresh descriptor owned by nobody else.
+                task.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
                 task.src_c = Some(src_c);
-                task.tmp_c = Some(tmp_c);
                 task.src = Src::Fixed(slot as u32);
-                task.ops_pending = 3;
+                task.ops_pending = 2;
                 self.tasks[slot] = Some(task);
                 let first_read = self
                     .read_sqe(slot, 0, self.arena.block_bytes() as u32, false)
@@ -262,7 +267,6 @@ impl Shard {
                 }
                 self.push(open_src);
                 self.push(first_read);
-                self.push(open_dst);
             }
             Job::Range(r) => {
                 task.src = Src::Shared;
@@ -283,30 +287,14 @@ impl Shard {
         t.ops_pending -= 1;
         let err = (res < 0).then(|| io::Error::from_raw_os_error(-res));
         match step {
-            Step::OpenSrc => match err {
-                None => {}
-                Some(e) => {
+            Step::OpenSrc => {
+                // The path must outlive the OPENAT; its linked read follows with its own completion.
+                t.src_c = None;
+                if let Some(e) = err {
                     let path = job_src(&t.job).to_path_buf();
                     t.error.get_or_insert(JobError::new(Op::Open, path, e));
                 }
-            },
-            Step::OpenDst => match err {
-                None => {
-                    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
-                    t.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(res as RawFd) });
-                    t.src_c = None;
-                    t.tmp_c = None;
-                    // The linked first read may have finished already and be waiting for somewhere to write.
-                    if t.write_deferred && t.error.is_none() {
-                        t.write_deferred = false;
-                        self.write_rest(slot);
-                    }
-                }
-                Some(e) => {
-                    let path = job_dst(&t.job).to_path_buf();
-                    t.error.get_or_insert(JobError::new(Op::Create, path, e));
-                }
-            },
+            }
             Step::Read => self.on_read(slot, res, err),
             Step::Write => self.on_write(slot, res, err),
             Step::ReadBack => self.on_read_back(slot, res, err),
@@ -410,12 +398,6 @@ impl Shard {
             let data = unsafe { &self.arena.slot_mut(slot)[..n as usize] };
             let h = blake3::hash(data);
             self.task(slot).src_hash = Some(h);
-        }
-        let t = self.task(slot);
-        if matches!(t.job, Job::File(_)) && t.dst_fd.is_none() {
-            // Only possible for the linked first read of a whole file whose destination is still being created.
-            t.write_deferred = true;
-            return;
         }
         self.write_rest(slot);
     }
