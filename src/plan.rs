@@ -15,8 +15,9 @@ pub const MEDIUM_CHUNK_BYTES: u64 = 4 * MIB;
 /// Bounds of the chunk size of large files.
 pub const LARGE_CHUNK_BYTES_MIN: u64 = 8 * MIB;
 pub const LARGE_CHUNK_BYTES_MAX: u64 = 64 * MIB;
-/// Chunks per shard aimed at for large files, so that stealing can even out uneven shards.
-const LARGE_CHUNKS_PER_SHARD: u64 = 8;
+/// Chunks per shard aimed at for large files: enough to keep every buffer slot of a shard busy (its queue depth),
+/// and to let stealing even out uneven shards.
+const LARGE_CHUNKS_PER_SHARD: u64 = 32;
 
 /// How a regular file is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,10 +86,12 @@ mod tests {
 
     #[test]
     fn large_files_scale_with_shards_within_bounds() {
-        assert_eq!(chunk_bytes(4 << 30, 2), 64 * MIB); // 4 GiB / 16 = 256 MiB, capped
-        assert_eq!(chunk_bytes(1 << 30, 16), 8 * MIB); // 1 GiB / 128 = 8 MiB
+        assert_eq!(chunk_bytes(4 << 30, 2), 64 * MIB); // 4 GiB / 64 = 64 MiB
+        assert_eq!(chunk_bytes(1 << 30, 16), 8 * MIB); // 1 GiB / 512 = 2 MiB, raised to the floor
+        assert_eq!(chunk_bytes(1 << 30, 2), 16 * MIB); // 1 GiB / 64
+        assert_eq!(chunk_bytes(64 << 30, 2), 64 * MIB); // capped
         assert_eq!(chunk_bytes(101 * MIB, 64), 8 * MIB); // floor
-        assert_eq!(chunk_bytes(1 << 30, 4), 32 * MIB);
+        assert_eq!(chunk_bytes(1 << 30, 4), 8 * MIB);
         for shards in 1..64 {
             let c = chunk_bytes(3 << 30, shards);
             assert!((LARGE_CHUNK_BYTES_MIN..=LARGE_CHUNK_BYTES_MAX).contains(&c));
