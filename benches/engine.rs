@@ -30,7 +30,14 @@ fn config(kind: fastsync_engine::EngineKind) -> EngineConfig {
         fastsync_engine::EngineKind::Uring => (2, 32),
         fastsync_engine::EngineKind::Fallback => (4, 1),
     };
-    EngineConfig { shards, pin: false, block_bytes: 1 << 20, slots_per_shard: slots, jobs_in_flight_max: 128 }
+    EngineConfig {
+        shards,
+        pin: false,
+        block_bytes: 1 << 20,
+        slots_per_shard: slots,
+        jobs_in_flight_max: 128,
+        buffered_writes_nonblocking: false,
+    }
 }
 
 fn fresh_dir(root: &Path, name: &str) -> PathBuf {

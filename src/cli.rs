@@ -175,5 +175,6 @@ fn engine_config(kind: EngineKind, cores: usize) -> EngineConfig {
         block_bytes: BLOCK_BYTES,
         slots_per_shard: slots,
         jobs_in_flight_max: shards * slots.max(8) * 2,
+        buffered_writes_nonblocking: false,
     }
 }

@@ -62,7 +62,9 @@ pub fn copy(
     let started = Instant::now();
     let (root_md, target) = resolve(src, dst, opts)?;
     let id = meta::Identity::current();
-    let session = engine.start(config)?;
+    let mut config = config.clone();
+    config.buffered_writes_nonblocking = meta::buffered_writes_nonblocking(&target);
+    let session = engine.start(&config)?;
     let direct_ok = engine.capabilities().direct_io && opts.direct_io;
     let mut exec = Exec {
         opts,

@@ -189,3 +189,30 @@ pub fn apply_by_path(path: &Path, spec: &FinishSpec, is_symlink: bool) -> Result
 pub fn looks_sparse(md: &Metadata) -> bool {
     md.blocks().saturating_mul(512) < md.size().saturating_sub(4096)
 }
+
+/// Whether the filesystem that will hold `path` (or its nearest existing ancestor) completes buffered writes without
+/// blocking, so io_uring can run them inline instead of handing each to a kernel worker thread. Known for XFS and
+/// btrfs; ext4 (checked on Linux 6.18 with the `io_uring_queue_async_work` tracepoint: one punt per WRITE) and
+/// anything unknown are treated as blocking.
+#[cfg(target_os = "linux")]
+pub fn buffered_writes_nonblocking(path: &Path) -> bool {
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    let mut p = Some(path);
+    while let Some(cur) = p {
+        if let Ok(c) = c_path(if cur.as_os_str().is_empty() { Path::new(".") } else { cur }) {
+            // SAFETY: zeroed statfs is a valid out-parameter; the path is a valid C string.
+            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+            if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
+                return matches!(st.f_type as i64, XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC);
+            }
+        }
+        p = cur.parent();
+    }
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn buffered_writes_nonblocking(_path: &Path) -> bool {
+    false
+}

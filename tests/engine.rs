@@ -41,7 +41,15 @@ impl Drop for TempDir {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { shards: 2, pin: false, block_bytes: BLOCK_BYTES, slots_per_shard: 4, jobs_in_flight_max: 64 }
+    // Ring writes even where the kernel punts them to a worker: the CLI suite covers the pwrite path on ext4.
+    EngineConfig {
+        shards: 2,
+        pin: false,
+        block_bytes: BLOCK_BYTES,
+        slots_per_shard: 4,
+        jobs_in_flight_max: 64,
+        buffered_writes_nonblocking: true,
+    }
 }
 
 /// Run `jobs` through a fresh session; completions sorted by tag.

@@ -65,6 +65,10 @@ pub struct EngineConfig {
     pub slots_per_shard: usize,
     /// Jobs handed to the engine and not yet completed, all shards together.
     pub jobs_in_flight_max: usize,
+    /// The destination filesystem accepts non-blocking buffered writes (XFS, btrfs). Where it does not (ext4 as of
+    /// Linux 6.18), io_uring hands every buffered WRITE to a kernel worker thread, and a plain `pwrite` from the shard
+    /// costs less; engines that only block anyway ignore this.
+    pub buffered_writes_nonblocking: bool,
 }
 
 impl EngineConfig {

@@ -82,8 +82,9 @@ pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Re
         if registrable_bytes_total == usize::MAX { usize::MAX } else { per_shard / config.block_bytes };
     let block_bytes = config.block_bytes;
     let slots = config.slots_per_shard;
+    let ring_buffered_writes = config.buffered_writes_nonblocking;
     Session::start(config, "fs-uring", move |_index| {
-        let shard = Shard::new(block_bytes, slots, registrable_slots)?;
+        let shard = Shard::new(block_bytes, slots, registrable_slots, ring_buffered_writes)?;
         Ok(move |ctx: &mut ShardCtx| shard.run(ctx))
     })
 }
@@ -95,11 +96,18 @@ struct Shard {
     registered: usize,
     tasks: Vec<Option<Task>>,
     free: Vec<usize>,
+    /// Buffered writes go through the ring (else `pwrite` on this thread).
+    ring_buffered_writes: bool,
     stats: ShardStats,
 }
 
 impl Shard {
-    fn new(block_bytes: usize, slots: usize, registrable_slots: usize) -> io::Result<Shard> {
+    fn new(
+        block_bytes: usize,
+        slots: usize,
+        registrable_slots: usize,
+        ring_buffered_writes: bool,
+    ) -> io::Result<Shard> {
         let entries = (slots * 2 + 16).next_power_of_two().clamp(64, 4096) as u32;
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -131,6 +139,7 @@ impl Shard {
             registered,
             tasks: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
+            ring_buffered_writes,
             stats: ShardStats::default(),
         })
     }
@@ -414,6 +423,24 @@ impl Shard {
         }
         let offset = t.offset + from;
         t.ops_pending += 1;
+        if !direct && !self.ring_buffered_writes {
+            // See EngineConfig::buffered_writes_nonblocking: through the ring this write would be punted to an
+            // io-wq thread (a hand-off per write); here it is one syscall on the shard.
+            let fd = dst_raw(self.tasks[slot].as_ref().expect("live task"));
+            // SAFETY: the slot holds `len` valid bytes from `from` on, and no I/O is in flight on it.
+            let n = unsafe {
+                libc::pwrite(
+                    fd,
+                    self.arena.slot_ptr(slot).add(from as usize).cast(),
+                    len as usize,
+                    offset as libc::off_t,
+                )
+            };
+            self.stats.syscalls += 1;
+            let res = if n < 0 { -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) } else { n as i32 };
+            self.on_cqe(slot, Step::Write, res);
+            return;
+        }
         let sqe = self.write_sqe(slot, offset, from as usize, len as u32).user_data(user_data(slot, Step::Write));
         self.push(sqe);
     }
