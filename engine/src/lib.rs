@@ -17,6 +17,7 @@
 pub mod error;
 pub mod finish;
 pub mod job;
+pub mod offload;
 pub mod pool;
 pub mod session;
 

@@ -10,8 +10,8 @@ use fastsync_engine::{
     AlignedArena, Completion, FileJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, abandon, finish_file,
 };
 
-use crate::offload::{Offload, offload_file, offload_range};
 use crate::sys;
+use fastsync_engine::offload::{Offload, offload_file, offload_range};
 
 /// The names one copy deals with, for errors: where bytes come from, the file written, the name users asked for.
 struct Names<'a> {

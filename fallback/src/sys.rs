@@ -84,69 +84,6 @@ pub(crate) fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, calls: &mu
     Ok(())
 }
 
-/// `ioctl(dst, FICLONE, src)`: make `dst` share all of `src`'s extents (a reflink: btrfs, XFS, bcachefs, ...).
-#[cfg(target_os = "linux")]
-pub(crate) fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, calls: &mut u64) -> io::Result<()> {
-    loop {
-        *calls += 1;
-        // SAFETY: FICLONE takes the source descriptor as its integer argument.
-        if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
-            return Ok(());
-        }
-        if let Some(e) = failure() {
-            return Err(e);
-        }
-    }
-}
-
-/// One `copy_file_range` of up to `len` bytes at `offset` in both files (explicit offsets: neither descriptor's file
-/// position moves). Returns the bytes copied; 0 means the source has no data at `offset` (end of file).
-#[cfg(target_os = "linux")]
-pub(crate) fn copy_file_range(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    offset: u64,
-    len: usize,
-    calls: &mut u64,
-) -> io::Result<usize> {
-    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    loop {
-        // The kernel advances these copies, not the descriptors' positions.
-        let (mut src_offset, mut dst_offset) = (offset, offset);
-        *calls += 1;
-        // SAFETY: both offset pointers are valid for the call; loff_t is 64-bit on every Linux target.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                (&raw mut src_offset).cast(),
-                dst.as_raw_fd(),
-                (&raw mut dst_offset).cast(),
-                len,
-                0,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        if let Some(e) = failure() {
-            return Err(e);
-        }
-    }
-}
-
-/// The size of an open file (`fstat`).
-#[cfg(target_os = "linux")]
-pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `st` is valid for writes of one `struct stat`; it is read only after fstat succeeded.
-    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstat returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Ok(st.st_size as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

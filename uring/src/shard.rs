@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use fastsync_engine::finish::cstr;
+use fastsync_engine::offload::{Offload, offload_range};
 use fastsync_engine::{
     AlignedArena, ChunkedFile, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, RangeJob,
     Session, ShardCtx, ShardStats, abandon, finish_file,
@@ -281,6 +282,22 @@ impl Shard {
                 task.src = Src::Shared;
                 task.offset = r.offset;
                 task.end = r.offset + r.len;
+                if !r.file.direct && !r.file.finish.verify {
+                    // Page cache to page cache: the kernel's own copy moves each byte once, where READ + WRITE
+                    // through our buffers would move it twice (and io_uring has no copy_file_range opcode). Whatever
+                    // it leaves (an error to diagnose, a shrunken source) goes on through the ring below.
+                    let mut calls = 0;
+                    let mut copied = 0;
+                    let (src_fd, dst_fd) = (r.file.src_fd.as_fd(), r.file.dst_fd.as_fd());
+                    let left = offload_range(src_fd, dst_fd, task.offset, Some(task.end), &mut calls, &mut copied);
+                    self.stats.syscalls += calls;
+                    self.stats.bytes_written += copied;
+                    task.bytes_written += copied;
+                    task.offset = match left {
+                        Offload::Complete => task.end,
+                        Offload::ResumeAt(offset) => offset,
+                    };
+                }
                 self.tasks[slot] = Some(task);
                 self.read_next(slot);
             }

@@ -1,14 +1,16 @@
-//! Copies the kernel does for us on Linux: reflinks (`FICLONE`) and `copy_file_range`. Elsewhere these report that
-//! nothing was copied and the shard's read/write path does all the work.
+//! Copies the kernel does for us on Linux: reflinks (`FICLONE`) and `copy_file_range`, shared by both engines. Elsewhere
+//! these report that nothing was copied and the engine's read/write path does all the work.
+//!
+//! A kernel copy moves page-cache data once, inside the kernel; a read and a write through a user buffer move it twice.
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use fastsync_engine::JobError;
+use crate::JobError;
 
 /// Where an offloaded copy stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Offload {
+pub enum Offload {
     /// Everything asked for was copied.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Complete,
@@ -23,10 +25,10 @@ mod imp {
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use fastsync_engine::{JobError, Op};
+    use crate::{JobError, Op};
 
     use super::Offload;
-    use crate::sys;
+    use super::sys;
 
     /// Bytes asked of one `copy_file_range` when copying to end of file (the kernel caps a call at about 2 GiB).
     const OFFLOAD_CHUNK_BYTES: usize = 1 << 30;
@@ -51,7 +53,7 @@ mod imp {
         )
     }
 
-    pub(crate) fn offload_file(
+    pub fn offload_file(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         tmp: &Path,
@@ -71,7 +73,7 @@ mod imp {
         Ok(offload_range(src, dst, 0, None, calls, written_bytes))
     }
 
-    pub(crate) fn offload_range(
+    pub fn offload_range(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         start: u64,
@@ -121,11 +123,11 @@ mod imp {
     use std::os::fd::BorrowedFd;
     use std::path::Path;
 
-    use fastsync_engine::JobError;
+    use crate::JobError;
 
     use super::Offload;
 
-    pub(crate) fn offload_file(
+    pub fn offload_file(
         _src: BorrowedFd<'_>,
         _dst: BorrowedFd<'_>,
         _tmp: &Path,
@@ -135,7 +137,7 @@ mod imp {
         Ok(Offload::ResumeAt(0))
     }
 
-    pub(crate) fn offload_range(
+    pub fn offload_range(
         _src: BorrowedFd<'_>,
         _dst: BorrowedFd<'_>,
         start: u64,
@@ -149,7 +151,7 @@ mod imp {
 
 /// Copy a whole file in the kernel: a reflink when the filesystem has them, else `copy_file_range` to end of file.
 /// Counts into `written_bytes` what was copied. Errors only when a reflink attempt failed for real.
-pub(crate) fn offload_file(
+pub fn offload_file(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     tmp: &Path,
@@ -161,7 +163,7 @@ pub(crate) fn offload_file(
 
 /// Copy `[start, end)` (or from `start` to end of file) with `copy_file_range` at the same offsets in both files,
 /// adding what was copied to `written_bytes`. Never fails: whatever it cannot copy is left to the read/write path.
-pub(crate) fn offload_range(
+pub fn offload_range(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     start: u64,
@@ -170,4 +172,80 @@ pub(crate) fn offload_range(
     written_bytes: &mut u64,
 ) -> Offload {
     imp::offload_range(src, dst, start, end, calls, written_bytes)
+}
+
+/// The syscalls behind the offloads, retried on EINTR and counted into `calls`.
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// The error of a syscall that returned -1, or `None` when it was only interrupted by a signal (`EINTR`).
+    fn failure() -> Option<io::Error> {
+        let e = io::Error::last_os_error();
+        (e.kind() != io::ErrorKind::Interrupted).then_some(e)
+    }
+
+    /// `ioctl(dst, FICLONE, src)`: make `dst` share all of `src`'s extents (a reflink: btrfs, XFS, bcachefs, ...).
+    #[cfg(target_os = "linux")]
+    pub(super) fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, calls: &mut u64) -> io::Result<()> {
+        loop {
+            *calls += 1;
+            // SAFETY: FICLONE takes the source descriptor as its integer argument.
+            if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+                return Ok(());
+            }
+            if let Some(e) = failure() {
+                return Err(e);
+            }
+        }
+    }
+
+    /// One `copy_file_range` of up to `len` bytes at `offset` in both files (explicit offsets: neither descriptor's file
+    /// position moves). Returns the bytes copied; 0 means the source has no data at `offset` (end of file).
+    #[cfg(target_os = "linux")]
+    pub(super) fn copy_file_range(
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        calls: &mut u64,
+    ) -> io::Result<usize> {
+        let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        loop {
+            // The kernel advances these copies, not the descriptors' positions.
+            let (mut src_offset, mut dst_offset) = (offset, offset);
+            *calls += 1;
+            // SAFETY: both offset pointers are valid for the call; loff_t is 64-bit on every Linux target.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    (&raw mut src_offset).cast(),
+                    dst.as_raw_fd(),
+                    (&raw mut dst_offset).cast(),
+                    len,
+                    0,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            if let Some(e) = failure() {
+                return Err(e);
+            }
+        }
+    }
+
+    /// The size of an open file (`fstat`).
+    #[cfg(target_os = "linux")]
+    pub(super) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `st` is valid for writes of one `struct stat`; it is read only after fstat succeeded.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Ok(st.st_size as u64)
+    }
 }
