@@ -434,7 +434,8 @@ impl Exec<'_> {
         let sparse = meta::looks_sparse(md);
         self.st.progress.add_total(size);
         let ctx = FileCtx { dir, dst: dst.to_path_buf(), jobs_left: 1, done_ok: false, failed: false, link_key };
-        match plan::plan_file(size, sparse, self.shards) {
+        let want_direct = self.direct_ok && !sparse && size >= DIRECT_FILE_BYTES_MIN;
+        match plan::plan_file(size, sparse, self.shards, want_direct) {
             FilePlan::Whole => {
                 let fid = self.st.files.insert(ctx);
                 if let Some(d) = dir {
@@ -453,9 +454,8 @@ impl Exec<'_> {
                 self.session.submit(Job::File(job), &mut |c| st.on_completion(c))?;
             }
             FilePlan::Chunked { chunk_bytes } => {
-                let direct = self.direct_ok && !sparse && size >= DIRECT_FILE_BYTES_MIN;
                 let (src_fd, dst_fd, direct) =
-                    match open_pair(src, &tmp, dst, direct, self.opts.dereference, spec.create_mode) {
+                    match open_pair(src, &tmp, dst, want_direct, self.opts.dereference, spec.create_mode) {
                         Ok(t) => t,
                         Err(msg) => {
                             self.st.fail(msg);
@@ -490,6 +490,8 @@ impl Exec<'_> {
                     ranges_left: AtomicU32::new(1),
                     failed: AtomicBool::new(false),
                 });
+                // O_DIRECT may have been refused by the filesystem: then the file is not spread after all.
+                let chunk_bytes = if direct { chunk_bytes } else { plan::UNSPLIT_CHUNK_BYTES };
                 let extents = if sparse { data_extents(&file.src_fd, size) } else { vec![(0, size)] };
                 for (start, end) in extents {
                     for (offset, len) in plan::split_extent(start, end, chunk_bytes) {
