@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use fastsync_engine::{
     ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, Job, Outcome, RangeJob, Session, abandon,
-    finish::cstr, finish_file,
+    finish::cstr,
 };
 
 use crate::Error;
@@ -88,7 +88,10 @@ pub fn copy(
     exec.st.progress.finish();
     let mut summary = exec.st.summary;
     summary.seconds = started.elapsed().as_secs_f64();
-    exec.session.finish()?;
+    for shard in exec.session.finish()? {
+        summary.engine_syscalls += shard.syscalls;
+        summary.engine_steals += shard.steals;
+    }
     drained?;
     result?;
     Ok(summary)
@@ -506,23 +509,7 @@ impl Exec<'_> {
                     }
                 }
                 // Release the hold; if every range already completed, the file is finished here.
-                let outcome = if file.range_done(true) {
-                    if file.failed.load(std::sync::atomic::Ordering::Acquire) {
-                        abandon(&file.tmp);
-                        Outcome::RangeAbandoned
-                    } else {
-                        let truncate = file.direct.then_some(file.size);
-                        match finish_file(file.dst_fd.as_fd(), truncate, &file.tmp, &file.dst, &file.finish) {
-                            Ok(()) => Outcome::RangeDoneFileDone,
-                            Err(e) => {
-                                abandon(&file.tmp);
-                                Outcome::Failed(e)
-                            }
-                        }
-                    }
-                } else {
-                    Outcome::RangeDone
-                };
+                let outcome = file.complete_range(Ok(()));
                 self.st.on_completion(Completion { tag: fid as u64, bytes: 0, shard: usize::MAX, outcome });
             }
         }

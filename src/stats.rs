@@ -18,6 +18,10 @@ pub struct Summary {
     pub bytes: u64,
     pub seconds: f64,
     pub errors: u64,
+    /// Data syscalls the engine made: `io_uring_enter` calls (uring) or blocking reads/writes/copies (fallback).
+    pub engine_syscalls: u64,
+    /// Jobs an idle shard took from a busy one.
+    pub engine_steals: u64,
     /// The first failures, one line each (all of them were printed on stderr).
     pub failures: Vec<String>,
 }
@@ -61,7 +65,11 @@ impl Summary {
             self.seconds,
             self.gb_per_s()
         )?;
-        writeln!(out, "engine: {}  cores: {}", self.engine, self.cores)
+        writeln!(
+            out,
+            "engine: {}  cores: {}  engine syscalls: {}  steals: {}",
+            self.engine, self.cores, self.engine_syscalls, self.engine_steals
+        )
     }
 }
 

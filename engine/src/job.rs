@@ -97,6 +97,38 @@ impl ChunkedFile {
         }
         self.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1
     }
+
+    /// Record the end of one range (or of the planner's hold, with `Ok`) and, when it was the last, finish the file
+    /// or remove its temporary if any range failed. Returns the outcome to report for this range.
+    pub fn complete_range(&self, result: Result<(), crate::JobError>) -> Outcome {
+        use std::sync::atomic::Ordering;
+        let last = self.range_done(result.is_ok());
+        match result {
+            Err(e) => {
+                if last {
+                    crate::abandon(&self.tmp);
+                }
+                Outcome::Failed(e)
+            }
+            Ok(()) if !last => Outcome::RangeDone,
+            // Acquire pairs with the Release in `range_done`: every earlier range's failure is visible here.
+            Ok(()) if self.failed.load(Ordering::Acquire) => {
+                crate::abandon(&self.tmp);
+                Outcome::RangeAbandoned
+            }
+            Ok(()) => {
+                use std::os::fd::AsFd;
+                let truncate = self.direct.then_some(self.size);
+                match crate::finish_file(self.dst_fd.as_fd(), truncate, &self.tmp, &self.dst, &self.finish) {
+                    Ok(()) => Outcome::RangeDoneFileDone,
+                    Err(e) => {
+                        crate::abandon(&self.tmp);
+                        Outcome::Failed(e)
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Copy bytes `[offset, offset + len)` of a [`ChunkedFile`]; the range holds data (never a hole).

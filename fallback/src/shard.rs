@@ -101,31 +101,7 @@ impl Shard {
         let file = &*job.file;
         // Once another range failed the file will be abandoned: copying this one would be wasted I/O.
         let result = if file.failed.load(Ordering::Acquire) { Ok(()) } else { self.copy_range(job, written_bytes) };
-        let last = file.range_done(result.is_ok());
-        match result {
-            Err(e) => {
-                if last {
-                    abandon(&file.tmp);
-                }
-                Outcome::Failed(e)
-            }
-            Ok(()) if !last => Outcome::RangeDone,
-            // Acquire pairs with the Release in `range_done`: every earlier range's failure is visible here.
-            Ok(()) if file.failed.load(Ordering::Acquire) => {
-                abandon(&file.tmp);
-                Outcome::RangeAbandoned
-            }
-            Ok(()) => {
-                let truncate_to = file.direct.then_some(file.size);
-                match finish_file(file.dst_fd.as_fd(), truncate_to, &file.tmp, &file.dst, &file.finish) {
-                    Ok(()) => Outcome::RangeDoneFileDone,
-                    Err(e) => {
-                        abandon(&file.tmp);
-                        Outcome::Failed(e)
-                    }
-                }
-            }
-        }
+        file.complete_range(result)
     }
 
     /// Copy one range at the same offsets in both files. The destination already has its final size.

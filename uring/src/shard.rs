@@ -13,8 +13,8 @@ use std::path::Path;
 use fastsync_engine::finish::cstr;
 use fastsync_engine::offload::{Offload, offload_range};
 use fastsync_engine::{
-    AlignedArena, ChunkedFile, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, RangeJob,
-    Session, ShardCtx, ShardStats, abandon, finish_file,
+    AlignedArena, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, RangeJob, Session,
+    ShardCtx, ShardStats, abandon, finish_file,
 };
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -564,31 +564,7 @@ fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -
 }
 
 fn range_outcome(r: &RangeJob, error: Option<JobError>) -> Outcome {
-    let ok = error.is_none();
-    let last = r.file.range_done(ok);
-    let file: &ChunkedFile = &r.file;
-    match (error, last) {
-        (Some(e), true) => {
-            abandon(&file.tmp);
-            Outcome::Failed(e)
-        }
-        (Some(e), false) => Outcome::Failed(e),
-        (None, false) => Outcome::RangeDone,
-        (None, true) => {
-            if file.failed.load(std::sync::atomic::Ordering::Acquire) {
-                abandon(&file.tmp);
-                return Outcome::RangeAbandoned;
-            }
-            let truncate = file.direct.then_some(file.size);
-            match finish_file(file.dst_fd.as_fd(), truncate, &file.tmp, &file.dst, &file.finish) {
-                Ok(()) => Outcome::RangeDoneFileDone,
-                Err(e) => {
-                    abandon(&file.tmp);
-                    Outcome::Failed(e)
-                }
-            }
-        }
-    }
+    r.file.complete_range(error.map_or(Ok(()), Err))
 }
 
 fn job_src(job: &Job) -> &Path {
