@@ -3,11 +3,6 @@
 //!
 //! A kernel copy moves page-cache data once, inside the kernel; a read and a write through a user buffer move it twice.
 
-use std::os::fd::BorrowedFd;
-use std::path::Path;
-
-use crate::JobError;
-
 /// Where an offloaded copy stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Offload {
@@ -53,6 +48,8 @@ mod imp {
         )
     }
 
+    /// Copy a whole file in the kernel: a reflink when the filesystem has them, else `copy_file_range` to end of
+    /// file. Counts into `written_bytes` what was copied. Errors only when a reflink attempt failed for real.
     pub fn offload_file(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
@@ -73,6 +70,9 @@ mod imp {
         Ok(offload_range(src, dst, 0, None, calls, written_bytes))
     }
 
+    /// Copy `[start, end)` (or from `start` to end of file) with `copy_file_range` at the same offsets in both
+    /// files, adding what was copied to `written_bytes`. Never fails: whatever it cannot copy is left to the
+    /// read/write path.
     pub fn offload_range(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
@@ -118,6 +118,7 @@ mod imp {
     }
 }
 
+/// Elsewhere nothing is offloaded: every byte goes through the engine's read/write path.
 #[cfg(not(target_os = "linux"))]
 mod imp {
     use std::os::fd::BorrowedFd;
@@ -149,30 +150,7 @@ mod imp {
     }
 }
 
-/// Copy a whole file in the kernel: a reflink when the filesystem has them, else `copy_file_range` to end of file.
-/// Counts into `written_bytes` what was copied. Errors only when a reflink attempt failed for real.
-pub fn offload_file(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    tmp: &Path,
-    calls: &mut u64,
-    written_bytes: &mut u64,
-) -> Result<Offload, JobError> {
-    imp::offload_file(src, dst, tmp, calls, written_bytes)
-}
-
-/// Copy `[start, end)` (or from `start` to end of file) with `copy_file_range` at the same offsets in both files,
-/// adding what was copied to `written_bytes`. Never fails: whatever it cannot copy is left to the read/write path.
-pub fn offload_range(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    start: u64,
-    end: Option<u64>,
-    calls: &mut u64,
-    written_bytes: &mut u64,
-) -> Offload {
-    imp::offload_range(src, dst, start, end, calls, written_bytes)
-}
+pub use imp::{offload_file, offload_range};
 
 /// The syscalls behind the offloads, retried on EINTR and counted into `calls`.
 #[cfg(target_os = "linux")]
