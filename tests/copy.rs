@@ -51,6 +51,7 @@ both_engines!(
     sparse_small,
     large_files,
     huge_file,
+    full_disk_fails_cleanly,
     direct_io_exact,
     direct_io_verify_exact,
     chunk_boundaries,
@@ -1223,4 +1224,35 @@ fn forced_uring_where_blocked_is_an_error() {
         "error does not name the cause",
     );
     out.check(!dst.exists(), "nothing may be written when the forced engine cannot start");
+}
+
+/// A destination filesystem that fills up: the file that does not fit fails with one line naming it and the cause,
+/// exit 1; the file that fits is copied; nothing partial or temporary is left. Needs root to mount a small tmpfs.
+fn full_disk_fails_cleanly(e: Engine) {
+    let t = tmp();
+    let mnt = t.path().join("tiny");
+    mkdirs(&mnt);
+    let mount = Cmd::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&mnt).run();
+    if mount.code != Some(0) {
+        eprintln!("SKIP: cannot mount a tmpfs here ({})", mount.stderr_str().trim());
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("big"), &random_bytes(41, 5_000_000));
+    write_file(&src.join("small"), &random_bytes(42, 3000));
+    let dst = mnt.join("dst");
+    let out = copy(e, &[], &src, &dst);
+    out.assert_code(1);
+    out.assert_one_failure("big", "No space left on device");
+    assert!(!dst.join("big").exists(), "a partial file was left under its final name");
+    assert_same_bytes(&src.join("small"), &dst.join("small"));
+    assert_no_tmp(&mnt);
 }

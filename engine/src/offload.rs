@@ -49,23 +49,24 @@ mod imp {
     }
 
     /// Copy a whole file in the kernel: a reflink when the filesystem has them, else `copy_file_range` to end of
-    /// file. Counts into `written_bytes` what was copied. Errors only when a reflink attempt failed for real.
+    /// file. Counts into `written_bytes` what was copied. Errors only when a reflink attempt failed for real; they
+    /// name `dst_name`, the destination as the user knows it.
     pub fn offload_file(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
-        tmp: &Path,
+        dst_name: &Path,
         calls: &mut u64,
         written_bytes: &mut u64,
     ) -> Result<Offload, JobError> {
         match sys::ficlone(dst, src, calls) {
             Ok(()) => {
                 // The clone is a snapshot of the whole source: its size is what the destination received.
-                *written_bytes = sys::file_size(dst).map_err(|e| JobError::new(Op::Write, tmp, e))?;
+                *written_bytes = sys::file_size(dst).map_err(|e| JobError::new(Op::Write, dst_name, e))?;
                 return Ok(Offload::Complete);
             }
             Err(e) if clone_refused(&e) => {}
             // Anything else (ENOSPC, EIO, EPERM on an immutable file, ...) is a real failure writing the destination.
-            Err(e) => return Err(JobError::new(Op::Write, tmp, e)),
+            Err(e) => return Err(JobError::new(Op::Write, dst_name, e)),
         }
         Ok(offload_range(src, dst, 0, None, calls, written_bytes))
     }
@@ -131,7 +132,7 @@ mod imp {
     pub fn offload_file(
         _src: BorrowedFd<'_>,
         _dst: BorrowedFd<'_>,
-        _tmp: &Path,
+        _dst_name: &Path,
         _calls: &mut u64,
         _written_bytes: &mut u64,
     ) -> Result<Offload, JobError> {

@@ -16,7 +16,6 @@ use fastsync_engine::offload::{Offload, offload_file, offload_range};
 /// The names one copy deals with, for errors: where bytes come from, the file written, the name users asked for.
 struct Names<'a> {
     src: &'a Path,
-    tmp: &'a Path,
     dst: &'a Path,
 }
 
@@ -59,7 +58,7 @@ impl Shard {
             Ok(fd) => fd,
             Err(e) => return Outcome::Failed(JobError::new(Op::Create, &job.dst, e)),
         };
-        let names = Names { src: &job.src, tmp: &job.tmp, dst: &job.dst };
+        let names = Names { src: &job.src, dst: &job.dst };
         let result = self
             .copy_file(src.as_fd(), dst.as_fd(), job, &names, written_bytes)
             .and_then(|()| finish_file(dst.as_fd(), None, &job.tmp, &job.dst, &job.finish));
@@ -89,7 +88,7 @@ impl Shard {
         let start = if verify || job.size_hint == 0 {
             0
         } else {
-            match offload_file(src, dst, names.tmp, &mut self.stats.syscalls, written_bytes)? {
+            match offload_file(src, dst, names.dst, &mut self.stats.syscalls, written_bytes)? {
                 Offload::Complete => return Ok(()),
                 Offload::ResumeAt(offset) => offset,
             }
@@ -108,7 +107,7 @@ impl Shard {
     fn copy_range(&mut self, job: &RangeJob, written_bytes: &mut u64) -> Result<(), JobError> {
         let file = &*job.file;
         let (src, dst) = (file.src_fd.as_fd(), file.dst_fd.as_fd());
-        let names = Names { src: &file.src, tmp: &file.tmp, dst: &file.dst };
+        let names = Names { src: &file.src, dst: &file.dst };
         let verify = file.finish.verify;
         let end = job.offset + job.len;
         let start = if verify {
@@ -160,11 +159,11 @@ impl Shard {
             if read_bytes > 0 {
                 let data = &mut block[..read_bytes];
                 let source_hash = verify.then(|| blake3::hash(data));
-                sys::pwrite_all(dst, data, offset, calls).map_err(|e| JobError::new(Op::Write, names.tmp, e))?;
+                sys::pwrite_all(dst, data, offset, calls).map_err(|e| JobError::new(Op::Write, names.dst, e))?;
                 *written_bytes += read_bytes as u64;
                 if let Some(source_hash) = source_hash {
-                    let back_bytes =
-                        sys::pread_full(dst, data, offset, calls).map_err(|e| JobError::new(Op::Read, names.tmp, e))?;
+                    let back_bytes = sys::pread_full(dst, data, offset, calls)
+                        .map_err(|e| JobError::new(Op::Verify, names.dst, e))?;
                     // A short read-back leaves source bytes in the tail of the slot: compare lengths too.
                     if back_bytes != read_bytes || blake3::hash(data) != source_hash {
                         let e = io::Error::new(
