@@ -77,9 +77,8 @@ pub fn copy(
             links: HashMap::new(),
             summary: Summary::new("copy", engine.kind().name(), config.shards),
             progress: Progress::new(opts.progress && !opts.quiet),
-            reported: Vec::new(),
+            tmp_seq: 0,
         },
-        tmp_seq: 0,
         ancestors: Vec::new(),
         id,
     };
@@ -225,8 +224,8 @@ struct State {
     links: HashMap<(u64, u64), LinkState>,
     summary: Summary,
     progress: Progress,
-    /// Paths of chunked files already reported as failed (their other ranges fail too; report once).
-    reported: Vec<PathBuf>,
+    /// Temporary names made so far (numbers them).
+    tmp_seq: u64,
 }
 
 struct Exec<'a> {
@@ -235,7 +234,6 @@ struct Exec<'a> {
     direct_ok: bool,
     session: Session,
     st: State,
-    tmp_seq: u64,
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
     id: meta::Identity,
@@ -374,8 +372,7 @@ impl Exec<'_> {
     }
 
     fn tmp_path(&mut self, dst: &Path) -> PathBuf {
-        self.tmp_seq += 1;
-        tmp_name(dst, self.tmp_seq)
+        self.st.tmp_path(dst)
     }
 
     fn symlink(&mut self, src: &Path, dst: &Path, md: &Metadata) -> Result<(), String> {
@@ -536,12 +533,11 @@ impl State {
             Outcome::FileDone | Outcome::RangeDoneFileDone => f.done_ok = true,
             Outcome::RangeDone | Outcome::RangeAbandoned => {}
             Outcome::Failed(e) => {
+                // Every range of a chunked file shares this context: report the file's first failure only.
                 let first = !f.failed;
                 f.failed = true;
-                let path = f.dst.clone();
-                if first && !self.reported.contains(&path) {
+                if first {
                     self.fail(e.to_string());
-                    self.reported.push(path);
                 }
             }
         }
@@ -551,7 +547,6 @@ impl State {
             return;
         }
         let f = self.files.remove(fid);
-        self.reported.retain(|p| p != &f.dst);
         let ok = f.done_ok && !f.failed;
         if ok {
             self.summary.files += 1;
@@ -579,9 +574,14 @@ impl State {
         }
     }
 
+    fn tmp_path(&mut self, dst: &Path) -> PathBuf {
+        self.tmp_seq += 1;
+        tmp_name(dst, self.tmp_seq)
+    }
+
     /// Create `name` as a hard link to the already-copied `first` (atomically replacing what is there).
     fn make_link(&mut self, first: &Path, name: &Path) {
-        let tmp = tmp_name(name, u64::from(std::process::id()) ^ 0x5eed);
+        let tmp = self.tmp_path(name);
         let r = fs::hard_link(first, &tmp).and_then(|()| fs::rename(&tmp, name));
         match r {
             Ok(()) => self.summary.hardlinks += 1,

@@ -72,7 +72,7 @@ pub fn finish_file(
 }
 
 /// fsync the directory that holds `path`, making a rename or create in it durable.
-pub fn fsync_dir(path: &Path) -> io::Result<()> {
+fn fsync_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -22,7 +22,7 @@ pub mod pool;
 pub mod session;
 
 pub use error::{EngineError, JobError, Op};
-pub use finish::{abandon, finish_file, fsync_dir};
+pub use finish::{abandon, finish_file};
 pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, Job, Outcome, RangeJob, Timestamp};
 pub use pool::AlignedArena;
 pub use session::{Session, ShardCtx, ShardStats};

@@ -244,11 +244,6 @@ impl Session {
         Ok(())
     }
 
-    /// Jobs submitted and not yet completed.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
     fn wait_one(&mut self, on_done: &mut dyn FnMut(Completion)) -> Result<(), EngineError> {
         loop {
             match self.done.recv_timeout(Duration::from_millis(200)) {

@@ -44,14 +44,11 @@ fn user_data(slot: usize, step: Step) -> u64 {
     ((slot as u64) << 3) | step as u64
 }
 
-/// Where a task's source bytes come from.
-enum Src {
-    /// Not opened yet (whole-file job waiting for its OPENAT).
-    Pending,
-    /// A slot in this ring's fixed-file table.
+/// What a read targets: a whole file's source sits in fixed-file slot = task slot; everything else (the shared
+/// descriptors of a chunked file, a destination being read back) is a plain descriptor.
+enum Target {
     Fixed(u32),
-    /// A descriptor shared with other shards (ranges of a chunked file).
-    Shared,
+    Fd(RawFd),
 }
 
 /// State of one admitted job.
@@ -59,7 +56,6 @@ struct Task {
     job: Job,
     /// Whole-file jobs: the source path as a C string, alive until its OPENAT completes.
     src_c: Option<CString>,
-    src: Src,
     dst_fd: Option<OwnedFd>,
     /// Next source offset to read.
     offset: u64,
@@ -96,7 +92,10 @@ struct Shard {
     /// Slots `0..registered` are registered buffers (buffer index = slot); the rest use plain READ/WRITE.
     registered: usize,
     tasks: Vec<Option<Task>>,
+    /// Free slots; admitted tasks are the others.
     free: Vec<usize>,
+    /// Completions of one turn, reused so the event loop does not allocate.
+    cqes: Vec<(u64, i32)>,
     /// Buffered writes go through the ring (else `pwrite` on this thread).
     ring_buffered_writes: bool,
     stats: ShardStats,
@@ -116,8 +115,8 @@ impl Shard {
             .setup_cqsize(entries * 2)
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
-        // One fixed-file slot per task plus room for closes still in flight.
-        ring.submitter().register_files_sparse((slots * 2 + 8) as u32)?;
+        // One fixed-file slot per task: a whole file's source is opened into its task's slot.
+        ring.submitter().register_files_sparse(slots as u32)?;
         let arena = AlignedArena::new(block_bytes, slots);
         let want = slots.min(registrable_slots).min(u16::MAX as usize);
         let mut registered = 0;
@@ -140,25 +139,24 @@ impl Shard {
             registered,
             tasks: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
+            cqes: Vec::with_capacity(entries as usize * 2),
             ring_buffered_writes,
             stats: ShardStats::default(),
         })
     }
 
     fn run(mut self, ctx: &mut ShardCtx) -> ShardStats {
-        let mut in_flight = 0usize;
         loop {
             // Admit jobs while we have buffer slots.
             while !self.free.is_empty() {
                 let Some(job) = ctx.next_job() else { break };
                 let slot = self.free.pop().expect("checked non-empty");
-                in_flight += 1;
                 self.admit(slot, job);
                 if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
-                    in_flight -= self.retire(slot, ctx);
+                    self.retire(slot, ctx);
                 }
             }
-            if in_flight == 0 {
+            if self.free.len() == self.tasks.len() {
                 if !ctx.wait_for_work() {
                     break;
                 }
@@ -171,14 +169,17 @@ impl Shard {
                     panic!("io_uring_enter failed: {e}");
                 }
             }
-            let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-            for (ud, res) in cqes {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
                 let slot = (ud >> 3) as usize;
                 self.on_cqe(slot, Step::from_bits(ud & 7), res);
                 if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
-                    in_flight -= self.retire(slot, ctx);
+                    self.retire(slot, ctx);
                 }
             }
+            cqes.clear();
+            self.cqes = cqes;
         }
         self.stats
     }
@@ -200,7 +201,6 @@ impl Shard {
         let mut task = Task {
             job,
             src_c: None,
-            src: Src::Pending,
             dst_fd: None,
             offset: 0,
             end: u64::MAX,
@@ -260,7 +260,6 @@ impl Shard {
                 // SAFETY: fresh descriptor owned by nobody else.
                 task.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
                 task.src_c = Some(src_c);
-                task.src = Src::Fixed(slot as u32);
                 task.ops_pending = 2;
                 self.tasks[slot] = Some(task);
                 let first_read = self
@@ -279,7 +278,6 @@ impl Shard {
                 self.push(first_read);
             }
             Job::Range(r) => {
-                task.src = Src::Shared;
                 task.offset = r.offset;
                 task.end = r.offset + r.len;
                 if !r.file.direct && !r.file.finish.verify {
@@ -358,19 +356,16 @@ impl Shard {
     fn read_sqe(&self, slot: usize, offset: u64, len: u32, from_dst: bool) -> squeue::Entry {
         let t = self.tasks[slot].as_ref().expect("live task");
         let buf = self.arena.slot_ptr(slot);
-        let fixed_buf = (slot < self.registered).then_some(slot as u16);
-        if from_dst {
-            let fd = types::Fd(dst_raw(t));
-            return match fixed_buf {
-                Some(i) => opcode::ReadFixed::new(fd, buf, len, i).offset(offset).build(),
-                None => opcode::Read::new(fd, buf, len).offset(offset).build(),
-            };
-        }
-        match (&t.src, fixed_buf) {
-            (Src::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(*f), buf, len, i).offset(offset).build(),
-            (Src::Fixed(f), None) => opcode::Read::new(types::Fixed(*f), buf, len).offset(offset).build(),
-            (_, Some(i)) => opcode::ReadFixed::new(types::Fd(src_raw(t)), buf, len, i).offset(offset).build(),
-            (_, None) => opcode::Read::new(types::Fd(src_raw(t)), buf, len).offset(offset).build(),
+        let target = match &t.job {
+            _ if from_dst => Target::Fd(dst_raw(t)),
+            Job::File(_) => Target::Fixed(slot as u32),
+            Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
+        };
+        match (target, (slot < self.registered).then_some(slot as u16)) {
+            (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
+            (Target::Fixed(f), None) => opcode::Read::new(types::Fixed(f), buf, len).offset(offset).build(),
+            (Target::Fd(fd), Some(i)) => opcode::ReadFixed::new(types::Fd(fd), buf, len, i).offset(offset).build(),
+            (Target::Fd(fd), None) => opcode::Read::new(types::Fd(fd), buf, len).offset(offset).build(),
         }
     }
 
@@ -530,8 +525,7 @@ impl Shard {
     }
 
     /// The task has no operation in flight: finish it (or clean up after its error), report it, free its slot.
-    /// Returns the number of tasks retired (0 while a detached close still needs the task, else 1).
-    fn retire(&mut self, slot: usize, ctx: &ShardCtx) -> usize {
+    fn retire(&mut self, slot: usize, ctx: &ShardCtx) {
         let mut t = self.tasks[slot].take().expect("live task");
         // A whole file's source stays in fixed slot `slot` until the next task's open replaces it (or the ring is
         // dropped): no CLOSE round trip per file.
@@ -542,7 +536,6 @@ impl Shard {
         };
         ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
         self.free.push(slot);
-        1
     }
 }
 
@@ -585,13 +578,6 @@ fn job_verify(job: &Job) -> bool {
     match job {
         Job::File(f) => f.finish.verify,
         Job::Range(r) => r.file.finish.verify,
-    }
-}
-
-fn src_raw(t: &Task) -> RawFd {
-    match &t.job {
-        Job::Range(r) => r.file.src_fd.as_raw_fd(),
-        Job::File(_) => unreachable!("whole-file sources are fixed files"),
     }
 }
 
