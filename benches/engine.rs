@@ -113,12 +113,20 @@ fn bench(c: &mut Criterion) {
                     finish: FinishSpec::default(),
                     ranges_left: AtomicU32::new((LARGE_FILE_BYTES as u64 / CHUNK_BYTES) as u32),
                     failed: AtomicBool::new(false),
+                    journal: None,
+                    interrupted: AtomicBool::new(false),
                 });
                 let chunks = LARGE_FILE_BYTES as u64 / CHUNK_BYTES;
                 run(
                     engine.as_ref(),
                     (0..chunks).map(|i| {
-                        Job::Range(RangeJob { tag: i, file: file.clone(), offset: i * CHUNK_BYTES, len: CHUNK_BYTES })
+                        Job::Range(RangeJob {
+                            tag: i,
+                            file: file.clone(),
+                            offset: i * CHUNK_BYTES,
+                            len: CHUNK_BYTES,
+                            resume: false,
+                        })
                     }),
                 );
                 assert_eq!(fs::metadata(dst.join("big")).unwrap().len(), LARGE_FILE_BYTES as u64);

@@ -3,31 +3,36 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fastsync_engine::{EngineConfig, EngineKind};
 
+use crate::config::{MemoryProfile, Overrides, Settings};
 use crate::copy::CopyOptions;
 use crate::engines::{self, EngineChoice};
 use crate::error::exit;
+use crate::filter::Filter;
 use crate::meta::Preserve;
-use crate::{Error, copy};
+use crate::sync::{Compare, SyncOptions};
+use crate::{Error, copy, interrupt};
 
 /// Bytes of one I/O block (one buffer slot).
 const BLOCK_BYTES: usize = 1 << 20;
-/// Buffer slots per io_uring shard: jobs (and I/Os) in flight per core.
-const URING_SLOTS_PER_SHARD: usize = 32;
 /// The fallback engine blocks in syscalls, so it runs more threads than cores to keep the device busy.
 const FALLBACK_THREADS_PER_CORE: usize = 2;
+/// Share of the memory limit that I/O buffers may take; the rest is for the walk, queues, and the allocator.
+const BUFFER_SHARE_DIVISOR: u64 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "fastsync",
     version,
-    about = "Copy files and trees as fast as the hardware allows, without ever losing a byte",
-    long_about = "fastsync copies files and directory trees with one io_uring per core (or a portable thread pool \
-                  where io_uring is unavailable). Files appear under their final names only when complete.",
-    after_help = "Exit status: 0 all copied; 1 some entries failed (each is listed) or the run could not start; \
-                  2 usage error or refused request."
+    about = "Copy and sync files and trees as fast as the hardware allows, without ever losing a byte",
+    long_about = "fastsync copies and syncs files and directory trees with one io_uring per core (or a portable \
+                  thread pool where io_uring is unavailable). Files appear under their final names only when \
+                  complete; an interrupted run resumes where it stopped.",
+    after_help = "Exit status: 0 all done; 1 some entries failed (each is listed) or the run could not start; \
+                  2 usage error or refused request; 130/143 interrupted by SIGINT/SIGTERM (rerun to resume).\n\
+                  Settings come from the config file, then FASTSYNC_* variables, then flags (see `fastsync config`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,11 +44,21 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct GlobalArgs {
     /// Engine: io_uring when available (auto), io_uring or fail (uring), or the portable thread pool (fallback)
-    #[arg(long, global = true, value_enum, default_value = "auto", env = "FASTSYNC_ENGINE")]
-    pub engine: EngineChoice,
-    /// Cores (shards) to use [default: all available]
-    #[arg(long, global = true, env = "FASTSYNC_CORES", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// [config: engine; env: FASTSYNC_ENGINE; default: auto]
+    #[arg(long, global = true, value_enum)]
+    pub engine: Option<EngineChoice>,
+    /// Cores (shards) to use [config: cores; env: FASTSYNC_CORES; default: all available]
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub cores: Option<u16>,
+    /// Memory profile: bounds buffers and queues [config: memory_profile; env: FASTSYNC_MEMORY_PROFILE]
+    #[arg(long, global = true, value_enum)]
+    pub memory_profile: Option<MemoryProfile>,
+    /// Memory limit, e.g. 512M or 2G (binary units); overrides the profile's [env: FASTSYNC_MEMORY_LIMIT]
+    #[arg(long, global = true, value_parser = crate::config::parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Read settings from this TOML file instead of $XDG_CONFIG_HOME/fastsync/config.toml [env: FASTSYNC_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Explain choices (engine, fallbacks, limits) on stderr
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -53,7 +68,7 @@ pub struct GlobalArgs {
     /// Print a summary when done
     #[arg(long, global = true)]
     pub stats: bool,
-    /// Print the summary as one JSON object on stdout
+    /// Print the summary (and itemized changes) as JSON on stdout
     #[arg(long, global = true)]
     pub json: bool,
 }
@@ -62,17 +77,30 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Copy a file or a directory tree
     #[command(
-        long_about = "Copy SRC to DST.\n\nWhen SRC is a directory, DST (created if absent) receives its contents. \
-                      When SRC is a file, DST is its new path, unless DST is an existing directory or ends in '/', \
-                      where the file keeps its name inside it.\n\nPermissions, owner (where permitted), nanosecond \
-                      times of files and directories, symlinks (as symlinks), sparse files, empty files and \
-                      directories are always preserved. FIFOs, sockets and devices are skipped with a warning."
+        long_about = "Copy SRC to DST, every file, whether or not the destination already has it (like cp -a).\n\n\
+                      When SRC is a directory, DST (created if absent) receives its contents. When SRC is a file, \
+                      DST is its new path, unless DST is an existing directory or ends in '/', where the file \
+                      keeps its name inside it.\n\nPermissions, owner (where permitted), nanosecond times of files \
+                      and directories, symlinks (as symlinks), sparse files, empty files and directories are always \
+                      preserved. FIFOs, sockets and devices are skipped with a warning."
     )]
     Copy(CopyArgs),
+    /// Make DST match SRC, transferring only what differs
+    #[command(
+        long_about = "Make DST match SRC (same rule for SRC and DST as copy), transferring only files that differ: \
+                      by size and modification time (default), by BLAKE3 digest (--checksum) or by size \
+                      (--size-only). With --delete, destination entries absent from the source are removed, but \
+                      only after every transfer succeeded. Filters (--exclude, --include, --filter-from) follow \
+                      rsync's rules: the first matching rule decides; excluded entries are neither copied nor \
+                      deleted."
+    )]
+    Sync(SyncArgs),
+    /// Show the effective configuration and where each value came from
+    Config,
 }
 
 #[derive(Args, Debug)]
-pub struct CopyArgs {
+pub struct TransferArgs {
     /// Source file or directory
     pub src: PathBuf,
     /// Destination (see the rule above)
@@ -86,28 +114,75 @@ pub struct CopyArgs {
     /// Copy extended attributes
     #[arg(short = 'X', long)]
     pub xattrs: bool,
-    /// Make every file durable (data, rename, directory) before counting it
+    /// Make every file durable (data, rename, directory) before counting it [config: fsync]
     #[arg(long)]
     pub fsync: bool,
-    /// Read every destination block back and compare its BLAKE3 digest with the source's
+    /// Read every destination block back and compare its BLAKE3 digest with the source's [config: verify]
     #[arg(long)]
     pub verify: bool,
     /// Copy files of 64 MiB and more with O_DIRECT (uring engine): no page-cache copies, far less CPU
+    /// [config: direct_io]
     #[arg(long)]
     pub direct_io: bool,
+    /// Exclude entries matching GLOB (rsync rules; repeatable; order matters with --include)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Include entries matching GLOB even if a later rule excludes them (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Read rules from FILE: one per line, '+ GLOB' or '- GLOB' ('#' comments)
+    #[arg(long, value_name = "FILE")]
+    pub filter_from: Vec<PathBuf>,
+    /// Change nothing: print what would be copied, updated and deleted
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Print one line per change: copy, update, mkdir, attrs, delete, and the path
+    #[arg(short = 'i', long)]
+    pub itemize_changes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub t: TransferArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub t: TransferArgs,
+    /// Compare files by BLAKE3 digest (computed on every core) instead of size and modification time
+    #[arg(short = 'c', long, conflicts_with = "size_only")]
+    pub checksum: bool,
+    /// Compare files by size only
+    #[arg(long)]
+    pub size_only: bool,
+    /// Skip files that already exist in the destination
+    #[arg(long)]
+    pub ignore_existing: bool,
+    /// Skip files whose destination is newer than the source
+    #[arg(short = 'u', long)]
+    pub update: bool,
+    /// Delete destination entries absent from the source (only after every transfer succeeded)
+    #[arg(long)]
+    pub delete: bool,
+    /// With --delete: delete nothing, and fail, if more than N entries would be deleted
+    #[arg(long, value_name = "N", requires = "delete")]
+    pub max_delete: Option<u64>,
 }
 
 /// Parse, run, print; returns the exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
-            let _ = e.print();
-            return code;
-        }
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return clap_exit(e),
     };
-    match run(&cli) {
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return clap_exit(e),
+    };
+    let sub = matches.subcommand().map(|(_, m)| m);
+    match run(&cli, sub) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fastsync: {e}");
@@ -116,38 +191,103 @@ pub fn main() -> i32 {
     }
 }
 
-fn run(cli: &Cli) -> Result<i32, Error> {
+fn clap_exit(e: clap::Error) -> i32 {
+    let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+    let _ = e.print();
+    code
+}
+
+fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let g = &cli.global;
-    let Command::Copy(args) = &cli.command;
-    let selected = engines::select(g.engine)?;
+    let transfer = match &cli.command {
+        Command::Copy(a) => Some(&a.t),
+        Command::Sync(a) => Some(&a.t),
+        Command::Config => None,
+    };
+    let overrides = Overrides {
+        engine: g.engine,
+        cores: g.cores,
+        memory_profile: g.memory_profile,
+        memory_limit: g.memory_limit,
+        fsync: transfer.is_some_and(|t| t.fsync),
+        verify: transfer.is_some_and(|t| t.verify),
+        direct_io: transfer.is_some_and(|t| t.direct_io),
+    };
+    let settings = Settings::load(g.config.as_deref(), &|k| std::env::var_os(k), &overrides)
+        .map_err(|e| Error::Refused(e.to_string()))?;
+    if let Command::Config = cli.command {
+        let mut out = std::io::stdout().lock();
+        let _ = if g.json {
+            writeln!(out, "{}", settings.to_json())
+        } else {
+            let file = match (&settings.file, crate::config::default_file(&|k| std::env::var_os(k))) {
+                (Some(f), _) => format!("# config file: {}", f.display()),
+                (None, Some(d)) => format!("# no config file ({} does not exist)", d.display()),
+                (None, None) => "# no config file".to_string(),
+            };
+            writeln!(out, "{file}").and_then(|()| write!(out, "{}", settings.render()))
+        };
+        return Ok(exit::OK);
+    }
+    let t = transfer.expect("a transfer command");
+    let filter = filter_rules(sub.expect("subcommand matches"))?;
+    let selected = engines::select(settings.engine.value)?;
     if g.verbose > 0 {
         for note in &selected.notes {
             eprintln!("fastsync: {note}");
         }
     }
-    let cores = g.cores.map(usize::from).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let config = engine_config(selected.engine.kind(), cores);
+    let cores = settings
+        .cores
+        .value
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = engine_config(selected.engine.kind(), cores, settings.memory_limit_bytes());
     if g.verbose > 0 {
         eprintln!(
-            "fastsync: {} cores, {} shards x {} slots of {} KiB ({} MiB of buffers)",
+            "fastsync: {} cores, {} shards x {} slots of {} KiB ({} MiB of buffers; memory limit {} MiB)",
             cores,
             config.shards,
             config.slots_per_shard,
             config.block_bytes >> 10,
-            config.buffer_bytes() >> 20
+            config.buffer_bytes() >> 20,
+            settings.memory_limit_bytes() >> 20
         );
     }
-    let opts = CopyOptions {
-        dereference: args.dereference,
-        hard_links: args.hard_links,
-        preserve: Preserve { xattrs: args.xattrs },
-        fsync: args.fsync,
-        verify: args.verify,
-        direct_io: args.direct_io,
-        quiet: g.quiet,
-        progress: !g.json,
+    let sync = match &cli.command {
+        Command::Sync(s) => Some(SyncOptions {
+            compare: if s.checksum {
+                Compare::Checksum
+            } else if s.size_only {
+                Compare::SizeOnly
+            } else {
+                Compare::SizeAndTime
+            },
+            ignore_existing: s.ignore_existing,
+            update: s.update,
+            delete: s.delete,
+            max_delete: s.max_delete,
+        }),
+        _ => None,
     };
-    let mut summary = copy::copy(&args.src, &args.dst, &opts, selected.engine.as_ref(), &config)?;
+    let is_sync = sync.is_some();
+    let opts = CopyOptions {
+        dereference: t.dereference,
+        hard_links: t.hard_links,
+        preserve: Preserve { xattrs: t.xattrs },
+        fsync: settings.fsync.value,
+        verify: settings.verify.value,
+        direct_io: settings.direct_io.value,
+        quiet: g.quiet,
+        progress: !g.json && !t.dry_run && !t.itemize_changes,
+        filter,
+        sync,
+        dry_run: t.dry_run,
+        itemize: t.itemize_changes,
+        json: g.json,
+    };
+    interrupt::install();
+    let mut summary = copy::run(&t.src, &t.dst, &opts, selected.engine.as_ref(), &config)?;
     summary.cores = cores;
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not turn a good copy into a failure.
@@ -156,18 +296,64 @@ fn run(cli: &Cli) -> Result<i32, Error> {
     } else if g.stats {
         let _ = summary.write_human(&mut out);
     }
+    if is_sync && !g.quiet && !g.json {
+        eprintln!("fastsync: {}", summary.sync_line());
+    }
+    if let Some(why) = &summary.deletions_skipped {
+        eprintln!("fastsync: --delete: {why}");
+    }
+    if let Some(signal) = summary.interrupted {
+        eprintln!("fastsync: interrupted; rerun the same command to finish (finished work is kept)");
+        return Ok(interrupt::exit_code(signal));
+    }
     if summary.errors > 0 {
-        eprintln!("fastsync: {} error(s); some entries were not copied (listed above)", summary.errors);
+        eprintln!("fastsync: {} error(s); some entries were not transferred (listed above)", summary.errors);
         return Ok(exit::PARTIAL);
     }
     Ok(exit::OK)
 }
 
-/// Sizing for `cores` cores on the given engine.
-fn engine_config(kind: EngineKind, cores: usize) -> EngineConfig {
-    let (shards, slots) = match kind {
-        EngineKind::Uring => (cores, URING_SLOTS_PER_SHARD),
-        EngineKind::Fallback => (cores * FALLBACK_THREADS_PER_CORE, 1),
+/// The filter rules in the order they were given on the command line, whatever the flag.
+fn filter_rules(m: &ArgMatches) -> Result<Filter, Error> {
+    enum Rule<'a> {
+        Exclude(&'a String),
+        Include(&'a String),
+        File(&'a PathBuf),
+    }
+    let mut rules: Vec<(usize, Rule<'_>)> = Vec::new();
+    if let (Some(v), Some(i)) = (m.get_many::<String>("exclude"), m.indices_of("exclude")) {
+        rules.extend(i.zip(v.map(Rule::Exclude)));
+    }
+    if let (Some(v), Some(i)) = (m.get_many::<String>("include"), m.indices_of("include")) {
+        rules.extend(i.zip(v.map(Rule::Include)));
+    }
+    if let (Some(v), Some(i)) = (m.get_many::<PathBuf>("filter_from"), m.indices_of("filter_from")) {
+        rules.extend(i.zip(v.map(Rule::File)));
+    }
+    rules.sort_by_key(|(i, _)| *i);
+    let mut filter = Filter::new();
+    for (_, rule) in rules {
+        let r = match rule {
+            Rule::Exclude(p) => filter.add_exclude(p),
+            Rule::Include(p) => filter.add_include(p),
+            Rule::File(f) => filter.add_rules_from_file(f),
+        };
+        r.map_err(|e| Error::Refused(e.to_string()))?;
+    }
+    Ok(filter)
+}
+
+/// Sizing for `cores` cores on the given engine within `memory_limit_bytes`: buffers take at most a quarter of the
+/// limit (32 slots of 1 MiB per io_uring shard at most, 2 at least); jobs in flight follow the slots.
+pub fn engine_config(kind: EngineKind, cores: usize, memory_limit_bytes: u64) -> EngineConfig {
+    let shards = match kind {
+        EngineKind::Uring => cores,
+        EngineKind::Fallback => cores * FALLBACK_THREADS_PER_CORE,
+    };
+    let budget_slots = (memory_limit_bytes / BUFFER_SHARE_DIVISOR / BLOCK_BYTES as u64 / shards as u64) as usize;
+    let slots = match kind {
+        EngineKind::Uring => budget_slots.clamp(2, URING_SLOTS_PER_SHARD_MAX),
+        EngineKind::Fallback => 1,
     };
     EngineConfig {
         shards,
@@ -178,3 +364,6 @@ fn engine_config(kind: EngineKind, cores: usize) -> EngineConfig {
         buffered_writes_nonblocking: false,
     }
 }
+
+/// Buffer slots per io_uring shard at most: jobs (and I/Os) in flight per core. More bought nothing measurable.
+const URING_SLOTS_PER_SHARD_MAX: usize = 32;

@@ -1,10 +1,11 @@
-//! `fastsync copy`: decide what goes where, walk the source as a stream, turn entries into engine jobs, and finish
-//! each directory (permissions, owner, times) once everything inside it is done.
+//! The transfer executor behind `copy` and `sync`: decide what goes where, walk the source as a stream, compare
+//! with the destination (sync), turn entries into engine jobs, and finish each directory (permissions, owner, times)
+//! once everything inside it is done.
 //!
 //! Memory stays bounded for any tree size: the walk is a depth-first stream (one open directory per level), the
 //! engine holds at most `jobs_in_flight_max` jobs, and only directories that still have work in flight are kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,20 +13,26 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
+use fastsync_engine::blocking::stamp_of;
+use fastsync_engine::journal::{Opened, SourceId};
 use fastsync_engine::{
-    ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, Job, Outcome, RangeJob, Session, abandon,
-    finish::cstr,
+    ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, HashJob, Job, Journal, Op, Outcome, RangeJob,
+    Session, Timestamp, abandon, finish::cstr,
 };
 
 use crate::Error;
+use crate::filter::Filter;
+use crate::interrupt;
 use crate::meta::{self, Preserve};
 use crate::plan::{self, FilePlan};
 use crate::progress::Progress;
 use crate::slab::Slab;
+use crate::stale;
 use crate::stats::Summary;
+use crate::sync::{self, Change, DeletePass, Facts, Itemizer, SyncOptions, Verdict};
 
 /// With `--direct-io`, files at least this large are copied with O_DIRECT on engines that support it: the device
 /// moves the bytes straight to and from the registered buffers (no page-cache copies, about a tenth of the CPU) and
@@ -36,8 +43,14 @@ const DIRECT_FILE_BYTES_MIN: u64 = 64 << 20;
 /// At most this many failures are kept for the summary (all are printed and counted).
 const FAILURES_KEPT_MAX: usize = 1000;
 
-/// Everything `copy` needs to know; built from flags by the CLI.
-#[derive(Clone, Debug)]
+/// A source that changes while it is copied is copied again, up to this many attempts in all.
+const SOURCE_ATTEMPTS_MAX: u8 = 3;
+
+/// Job tags with this bit set are digest jobs of `--checksum` (bit 0: which side); others are file ids.
+const TAG_HASH: u64 = 1 << 63;
+
+/// Everything a transfer needs to know; built from flags by the CLI.
+#[derive(Debug, Default)]
 pub struct CopyOptions {
     pub dereference: bool,
     pub hard_links: bool,
@@ -48,11 +61,21 @@ pub struct CopyOptions {
     pub direct_io: bool,
     pub quiet: bool,
     pub progress: bool,
+    /// Include/exclude rules; excluded entries are neither copied nor deleted.
+    pub filter: Filter,
+    /// `sync`: compare with the destination and transfer only what differs. `None`: `copy` (always copies).
+    pub sync: Option<SyncOptions>,
+    /// Change nothing; itemize what would be done.
+    pub dry_run: bool,
+    /// Print one line per change (always on with `dry_run`).
+    pub itemize: bool,
+    /// Itemized lines as JSON objects.
+    pub json: bool,
 }
 
-/// Copy `src` to `dst` with rclone's rule (see the README): a directory's contents go into `dst`; a file becomes
-/// `dst`, or goes inside it when `dst` is an existing directory or ends in `/`.
-pub fn copy(
+/// Run a transfer of `src` to `dst` with rclone's rule (see the README): a directory's contents go into `dst`; a
+/// file becomes `dst`, or goes inside it when `dst` is an existing directory or ends in `/`.
+pub fn run(
     src: &Path,
     dst: &Path,
     opts: &CopyOptions,
@@ -66,6 +89,9 @@ pub fn copy(
     config.buffered_writes_nonblocking = meta::buffered_writes_nonblocking(&target);
     let session = engine.start(&config)?;
     let direct_ok = engine.capabilities().direct_io && opts.direct_io;
+    let command = if opts.sync.is_some() { "sync" } else { "copy" };
+    let mut summary = Summary::new(command, engine.kind().name(), config.shards);
+    summary.dry_run = opts.dry_run;
     let mut exec = Exec {
         opts,
         shards: config.shards,
@@ -74,18 +100,60 @@ pub fn copy(
         st: State {
             dirs: Slab::new(),
             files: Slab::new(),
+            compares: Slab::new(),
             links: HashMap::new(),
-            summary: Summary::new("copy", engine.kind().name(), config.shards),
+            deferred: VecDeque::new(),
+            summary,
             progress: Progress::new(opts.progress && !opts.quiet),
             tmp_seq: 0,
         },
         ancestors: Vec::new(),
         id,
+        itemizer: Itemizer { enabled: opts.itemize || opts.dry_run, json: opts.json },
+        scan_stale: false,
+        interrupted: None,
     };
-    let result = exec.run(src, &target, root_md);
+    let root_existed = fs::symlink_metadata(&target).is_ok();
+    let marker = exec.start_marker(&target, root_md.is_dir());
+    let mut result = exec.walk(src, &target, root_md.clone(), root_existed);
+    if result.is_ok() {
+        result = exec.settle();
+    }
+    if exec.interrupted.is_some() {
+        exec.session.cancel();
+    }
     let drained = exec.session.drain(&mut |c| exec.st.on_completion(c));
+    // Completions that arrived while draining may still ask for work (retries, next ranges): after an
+    // interruption or a failure they are dropped, and their directories are not finished.
     exec.st.progress.finish();
+    exec.interrupted = exec.interrupted.or_else(interrupt::received);
+    let clean = result.is_ok() && drained.is_ok() && exec.st.summary.errors == 0 && exec.interrupted.is_none();
+    if let Some(sync) = opts.sync.as_ref().filter(|s| s.delete) {
+        if !root_md.is_dir() {
+            // Nothing to compare a single file's siblings with.
+        } else if clean {
+            exec.delete_pass(src, &target, sync);
+        } else {
+            let why = match exec.interrupted {
+                Some(_) => "the run was interrupted".to_string(),
+                None => format!("{} error(s) happened", exec.st.summary.errors.max(1)),
+            };
+            exec.st.summary.deletions_skipped = Some(format!("{why}; nothing was deleted"));
+        }
+    }
+    // Failed files remove their temporaries; only an interruption leaves some (partial files kept for resume).
+    if let Some(marker) = marker
+        && exec.interrupted.is_none()
+    {
+        let _ = fs::remove_file(marker);
+        // Removing the marker touched the top directory: give it back the source's times.
+        if root_md.is_dir() && !exec.opts.dry_run {
+            let spec = FinishSpec { times: Some(meta::times(&root_md)), ..Default::default() };
+            let _ = meta::apply_by_path(&target, &spec, false);
+        }
+    }
     let mut summary = exec.st.summary;
+    summary.interrupted = exec.interrupted;
     summary.seconds = started.elapsed().as_secs_f64();
     for shard in exec.session.finish()? {
         summary.engine_syscalls += shard.syscalls;
@@ -199,15 +267,62 @@ struct DirNode {
     setgid: bool,
 }
 
+/// A large file copied in ranges, and the ranges not yet handed to the engine.
+struct Chunks {
+    file: Arc<ChunkedFile>,
+    /// All ranges are handed out at once; otherwise each when the previous one completed.
+    parallel: bool,
+    /// (offset, length, recorded by an earlier run)
+    queue: VecDeque<(u64, u64, bool)>,
+}
+
 /// A file with jobs in flight.
 struct FileCtx {
     dir: Option<usize>,
+    src: PathBuf,
     dst: PathBuf,
     /// Completions still expected (plus one hold while ranges are being submitted).
     jobs_left: u32,
     done_ok: bool,
     failed: bool,
+    /// The source changed while it was copied: copy it again (when attempts are left).
+    source_changed: bool,
+    attempt: u8,
     link_key: Option<(u64, u64)>,
+    chunks: Option<Chunks>,
+}
+
+/// A file whose two sides are being hashed (`--checksum`).
+struct CompareCtx {
+    src: PathBuf,
+    dst: PathBuf,
+    rel: PathBuf,
+    dir: Option<usize>,
+    src_md: Metadata,
+    dst_md: Metadata,
+    link_key: Option<(u64, u64)>,
+    digests: [Option<[u8; 32]>; 2],
+    /// Jobs still expected.
+    left: u8,
+    error: bool,
+}
+
+/// Work that completions ask for; the executor does it between submissions (completions cannot submit).
+enum Deferred {
+    /// Copy a file (again): its source changed while it was copied, or its digests differ (then `itemize` holds
+    /// the path to itemize as updated).
+    Transfer {
+        src: PathBuf,
+        dst: PathBuf,
+        dir: Option<usize>,
+        link_key: Option<(u64, u64)>,
+        attempt: u8,
+        itemize: Option<PathBuf>,
+    },
+    /// Digests agree: the destination file is already right.
+    Unchanged(Box<CompareCtx>),
+    /// Submit the next range of a sequentially copied file.
+    NextRange(usize),
 }
 
 /// Hard-link bookkeeping for `-H`: names waiting for an inode's first copy, then that copy's path.
@@ -221,7 +336,9 @@ enum LinkState {
 struct State {
     dirs: Slab<DirNode>,
     files: Slab<FileCtx>,
+    compares: Slab<CompareCtx>,
     links: HashMap<(u64, u64), LinkState>,
+    deferred: VecDeque<Deferred>,
     summary: Summary,
     progress: Progress,
     /// Temporary names made so far (numbers them).
@@ -237,32 +354,80 @@ struct Exec<'a> {
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
     id: meta::Identity,
+    itemizer: Itemizer,
+    /// An earlier run died here: clean stale temporaries in every existing destination directory.
+    scan_stale: bool,
+    /// The signal that stopped the walk.
+    interrupted: Option<i32>,
 }
 
 /// One open level of the depth-first walk.
 struct Frame {
     iter: fs::ReadDir,
+    src: PathBuf,
     dst: PathBuf,
+    rel: PathBuf,
     dir: usize,
+    /// The destination directory did not exist before this run: nothing in it needs comparing.
+    fresh: bool,
+}
+
+/// A non-directory entry being handed out.
+struct Entry<'p> {
+    src: &'p Path,
+    dst: &'p Path,
+    rel: &'p Path,
+    md: &'p Metadata,
+    dir: Option<usize>,
+    /// Nothing exists at `dst` (its directory is new).
+    dst_absent: bool,
 }
 
 impl Exec<'_> {
-    fn run(&mut self, src: &Path, target: &Path, root_md: Metadata) -> Result<(), Error> {
-        if !root_md.is_dir() {
-            if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
-            }
-            self.entry(src, target, &root_md, None)?;
-            return Ok(());
+    /// Drop this run's marker where temporaries will be written, noting whether a dead run left one.
+    fn start_marker(&mut self, target: &Path, is_dir: bool) -> Option<PathBuf> {
+        if self.opts.dry_run {
+            return None;
         }
-        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let dir = if is_dir { target.to_path_buf() } else { parent_or_dot(target) };
+        self.scan_stale = stale::stale_marker_in(&dir);
+        if !is_dir && self.scan_stale {
+            let (removed, failures) = stale::clean_dir(&dir, None);
+            self.note_cleaned(removed, failures);
+        }
+        let marker = stale::marker(&dir);
+        // Without a marker (e.g. the directory does not exist yet) a crash only costs the next run its cleanup.
+        fs::create_dir_all(&dir).ok().and_then(|()| fs::write(&marker, b"").ok()).map(|()| marker)
+    }
+
+    fn note_cleaned(&mut self, removed: u64, failures: Vec<String>) {
+        self.st.summary.stale_removed += removed;
+        for f in failures {
+            self.st.fail(f);
+        }
+    }
+
+    fn walk(&mut self, src: &Path, target: &Path, root_md: Metadata, root_existed: bool) -> Result<(), Error> {
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty())
+            && !self.opts.dry_run
+        {
             fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
         }
-        let Some(root) = self.open_dir(src, target, &root_md, None) else {
+        if !root_md.is_dir() {
+            let rel = PathBuf::from(target.file_name().unwrap_or_default());
+            let absent = fs::symlink_metadata(target).is_err();
+            let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent };
+            return self.entry(&e);
+        }
+        let Some(root) = self.open_dir(src, target, Path::new(""), &root_md, None, !root_existed) else {
             return Ok(());
         };
         let mut stack = vec![root];
         while let Some(frame) = stack.last_mut() {
+            if let Some(signal) = interrupt::received() {
+                self.interrupted = Some(signal);
+                return Ok(());
+            }
             match frame.iter.next() {
                 None => {
                     let frame = stack.pop().expect("non-empty");
@@ -271,13 +436,15 @@ impl Exec<'_> {
                     self.st.maybe_finish_dir(frame.dir);
                 }
                 Some(Err(e)) => {
-                    let dst = frame.dst.clone();
-                    self.st.fail(format!("cannot read directory for '{}': {e}", dst.display()));
+                    let src = frame.src.clone();
+                    self.st.fail(format!("cannot read directory '{}': {e}", src.display()));
                 }
                 Some(Ok(entry)) => {
+                    let name = entry.file_name();
                     let src = entry.path();
-                    let dst = frame.dst.join(entry.file_name());
-                    let dir = frame.dir;
+                    let dst = frame.dst.join(&name);
+                    let rel = sync::child_rel(&frame.rel, &name);
+                    let (dir, fresh) = (frame.dir, frame.fresh);
                     let md = if self.opts.dereference { fs::metadata(&src) } else { entry.metadata() };
                     let md = match md {
                         Ok(md) => md,
@@ -286,13 +453,82 @@ impl Exec<'_> {
                             continue;
                         }
                     };
+                    if sync::excluded(&self.opts.filter, &rel, md.is_dir()) {
+                        self.st.summary.excluded += 1;
+                        continue;
+                    }
                     if md.is_dir() {
-                        if let Some(f) = self.open_dir(&src, &dst, &md, Some(dir)) {
+                        if let Some(f) = self.open_dir(&src, &dst, &rel, &md, Some(dir), fresh) {
                             stack.push(f);
                         }
                     } else {
-                        self.entry(&src, &dst, &md, Some(dir))?;
+                        let e = Entry { src: &src, dst: &dst, rel: &rel, md: &md, dir: Some(dir), dst_absent: fresh };
+                        self.entry(&e)?;
                     }
+                }
+            }
+            self.pump()?;
+        }
+        Ok(())
+    }
+
+    /// Do deferred work, then wait for the engine until nothing is left in flight or deferred.
+    fn settle(&mut self) -> Result<(), Error> {
+        loop {
+            if let Some(signal) = interrupt::received() {
+                self.interrupted = Some(signal);
+                return Ok(());
+            }
+            self.pump()?;
+            if self.session.in_flight() == 0 {
+                if self.st.deferred.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let st = &mut self.st;
+            self.session.wait(&mut |c| st.on_completion(c))?;
+        }
+    }
+
+    /// Do the work completions deferred.
+    fn pump(&mut self) -> Result<(), Error> {
+        while let Some(work) = self.st.deferred.pop_front() {
+            match work {
+                Deferred::Transfer { src, dst, dir, link_key, attempt, itemize } => {
+                    if let Some(rel) = &itemize {
+                        self.itemizer.item(Change::Update, rel, false);
+                    }
+                    let md = if self.opts.dereference { fs::metadata(&src) } else { fs::symlink_metadata(&src) };
+                    match md {
+                        Ok(md) if self.opts.dry_run => {
+                            self.st.summary.files += 1;
+                            self.st.summary.bytes += md.size();
+                            self.st.link_settled(link_key, &dst);
+                        }
+                        Ok(md) if md.is_file() => self.submit_file(&src, &dst, &md, dir, link_key, attempt)?,
+                        Ok(_) => {
+                            self.st.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
+                            self.st.link_failed(link_key);
+                        }
+                        Err(e) => {
+                            self.st.fail(format!("cannot stat '{}': {e}", src.display()));
+                            self.st.link_failed(link_key);
+                        }
+                    }
+                    // The deferral held the directory open; the new jobs (if any) hold it now.
+                    if let Some(d) = dir {
+                        self.st.child_done(d);
+                    }
+                }
+                Deferred::Unchanged(c) => {
+                    self.unchanged(&c.dst, &c.rel, &c.src_md, &c.dst_md, c.link_key);
+                    if let Some(d) = c.dir {
+                        self.st.child_done(d);
+                    }
+                }
+                Deferred::NextRange(fid) => {
+                    self.submit_next_range(fid)?;
                 }
             }
         }
@@ -300,17 +536,39 @@ impl Exec<'_> {
     }
 
     /// Create the destination directory and start walking the source one. `None` when it failed (reported).
-    fn open_dir(&mut self, src: &Path, dst: &Path, md: &Metadata, parent: Option<usize>) -> Option<Frame> {
+    fn open_dir(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        rel: &Path,
+        md: &Metadata,
+        parent: Option<usize>,
+        parent_fresh: bool,
+    ) -> Option<Frame> {
         let key = (md.dev(), md.ino());
         if self.ancestors.contains(&key) {
             self.st.fail(format!("symlink loop: '{}' is its own ancestor; not followed", src.display()));
             return None;
         }
-        if let Err(e) = make_dir(dst) {
-            self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
+        let existing = if parent_fresh { None } else { fs::symlink_metadata(dst).ok() };
+        if existing.as_ref().is_some_and(|m| !m.is_dir()) && !self.replace_in_the_way(dst, false) {
             return None;
         }
-        let setgid = fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false);
+        let fresh = !existing.as_ref().is_some_and(|m| m.is_dir());
+        if fresh && !rel.as_os_str().is_empty() {
+            self.itemizer.item(Change::Mkdir, rel, true);
+        }
+        if !self.opts.dry_run {
+            if let Err(e) = make_dir(dst) {
+                self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
+                return None;
+            }
+            if !fresh && self.scan_stale {
+                let (removed, failures) = stale::clean_dir(dst, Some(src));
+                self.note_cleaned(removed, failures);
+            }
+        }
+        let setgid = !self.opts.dry_run && fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false);
         let spec = meta::finish_spec(src, md, self.opts.preserve, &self.id, true, false, false).map(|mut s| {
             // Directories are created owner-only (so we can fill read-only ones); their mode is always set at the end.
             s.mode = Some(md.mode() & 0o7777);
@@ -330,43 +588,219 @@ impl Exec<'_> {
                 return None;
             }
         };
-        let dir =
-            self.st.dirs.insert(DirNode { dst: dst.to_path_buf(), spec, pending: 0, walked: false, parent, setgid });
+        let dir = self.st.dirs.insert(DirNode {
+            dst: dst.to_path_buf(),
+            spec,
+            pending: 0,
+            walked: false,
+            parent,
+            setgid,
+            // A dry run changes nothing, not even directory metadata.
+        });
+        if self.opts.dry_run {
+            self.st.dirs.get_mut(dir).spec = FinishSpec::default();
+        }
         if let Some(p) = parent {
             self.st.dirs.get_mut(p).pending += 1;
         }
         self.st.summary.directories += 1;
         self.ancestors.push(key);
-        Some(Frame { iter, dst: dst.to_path_buf(), dir })
+        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh })
     }
 
-    /// Copy one non-directory entry.
-    fn entry(&mut self, src: &Path, dst: &Path, md: &Metadata, dir: Option<usize>) -> Result<(), Error> {
-        let ft = md.file_type();
-        if ft.is_file() {
-            return self.file(src, dst, md, dir);
+    /// Something of another type is where an entry must go. `sync --delete` removes it (it is not in the source
+    /// under that type); otherwise it is reported and kept. Returns whether the way is now clear.
+    fn replace_in_the_way(&mut self, dst: &Path, for_file: bool) -> bool {
+        let delete = self.opts.sync.as_ref().is_some_and(|s| s.delete);
+        if !delete {
+            let what = if for_file { "a directory" } else { "a non-directory" };
+            self.st.fail(format!(
+                "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
+                dst.display()
+            ));
+            return false;
         }
-        if ft.is_symlink() {
-            match self.symlink(src, dst, md) {
-                Ok(()) => self.st.summary.symlinks += 1,
-                Err(msg) => self.st.fail(msg),
+        if self.opts.dry_run {
+            return true;
+        }
+        // remove_dir_all never follows symlinks (it unlinks them), so nothing outside the destination is touched.
+        let r = if for_file { fs::remove_dir_all(dst) } else { fs::remove_file(dst) };
+        match r {
+            Ok(()) => {
+                self.st.summary.deleted += 1;
+                true
+            }
+            Err(e) => {
+                self.st.fail(format!("cannot delete '{}': {e}", dst.display()));
+                false
+            }
+        }
+    }
+
+    /// Hand out one non-directory entry.
+    fn entry(&mut self, e: &Entry<'_>) -> Result<(), Error> {
+        let ft = e.md.file_type();
+        if !(ft.is_file() || ft.is_symlink()) {
+            let kind = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else if ft.is_char_device() {
+                "character device"
+            } else {
+                "special file"
+            };
+            self.st.summary.skipped += 1;
+            if !self.opts.quiet {
+                self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", e.src.display()));
             }
             return Ok(());
         }
-        let kind = if ft.is_fifo() {
-            "fifo"
-        } else if ft.is_socket() {
-            "socket"
-        } else if ft.is_block_device() {
-            "block device"
-        } else if ft.is_char_device() {
-            "character device"
-        } else {
-            "special file"
+        // `copy` only needs to know what is there to itemize it; the rename replaces whatever it is (a directory in
+        // the way fails the rename, and is reported).
+        let look = !e.dst_absent && (self.opts.sync.is_some() || self.itemizer.enabled);
+        let dst_md = if look { fs::symlink_metadata(e.dst).ok() } else { None };
+        if dst_md.as_ref().is_some_and(|m| m.is_dir()) && !self.replace_in_the_way(e.dst, true) {
+            return Ok(());
+        }
+        let dst_md = dst_md.filter(|m| !m.is_dir());
+        if ft.is_symlink() {
+            return self.symlink_entry(e, dst_md.as_ref());
+        }
+        let mut link_key = None;
+        if self.opts.hard_links && e.md.nlink() > 1 {
+            match self.hard_link(e) {
+                Some(key) => link_key = Some(key),
+                None => return Ok(()),
+            }
+        }
+        if let (Some(sync), Some(dmd)) = (&self.opts.sync, &dst_md)
+            && dmd.is_file()
+        {
+            match sync::verdict(sync, Facts::of(e.md), Facts::of(dmd)) {
+                Verdict::Unchanged => {
+                    self.unchanged(e.dst, e.rel, e.md, dmd, link_key);
+                    return Ok(());
+                }
+                Verdict::Skip => {
+                    self.st.summary.unchanged += 1;
+                    self.st.link_settled(link_key, e.dst);
+                    return Ok(());
+                }
+                Verdict::CompareDigests => return self.compare_digests(e, dmd.clone(), link_key),
+                Verdict::Transfer => {}
+            }
+        }
+        self.itemizer.item(if dst_md.is_some() { Change::Update } else { Change::Copy }, e.rel, false);
+        if self.opts.dry_run {
+            self.st.summary.files += 1;
+            self.st.summary.bytes += e.md.size();
+            self.st.link_settled(link_key, e.dst);
+            return Ok(());
+        }
+        self.submit_file(e.src, e.dst, e.md, e.dir, link_key, 1)
+    }
+
+    /// `-H` for a file with several names: link to its first copy if there is one. Returns the inode's key when
+    /// this name is the first (and must be copied), `None` when it was dealt with.
+    fn hard_link(&mut self, e: &Entry<'_>) -> Option<(u64, u64)> {
+        let key = (e.md.dev(), e.md.ino());
+        match self.st.links.get_mut(&key) {
+            Some(LinkState::Done(first)) => {
+                let first = first.clone();
+                if !self.opts.dry_run {
+                    // Already the same inode as the first copy (an unchanged sync): nothing to do.
+                    let same = match (fs::symlink_metadata(&first), fs::symlink_metadata(e.dst)) {
+                        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                        _ => false,
+                    };
+                    if !same {
+                        self.itemizer.item(Change::Copy, e.rel, false);
+                        self.st.make_link(&first, e.dst);
+                    }
+                }
+                None
+            }
+            Some(LinkState::Pending { waiters }) => {
+                waiters.push((e.dst.to_path_buf(), e.dir));
+                if let Some(d) = e.dir {
+                    self.st.dirs.get_mut(d).pending += 1;
+                }
+                None
+            }
+            Some(LinkState::Failed) => {
+                self.st.fail(format!("cannot link '{}': its first copy failed", e.dst.display()));
+                None
+            }
+            None => {
+                self.st.links.insert(key, LinkState::Pending { waiters: Vec::new() });
+                Some(key)
+            }
+        }
+    }
+
+    /// A destination file that is already right: fix its permissions, owner and times if they differ.
+    fn unchanged(
+        &mut self,
+        dst: &Path,
+        rel: &Path,
+        src_md: &Metadata,
+        dst_md: &Metadata,
+        link_key: Option<(u64, u64)>,
+    ) {
+        self.st.summary.unchanged += 1;
+        self.st.link_settled(link_key, dst);
+        let mode_differs = (src_md.mode() ^ dst_md.mode()) & 0o7777 != 0;
+        let mtime_differs = (src_md.mtime(), src_md.mtime_nsec()) != (dst_md.mtime(), dst_md.mtime_nsec());
+        // Only an owner we may set counts as a difference (an ordinary user cannot give files away).
+        let owner_differs = (src_md.uid(), src_md.gid()) != (dst_md.uid(), dst_md.gid())
+            && (self.id.euid == 0 || src_md.uid() == self.id.euid);
+        if !(mode_differs || mtime_differs || owner_differs) {
+            return;
+        }
+        self.itemizer.item(Change::Attrs, rel, false);
+        if self.opts.dry_run {
+            return;
+        }
+        let spec = FinishSpec {
+            mode: Some(src_md.mode() & 0o7777),
+            owner: owner_differs.then_some((src_md.uid(), src_md.gid())),
+            times: Some(meta::times(src_md)),
+            ..Default::default()
         };
-        self.st.summary.skipped += 1;
-        if !self.opts.quiet {
-            self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", src.display()));
+        match meta::apply_by_path(dst, &spec, false) {
+            Ok(()) => self.st.summary.attrs_updated += 1,
+            Err(e) => self.st.fail(format!("{} '{}': {}", e.what, dst.display(), e.source)),
+        }
+    }
+
+    /// `--checksum` with equal sizes: hash both sides on the engine's shards, decide when both digests are in.
+    fn compare_digests(&mut self, e: &Entry<'_>, dst_md: Metadata, link_key: Option<(u64, u64)>) -> Result<(), Error> {
+        let cid = self.st.compares.insert(CompareCtx {
+            src: e.src.to_path_buf(),
+            dst: e.dst.to_path_buf(),
+            rel: e.rel.to_path_buf(),
+            dir: e.dir,
+            src_md: e.md.clone(),
+            dst_md,
+            link_key,
+            digests: [None, None],
+            left: 2,
+            error: false,
+        });
+        if let Some(d) = e.dir {
+            self.st.dirs.get_mut(d).pending += 1;
+        }
+        for (side, path) in [(0u64, e.src), (1, e.dst)] {
+            let job = HashJob {
+                tag: TAG_HASH | ((cid as u64) << 1) | side,
+                path: path.to_path_buf(),
+                follow_symlinks: side == 0 && self.opts.dereference,
+            };
+            let st = &mut self.st;
+            self.session.submit(Job::Hash(job), &mut |c| st.on_completion(c))?;
         }
         Ok(())
     }
@@ -375,10 +809,36 @@ impl Exec<'_> {
         self.st.tmp_path(dst)
     }
 
-    fn symlink(&mut self, src: &Path, dst: &Path, md: &Metadata) -> Result<(), String> {
-        let target = fs::read_link(src).map_err(|e| format!("cannot read symlink '{}': {e}", src.display()))?;
+    fn symlink_entry(&mut self, e: &Entry<'_>, dst_md: Option<&Metadata>) -> Result<(), Error> {
+        let target = match fs::read_link(e.src) {
+            Ok(t) => t,
+            Err(err) => {
+                self.st.fail(format!("cannot read symlink '{}': {err}", e.src.display()));
+                return Ok(());
+            }
+        };
+        if self.opts.sync.is_some()
+            && dst_md.is_some_and(|m| m.file_type().is_symlink())
+            && fs::read_link(e.dst).is_ok_and(|t| t == target)
+        {
+            self.st.summary.unchanged += 1;
+            return Ok(());
+        }
+        self.itemizer.item(if dst_md.is_some() { Change::Update } else { Change::Copy }, e.rel, false);
+        if self.opts.dry_run {
+            self.st.summary.symlinks += 1;
+            return Ok(());
+        }
+        match self.symlink(&target, e.dst, e.md) {
+            Ok(()) => self.st.summary.symlinks += 1,
+            Err(msg) => self.st.fail(msg),
+        }
+        Ok(())
+    }
+
+    fn symlink(&mut self, target: &Path, dst: &Path, md: &Metadata) -> Result<(), String> {
         let tmp = self.tmp_path(dst);
-        std::os::unix::fs::symlink(&target, &tmp)
+        std::os::unix::fs::symlink(target, &tmp)
             .map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))?;
         let spec = FinishSpec { owner: Some((md.uid(), md.gid())), times: Some(meta::times(md)), ..Default::default() };
         let done = meta::apply_by_path(&tmp, &spec, true)
@@ -392,36 +852,19 @@ impl Exec<'_> {
         done
     }
 
-    fn file(&mut self, src: &Path, dst: &Path, md: &Metadata, dir: Option<usize>) -> Result<(), Error> {
-        let mut link_key = None;
-        if self.opts.hard_links && md.nlink() > 1 {
-            let key = (md.dev(), md.ino());
-            match self.st.links.get_mut(&key) {
-                Some(LinkState::Done(first)) => {
-                    let first = first.clone();
-                    self.st.make_link(&first, dst);
-                    return Ok(());
-                }
-                Some(LinkState::Pending { waiters, .. }) => {
-                    waiters.push((dst.to_path_buf(), dir));
-                    if let Some(d) = dir {
-                        self.st.dirs.get_mut(d).pending += 1;
-                    }
-                    return Ok(());
-                }
-                Some(LinkState::Failed) => {
-                    self.st.fail(format!("cannot link '{}': its first copy failed", dst.display()));
-                    return Ok(());
-                }
-                None => {
-                    self.st.links.insert(key, LinkState::Pending { waiters: Vec::new() });
-                    link_key = Some(key);
-                }
-            }
-        }
+    /// Copy one regular file: as one job, or opened here and cut into ranges.
+    fn submit_file(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        md: &Metadata,
+        dir: Option<usize>,
+        link_key: Option<(u64, u64)>,
+        attempt: u8,
+    ) -> Result<(), Error> {
         let setgid_dir = dir.is_some_and(|d| self.st.dirs.get_mut(d).setgid);
         let (preserve, fsync, verify) = (self.opts.preserve, self.opts.fsync, self.opts.verify);
-        let spec = match meta::finish_spec(src, md, preserve, &self.id, setgid_dir, fsync, verify) {
+        let mut spec = match meta::finish_spec(src, md, preserve, &self.id, setgid_dir, fsync, verify) {
             Ok(s) => s,
             Err(e) => {
                 self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
@@ -429,14 +872,28 @@ impl Exec<'_> {
                 return Ok(());
             }
         };
-        let tmp = self.tmp_path(dst);
+        spec.source_stamp = Some(stamp_of(md, self.opts.dereference));
         let size = md.size();
         let sparse = meta::looks_sparse(md);
-        self.st.progress.add_total(size);
-        let ctx = FileCtx { dir, dst: dst.to_path_buf(), jobs_left: 1, done_ok: false, failed: false, link_key };
+        if attempt == 1 {
+            self.st.progress.add_total(size);
+        }
+        let ctx = FileCtx {
+            dir,
+            src: src.to_path_buf(),
+            dst: dst.to_path_buf(),
+            jobs_left: 1,
+            done_ok: false,
+            failed: false,
+            source_changed: false,
+            attempt,
+            link_key,
+            chunks: None,
+        };
         let want_direct = self.direct_ok && !sparse && size >= DIRECT_FILE_BYTES_MIN;
         match plan::plan_file(size, sparse, self.shards, want_direct) {
             FilePlan::Whole => {
+                let tmp = self.tmp_path(dst);
                 let fid = self.st.files.insert(ctx);
                 if let Some(d) = dir {
                     self.st.dirs.get_mut(d).pending += 1;
@@ -453,64 +910,133 @@ impl Exec<'_> {
                 let st = &mut self.st;
                 self.session.submit(Job::File(job), &mut |c| st.on_completion(c))?;
             }
-            FilePlan::Chunked { chunk_bytes } => {
-                let (src_fd, dst_fd, direct) =
-                    match open_pair(src, &tmp, dst, want_direct, self.opts.dereference, spec.create_mode) {
-                        Ok(t) => t,
-                        Err(msg) => {
-                            self.st.fail(msg);
-                            self.st.link_failed(link_key);
-                            return Ok(());
-                        }
-                    };
-                // The size of the file as opened is what we copy; the walk's size may be stale.
-                let size = fstat_size(&src_fd).unwrap_or(size);
-                // SAFETY: plain syscall on a descriptor we own.
-                if unsafe { libc::ftruncate(dst_fd.as_raw_fd(), size as libc::off_t) } != 0 {
-                    let e = io::Error::last_os_error();
-                    abandon(&tmp);
-                    self.st.fail(format!("cannot create '{}': {e}", dst.display()));
-                    self.st.link_failed(link_key);
-                    return Ok(());
-                }
-                let fid = self.st.files.insert(ctx);
-                if let Some(d) = dir {
-                    self.st.dirs.get_mut(d).pending += 1;
-                }
-                let file = Arc::new(ChunkedFile {
-                    src_fd,
-                    dst_fd,
-                    src: src.to_path_buf(),
-                    tmp,
-                    dst: dst.to_path_buf(),
-                    size,
-                    direct,
-                    finish: spec,
-                    // One hold while ranges are submitted, released below.
-                    ranges_left: AtomicU32::new(1),
-                    failed: AtomicBool::new(false),
-                });
-                // O_DIRECT may have been refused by the filesystem: then the file is not spread after all.
-                let chunk_bytes = if direct { chunk_bytes } else { plan::UNSPLIT_CHUNK_BYTES };
-                let extents = if sparse { data_extents(&file.src_fd, size) } else { vec![(0, size)] };
-                for (start, end) in extents {
-                    for (offset, len) in plan::split_extent(start, end, chunk_bytes) {
-                        if file.failed.load(std::sync::atomic::Ordering::Acquire) {
-                            break;
-                        }
-                        file.ranges_left.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                        self.st.files.get_mut(fid).jobs_left += 1;
-                        let job = RangeJob { tag: fid as u64, file: file.clone(), offset, len };
-                        let st = &mut self.st;
-                        self.session.submit(Job::Range(job), &mut |c| st.on_completion(c))?;
-                    }
-                }
-                // Release the hold; if every range already completed, the file is finished here.
-                let outcome = file.complete_range(Ok(()));
-                self.st.on_completion(Completion { tag: fid as u64, bytes: 0, shard: usize::MAX, outcome });
+            FilePlan::Chunked { chunk_bytes, parallel } => {
+                self.submit_chunked(ctx, md, spec, want_direct, chunk_bytes, parallel)?
             }
         }
         Ok(())
+    }
+
+    /// A large (or sparse) file: open both sides here, resume from an earlier run's journal when there is one, and
+    /// hand out its ranges (all at once when `parallel`, else one after the other).
+    fn submit_chunked(
+        &mut self,
+        ctx: FileCtx,
+        md: &Metadata,
+        mut spec: FinishSpec,
+        want_direct: bool,
+        chunk_bytes: u64,
+        parallel: bool,
+    ) -> Result<(), Error> {
+        let (src, dst, dir, link_key) = (ctx.src.clone(), ctx.dst.clone(), ctx.dir, ctx.link_key);
+        let opened = open_pair(
+            &src,
+            &dst,
+            want_direct,
+            self.opts.dereference,
+            spec.create_mode,
+            md,
+            chunk_bytes,
+            &mut self.st.tmp_seq,
+        );
+        let Opened2 { src_fd, dst_fd, tmp, direct, journal, recorded, size } = match opened {
+            Ok(o) => o,
+            Err(msg) => {
+                self.st.fail(msg);
+                self.st.link_failed(link_key);
+                return Ok(());
+            }
+        };
+        if journal.is_some() {
+            // The temporary may come from an earlier run that set other permission bits: always set them.
+            spec.mode = Some(md.mode() & 0o7777);
+        }
+        let chunk_bytes = recorded.as_ref().map_or(chunk_bytes, |r| r.0);
+        let done: HashSet<(u64, u64)> = recorded.map(|r| r.1.into_iter().collect()).unwrap_or_default();
+        let fid = self.st.files.insert(ctx);
+        if let Some(d) = dir {
+            self.st.dirs.get_mut(d).pending += 1;
+        }
+        let sparse = meta::looks_sparse(md);
+        let file = Arc::new(ChunkedFile {
+            src_fd,
+            dst_fd,
+            src,
+            tmp,
+            dst,
+            size,
+            direct,
+            finish: spec,
+            // One hold while ranges are handed out, released when the last one is.
+            ranges_left: AtomicU32::new(1),
+            failed: AtomicBool::new(false),
+            journal,
+            interrupted: AtomicBool::new(false),
+        });
+        let extents = if sparse { data_extents(&file.src_fd, size) } else { vec![(0, size)] };
+        let mut queue: VecDeque<(u64, u64, bool)> = VecDeque::new();
+        for (start, end) in extents {
+            for (offset, len) in plan::split_extent(start, end, chunk_bytes) {
+                queue.push_back((offset, len, done.contains(&(offset, len))));
+            }
+        }
+        self.st.files.get_mut(fid).chunks = Some(Chunks { file, parallel, queue });
+        // A sequential file gets its next range when the previous one completes (see `State::on_completion`).
+        while self.submit_next_range(fid)? && parallel {}
+        Ok(())
+    }
+
+    /// Hand out the next range of file `fid` (returns true), or, when none is left, release the planner's hold
+    /// (returns false; the file may be finished and forgotten by then).
+    fn submit_next_range(&mut self, fid: usize) -> Result<bool, Error> {
+        let f = self.st.files.get_mut(fid);
+        let Some(chunks) = f.chunks.as_mut() else { return Ok(false) };
+        let file = chunks.file.clone();
+        let next = if file.failed.load(Ordering::Acquire) || self.interrupted.is_some() {
+            chunks.queue.clear();
+            None
+        } else {
+            chunks.queue.pop_front()
+        };
+        match next {
+            Some((offset, len, resume)) => {
+                file.ranges_left.fetch_add(1, Ordering::AcqRel);
+                f.jobs_left += 1;
+                let job = RangeJob { tag: fid as u64, file, offset, len, resume };
+                let st = &mut self.st;
+                self.session.submit(Job::Range(job), &mut |c| st.on_completion(c))?;
+                Ok(true)
+            }
+            None => {
+                f.chunks = None;
+                // Release the hold; if every range already completed, the file is finished here.
+                let outcome = file.complete_range(None, Ok(()));
+                self.st.on_completion(Completion { tag: fid as u64, bytes: 0, shard: usize::MAX, outcome });
+                Ok(false)
+            }
+        }
+    }
+
+    /// `sync --delete`: remove what the source no longer has, now that every transfer succeeded.
+    fn delete_pass(&mut self, src: &Path, target: &Path, sync: &SyncOptions) {
+        let pass = DeletePass {
+            src_root: src,
+            dst_root: target,
+            follow_symlinks: self.opts.dereference,
+            filter: &self.opts.filter,
+            dry_run: self.opts.dry_run,
+            max_delete: sync.max_delete,
+            itemizer: &self.itemizer,
+        };
+        match pass.run() {
+            Ok(deleted) => {
+                self.st.summary.deleted += deleted.entries;
+                for f in deleted.failures {
+                    self.st.fail(f);
+                }
+            }
+            Err(msg) => self.st.fail(msg),
+        }
     }
 }
 
@@ -525,58 +1051,118 @@ impl State {
     }
 
     fn on_completion(&mut self, c: Completion) {
+        if c.tag & TAG_HASH != 0 {
+            return self.on_digest(c);
+        }
         let fid = c.tag as usize;
         self.summary.bytes += c.bytes;
         self.progress.inc(c.bytes);
         let f = self.files.get_mut(fid);
         match c.outcome {
             Outcome::FileDone | Outcome::RangeDoneFileDone => f.done_ok = true,
-            Outcome::RangeDone | Outcome::RangeAbandoned => {}
+            Outcome::RangeDone | Outcome::RangeAbandoned | Outcome::Hashed { .. } => {}
+            Outcome::Failed(e) if e.op == Op::SourceChanged && f.attempt < SOURCE_ATTEMPTS_MAX => {
+                f.source_changed = true;
+                f.failed = true;
+            }
+            Outcome::Failed(e) if e.op == Op::Interrupted => {
+                // Ctrl-C: not a failure of this file; the summary says the run was interrupted.
+                f.failed = true;
+            }
             Outcome::Failed(e) => {
                 // Every range of a chunked file shares this context: report the file's first failure only.
-                let first = !f.failed;
+                let first = !f.failed || f.source_changed;
                 f.failed = true;
+                f.source_changed = false;
                 if first {
-                    self.fail(e.to_string());
+                    let msg = if e.op == Op::SourceChanged {
+                        format!("{e} (it kept changing during {SOURCE_ATTEMPTS_MAX} attempts)")
+                    } else {
+                        e.to_string()
+                    };
+                    self.fail(msg);
                 }
             }
         }
         let f = self.files.get_mut(fid);
         f.jobs_left -= 1;
         if f.jobs_left > 0 {
+            // A sequential file's range finished (one is in flight at a time, so this is the only request): hand
+            // out the next one, or release the hold.
+            if f.chunks.as_ref().is_some_and(|ch| !ch.parallel) {
+                self.deferred.push_back(Deferred::NextRange(fid));
+            }
             return;
         }
         let f = self.files.remove(fid);
+        if f.source_changed {
+            self.summary.retried += 1;
+            self.deferred.push_back(Deferred::Transfer {
+                src: f.src,
+                dst: f.dst,
+                dir: f.dir,
+                link_key: f.link_key,
+                attempt: f.attempt + 1,
+                itemize: None,
+            });
+            return;
+        }
         let ok = f.done_ok && !f.failed;
         if ok {
             self.summary.files += 1;
             self.progress.file_done();
         }
-        if let Some(key) = f.link_key {
-            let waiters = match self.links.remove(&key) {
-                Some(LinkState::Pending { waiters, .. }) => waiters,
-                _ => Vec::new(),
-            };
-            self.links.insert(key, if ok { LinkState::Done(f.dst.clone()) } else { LinkState::Failed });
-            for (name, dir) in waiters {
-                if ok {
-                    self.make_link(&f.dst, &name);
-                } else {
-                    self.fail(format!("cannot link '{}': its first copy failed", name.display()));
-                }
-                if let Some(d) = dir {
-                    self.child_done(d);
-                }
-            }
+        if ok {
+            self.link_settled(f.link_key, &f.dst);
+        } else {
+            self.link_failed(f.link_key);
         }
         if let Some(d) = f.dir {
             self.child_done(d);
         }
     }
 
+    /// One digest of a `--checksum` comparison.
+    fn on_digest(&mut self, c: Completion) {
+        let cid = ((c.tag & !TAG_HASH) >> 1) as usize;
+        let side = (c.tag & 1) as usize;
+        let cmp = self.compares.get_mut(cid);
+        cmp.left -= 1;
+        match c.outcome {
+            Outcome::Hashed { digest, .. } => cmp.digests[side] = Some(digest),
+            Outcome::Failed(e) => {
+                cmp.error = true;
+                self.fail(e.to_string());
+            }
+            _ => unreachable!("hash jobs end hashed or failed"),
+        }
+        let cmp = self.compares.get_mut(cid);
+        if cmp.left > 0 {
+            return;
+        }
+        let cmp = self.compares.remove(cid);
+        if cmp.error {
+            self.link_failed(cmp.link_key);
+            if let Some(d) = cmp.dir {
+                self.child_done(d);
+            }
+        } else if cmp.digests[0] == cmp.digests[1] {
+            self.deferred.push_back(Deferred::Unchanged(Box::new(cmp)));
+        } else {
+            self.deferred.push_back(Deferred::Transfer {
+                src: cmp.src,
+                dst: cmp.dst,
+                dir: cmp.dir,
+                link_key: cmp.link_key,
+                attempt: 1,
+                itemize: Some(cmp.rel),
+            });
+        }
+    }
+
     fn tmp_path(&mut self, dst: &Path) -> PathBuf {
         self.tmp_seq += 1;
-        tmp_name(dst, self.tmp_seq)
+        stale::unique(dst, self.tmp_seq)
     }
 
     /// Create `name` as a hard link to the already-copied `first` (atomically replacing what is there).
@@ -588,6 +1174,21 @@ impl State {
             Err(e) => {
                 abandon(&tmp);
                 self.fail(format!("cannot create hard link '{}': {e}", name.display()));
+            }
+        }
+    }
+
+    /// The first name of a hard-linked inode is in place at `dst`: link the names that waited for it.
+    fn link_settled(&mut self, key: Option<(u64, u64)>, dst: &Path) {
+        let Some(key) = key else { return };
+        let waiters = match self.links.insert(key, LinkState::Done(dst.to_path_buf())) {
+            Some(LinkState::Pending { waiters }) => waiters,
+            _ => Vec::new(),
+        };
+        for (name, dir) in waiters {
+            self.make_link(dst, &name);
+            if let Some(d) = dir {
+                self.child_done(d);
             }
         }
     }
@@ -632,6 +1233,13 @@ impl State {
     }
 }
 
+fn parent_or_dot(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Create a destination directory writable by us (its real mode is applied when it is finished). An existing
 /// directory is reused; an existing non-directory is an error.
 fn make_dir(dst: &Path) -> io::Result<()> {
@@ -647,24 +1255,6 @@ fn make_dir(dst: &Path) -> io::Result<()> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// The temporary name for `dst`: hidden, in the same directory, marked `.fstmp-` so stale ones can be found.
-pub fn tmp_name(dst: &Path, seq: u64) -> PathBuf {
-    let name = dst.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
-    // Keep the whole name within NAME_MAX (255) bytes.
-    let keep = &name[..name.len().min(200)];
-    let mut tmp = Vec::with_capacity(keep.len() + 40);
-    tmp.push(b'.');
-    tmp.extend_from_slice(keep);
-    tmp.extend_from_slice(format!(".fstmp-{}-{seq}", pid()).as_bytes());
-    dst.with_file_name(std::ffi::OsStr::from_bytes(&tmp))
-}
-
-/// This process's id, read once (it is part of every temporary name).
-fn pid() -> u32 {
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PID.get_or_init(std::process::id)
 }
 
 fn open_raw(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
@@ -683,16 +1273,34 @@ const O_DIRECT: libc::c_int = libc::O_DIRECT;
 #[cfg(not(target_os = "linux"))]
 const O_DIRECT: libc::c_int = 0;
 
-/// Open the source and create the temporary destination of a chunked file. O_DIRECT is tried when asked and
-/// silently dropped where the filesystem refuses it (EINVAL, e.g. tmpfs).
+/// Both sides of a chunked file, opened.
+struct Opened2 {
+    src_fd: OwnedFd,
+    dst_fd: OwnedFd,
+    tmp: PathBuf,
+    direct: bool,
+    journal: Option<Journal>,
+    /// Chunk size and ranges an earlier run recorded (resume).
+    recorded: Option<(u64, Vec<(u64, u64)>)>,
+    /// The source's size as opened (the walk's may be stale); the temporary has it already.
+    size: u64,
+}
+
+/// Open the source and the temporary destination of a chunked file. The temporary is the stable `.NAME.fstmp-part`
+/// with its journal (resuming an earlier run's work when the journal describes this very source), or, when another
+/// live run holds that journal, a private name. O_DIRECT is tried when asked and dropped where the filesystem
+/// refuses it (EINVAL, e.g. tmpfs).
+#[allow(clippy::too_many_arguments)]
 fn open_pair(
     src: &Path,
-    tmp: &Path,
     dst: &Path,
     direct: bool,
     follow: bool,
     create_mode: u32,
-) -> Result<(OwnedFd, OwnedFd, bool), String> {
+    md: &Metadata,
+    chunk_bytes: u64,
+    tmp_seq: &mut u64,
+) -> Result<Opened2, String> {
     let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
     let open_src = |d: bool| open_raw(src, libc::O_RDONLY | nofollow | if d { O_DIRECT } else { 0 }, 0);
     let (src_fd, direct) = match open_src(direct) {
@@ -703,26 +1311,57 @@ fn open_pair(
         },
         Err(e) => return Err(format!("cannot open '{}': {e}", src.display())),
     };
-    let create = |d: bool| {
-        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | if d { O_DIRECT } else { 0 };
-        open_raw(tmp, flags, create_mode as libc::mode_t)
+    let opened_md = fstat(&src_fd).map_err(|e| format!("cannot stat '{}': {e}", src.display()))?;
+    let size = opened_md.st_size as u64;
+    // The walk's mtime, not the open file's: a file that changed since the walk is caught by the stamp check.
+    let id = SourceId { size, mtime: Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() }, ino: opened_md.st_ino };
+    let journal_path = stale::journal(dst);
+    let (tmp, journal, recorded, flags) = match Journal::open(&journal_path, id, chunk_bytes) {
+        Ok(Opened::Resume(j, rec)) => (stale::part(dst), Some(j), Some((rec.chunk_bytes, rec.ranges)), 0),
+        Ok(Opened::Fresh(j)) => (stale::part(dst), Some(j), None, libc::O_TRUNC),
+        // Another run is writing this file, or no journal can be kept here: a private temporary, no resume.
+        Ok(Opened::Busy) | Err(_) => {
+            *tmp_seq += 1;
+            (stale::unique(dst, *tmp_seq), None, None, libc::O_EXCL)
+        }
     };
-    let dst_fd = match create(direct) {
+    let create = |d: bool, flags: libc::c_int| {
+        let flags = libc::O_RDWR | libc::O_CREAT | flags | if d { O_DIRECT } else { 0 };
+        open_raw(&tmp, flags, create_mode as libc::mode_t)
+    };
+    let fail = |e: io::Error| {
+        if let Some(j) = &journal {
+            j.remove();
+        }
+        format!("cannot create '{}': {e}", dst.display())
+    };
+    let dst_fd = match create(direct, flags) {
         Ok(fd) => fd,
         Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-            abandon(tmp);
-            create(false).map_err(|e| format!("cannot create '{}': {e}", dst.display()))?
+            if flags == libc::O_EXCL {
+                abandon(&tmp);
+            }
+            create(false, flags).map_err(fail)?
         }
-        Err(e) => return Err(format!("cannot create '{}': {e}", dst.display())),
+        Err(e) => return Err(fail(e)),
     };
-    Ok((src_fd, dst_fd, direct))
+    // A resumed temporary already has this size; a new one gets it now (holes stay holes).
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::ftruncate(dst_fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        let e = io::Error::last_os_error();
+        if journal.is_none() {
+            abandon(&tmp);
+        }
+        return Err(format!("cannot create '{}': {e}", dst.display()));
+    }
+    Ok(Opened2 { src_fd, dst_fd, tmp, direct, journal, recorded, size })
 }
 
-fn fstat_size(fd: &OwnedFd) -> Option<u64> {
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor and pointer.
-    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some(st.st_size as u64)
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0 { Ok(st) } else { Err(io::Error::last_os_error()) }
 }
 
 /// The data extents of a sparse file, found with SEEK_DATA/SEEK_HOLE. Where those are unsupported the whole file is

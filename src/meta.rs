@@ -70,6 +70,7 @@ pub fn finish_spec(
         xattrs: if preserve.xattrs { read_xattrs(src)? } else { Vec::new() },
         fsync,
         verify,
+        source_stamp: None,
     })
 }
 

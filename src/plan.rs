@@ -24,12 +24,14 @@ const LARGE_CHUNKS_PER_SHARD: u64 = 32;
 pub enum FilePlan {
     /// One whole-file job.
     Whole,
-    /// Opened once and copied as ranges of at most `chunk_bytes` over its data extents.
-    Chunked { chunk_bytes: u64 },
+    /// Opened once and copied as ranges of at most `chunk_bytes` over its data extents: all at once, spread over
+    /// the shards (`parallel`), or one after the other (each range is still a unit of resume).
+    Chunked { chunk_bytes: u64, parallel: bool },
 }
 
-/// A chunk size no file reaches: the file's data extents are copied whole, by one shard.
-pub const UNSPLIT_CHUNK_BYTES: u64 = 1 << 62;
+/// Ranges of a file copied one after the other: large enough that the hand-off between them costs nothing, small
+/// enough that an interrupted copy loses little (each finished range is journaled).
+pub const SEQUENTIAL_CHUNK_BYTES: u64 = LARGE_CHUNK_BYTES_MAX;
 
 /// Decide how to copy a file of `size` bytes. Sparse files are always chunked, so that holes are found and skipped.
 ///
@@ -42,7 +44,11 @@ pub fn plan_file(size: u64, sparse: bool, shards: usize, spread: bool) -> FilePl
     if size < SINGLE_CHUNK_BYTES_MAX && !sparse {
         return FilePlan::Whole;
     }
-    FilePlan::Chunked { chunk_bytes: if spread { chunk_bytes(size, shards) } else { UNSPLIT_CHUNK_BYTES } }
+    if spread {
+        FilePlan::Chunked { chunk_bytes: chunk_bytes(size, shards), parallel: true }
+    } else {
+        FilePlan::Chunked { chunk_bytes: SEQUENTIAL_CHUNK_BYTES, parallel: false }
+    }
 }
 
 /// Chunk size for a file of `size` bytes on `shards` shards; always a multiple of 1 MiB.
@@ -81,7 +87,7 @@ mod tests {
             assert_eq!(plan_file(0, false, 2, spread), FilePlan::Whole);
             assert_eq!(plan_file(MIB - 1, false, 2, spread), FilePlan::Whole);
         }
-        assert_eq!(plan_file(MIB, false, 2, true), FilePlan::Chunked { chunk_bytes: 4 * MIB });
+        assert_eq!(plan_file(MIB, false, 2, true), FilePlan::Chunked { chunk_bytes: 4 * MIB, parallel: true });
     }
 
     #[test]
@@ -90,12 +96,15 @@ mod tests {
     }
 
     #[test]
-    fn unspread_files_are_copied_whole_by_one_shard() {
-        let FilePlan::Chunked { chunk_bytes } = plan_file(4 << 30, false, 16, false) else { panic!() };
-        assert_eq!(split_extent(0, 4 << 30, chunk_bytes).collect::<Vec<_>>(), vec![(0, 4 << 30)]);
-        // A huge sparse file still gets one range per data extent.
-        let ranges: Vec<_> =
-            [(0, MIB), (1 << 40, (1 << 40) + MIB)].iter().flat_map(|&(s, e)| split_extent(s, e, chunk_bytes)).collect();
+    fn unspread_files_are_copied_in_sequence_in_large_ranges() {
+        let plan = plan_file(4 << 30, false, 16, false);
+        assert_eq!(plan, FilePlan::Chunked { chunk_bytes: 64 * MIB, parallel: false });
+        assert_eq!(split_extent(0, 4 << 30, SEQUENTIAL_CHUNK_BYTES).count(), 64);
+        // A huge sparse file gets one range per small data extent.
+        let ranges: Vec<_> = [(0, MIB), (1 << 40, (1 << 40) + MIB)]
+            .iter()
+            .flat_map(|&(s, e)| split_extent(s, e, SEQUENTIAL_CHUNK_BYTES))
+            .collect();
         assert_eq!(ranges, vec![(0, MIB), (1 << 40, MIB)]);
     }
 

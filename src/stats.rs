@@ -9,7 +9,26 @@ pub struct Summary {
     pub command: &'static str,
     pub engine: &'static str,
     pub cores: usize,
+    /// Nothing was changed: the counts say what would have been done.
+    pub dry_run: bool,
+    /// Files copied (or, in a dry run, that would be).
     pub files: u64,
+    /// Files (and symlinks) already up to date in the destination (`sync`).
+    pub unchanged: u64,
+    /// Up-to-date files whose permissions, owner or times were fixed (`sync`).
+    pub attrs_updated: u64,
+    /// Destination entries deleted (`sync --delete`), or that would be.
+    pub deleted: u64,
+    /// Why `--delete` deleted nothing, when it did not run.
+    pub deletions_skipped: Option<String>,
+    /// Entries excluded by the filters.
+    pub excluded: u64,
+    /// Files copied again because they changed while being copied.
+    pub retried: u64,
+    /// Temporaries of interrupted runs removed.
+    pub stale_removed: u64,
+    /// The signal (2: SIGINT, 15: SIGTERM) that interrupted the run.
+    pub interrupted: Option<i32>,
     pub directories: u64,
     pub symlinks: u64,
     pub hardlinks: u64,
@@ -50,13 +69,44 @@ impl Summary {
             .expect("summary serializes")
     }
 
+    /// One line saying what a `sync` did (printed on stderr unless `-q`): a no-op sync says that nothing was
+    /// transferred.
+    pub fn sync_line(&self) -> String {
+        let verb = if self.dry_run { "would copy" } else { "copied" };
+        let mut line = format!(
+            "{verb} {} file(s) ({}), {} unchanged, {} {}",
+            self.files,
+            human_bytes(self.bytes),
+            self.unchanged,
+            self.deleted,
+            if self.dry_run { "to delete" } else { "deleted" }
+        );
+        if self.files == 0 && self.deleted == 0 && self.attrs_updated == 0 && self.errors == 0 && self.symlinks == 0 {
+            line.push_str(": destination already up to date, 0 bytes transferred");
+        }
+        line
+    }
+
     /// The human summary, like rsync's `--stats`.
     pub fn write_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.dry_run {
+            writeln!(out, "dry run: nothing was changed")?;
+        }
         writeln!(
             out,
             "files: {}  directories: {}  symlinks: {}  hardlinks: {}  skipped: {}  errors: {}",
             self.files, self.directories, self.symlinks, self.hardlinks, self.skipped, self.errors
         )?;
+        if self.command == "sync" {
+            writeln!(
+                out,
+                "unchanged: {}  attributes fixed: {}  deleted: {}  excluded: {}  retried: {}",
+                self.unchanged, self.attrs_updated, self.deleted, self.excluded, self.retried
+            )?;
+        }
+        if let Some(why) = &self.deletions_skipped {
+            writeln!(out, "deletions skipped: {why}")?;
+        }
         writeln!(
             out,
             "bytes: {} ({})  in {:.3} s  = {:.3} GB/s",

@@ -2,6 +2,7 @@
 //! results are checked with independent means (std::fs, lstat, libc xattr calls, BLAKE3 digests), never with
 //! fastsync itself.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -10,24 +11,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
-macro_rules! both_engines {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                #[test]
-                fn uring() {
-                    super::$case(crate::common::Engine::Uring)
-                }
-                #[test]
-                fn fallback() {
-                    super::$case(crate::common::Engine::Fallback)
-                }
-            }
-        )*
-    };
-}
 
 both_engines!(
     everything_tree,
@@ -83,10 +66,6 @@ both_engines!(
     usage_errors,
     permission_denied_as_nobody,
 );
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("fastsync-test-").tempdir().unwrap()
-}
 
 fn mtime_of(p: &Path) -> (i64, i64) {
     let m = fs::symlink_metadata(p).unwrap();

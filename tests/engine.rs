@@ -208,6 +208,8 @@ fn chunked(dir: &TempDir, name: &str, data: &[u8], size: u64, dst_fd: Option<Own
         finish: finish_spec(verify),
         ranges_left: AtomicU32::new(0),
         failed: AtomicBool::new(false),
+        journal: None,
+        interrupted: AtomicBool::new(false),
     }
 }
 
@@ -220,7 +222,7 @@ fn ranges(file: ChunkedFile, piece_bytes: u64, first_tag: u64) -> Vec<Job> {
         .map(|i| {
             let offset = i * piece_bytes;
             let len = piece_bytes.min(file.size - offset);
-            Job::Range(RangeJob { tag: first_tag + i, file: file.clone(), offset, len })
+            Job::Range(RangeJob { tag: first_tag + i, file: file.clone(), offset, len, resume: false })
         })
         .collect()
 }

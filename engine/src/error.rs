@@ -18,8 +18,12 @@ pub enum Op {
     Truncate,
     Rename,
     Verify,
-    /// The source changed size while it was copied.
+    /// The source changed (size, times or inode) while it was copied.
     SourceChanged,
+    /// The run was interrupted (SIGINT/SIGTERM) before the job ran.
+    Interrupted,
+    /// Reading a file to compute its digest.
+    Hash,
 }
 
 impl Op {
@@ -38,6 +42,8 @@ impl Op {
             Op::Rename => "cannot rename into place",
             Op::Verify => "verification failed for",
             Op::SourceChanged => "source changed while copying",
+            Op::Interrupted => "interrupted before copying",
+            Op::Hash => "cannot compute the checksum of",
         }
     }
 }

@@ -20,16 +20,21 @@ fn check(rc: libc::c_int, op: Op, path: &Path) -> Result<(), JobError> {
     if rc == 0 { Ok(()) } else { Err(JobError::last_os(op, path)) }
 }
 
-/// Finish a destination whose bytes are all written: optional truncate (O_DIRECT tails), xattrs, owner, mode, times,
-/// fsync, rename `tmp` onto `dst`, fsync the directory. Order matters: xattrs need write permission, `chown` clears
-/// setuid bits so `chmod` comes after it, and times come last so nothing after them touches the mtime.
+/// Finish a destination whose bytes are all written: check that the source `src` did not change meanwhile (when
+/// the spec has a stamp), optional truncate (O_DIRECT tails), xattrs, owner, mode, times, fsync, rename `tmp` onto
+/// `dst`, fsync the directory. Order matters: xattrs need write permission, `chown` clears setuid bits so `chmod`
+/// comes after it, and times come last so nothing after them touches the mtime.
 pub fn finish_file(
     fd: BorrowedFd<'_>,
     truncate_to: Option<u64>,
+    src: &Path,
     tmp: &Path,
     dst: &Path,
     spec: &FinishSpec,
 ) -> Result<(), JobError> {
+    if let Some(stamp) = &spec.source_stamp {
+        crate::blocking::check_source(src, stamp)?;
+    }
     let raw = fd.as_raw_fd();
     if let Some(size) = truncate_to {
         // SAFETY: plain syscall on a descriptor we borrow.

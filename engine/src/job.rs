@@ -6,12 +6,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 
 use crate::JobError;
+use crate::journal::Journal;
 
 /// A point in time with nanoseconds, as `struct timespec`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timestamp {
     pub sec: i64,
     pub nsec: i64,
+}
+
+/// What a source looked like when it was walked. Checked again after its bytes were copied: a source that changed
+/// meanwhile (size, modification or change time, or inode differ) fails the job with [`crate::Op::SourceChanged`]
+/// instead of being renamed into place torn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceStamp {
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub ino: u64,
+    /// The stamp describes what a symlink points to (`-L`), so the check follows symlinks too.
+    pub follow: bool,
 }
 
 /// What to do to a destination file once its bytes are written, before it is renamed into place.
@@ -32,6 +46,8 @@ pub struct FinishSpec {
     pub fsync: bool,
     /// Hash each block of the source as it is read, read it back from the destination and compare.
     pub verify: bool,
+    /// When set, the source is checked against it before the rename (see [`SourceStamp`]).
+    pub source_stamp: Option<SourceStamp>,
 }
 
 impl Default for FinishSpec {
@@ -44,6 +60,7 @@ impl Default for FinishSpec {
             xattrs: Vec::new(),
             fsync: false,
             verify: false,
+            source_stamp: None,
         }
     }
 }
@@ -86,6 +103,11 @@ pub struct ChunkedFile {
     pub ranges_left: AtomicU32,
     /// Set by the first range that fails; the finisher then abandons the file.
     pub failed: AtomicBool,
+    /// Resumable copy: `tmp` is a stable name and this journal records each range once it is written. When the run
+    /// is interrupted both are kept so that the next run continues; on success or failure the journal is removed.
+    pub journal: Option<Journal>,
+    /// A range was cancelled by an interruption ([`crate::Op::Interrupted`]).
+    pub interrupted: AtomicBool,
 }
 
 impl ChunkedFile {
@@ -98,35 +120,62 @@ impl ChunkedFile {
         self.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
-    /// Record the end of one range (or of the planner's hold, with `Ok`) and, when it was the last, finish the file
-    /// or remove its temporary if any range failed. Returns the outcome to report for this range.
-    pub fn complete_range(&self, result: Result<(), crate::JobError>) -> Outcome {
+    /// Record the end of one range (`range` = offset and length; `None` for the planner's hold) and, when it was the
+    /// last, finish the file or give up its temporary if any range failed. Returns the outcome to report.
+    pub fn complete_range(&self, range: Option<(u64, u64)>, result: Result<(), crate::JobError>) -> Outcome {
         use std::sync::atomic::Ordering;
+        if let (Ok(()), Some((offset, len)), Some(journal)) = (&result, range, &self.journal) {
+            // Best effort: a range missing from the journal is only copied again by the next run.
+            let _ = journal.record(offset, len);
+        }
+        if let Err(e) = &result
+            && e.op == crate::Op::Interrupted
+        {
+            self.interrupted.store(true, Ordering::Release);
+        }
         let last = self.range_done(result.is_ok());
         match result {
             Err(e) => {
                 if last {
-                    crate::abandon(&self.tmp);
+                    self.give_up();
                 }
                 Outcome::Failed(e)
             }
             Ok(()) if !last => Outcome::RangeDone,
             // Acquire pairs with the Release in `range_done`: every earlier range's failure is visible here.
             Ok(()) if self.failed.load(Ordering::Acquire) => {
-                crate::abandon(&self.tmp);
+                self.give_up();
                 Outcome::RangeAbandoned
             }
             Ok(()) => {
                 use std::os::fd::AsFd;
                 let truncate = self.direct.then_some(self.size);
-                match crate::finish_file(self.dst_fd.as_fd(), truncate, &self.tmp, &self.dst, &self.finish) {
-                    Ok(()) => Outcome::RangeDoneFileDone,
+                match crate::finish_file(self.dst_fd.as_fd(), truncate, &self.src, &self.tmp, &self.dst, &self.finish) {
+                    Ok(()) => {
+                        if let Some(journal) = &self.journal {
+                            journal.remove();
+                        }
+                        Outcome::RangeDoneFileDone
+                    }
                     Err(e) => {
-                        crate::abandon(&self.tmp);
+                        self.give_up();
                         Outcome::Failed(e)
                     }
                 }
             }
+        }
+    }
+
+    /// After a failure the temporary is removed (a full disk must not stay full of it), unless the run was
+    /// interrupted and the file is resumable: then its temporary and journal stay for the next run.
+    fn give_up(&self) {
+        use std::sync::atomic::Ordering;
+        if self.journal.is_some() && self.interrupted.load(Ordering::Acquire) {
+            return;
+        }
+        crate::abandon(&self.tmp);
+        if let Some(journal) = &self.journal {
+            journal.remove();
         }
     }
 }
@@ -138,13 +187,29 @@ pub struct RangeJob {
     pub file: Arc<ChunkedFile>,
     pub offset: u64,
     pub len: u64,
+    /// An earlier, interrupted run recorded this range as written: compare the BLAKE3 digests of the source's and
+    /// the destination's bytes first, and copy only when they differ.
+    pub resume: bool,
+}
+
+/// Compute the BLAKE3 digest of a whole file.
+#[derive(Debug)]
+pub struct HashJob {
+    pub tag: u64,
+    pub path: PathBuf,
+    /// Hash what a symlink points to; otherwise the file is opened with O_NOFOLLOW.
+    pub follow_symlinks: bool,
 }
 
 /// A unit of work for a shard.
+// Whole-file jobs, the common case, are the large variant: boxing them would cost an allocation per small file to
+// shrink the rarer ones.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Job {
     File(FileJob),
     Range(RangeJob),
+    Hash(HashJob),
 }
 
 impl Job {
@@ -152,7 +217,21 @@ impl Job {
         match self {
             Job::File(j) => j.tag,
             Job::Range(j) => j.tag,
+            Job::Hash(j) => j.tag,
         }
+    }
+
+    /// Complete a job that will not run because the session was cancelled.
+    pub fn cancel(self, shard: usize) -> Completion {
+        let interrupted = |path: &std::path::Path| {
+            crate::JobError::new(crate::Op::Interrupted, path, std::io::Error::from(std::io::ErrorKind::Interrupted))
+        };
+        let outcome = match &self {
+            Job::File(f) => Outcome::Failed(interrupted(&f.dst)),
+            Job::Range(r) => r.file.complete_range(None, Err(interrupted(&r.file.dst))),
+            Job::Hash(h) => Outcome::Failed(interrupted(&h.path)),
+        };
+        Completion { tag: self.tag(), bytes: 0, shard, outcome }
     }
 }
 
@@ -167,7 +246,9 @@ pub enum Outcome {
     RangeDoneFileDone,
     /// This range succeeded (or was skipped) but another range of the same file failed; the temporary was removed.
     RangeAbandoned,
-    /// The job failed; any temporary file was removed.
+    /// A file was hashed: its BLAKE3 digest and its length.
+    Hashed { digest: [u8; 32], bytes: u64 },
+    /// The job failed; any temporary file was removed (a resumable file's is kept with its journal).
     Failed(JobError),
 }
 

@@ -13,17 +13,25 @@
 //! - Holes are never read: a [`RangeJob`] covers data only; the destination's size is set when it is created.
 //! - With [`FinishSpec::verify`], each block is hashed with BLAKE3 as it is read from the source, read back from the
 //!   destination after it was written, and compared; a mismatch fails the job before the rename.
+//! - With [`FinishSpec::source_stamp`], a source that changed while it was copied fails the job
+//!   ([`Op::SourceChanged`]) instead of being renamed into place torn; the planner decides whether to retry.
+//! - A [`ChunkedFile`] with a journal keeps its temporary and journal when it fails, for the next run to resume;
+//!   a [`RangeJob::resume`] range is copied only if the destination's bytes differ from the source's (BLAKE3).
+//! - After [`Session::cancel`], jobs not yet started complete at once with [`Op::Interrupted`]; started ones finish.
 
+pub mod blocking;
 pub mod error;
 pub mod finish;
 pub mod job;
+pub mod journal;
 pub mod offload;
 pub mod pool;
 pub mod session;
 
 pub use error::{EngineError, JobError, Op};
 pub use finish::{abandon, finish_file};
-pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, Job, Outcome, RangeJob, Timestamp};
+pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, HashJob, Job, Outcome, RangeJob, SourceStamp, Timestamp};
+pub use journal::Journal;
 pub use pool::AlignedArena;
 pub use session::{Session, ShardCtx, ShardStats};
 

@@ -35,6 +35,8 @@ struct Shared {
     idle: Vec<AtomicBool>,
     shutdown: AtomicBool,
     died: AtomicBool,
+    /// Set by [`Session::cancel`]: jobs not yet started complete at once as interrupted.
+    cancelled: AtomicBool,
 }
 
 /// A shard's view of the scheduler: where it finds work and where it reports completions.
@@ -48,8 +50,20 @@ pub struct ShardCtx {
 }
 
 impl ShardCtx {
-    /// Next job, without blocking: own deque, then a batch from the injector, then steal from another shard.
+    /// Next job, without blocking: own deque, then a batch from the injector, then steal from another shard. After
+    /// [`Session::cancel`], every job found is completed as interrupted here instead of being returned.
     pub fn next_job(&mut self) -> Option<Job> {
+        loop {
+            let job = self.find_job()?;
+            if !self.shared.cancelled.load(Ordering::Relaxed) {
+                return Some(job);
+            }
+            let completion = job.cancel(self.index);
+            self.complete(completion);
+        }
+    }
+
+    fn find_job(&mut self) -> Option<Job> {
         if let Some(job) = self.local.pop() {
             return Some(job);
         }
@@ -143,6 +157,7 @@ impl Session {
             idle: (0..config.shards).map(|_| AtomicBool::new(false)).collect(),
             shutdown: AtomicBool::new(false),
             died: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
         });
         let (done_tx, done_rx) = bounded(config.jobs_in_flight_max + config.shards);
         let (ready_tx, ready_rx) = bounded::<(usize, std::io::Result<()>)>(config.shards);
@@ -234,6 +249,28 @@ impl Session {
             on_done(c);
         }
         Ok(())
+    }
+
+    /// Stop starting jobs: those still queued complete at once as interrupted ([`crate::Op::Interrupted`]); those
+    /// already running finish. Used on SIGINT/SIGTERM; [`Session::drain`] then returns quickly.
+    pub fn cancel(&self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        for u in &self.shared.unparkers {
+            u.unpark();
+        }
+    }
+
+    /// Jobs submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Wait for one completion (there must be a job in flight) and hand it to `on_done`.
+    pub fn wait(&mut self, on_done: &mut dyn FnMut(Completion)) -> Result<(), EngineError> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        self.wait_one(on_done)
     }
 
     /// Wait until every submitted job has completed.

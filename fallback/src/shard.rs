@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use fastsync_engine::{
-    AlignedArena, Completion, FileJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, abandon, finish_file,
+    AlignedArena, Completion, FileJob, HashJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, abandon, blocking,
+    finish_file,
 };
 
 use crate::sys;
@@ -41,6 +42,7 @@ impl Shard {
         let outcome = match &job {
             Job::File(file) => self.run_file(file, &mut written_bytes),
             Job::Range(range) => self.run_range(range, &mut written_bytes),
+            Job::Hash(hash) => self.run_hash(hash),
         };
         self.stats.jobs += 1;
         self.stats.bytes_written += written_bytes;
@@ -61,7 +63,7 @@ impl Shard {
         let names = Names { src: &job.src, dst: &job.dst };
         let result = self
             .copy_file(src.as_fd(), dst.as_fd(), job, &names, written_bytes)
-            .and_then(|()| finish_file(dst.as_fd(), None, &job.tmp, &job.dst, &job.finish));
+            .and_then(|()| finish_file(dst.as_fd(), None, &job.src, &job.tmp, &job.dst, &job.finish));
         drop(src);
         drop(dst);
         match result {
@@ -96,11 +98,31 @@ impl Shard {
         self.copy_blocks(src, dst, names, start, None, verify, written_bytes)
     }
 
+    fn run_hash(&mut self, job: &HashJob) -> Outcome {
+        // SAFETY: one job at a time: nothing else uses slot 0 now.
+        let buf = unsafe { self.arena.slot_mut(0) };
+        match blocking::hash_file(&job.path, job.follow_symlinks, buf) {
+            Ok((digest, bytes)) => Outcome::Hashed { digest, bytes },
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
     fn run_range(&mut self, job: &RangeJob, written_bytes: &mut u64) -> Outcome {
         let file = &*job.file;
-        // Once another range failed the file will be abandoned: copying this one would be wasted I/O.
-        let result = if file.failed.load(Ordering::Acquire) { Ok(()) } else { self.copy_range(job, written_bytes) };
-        file.complete_range(result)
+        // Once another range failed the file will be abandoned: copying this one would be wasted I/O. A range an
+        // earlier run recorded is copied only if the destination's bytes differ.
+        let skip = file.failed.load(Ordering::Acquire) || (job.resume && self.range_already_copied(job));
+        let result = if skip { Ok(()) } else { self.copy_range(job, written_bytes) };
+        file.complete_range(Some((job.offset, job.len)), result)
+    }
+
+    /// Whether a range an earlier run recorded is really there (a read error counts as "no": it is copied again).
+    fn range_already_copied(&mut self, job: &RangeJob) -> bool {
+        let file = &*job.file;
+        // SAFETY: one job at a time: nothing else uses slot 0 now.
+        let buf = unsafe { self.arena.slot_mut(0) };
+        let (src, dst) = (file.src_fd.as_fd(), file.dst_fd.as_fd());
+        blocking::range_matches(src, dst, job.offset, job.len, buf, &file.src, &file.dst).unwrap_or(false)
     }
 
     /// Copy one range at the same offsets in both files. The destination already has its final size.

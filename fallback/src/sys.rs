@@ -33,35 +33,7 @@ fn failure() -> Option<io::Error> {
     (e.kind() != io::ErrorKind::Interrupted).then_some(e)
 }
 
-/// One `pread`, retried on `EINTR`. Returns the bytes read; 0 means end of file.
-pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, calls: &mut u64) -> io::Result<usize> {
-    let offset = off_t(offset)?;
-    loop {
-        *calls += 1;
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        if let Some(e) = failure() {
-            return Err(e);
-        }
-    }
-}
-
-/// Read at `offset` until `buf` is full or the file ends. Returns the bytes read, fewer than `buf.len()` only when a
-/// read returned 0 (end of file): a short read alone proves nothing (a signal, or a file still growing).
-pub(crate) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, calls: &mut u64) -> io::Result<usize> {
-    let mut done_bytes = 0;
-    while done_bytes < buf.len() {
-        let n = pread(fd, &mut buf[done_bytes..], offset + done_bytes as u64, calls)?;
-        if n == 0 {
-            break;
-        }
-        done_bytes += n;
-    }
-    Ok(done_bytes)
-}
+pub(crate) use fastsync_engine::blocking::pread_full;
 
 /// Write all of `buf` at `offset`, continuing after short writes and retrying `EINTR`.
 pub(crate) fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, calls: &mut u64) -> io::Result<()> {

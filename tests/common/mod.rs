@@ -13,6 +13,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
+macro_rules! both_engines {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[test]
+                fn uring() {
+                    super::$case(crate::common::Engine::Uring)
+                }
+                #[test]
+                fn fallback() {
+                    super::$case(crate::common::Engine::Fallback)
+                }
+            }
+        )*
+    };
+}
+
+/// A fresh temporary directory for one case.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("fastsync-test-").tempdir().unwrap()
+}
+
 /// The engine a case is forced to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -129,8 +152,8 @@ pub struct Cmd {
     timeout: Duration,
 }
 
-/// `fastsync` with no arguments yet (FASTSYNC_ENGINE removed from its environment so the outer environment cannot
-/// change which engine runs).
+/// `fastsync` with no arguments yet (FASTSYNC_* settings and the user's config file kept out of its environment, so
+/// the outer environment cannot change how it runs).
 pub fn fastsync() -> Cmd {
     Cmd::new(bin())
 }
@@ -138,8 +161,11 @@ pub fn fastsync() -> Cmd {
 impl Cmd {
     pub fn new(program: impl AsRef<OsStr>) -> Cmd {
         let mut cmd = Command::new(program.as_ref());
-        cmd.env_remove("FASTSYNC_ENGINE")
-            .env_remove("FASTSYNC_CORES")
+        for var in ["ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "FSYNC", "VERIFY", "DIRECT_IO", "CONFIG"] {
+            cmd.env_remove(format!("FASTSYNC_{var}"));
+        }
+        // No user's config file either: an absolute XDG directory without one means "no file".
+        cmd.env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE");
         Cmd { cmd, words: vec![program.as_ref().to_owned()], timeout: Duration::from_secs(90) }

@@ -13,8 +13,8 @@ use std::path::Path;
 use fastsync_engine::finish::cstr;
 use fastsync_engine::offload::{Offload, offload_range};
 use fastsync_engine::{
-    AlignedArena, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, RangeJob, Session,
-    ShardCtx, ShardStats, abandon, finish_file,
+    AlignedArena, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, Session, ShardCtx,
+    ShardStats, abandon, blocking, finish_file,
 };
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -71,6 +71,8 @@ struct Task {
     ops_pending: u32,
     error: Option<JobError>,
     bytes_written: u64,
+    /// Hash jobs: the digest and length, computed synchronously when admitted.
+    hashed: Option<([u8; 32], u64)>,
 }
 
 pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Result<Session, EngineError> {
@@ -211,8 +213,19 @@ impl Shard {
             ops_pending: 0,
             error: None,
             bytes_written: 0,
+            hashed: None,
         };
         match &task.job {
+            Job::Hash(h) => {
+                // CPU-bound: hashed right here with plain reads into the task's slot (see fastsync_engine::blocking).
+                // SAFETY: the slot was just taken from the free list; no I/O uses it.
+                let buf = unsafe { self.arena.slot_mut(slot) };
+                match blocking::hash_file(&h.path, h.follow_symlinks, buf) {
+                    Ok(r) => task.hashed = Some(r),
+                    Err(e) => task.error = Some(e),
+                }
+                self.tasks[slot] = Some(task);
+            }
             Job::File(f) => {
                 let (src_c, tmp_c) = match (cstr(&f.src), cstr(&f.tmp)) {
                     (Ok(s), Ok(t)) => (s, t),
@@ -280,7 +293,17 @@ impl Shard {
             Job::Range(r) => {
                 task.offset = r.offset;
                 task.end = r.offset + r.len;
-                if !r.file.direct && !r.file.finish.verify {
+                if r.resume && !r.file.failed.load(std::sync::atomic::Ordering::Acquire) {
+                    // An earlier run recorded this range: compare before copying (a read error means "copy it").
+                    // SAFETY: the slot was just taken from the free list; no I/O uses it.
+                    let buf = unsafe { self.arena.slot_mut(slot) };
+                    let (src_fd, dst_fd) = (r.file.src_fd.as_fd(), r.file.dst_fd.as_fd());
+                    let same = blocking::range_matches(src_fd, dst_fd, r.offset, r.len, buf, &r.file.src, &r.file.dst);
+                    if same.unwrap_or(false) {
+                        task.offset = task.end;
+                    }
+                }
+                if task.offset < task.end && !r.file.direct && !r.file.finish.verify {
                     // Page cache to page cache: the kernel's own copy moves each byte once, where READ + WRITE
                     // through our buffers would move it twice (and io_uring has no copy_file_range opcode). Whatever
                     // it leaves (an error to diagnose, a shrunken source) goes on through the ring below.
@@ -348,7 +371,7 @@ impl Shard {
     fn direct(&self, slot: usize) -> bool {
         match &self.tasks[slot].as_ref().expect("live task").job {
             Job::Range(r) => r.file.direct,
-            Job::File(_) => false,
+            Job::File(_) | Job::Hash(_) => false,
         }
     }
 
@@ -360,6 +383,7 @@ impl Shard {
             _ if from_dst => Target::Fd(dst_raw(t)),
             Job::File(_) => Target::Fixed(slot as u32),
             Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
+            Job::Hash(_) => unreachable!("hash jobs do no ring I/O"),
         };
         match (target, (slot < self.registered).then_some(slot as u16)) {
             (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
@@ -532,7 +556,12 @@ impl Shard {
         self.stats.jobs += 1;
         let outcome = match &t.job {
             Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
-            Job::Range(r) => range_outcome(r, t.error.take()),
+            Job::Range(r) => r.file.complete_range(Some((r.offset, r.len)), t.error.take().map_or(Ok(()), Err)),
+            Job::Hash(_) => match (t.error.take(), t.hashed) {
+                (Some(e), _) => Outcome::Failed(e),
+                (None, Some((digest, bytes))) => Outcome::Hashed { digest, bytes },
+                (None, None) => unreachable!("a hash task ends with a digest or an error"),
+            },
         };
         ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
         self.free.push(slot);
@@ -547,7 +576,9 @@ fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -
             }
             Err(e)
         }
-        (None, Some(fd)) => finish_file(fd.as_fd(), None, &f.tmp, &f.dst, &f.finish).inspect_err(|_| abandon(&f.tmp)),
+        (None, Some(fd)) => {
+            finish_file(fd.as_fd(), None, &f.src, &f.tmp, &f.dst, &f.finish).inspect_err(|_| abandon(&f.tmp))
+        }
         (None, None) => unreachable!("a file task without error has its destination open"),
     };
     match result {
@@ -556,14 +587,11 @@ fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -
     }
 }
 
-fn range_outcome(r: &RangeJob, error: Option<JobError>) -> Outcome {
-    r.file.complete_range(error.map_or(Ok(()), Err))
-}
-
 fn job_src(job: &Job) -> &Path {
     match job {
         Job::File(f) => &f.src,
         Job::Range(r) => &r.file.src,
+        Job::Hash(h) => &h.path,
     }
 }
 
@@ -571,6 +599,7 @@ fn job_dst(job: &Job) -> &Path {
     match job {
         Job::File(f) => &f.dst,
         Job::Range(r) => &r.file.dst,
+        Job::Hash(h) => &h.path,
     }
 }
 
@@ -578,6 +607,7 @@ fn job_verify(job: &Job) -> bool {
     match job {
         Job::File(f) => f.finish.verify,
         Job::Range(r) => r.file.finish.verify,
+        Job::Hash(_) => false,
     }
 }
 
@@ -585,6 +615,7 @@ fn dst_raw(t: &Task) -> RawFd {
     match &t.job {
         Job::Range(r) => r.file.dst_fd.as_raw_fd(),
         Job::File(_) => t.dst_fd.as_ref().expect("destination open").as_raw_fd(),
+        Job::Hash(_) => unreachable!("hash jobs do no ring I/O"),
     }
 }
 

@@ -1,0 +1,202 @@
+//! Temporary names, and cleaning up the ones that interrupted runs left behind.
+//!
+//! Every file is written under a hidden temporary name in its destination directory, marked `.fstmp-`:
+//! - `.NAME.fstmp-PID-N`: a file (or symlink, or hard link) being created by process PID;
+//! - `.NAME.fstmp-part` and `.NAME.fstmp-journal`: a large file and its resume journal (see
+//!   `fastsync_engine::journal`), kept by an interrupted run so that the next one continues where it stopped.
+//!
+//! A run also drops a marker, `.fastsync-run.fstmp-PID-0`, in the top destination directory and removes it only
+//! when it ends without an error. A later run that finds the marker of a dead process knows that temporaries may be
+//! left, and cleans every destination directory it visits: stale per-process temporaries are removed, and partial
+//! files whose source is gone are removed with their journals. Runs that follow clean runs never pay for the scan.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// The part of every temporary name that marks it as ours.
+pub const MARK: &[u8] = b".fstmp-";
+
+/// Temporary name for `dst` in process `pid`, number `seq`.
+pub fn unique(dst: &Path, seq: u64) -> PathBuf {
+    with_suffix(dst, format!("{}-{seq}", std::process::id()).as_bytes())
+}
+
+/// The stable name a resumable large file is written under.
+pub fn part(dst: &Path) -> PathBuf {
+    with_suffix(dst, b"part")
+}
+
+/// The resume journal beside [`part`].
+pub fn journal(dst: &Path) -> PathBuf {
+    with_suffix(dst, b"journal")
+}
+
+/// `.NAME.fstmp-SUFFIX` beside `dst`, keeping the whole name within NAME_MAX (255) bytes.
+fn with_suffix(dst: &Path, suffix: &[u8]) -> PathBuf {
+    let name = dst.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
+    let keep = &name[..name.len().min(200)];
+    let mut tmp = Vec::with_capacity(keep.len() + MARK.len() + suffix.len() + 1);
+    tmp.push(b'.');
+    tmp.extend_from_slice(keep);
+    tmp.extend_from_slice(MARK);
+    tmp.extend_from_slice(suffix);
+    dst.with_file_name(OsStr::from_bytes(&tmp))
+}
+
+/// Whether a directory entry's name is one of our temporaries (skipped by walks and deletion).
+pub fn is_temporary(name: &OsStr) -> bool {
+    name.as_bytes().windows(MARK.len()).any(|w| w == MARK)
+}
+
+/// The run marker of this process in `dir`.
+pub fn marker(dir: &Path) -> PathBuf {
+    dir.join(format!(".fastsync-run{}{}-0", std::str::from_utf8(MARK).expect("ascii"), std::process::id()))
+}
+
+/// Whether `dir` holds the marker of a run that is no longer alive (its temporaries may be stale).
+pub fn stale_marker_in(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let b = name.as_bytes();
+        b.starts_with(b".fastsync-run.fstmp-")
+            && parse(&name).is_some_and(|k| matches!(k, Kind::Unique { pid } if !alive(pid)))
+    })
+}
+
+/// What a temporary name is.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Unique { pid: u32 },
+    Part { base: OsString },
+    Journal { base: OsString },
+}
+
+fn parse(name: &OsStr) -> Option<Kind> {
+    let b = name.as_bytes();
+    let at = b.windows(MARK.len()).rposition(|w| w == MARK)?;
+    let (head, suffix) = (&b[..at], &b[at + MARK.len()..]);
+    let base = || OsString::from(OsStr::from_bytes(head.strip_prefix(b".").unwrap_or(head)));
+    match suffix {
+        b"part" => Some(Kind::Part { base: base() }),
+        b"journal" => Some(Kind::Journal { base: base() }),
+        _ => {
+            let s = std::str::from_utf8(suffix).ok()?;
+            let (pid, seq) = s.split_once('-')?;
+            seq.parse::<u64>().ok()?;
+            Some(Kind::Unique { pid: pid.parse().ok()? })
+        }
+    }
+}
+
+/// Whether process `pid` is alive and is a fastsync (a reused PID of another program does not count).
+fn alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    let exists = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !exists {
+        return false;
+    }
+    match fs::read(format!("/proc/{pid}/comm")) {
+        Ok(comm) => comm.starts_with(b"fastsync"),
+        // No procfs (or no access): trust the PID.
+        Err(_) => true,
+    }
+}
+
+/// Whether someone holds the lock of the journal at `path`.
+fn journal_locked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = fs::File::open(path) else { return false };
+    // SAFETY: plain syscall on a descriptor we own; the lock (if taken) is released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+/// Remove stale temporaries from the destination directory `dst_dir`, whose source is `src_dir` (`None` when there
+/// is no source directory: a single-file transfer). Returns the number removed and the failures, one line each.
+pub fn clean_dir(dst_dir: &Path, src_dir: Option<&Path>) -> (u64, Vec<String>) {
+    let mut removed = 0;
+    let mut failures = Vec::new();
+    let Ok(entries) = fs::read_dir(dst_dir) else { return (0, failures) };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !is_temporary(&name) {
+            continue;
+        }
+        let stale = match parse(&name) {
+            Some(Kind::Unique { pid }) => !alive(pid),
+            Some(Kind::Part { base }) => {
+                let journal = journal(&dst_dir.join(&base));
+                !journal_locked(&journal) && (!journal.exists() || !source_is_file(src_dir, &base))
+            }
+            Some(Kind::Journal { base }) => {
+                let path = entry.path();
+                !journal_locked(&path) && (!part(&dst_dir.join(&base)).exists() || !source_is_file(src_dir, &base))
+            }
+            None => false,
+        };
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(format!("cannot remove stale temporary '{}': {e}", path.display())),
+        }
+    }
+    (removed, failures)
+}
+
+fn source_is_file(src_dir: Option<&Path>, base: &OsStr) -> bool {
+    match src_dir {
+        Some(dir) => fs::metadata(dir.join(base)).is_ok_and(|m| m.is_file()),
+        // A single-file transfer: its partial file is resumed (or restarted) by the run itself.
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let dst = Path::new("/d/data.bin");
+        assert_eq!(part(dst), Path::new("/d/.data.bin.fstmp-part"));
+        assert_eq!(journal(dst), Path::new("/d/.data.bin.fstmp-journal"));
+        assert_eq!(parse(OsStr::new(".data.bin.fstmp-part")), Some(Kind::Part { base: "data.bin".into() }));
+        assert_eq!(parse(OsStr::new(".a.fstmp-journal")), Some(Kind::Journal { base: "a".into() }));
+        assert_eq!(parse(OsStr::new(".a.fstmp-123-7")), Some(Kind::Unique { pid: 123 }));
+        assert_eq!(parse(OsStr::new(".a.fstmp-x")), None);
+        assert!(is_temporary(unique(dst, 3).file_name().unwrap()));
+        assert!(!is_temporary(OsStr::new("fstmp")));
+        let long = "x".repeat(255);
+        assert!(unique(&Path::new("/d").join(&long), u64::MAX).file_name().unwrap().len() <= 255);
+    }
+
+    #[test]
+    fn dead_processes_temporaries_are_removed_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("fs-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // PID 2^22+1 is above the kernel's pid_max limit: never alive.
+        let dead = dir.join(".f.fstmp-4194305-1");
+        let mine = unique(&dir.join("g"), 1);
+        let orphan_part = dir.join(".h.fstmp-part");
+        fs::write(&dead, b"x").unwrap();
+        fs::write(&mine, b"x").unwrap();
+        fs::write(&orphan_part, b"x").unwrap();
+        fs::write(dir.join("keep"), b"x").unwrap();
+        let (removed, failures) = clean_dir(&dir, None);
+        assert_eq!((removed, failures.len()), (2, 0));
+        assert!(!dead.exists() && !orphan_part.exists());
+        assert!(mine.exists() && dir.join("keep").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,559 @@
+//! Integration tests of `fastsync sync` (comparison, deletion, filters, dry run) and of what every transfer
+//! guarantees when interrupted (SIGKILL, SIGINT), when a source changes under it, and when stale temporaries of
+//! dead runs are found. Every case runs on both engines; results are checked with independent means.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+both_engines!(
+    first_sync_copies_and_second_transfers_nothing,
+    quick_check_uses_size_and_mtime,
+    checksum_finds_same_size_same_time_changes,
+    size_only_ignores_times_but_fixes_them,
+    ignore_existing_and_update,
+    delete_removes_extraneous_only_after_success,
+    delete_never_follows_symlinks_out,
+    delete_keeps_excluded_entries,
+    max_delete_aborts_before_deleting,
+    errors_prevent_deletion,
+    filters_in_order_and_from_file,
+    dry_run_itemizes_and_changes_nothing,
+    dry_run_json_items,
+    type_changes_need_delete,
+    attributes_fixed_on_unchanged_files,
+    kill_at_any_moment_then_rerun_is_exact,
+    sigint_stops_cleanly_and_resume_continues,
+    torn_source_is_never_copied_silently,
+    stale_temporaries_of_dead_runs_are_cleaned,
+    full_disk_sync_continues_and_fails_cleanly,
+);
+
+fn sync_cmd(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> Cmd {
+    fastsync().arg("sync").arg("--engine").arg(engine.name()).args(extra).arg(src).arg(dst)
+}
+
+fn sync(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> Output {
+    sync_cmd(engine, extra, src, dst).run()
+}
+
+/// Runs a sync that must succeed with `--json`, and returns the summary (the last stdout line).
+fn sync_json(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> serde_json::Value {
+    let mut args = vec!["--json"];
+    args.extend_from_slice(extra);
+    let out = sync(engine, &args, src, dst);
+    out.assert_success();
+    assert_no_tmp(dst);
+    let stdout = out.stdout_str();
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {stdout}"))
+}
+
+fn write_with_time(path: &Path, data: &[u8], sec: i64) {
+    write_file(path, data);
+    set_times(path, sec, 0);
+}
+
+/// The set of relative paths under `root` (not following symlinks).
+fn names(root: &Path) -> Vec<String> {
+    snapshot(root).keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
+}
+
+fn first_sync_copies_and_second_transfers_nothing(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    let total = build_small_tree(&src);
+    let first = sync_json(e, &[], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+    assert_eq!(first["files"], 6);
+    assert_eq!(first["bytes"], total);
+    let before = snapshot(&dst);
+    let out = sync(e, &["--json"], &src, &dst);
+    out.assert_success();
+    let v: serde_json::Value = serde_json::from_str(out.stdout_str().lines().last().unwrap()).unwrap();
+    assert_eq!((v["files"].as_u64(), v["bytes"].as_u64()), (Some(0), Some(0)), "a no-op sync transferred data");
+    assert_eq!(v["unchanged"], 7, "6 files and 1 symlink are up to date");
+    // Nothing was rewritten: same inodes, same times.
+    let after = snapshot(&dst);
+    for (k, b) in &before {
+        assert_eq!(b.ino, after[k].ino, "{} was replaced by a no-op sync", show(k));
+    }
+    // Without --json it says so in words.
+    let out = sync(e, &[], &src, &dst);
+    out.assert_success();
+    out.check(out.stderr_str().contains("already up to date, 0 bytes transferred"), "a no-op sync must say so");
+}
+
+fn quick_check_uses_size_and_mtime(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_with_time(&src.join("same"), b"aaaa", 1_000_000_000);
+    write_with_time(&src.join("newtime"), b"bbbb", 1_000_000_000);
+    write_with_time(&src.join("newsize"), b"cccc", 1_000_000_000);
+    sync_json(e, &[], &src, &dst);
+    write_with_time(&src.join("newtime"), b"BBBB", 1_000_000_001);
+    write_with_time(&src.join("newsize"), b"cccccc", 1_000_000_000);
+    let v = sync_json(e, &["-i"], &src, &dst);
+    assert_eq!(v["files"], 2);
+    assert_eq!(v["unchanged"], 1);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn checksum_finds_same_size_same_time_changes(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_with_time(&src.join("f"), &random_bytes(1, 3000), 1_000_000_000);
+    // Large enough to be chunked (hashes of large files too).
+    write_with_time(&src.join("big"), &random_bytes(2, 3 << 20), 1_000_000_000);
+    write_with_time(&src.join("g"), b"same", 1_000_000_000);
+    sync_json(e, &[], &src, &dst);
+    // Same size, same mtime, different bytes: invisible to the quick check.
+    let mut changed = random_bytes(1, 3000);
+    changed[1234] ^= 0xff;
+    write_with_time(&src.join("f"), &changed, 1_000_000_000);
+    let mut big = random_bytes(2, 3 << 20);
+    big[3 << 19] ^= 1;
+    write_with_time(&src.join("big"), &big, 1_000_000_000);
+    let v = sync_json(e, &[], &src, &dst);
+    assert_eq!(v["files"], 0, "the quick check must not see same-size same-time changes");
+    let v = sync_json(e, &["--checksum"], &src, &dst);
+    assert_eq!(v["files"], 2);
+    assert_eq!(v["unchanged"], 1);
+    compare_trees(&src, &dst, CompareOpts::default());
+    let v = sync_json(e, &["-c"], &src, &dst);
+    assert_eq!((v["files"].as_u64(), v["unchanged"].as_u64()), (Some(0), Some(3)));
+}
+
+fn size_only_ignores_times_but_fixes_them(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_with_time(&src.join("f"), b"12345", 1_000_000_000);
+    sync_json(e, &[], &src, &dst);
+    let ino = fs::metadata(dst.join("f")).unwrap().ino();
+    write_with_time(&src.join("f"), b"abcde", 1_100_000_000);
+    let v = sync_json(e, &["--size-only"], &src, &dst);
+    assert_eq!(v["files"], 0);
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"12345", "--size-only copied a same-size file");
+    assert_eq!(fs::metadata(dst.join("f")).unwrap().ino(), ino);
+    assert_eq!(fs::metadata(dst.join("f")).unwrap().mtime(), 1_100_000_000, "times of skipped files are set");
+}
+
+fn ignore_existing_and_update(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    mkdirs(&dst);
+    write_with_time(&src.join("exists"), b"new content", 1_100_000_000);
+    write_with_time(&dst.join("exists"), b"old", 1_000_000_000);
+    write_with_time(&src.join("newer_dst"), b"source", 1_000_000_000);
+    write_with_time(&dst.join("newer_dst"), b"dest is newer", 1_200_000_000);
+    write_with_time(&src.join("fresh"), b"fresh", 1_000_000_000);
+    let v = sync_json(e, &["--ignore-existing"], &src, &dst);
+    assert_eq!(v["files"], 1);
+    assert_eq!(fs::read(dst.join("exists")).unwrap(), b"old");
+    assert_eq!(fs::read(dst.join("fresh")).unwrap(), b"fresh");
+    let v = sync_json(e, &["--update"], &src, &dst);
+    assert_eq!(v["files"], 1, "only the file whose destination is older is copied");
+    assert_eq!(fs::read(dst.join("exists")).unwrap(), b"new content");
+    assert_eq!(fs::read(dst.join("newer_dst")).unwrap(), b"dest is newer");
+}
+
+fn delete_removes_extraneous_only_after_success(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    build_small_tree(&src);
+    sync_json(e, &[], &src, &dst);
+    write_file(&dst.join("extra.txt"), b"x");
+    write_file(&dst.join("sub/deep/extra"), b"x");
+    write_file(&dst.join("gone/a/b/c"), b"x");
+    ln_s("/", &dst.join("sub/extra_link"));
+    // Without --delete extraneous entries stay.
+    sync_json(e, &[], &src, &dst);
+    assert!(dst.join("extra.txt").exists());
+    let v = sync_json(e, &["--delete"], &src, &dst);
+    // extra.txt, sub/deep/extra, sub/extra_link, gone, gone/a, gone/a/b, gone/a/b/c
+    assert_eq!(v["deleted"], 7);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn delete_never_follows_symlinks_out(e: Engine) {
+    let t = tmp();
+    let (src, dst, outside) = (t.path().join("src"), t.path().join("dst"), t.path().join("outside"));
+    mkdirs(&src);
+    write_file(&src.join("keep"), b"k");
+    write_file(&outside.join("precious"), b"p");
+    write_file(&outside.join("sub/precious2"), b"p");
+    mkdirs(&dst);
+    // A destination symlink to a directory outside: deleting it must remove the link only.
+    ln_s(&outside, &dst.join("escape"));
+    // A source directory whose destination twin is a symlink to the outside directory.
+    mkdirs(&src.join("sub"));
+    ln_s(outside.join("sub"), &dst.join("sub"));
+    let out = sync(e, &["--delete"], &src, &dst);
+    out.assert_success();
+    assert!(fs::symlink_metadata(dst.join("escape")).is_err(), "the extraneous symlink was not deleted");
+    assert!(fs::symlink_metadata(dst.join("sub")).unwrap().is_dir(), "sub must become a real directory");
+    assert_eq!(fs::read(outside.join("precious")).unwrap(), b"p");
+    assert_eq!(fs::read(outside.join("sub/precious2")).unwrap(), b"p", "deletion followed a symlink out");
+}
+
+fn delete_keeps_excluded_entries(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_file(&src.join("a.txt"), b"a");
+    mkdirs(&dst);
+    write_file(&dst.join("local.log"), b"keep me");
+    write_file(&dst.join("stale.txt"), b"delete me");
+    let v = sync_json(e, &["--delete", "--exclude", "*.log"], &src, &dst);
+    assert_eq!(v["deleted"], 1);
+    assert!(dst.join("local.log").exists(), "an excluded destination file was deleted");
+    assert!(!dst.join("stale.txt").exists());
+}
+
+fn max_delete_aborts_before_deleting(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_file(&src.join("a"), b"a");
+    for i in 0..5 {
+        write_file(&dst.join(format!("extra{i}")), b"x");
+    }
+    let out = sync(e, &["--delete", "--max-delete", "4"], &src, &dst);
+    out.assert_code(1);
+    out.check(out.stderr_str().contains("5 entries would be deleted"), "the error must give the count");
+    assert_eq!(names(&dst).len(), 6, "--max-delete must delete nothing when over the limit");
+    let v = sync_json(e, &["--delete", "--max-delete", "5"], &src, &dst);
+    assert_eq!(v["deleted"], 5);
+}
+
+fn errors_prevent_deletion(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src.join("locked"));
+    write_file(&src.join("locked/new"), b"n");
+    write_file(&src.join("ok"), b"o");
+    mkdirs(&dst.join("locked"));
+    write_file(&dst.join("extra"), b"x");
+    // An immutable directory refuses new entries even to root.
+    let chattr = Cmd::new("chattr").arg("+i").arg(dst.join("locked")).run();
+    if chattr.code != Some(0) {
+        eprintln!("SKIP: chattr +i is not supported here ({})", chattr.stderr_str().trim());
+        return;
+    }
+    let out = sync(e, &["--delete", "--json"], &src, &dst);
+    let _ = Cmd::new("chattr").arg("-i").arg(dst.join("locked")).run();
+    out.assert_code(1);
+    out.check(out.stderr_str().contains("nothing was deleted"), "the summary must say deletions were skipped");
+    assert!(dst.join("extra").exists(), "deleted after a failed transfer");
+    assert_eq!(fs::read(dst.join("ok")).unwrap(), b"o", "the rest of the run must go on");
+    let v: serde_json::Value = serde_json::from_str(out.stdout_str().lines().last().unwrap()).unwrap();
+    assert!(v["deletions_skipped"].as_str().unwrap().contains("nothing was deleted"));
+}
+
+fn filters_in_order_and_from_file(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    for f in ["a.rs", "b.txt", "keep.log", "x.log", "target/out.rs", "sub/c.rs", "sub/d.txt", "sub/target/e.rs"] {
+        write_file(&src.join(f), f.as_bytes());
+    }
+    // rsync order: --include keep.log before --exclude *.log keeps it; /target is anchored at the root.
+    let out = sync(e, &["--include", "keep.log", "--exclude", "*.log", "--exclude", "/target"], &src, &dst);
+    out.assert_success();
+    let got = names(&dst);
+    for want in ["a.rs", "b.txt", "keep.log", "sub/c.rs", "sub/d.txt", "sub/target/e.rs"] {
+        assert!(got.contains(&want.to_string()), "{want} missing: {got:?}");
+    }
+    assert!(!got.contains(&"x.log".to_string()) && !got.contains(&"target".to_string()), "{got:?}");
+    // A rules file: only *.rs files, in any directory.
+    let rules = t.path().join("rules");
+    fs::write(&rules, "# only Rust sources\n+ */\n+ *.rs\n- *\n").unwrap();
+    let dst2 = t.path().join("dst2");
+    let out = fastsync().args(["sync", "--engine", e.name(), "--filter-from"]).arg(&rules).arg(&src).arg(&dst2).run();
+    out.assert_success();
+    let mut got = names(&dst2);
+    got.retain(|n| !fs::symlink_metadata(dst2.join(n)).unwrap().is_dir());
+    assert_eq!(got, ["a.rs", "sub/c.rs", "sub/target/e.rs", "target/out.rs"]);
+    // A bad rule is a usage error naming the file and line.
+    fs::write(&rules, "+ *.rs\nbogus\n").unwrap();
+    let out = fastsync().args(["sync", "--engine", e.name(), "--filter-from"]).arg(&rules).arg(&src).arg(&dst2).run();
+    out.assert_code(2);
+    out.check(out.stderr_str().contains("line 2"), "the error must name the line");
+}
+
+fn dry_run_itemizes_and_changes_nothing(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_with_time(&src.join("same"), b"s", 1_000_000_000);
+    write_with_time(&src.join("changed"), b"c1", 1_000_000_000);
+    sync_json(e, &[], &src, &dst);
+    write_with_time(&src.join("changed"), b"c22", 1_000_000_000);
+    write_file(&src.join("newdir/new"), b"n");
+    write_file(&dst.join("old"), b"o");
+    let before = snapshot(&dst);
+    let out = sync(e, &["--dry-run", "--delete"], &src, &dst);
+    out.assert_success();
+    let lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    assert_eq!(lines, ["update changed", "mkdir  newdir/", "copy   newdir/new", "delete old"].map(String::from));
+    let after = snapshot(&dst);
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "a dry run changed the tree");
+    for (k, b) in &before {
+        assert_eq!((b.ino, b.mtime, b.digest), (after[k].ino, after[k].mtime, after[k].digest), "{} changed", show(k));
+    }
+    assert_no_tmp(&dst);
+}
+
+fn dry_run_json_items(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_file(&src.join("a"), b"a");
+    let out = sync(e, &["-n", "--json"], &src, &dst);
+    out.assert_success();
+    let lines: Vec<serde_json::Value> = out.stdout_str().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "one item and the summary");
+    assert_eq!(lines[0]["item"], "copy");
+    assert_eq!(lines[0]["path"], "a");
+    assert_eq!(lines[1]["dry_run"], true);
+    assert_eq!(lines[1]["files"], 1);
+    assert!(!dst.exists(), "a dry run created the destination");
+}
+
+fn type_changes_need_delete(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    write_file(&src.join("was_dir"), b"now a file");
+    write_file(&src.join("was_file/inner"), b"now a dir");
+    write_file(&dst.join("was_dir/old"), b"x");
+    write_file(&dst.join("was_file"), b"x");
+    let out = sync(e, &[], &src, &dst);
+    out.assert_code(1);
+    out.check(out.stderr_str().contains("--delete replaces it"), "the error must say how to proceed");
+    assert!(dst.join("was_dir/old").exists(), "replaced without --delete");
+    sync_json(e, &["--delete"], &src, &dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn attributes_fixed_on_unchanged_files(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_with_time(&src.join("f"), b"data", 1_000_000_000);
+    chmod(&src.join("f"), 0o640);
+    sync_json(e, &[], &src, &dst);
+    chmod(&src.join("f"), 0o604);
+    let v = sync_json(e, &["-i"], &src, &dst);
+    assert_eq!((v["files"].as_u64(), v["attrs_updated"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(fs::metadata(dst.join("f")).unwrap().mode() & 0o7777, 0o604);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Interruption and resume
+// ---------------------------------------------------------------------------------------------------------------
+
+fn spawn(engine: Engine, cmd: &str, extra: &[&str], src: &Path, dst: &Path) -> Child {
+    Command::new(bin())
+        .args([cmd, "--engine", engine.name(), "--json"])
+        .args(extra)
+        .arg(src)
+        .arg(dst)
+        .env_remove("FASTSYNC_ENGINE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A source with one large file (several sequential ranges), a medium one and many small ones.
+fn build_interruptible(src: &Path) {
+    mkdirs(src);
+    write_big_file(&src.join("big.bin"), 7, 300 << 20);
+    write_big_file(&src.join("medium.bin"), 8, 9 << 20);
+    for i in 0..400 {
+        write_file(&src.join(format!("small/{:03}/{i}", i % 17)), &random_bytes(i, 100 + (i as usize * 37) % 5000));
+    }
+}
+
+/// Every file under `dst` with a final (non-temporary) name equals its source, byte for byte.
+fn assert_final_names_complete(src: &Path, dst: &Path) {
+    if !dst.exists() {
+        return;
+    }
+    for (rel, entry) in snapshot(dst) {
+        let name = String::from_utf8_lossy(&rel).into_owned();
+        if name.contains(".fstmp-") || entry.digest.is_none() {
+            continue;
+        }
+        let s = src.join(os(&rel));
+        assert_eq!(Some(digest(&s)), entry.digest, "{name} is under its final name but incomplete or wrong");
+    }
+}
+
+fn kill_at_any_moment_then_rerun_is_exact(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    build_interruptible(&src);
+    let journal = dst.join(".big.bin.fstmp-journal");
+    // Fixed delays land anywhere (walk, small files, large file); `None` waits until the large file's journal holds
+    // a finished range, so that the rerun must resume it.
+    for delay_ms in [Some(5u64), Some(40), Some(150), None] {
+        let _ = fs::remove_dir_all(&dst);
+        let mut child = spawn(e, "copy", &[], &src, &dst);
+        match delay_ms {
+            Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            None => {
+                let start = Instant::now();
+                while fs::read_to_string(&journal).map_or(0, |j| j.lines().count()) < 2 {
+                    assert!(start.elapsed() < Duration::from_secs(30), "the journal never recorded a range");
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_final_names_complete(&src, &dst);
+        let recorded = fs::read_to_string(&journal).map(|j| j.lines().count().saturating_sub(1)).unwrap_or(0);
+        let out = fastsync().args(["copy", "--engine", e.name(), "--json"]).arg(&src).arg(&dst).run();
+        out.assert_success();
+        compare_trees(&src, &dst, CompareOpts::default());
+        assert_no_tmp(&dst);
+        if recorded > 0 {
+            let v: serde_json::Value = serde_json::from_str(out.stdout_str().lines().last().unwrap()).unwrap();
+            let written = v["bytes"].as_u64().unwrap();
+            // Each recorded range is 64 MiB that the rerun verified instead of copying.
+            assert!(written <= (300 << 20) + (9 << 20) + 2_000_000 - (64 << 20), "the rerun did not resume: {written}");
+        }
+    }
+}
+
+fn sigint_stops_cleanly_and_resume_continues(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    build_interruptible(&src);
+    let child = spawn(e, "sync", &[], &src, &dst);
+    // Wait until the large file is being written, then interrupt.
+    let part = dst.join(".big.bin.fstmp-part");
+    let start = Instant::now();
+    while !part.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: plain syscall on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(0) {
+        eprintln!("the run finished before the signal arrived; nothing to check");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(130), "SIGINT must exit 130: {stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.lines().count() <= 3, "an interruption must not print one line per file: {stderr}");
+    assert_final_names_complete(&src, &dst);
+    let v = sync_json(e, &[], &src, &dst);
+    assert!(v["bytes"].as_u64().unwrap() <= (300 << 20) + (9 << 20) + 2_000_000);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn torn_source_is_never_copied_silently(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_big_file(&src.join("growing"), 3, 32 << 20);
+    write_file(&src.join("stable"), b"stable");
+    // A writer that keeps rewriting the first bytes (new data, new mtime) for the whole run, without pausing: every
+    // attempt's copy overlaps writes.
+    let path = src.join("growing");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                f.write_all_at(&n.to_le_bytes(), 0).unwrap();
+                std::thread::yield_now();
+            }
+        })
+    };
+    let out = sync(e, &[], &src, &dst);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    out.assert_code(1);
+    out.assert_one_failure("growing", "kept changing");
+    assert!(!dst.join("growing").exists(), "a torn copy was put under the final name");
+    assert_eq!(fs::read(dst.join("stable")).unwrap(), b"stable");
+    assert_no_tmp(&dst);
+    // Once the source is quiet, a rerun copies it exactly.
+    sync_json(e, &[], &src, &dst);
+    assert_same_bytes(&src.join("growing"), &dst.join("growing"));
+}
+
+fn stale_temporaries_of_dead_runs_are_cleaned(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    build_small_tree(&src);
+    sync_json(e, &[], &src, &dst);
+    // What a run killed with PID 4194305 (above pid_max: never alive) leaves behind.
+    let dead = [
+        dst.join(".fastsync-run.fstmp-4194305-0"),
+        dst.join(".a.txt.fstmp-4194305-12"),
+        dst.join("sub/deep/.d.bin.fstmp-4194305-3"),
+        dst.join("sub/.vanished.fstmp-part"),
+        dst.join("sub/.vanished.fstmp-journal"),
+    ];
+    for p in &dead {
+        write_file(p, b"stale");
+    }
+    let v = sync_json(e, &[], &src, &dst);
+    assert_eq!(v["stale_removed"], 5);
+    assert_no_tmp(&dst);
+    compare_trees(&src, &dst, CompareOpts::default());
+}
+
+fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
+    let t = tmp();
+    let mnt = t.path().join("tiny");
+    mkdirs(&mnt);
+    let mount = Cmd::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&mnt).run();
+    if mount.code != Some(0) {
+        eprintln!("SKIP: cannot mount a tmpfs here ({})", mount.stderr_str().trim());
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("a_small"), &random_bytes(1, 3000));
+    write_file(&src.join("big"), &random_bytes(2, 5_000_000));
+    write_file(&src.join("z_small"), &random_bytes(3, 3000));
+    let dst = mnt.join("dst");
+    write_file(&dst.join("extra"), b"x");
+    let out = sync(e, &["--delete"], &src, &dst);
+    out.assert_code(1);
+    out.check(out.stderr_str().contains("No space left on device"), "the cause must be named");
+    out.check(out.stderr_str().contains("nothing was deleted"), "no deletion after a failure");
+    assert!(!dst.join("big").exists(), "a partial file was left under its final name");
+    assert_same_bytes(&src.join("a_small"), &dst.join("a_small"));
+    assert_same_bytes(&src.join("z_small"), &dst.join("z_small"));
+    assert!(dst.join("extra").exists());
+    assert_no_tmp(&mnt);
+}
