@@ -26,7 +26,7 @@ use fastsync_engine::{
 use crate::Error;
 use crate::filter::Filter;
 use crate::interrupt;
-use crate::meta::{self, Preserve};
+use crate::meta::{self, Preserve, Stat};
 use crate::plan::{self, FilePlan};
 use crate::progress::Progress;
 use crate::slab::Slab;
@@ -87,7 +87,6 @@ pub fn run(
     let id = meta::Identity::current();
     let mut config = config.clone();
     config.buffered_writes_nonblocking = meta::buffered_writes_nonblocking(&target);
-    let session = engine.start(&config)?;
     let direct_ok = engine.capabilities().direct_io && opts.direct_io;
     let command = if opts.sync.is_some() { "sync" } else { "copy" };
     let mut summary = Summary::new(command, engine.kind().name(), config.shards);
@@ -96,7 +95,9 @@ pub fn run(
         opts,
         shards: config.shards,
         direct_ok,
-        session,
+        engine,
+        config,
+        session: None,
         st: State {
             dirs: Slab::new(),
             files: Slab::new(),
@@ -119,10 +120,13 @@ pub fn run(
     if result.is_ok() {
         result = exec.settle();
     }
-    if exec.interrupted.is_some() {
-        exec.session.cancel();
+    if let (Some(session), Some(_)) = (&exec.session, exec.interrupted) {
+        session.cancel();
     }
-    let drained = exec.session.drain(&mut |c| exec.st.on_completion(c));
+    let drained = match exec.session.as_mut() {
+        Some(session) => session.drain(&mut |c| exec.st.on_completion(c)),
+        None => Ok(()),
+    };
     // Completions that arrived while draining may still ask for work (retries, next ranges): after an
     // interruption or a failure they are dropped, and their directories are not finished.
     exec.st.progress.finish();
@@ -155,7 +159,7 @@ pub fn run(
     let mut summary = exec.st.summary;
     summary.interrupted = exec.interrupted;
     summary.seconds = started.elapsed().as_secs_f64();
-    for shard in exec.session.finish()? {
+    for shard in exec.session.take().map(Session::finish).transpose()?.unwrap_or_default() {
         summary.engine_syscalls += shard.syscalls;
         summary.engine_steals += shard.steals;
     }
@@ -299,7 +303,7 @@ struct CompareCtx {
     rel: PathBuf,
     dir: Option<usize>,
     src_md: Metadata,
-    dst_md: Metadata,
+    dst_md: Stat,
     link_key: Option<(u64, u64)>,
     digests: [Option<[u8; 32]>; 2],
     /// Jobs still expected.
@@ -349,7 +353,10 @@ struct Exec<'a> {
     opts: &'a CopyOptions,
     shards: usize,
     direct_ok: bool,
-    session: Session,
+    engine: &'a dyn Engine,
+    config: EngineConfig,
+    /// Started with the first job: a sync with nothing to transfer never allocates or registers buffers.
+    session: Option<Session>,
     st: State,
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
@@ -370,6 +377,8 @@ struct Frame {
     dir: usize,
     /// The destination directory did not exist before this run: nothing in it needs comparing.
     fresh: bool,
+    /// The destination directory, open (O_PATH) to look entries up without a path walk (`sync`, itemizing).
+    dst_fd: Option<OwnedFd>,
 }
 
 /// A non-directory entry being handed out.
@@ -381,6 +390,8 @@ struct Entry<'p> {
     dir: Option<usize>,
     /// Nothing exists at `dst` (its directory is new).
     dst_absent: bool,
+    /// The open destination directory and the entry's name in it, for a cheap `lstat`.
+    dst_at: Option<(std::os::fd::RawFd, &'p std::ffi::OsStr)>,
 }
 
 impl Exec<'_> {
@@ -416,7 +427,7 @@ impl Exec<'_> {
         if !root_md.is_dir() {
             let rel = PathBuf::from(target.file_name().unwrap_or_default());
             let absent = fs::symlink_metadata(target).is_err();
-            let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent };
+            let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent, dst_at: None };
             return self.entry(&e);
         }
         let Some(root) = self.open_dir(src, target, Path::new(""), &root_md, None, !root_existed) else {
@@ -462,7 +473,16 @@ impl Exec<'_> {
                             stack.push(f);
                         }
                     } else {
-                        let e = Entry { src: &src, dst: &dst, rel: &rel, md: &md, dir: Some(dir), dst_absent: fresh };
+                        let dst_at = frame.dst_fd.as_ref().map(|fd| (fd.as_raw_fd(), name.as_os_str()));
+                        let e = Entry {
+                            src: &src,
+                            dst: &dst,
+                            rel: &rel,
+                            md: &md,
+                            dir: Some(dir),
+                            dst_absent: fresh,
+                            dst_at,
+                        };
                         self.entry(&e)?;
                     }
                 }
@@ -480,15 +500,26 @@ impl Exec<'_> {
                 return Ok(());
             }
             self.pump()?;
-            if self.session.in_flight() == 0 {
+            let Some(session) = self.session.as_mut().filter(|s| s.in_flight() > 0) else {
                 if self.st.deferred.is_empty() {
                     return Ok(());
                 }
                 continue;
-            }
+            };
             let st = &mut self.st;
-            self.session.wait(&mut |c| st.on_completion(c))?;
+            session.wait(&mut |c| st.on_completion(c))?;
         }
+    }
+
+    /// Hand a job to the engine, starting it first if this is the first job.
+    fn submit(&mut self, job: Job) -> Result<(), Error> {
+        let session = match &mut self.session {
+            Some(s) => s,
+            None => self.session.insert(self.engine.start(&self.config)?),
+        };
+        let st = &mut self.st;
+        session.submit(job, &mut |c| st.on_completion(c))?;
+        Ok(())
     }
 
     /// Do the work completions deferred.
@@ -605,7 +636,11 @@ impl Exec<'_> {
         }
         self.st.summary.directories += 1;
         self.ancestors.push(key);
-        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh })
+        // Entries of an existing destination directory are looked up relative to it (sync, itemizing).
+        let dst_fd = (!fresh && (self.opts.sync.is_some() || self.itemizer.enabled))
+            .then(|| open_raw(dst, O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).ok())
+            .flatten();
+        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh, dst_fd })
     }
 
     /// Something of another type is where an entry must go. `sync --delete` removes it (it is not in the source
@@ -661,7 +696,11 @@ impl Exec<'_> {
         // `copy` only needs to know what is there to itemize it; the rename replaces whatever it is (a directory in
         // the way fails the rename, and is reported).
         let look = !e.dst_absent && (self.opts.sync.is_some() || self.itemizer.enabled);
-        let dst_md = if look { fs::symlink_metadata(e.dst).ok() } else { None };
+        let dst_md = match (look, e.dst_at) {
+            (false, _) => None,
+            (true, Some((dir, name))) => Stat::at(dir, name).ok(),
+            (true, None) => fs::symlink_metadata(e.dst).ok().map(|m| Stat::from(&m)),
+        };
         if dst_md.as_ref().is_some_and(|m| m.is_dir()) && !self.replace_in_the_way(e.dst, true) {
             return Ok(());
         }
@@ -679,7 +718,7 @@ impl Exec<'_> {
         if let (Some(sync), Some(dmd)) = (&self.opts.sync, &dst_md)
             && dmd.is_file()
         {
-            match sync::verdict(sync, Facts::of(e.md), Facts::of(dmd)) {
+            match sync::verdict(sync, Facts::of(e.md), Facts::of_stat(dmd)) {
                 Verdict::Unchanged => {
                     self.unchanged(e.dst, e.rel, e.md, dmd, link_key);
                     return Ok(());
@@ -689,7 +728,7 @@ impl Exec<'_> {
                     self.st.link_settled(link_key, e.dst);
                     return Ok(());
                 }
-                Verdict::CompareDigests => return self.compare_digests(e, dmd.clone(), link_key),
+                Verdict::CompareDigests => return self.compare_digests(e, *dmd, link_key),
                 Verdict::Transfer => {}
             }
         }
@@ -742,20 +781,13 @@ impl Exec<'_> {
     }
 
     /// A destination file that is already right: fix its permissions, owner and times if they differ.
-    fn unchanged(
-        &mut self,
-        dst: &Path,
-        rel: &Path,
-        src_md: &Metadata,
-        dst_md: &Metadata,
-        link_key: Option<(u64, u64)>,
-    ) {
+    fn unchanged(&mut self, dst: &Path, rel: &Path, src_md: &Metadata, dst_md: &Stat, link_key: Option<(u64, u64)>) {
         self.st.summary.unchanged += 1;
         self.st.link_settled(link_key, dst);
-        let mode_differs = (src_md.mode() ^ dst_md.mode()) & 0o7777 != 0;
-        let mtime_differs = (src_md.mtime(), src_md.mtime_nsec()) != (dst_md.mtime(), dst_md.mtime_nsec());
+        let mode_differs = (src_md.mode() ^ dst_md.mode) & 0o7777 != 0;
+        let mtime_differs = (src_md.mtime(), src_md.mtime_nsec()) != dst_md.mtime;
         // Only an owner we may set counts as a difference (an ordinary user cannot give files away).
-        let owner_differs = (src_md.uid(), src_md.gid()) != (dst_md.uid(), dst_md.gid())
+        let owner_differs = (src_md.uid(), src_md.gid()) != (dst_md.uid, dst_md.gid)
             && (self.id.euid == 0 || src_md.uid() == self.id.euid);
         if !(mode_differs || mtime_differs || owner_differs) {
             return;
@@ -777,7 +809,7 @@ impl Exec<'_> {
     }
 
     /// `--checksum` with equal sizes: hash both sides on the engine's shards, decide when both digests are in.
-    fn compare_digests(&mut self, e: &Entry<'_>, dst_md: Metadata, link_key: Option<(u64, u64)>) -> Result<(), Error> {
+    fn compare_digests(&mut self, e: &Entry<'_>, dst_md: Stat, link_key: Option<(u64, u64)>) -> Result<(), Error> {
         let cid = self.st.compares.insert(CompareCtx {
             src: e.src.to_path_buf(),
             dst: e.dst.to_path_buf(),
@@ -799,8 +831,7 @@ impl Exec<'_> {
                 path: path.to_path_buf(),
                 follow_symlinks: side == 0 && self.opts.dereference,
             };
-            let st = &mut self.st;
-            self.session.submit(Job::Hash(job), &mut |c| st.on_completion(c))?;
+            self.submit(Job::Hash(job))?;
         }
         Ok(())
     }
@@ -809,7 +840,7 @@ impl Exec<'_> {
         self.st.tmp_path(dst)
     }
 
-    fn symlink_entry(&mut self, e: &Entry<'_>, dst_md: Option<&Metadata>) -> Result<(), Error> {
+    fn symlink_entry(&mut self, e: &Entry<'_>, dst_md: Option<&Stat>) -> Result<(), Error> {
         let target = match fs::read_link(e.src) {
             Ok(t) => t,
             Err(err) => {
@@ -818,7 +849,7 @@ impl Exec<'_> {
             }
         };
         if self.opts.sync.is_some()
-            && dst_md.is_some_and(|m| m.file_type().is_symlink())
+            && dst_md.is_some_and(|m| m.is_symlink())
             && fs::read_link(e.dst).is_ok_and(|t| t == target)
         {
             self.st.summary.unchanged += 1;
@@ -907,8 +938,7 @@ impl Exec<'_> {
                     follow_symlinks: self.opts.dereference,
                     finish: spec,
                 };
-                let st = &mut self.st;
-                self.session.submit(Job::File(job), &mut |c| st.on_completion(c))?;
+                self.submit(Job::File(job))?;
             }
             FilePlan::Chunked { chunk_bytes, parallel } => {
                 self.submit_chunked(ctx, md, spec, want_direct, chunk_bytes, parallel)?
@@ -1003,8 +1033,7 @@ impl Exec<'_> {
                 file.ranges_left.fetch_add(1, Ordering::AcqRel);
                 f.jobs_left += 1;
                 let job = RangeJob { tag: fid as u64, file, offset, len, resume };
-                let st = &mut self.st;
-                self.session.submit(Job::Range(job), &mut |c| st.on_completion(c))?;
+                self.submit(Job::Range(job))?;
                 Ok(true)
             }
             None => {
@@ -1267,6 +1296,12 @@ fn open_raw(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<O
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Open a directory only to look names up in it (no read permission needed where O_PATH exists).
+#[cfg(target_os = "linux")]
+const O_PATH: libc::c_int = libc::O_PATH;
+#[cfg(not(target_os = "linux"))]
+const O_PATH: libc::c_int = libc::O_RDONLY;
 
 #[cfg(target_os = "linux")]
 const O_DIRECT: libc::c_int = libc::O_DIRECT;

@@ -186,6 +186,75 @@ pub fn apply_by_path(path: &Path, spec: &FinishSpec, is_symlink: bool) -> Result
     Ok(())
 }
 
+/// The parts of a destination entry's `lstat` that `sync` compares, read relative to an open directory (no path
+/// walk per entry: on a no-op sync of a deep tree, path lookups were a third of the CPU).
+#[derive(Clone, Copy, Debug)]
+pub struct Stat {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ino: u64,
+    pub dev: u64,
+}
+
+// mode_t is u32 on Linux and u16 on macOS: the casts are needed somewhere.
+#[allow(clippy::unnecessary_cast)]
+const S_IFMT: u32 = libc::S_IFMT as u32;
+#[allow(clippy::unnecessary_cast)]
+const S_IFDIR: u32 = libc::S_IFDIR as u32;
+#[allow(clippy::unnecessary_cast)]
+const S_IFREG: u32 = libc::S_IFREG as u32;
+#[allow(clippy::unnecessary_cast)]
+const S_IFLNK: u32 = libc::S_IFLNK as u32;
+
+impl Stat {
+    pub fn is_dir(&self) -> bool {
+        self.mode & S_IFMT == S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & S_IFMT == S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & S_IFMT == S_IFLNK
+    }
+
+    /// `lstat` of `name` inside the directory open as `dir`.
+    pub fn at(dir: std::os::fd::RawFd, name: &std::ffi::OsStr) -> io::Result<Stat> {
+        let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: zeroed stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid directory descriptor (owned by the caller), C string and out-pointer.
+        if unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Stat {
+            mode: st.st_mode as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ino: st.st_ino as u64,
+            dev: st.st_dev as u64,
+        })
+    }
+}
+
+impl From<&Metadata> for Stat {
+    fn from(md: &Metadata) -> Stat {
+        Stat {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ino: md.ino(),
+            dev: md.dev(),
+        }
+    }
+}
+
 /// Whether a file has holes: fewer blocks allocated than its size needs.
 pub fn looks_sparse(md: &Metadata) -> bool {
     md.blocks().saturating_mul(512) < md.size().saturating_sub(4096)

@@ -50,6 +50,10 @@ impl Facts {
     pub fn of(md: &Metadata) -> Facts {
         Facts { size: md.size(), mtime: (md.mtime(), md.mtime_nsec()) }
     }
+
+    pub fn of_stat(st: &crate::meta::Stat) -> Facts {
+        Facts { size: st.size, mtime: st.mtime }
+    }
 }
 
 /// What to do with a regular file present on both sides.
