@@ -29,6 +29,7 @@ use crate::interrupt;
 use crate::meta::{self, Preserve, Stat};
 use crate::plan::{self, FilePlan};
 use crate::progress::Progress;
+use crate::scan::{self, DirScan, Scanned, Scanner};
 use crate::slab::Slab;
 use crate::stale;
 use crate::stats::Summary;
@@ -96,8 +97,11 @@ pub fn run(
         shards: config.shards,
         direct_ok,
         engine,
+        scan_threads: config.shards.min(std::thread::available_parallelism().map_or(1, |n| n.get())),
         config,
         session: None,
+        scanner: None,
+        look_dst: opts.sync.is_some() || opts.itemize || opts.dry_run,
         st: State {
             dirs: Slab::new(),
             files: Slab::new(),
@@ -357,6 +361,11 @@ struct Exec<'a> {
     config: EngineConfig,
     /// Started with the first job: a sync with nothing to transfer never allocates or registers buffers.
     session: Option<Session>,
+    /// Reads directories and metadata ahead of the walk; started with the first directory.
+    scanner: Option<Scanner>,
+    scan_threads: usize,
+    /// The walk needs to know what the destination holds (`sync`, itemizing).
+    look_dst: bool,
     st: State,
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
@@ -370,15 +379,13 @@ struct Exec<'a> {
 
 /// One open level of the depth-first walk.
 struct Frame {
-    iter: fs::ReadDir,
+    iter: DirScan,
     src: PathBuf,
     dst: PathBuf,
     rel: PathBuf,
     dir: usize,
     /// The destination directory did not exist before this run: nothing in it needs comparing.
     fresh: bool,
-    /// The destination directory, open (O_PATH) to look entries up without a path walk (`sync`, itemizing).
-    dst_fd: Option<OwnedFd>,
 }
 
 /// A non-directory entry being handed out.
@@ -390,8 +397,8 @@ struct Entry<'p> {
     dir: Option<usize>,
     /// Nothing exists at `dst` (its directory is new).
     dst_absent: bool,
-    /// The open destination directory and the entry's name in it, for a cheap `lstat`.
-    dst_at: Option<(std::os::fd::RawFd, &'p std::ffi::OsStr)>,
+    /// What the destination has under this name, when the scanner already looked (`Some(None)`: nothing).
+    dst_known: Option<Option<Stat>>,
 }
 
 impl Exec<'_> {
@@ -427,21 +434,34 @@ impl Exec<'_> {
         if !root_md.is_dir() {
             let rel = PathBuf::from(target.file_name().unwrap_or_default());
             let absent = fs::symlink_metadata(target).is_err();
-            let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent, dst_at: None };
+            let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent, dst_known: None };
             return self.entry(&e);
         }
         let Some(root) = self.open_dir(src, target, Path::new(""), &root_md, None, !root_existed) else {
             return Ok(());
         };
         let mut stack = vec![root];
+        let mut resumed = false;
         while let Some(frame) = stack.last_mut() {
             if let Some(signal) = interrupt::received() {
                 self.interrupted = Some(signal);
                 return Ok(());
             }
-            match frame.iter.next() {
+            let scanner = self.scanner.as_mut().expect("started by open_dir");
+            let next = frame.iter.next(scanner);
+            if frame.iter.take_new_chunk() || std::mem::take(&mut resumed) {
+                // The walk enters these next (depth first): have the scanner read them meanwhile.
+                let look = !frame.fresh && self.look_dst;
+                for sub in frame.iter.subdirs().take(scan::AHEAD_SUBDIRS) {
+                    if !sync::excluded(&self.opts.filter, &sync::child_rel(&frame.rel, &sub.name), true) {
+                        scanner.read_ahead(&sub.path, &frame.dst.join(&sub.name), look, self.opts.dereference);
+                    }
+                }
+            }
+            match next {
                 None => {
                     let frame = stack.pop().expect("non-empty");
+                    resumed = true;
                     self.ancestors.pop();
                     self.st.dirs.get_mut(frame.dir).walked = true;
                     self.st.maybe_finish_dir(frame.dir);
@@ -450,13 +470,11 @@ impl Exec<'_> {
                     let src = frame.src.clone();
                     self.st.fail(format!("cannot read directory '{}': {e}", src.display()));
                 }
-                Some(Ok(entry)) => {
-                    let name = entry.file_name();
-                    let src = entry.path();
+                Some(Ok(scanned)) => {
+                    let Scanned { name, path: src, md, dst: dst_known } = scanned;
                     let dst = frame.dst.join(&name);
                     let rel = sync::child_rel(&frame.rel, &name);
                     let (dir, fresh) = (frame.dir, frame.fresh);
-                    let md = if self.opts.dereference { fs::metadata(&src) } else { entry.metadata() };
                     let md = match md {
                         Ok(md) => md,
                         Err(e) => {
@@ -473,7 +491,6 @@ impl Exec<'_> {
                             stack.push(f);
                         }
                     } else {
-                        let dst_at = frame.dst_fd.as_ref().map(|fd| (fd.as_raw_fd(), name.as_os_str()));
                         let e = Entry {
                             src: &src,
                             dst: &dst,
@@ -481,7 +498,7 @@ impl Exec<'_> {
                             md: &md,
                             dir: Some(dir),
                             dst_absent: fresh,
-                            dst_at,
+                            dst_known,
                         };
                         self.entry(&e)?;
                     }
@@ -612,7 +629,18 @@ impl Exec<'_> {
                 return None;
             }
         };
-        let iter = match fs::read_dir(src) {
+        let scanner = match &mut self.scanner {
+            Some(s) => s,
+            None => match Scanner::new(self.scan_threads) {
+                Ok(s) => self.scanner.insert(s),
+                Err(e) => {
+                    self.st.fail(format!("cannot start directory scanner threads: {e}"));
+                    return None;
+                }
+            },
+        };
+        let look = !fresh && self.look_dst;
+        let iter = match scanner.open(src, dst, look, self.opts.dereference) {
             Ok(it) => it,
             Err(e) => {
                 self.st.fail(format!("cannot open directory '{}': {e}", src.display()));
@@ -636,11 +664,7 @@ impl Exec<'_> {
         }
         self.st.summary.directories += 1;
         self.ancestors.push(key);
-        // Entries of an existing destination directory are looked up relative to it (sync, itemizing).
-        let dst_fd = (!fresh && (self.opts.sync.is_some() || self.itemizer.enabled))
-            .then(|| open_raw(dst, O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).ok())
-            .flatten();
-        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh, dst_fd })
+        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh })
     }
 
     /// Something of another type is where an entry must go. `sync --delete` removes it (it is not in the source
@@ -696,9 +720,9 @@ impl Exec<'_> {
         // `copy` only needs to know what is there to itemize it; the rename replaces whatever it is (a directory in
         // the way fails the rename, and is reported).
         let look = !e.dst_absent && (self.opts.sync.is_some() || self.itemizer.enabled);
-        let dst_md = match (look, e.dst_at) {
+        let dst_md = match (look, e.dst_known) {
             (false, _) => None,
-            (true, Some((dir, name))) => Stat::at(dir, name).ok(),
+            (true, Some(known)) => known,
             (true, None) => fs::symlink_metadata(e.dst).ok().map(|m| Stat::from(&m)),
         };
         if dst_md.as_ref().is_some_and(|m| m.is_dir()) && !self.replace_in_the_way(e.dst, true) {
@@ -1296,12 +1320,6 @@ fn open_raw(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<O
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
-
-/// Open a directory only to look names up in it (no read permission needed where O_PATH exists).
-#[cfg(target_os = "linux")]
-const O_PATH: libc::c_int = libc::O_PATH;
-#[cfg(not(target_os = "linux"))]
-const O_PATH: libc::c_int = libc::O_RDONLY;
 
 #[cfg(target_os = "linux")]
 const O_DIRECT: libc::c_int = libc::O_DIRECT;

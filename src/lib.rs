@@ -10,6 +10,7 @@ pub mod interrupt;
 pub mod meta;
 pub mod plan;
 pub mod progress;
+pub mod scan;
 pub mod slab;
 pub mod stale;
 pub mod stats;

@@ -28,6 +28,7 @@ both_engines!(
     dry_run_json_items,
     type_changes_need_delete,
     attributes_fixed_on_unchanged_files,
+    large_directories_are_compared_entry_by_entry,
     kill_at_any_moment_then_rerun_is_exact,
     sigint_stops_cleanly_and_resume_continues,
     torn_source_is_never_copied_silently,
@@ -355,6 +356,30 @@ fn attributes_fixed_on_unchanged_files(e: Engine) {
     let v = sync_json(e, &["-i"], &src, &dst);
     assert_eq!((v["files"].as_u64(), v["attrs_updated"].as_u64()), (Some(0), Some(1)));
     assert_eq!(fs::metadata(dst.join("f")).unwrap().mode() & 0o7777, 0o604);
+}
+
+/// Directories larger than the scanner's chunk (256 entries), nested, with changes spread over them: exactly the
+/// changed files are copied, and every unchanged one is seen as such.
+fn large_directories_are_compared_entry_by_entry(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    for d in ["", "a", "a/b"] {
+        for i in 0..700 {
+            write_with_time(&src.join(d).join(format!("f{i:04}")), format!("{d}{i}").as_bytes(), 1_000_000_000);
+        }
+    }
+    sync_json(e, &[], &src, &dst);
+    let mut changed = 0;
+    for d in ["", "a", "a/b"] {
+        for i in (0..700).step_by(7) {
+            write_with_time(&src.join(d).join(format!("f{i:04}")), b"changed!", 1_000_000_000);
+            changed += 1;
+        }
+    }
+    let v = sync_json(e, &[], &src, &dst);
+    assert_eq!(v["files"], changed);
+    assert_eq!(v["unchanged"], 2100 - changed);
+    compare_trees(&src, &dst, CompareOpts::default());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
