@@ -160,10 +160,10 @@ pub struct DirScan {
 impl DirScan {
     /// The next entry, in directory order; `None` at the end.
     pub fn next(&mut self, scanner: &mut Scanner) -> Option<io::Result<Scanned>> {
-        if self.ready.is_empty() {
-            if let Err(e) = self.fill(scanner) {
-                return Some(Err(e));
-            }
+        if self.ready.is_empty()
+            && let Err(e) = self.fill(scanner)
+        {
+            return Some(Err(e));
         }
         self.ready.pop_front()
     }
