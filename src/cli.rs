@@ -225,7 +225,8 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
                 (None, Some(d)) => format!("# no config file ({} does not exist)", d.display()),
                 (None, None) => "# no config file".to_string(),
             };
-            writeln!(out, "{file}").and_then(|()| write!(out, "{}", settings.render()))
+            let table = settings.render();
+            writeln!(out, "{file}").and_then(|()| writeln!(out, "{}", table.trim_end()))
         };
         return Ok(exit::OK);
     }
