@@ -34,6 +34,9 @@ both_engines!(
     torn_source_is_never_copied_silently,
     stale_temporaries_of_dead_runs_are_cleaned,
     full_disk_sync_continues_and_fails_cleanly,
+    read_only_destination_fails_cleanly,
+    io_errors_fail_each_file_cleanly,
+    memory_limit_bounds_buffers_and_rss,
 );
 
 fn sync_cmd(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> Cmd {
@@ -463,6 +466,12 @@ fn kill_at_any_moment_then_rerun_is_exact(e: Engine) {
 }
 
 fn sigint_stops_cleanly_and_resume_continues(e: Engine) {
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        interrupt_then_resume(e, signal, code);
+    }
+}
+
+fn interrupt_then_resume(e: Engine, signal: i32, code: i32) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     build_interruptible(&src);
@@ -474,14 +483,14 @@ fn sigint_stops_cleanly_and_resume_continues(e: Engine) {
         std::thread::sleep(Duration::from_millis(2));
     }
     // SAFETY: plain syscall on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(0) {
         eprintln!("the run finished before the signal arrived; nothing to check");
         return;
     }
-    assert_eq!(out.status.code(), Some(130), "SIGINT must exit 130: {stderr}");
+    assert_eq!(out.status.code(), Some(code), "signal {signal} must exit {code}: {stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.lines().count() <= 3, "an interruption must not print one line per file: {stderr}");
@@ -581,4 +590,115 @@ fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
     assert_same_bytes(&src.join("z_small"), &dst.join("z_small"));
     assert!(dst.join("extra").exists());
     assert_no_tmp(&mnt);
+}
+
+/// A tmpfs mounted read-only (EROFS), or None (and a note) where mounting is impossible. Unmounted on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(at: &Path, opts: &str) -> Option<Mount> {
+    mkdirs(at);
+    let out = Cmd::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(at).run();
+    if out.code != Some(0) {
+        eprintln!("SKIP: cannot mount a tmpfs here ({})", out.stderr_str().trim());
+        return None;
+    }
+    Some(Mount(at.to_path_buf()))
+}
+
+fn read_only_destination_fails_cleanly(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    build_small_tree(&src);
+    let mnt = t.path().join("ro");
+    let Some(_m) = mount_tmpfs(&mnt, "size=8m") else { return };
+    let dst = mnt.join("dst");
+    write_file(&dst.join("extra"), b"x");
+    write_file(&dst.join("a.txt"), b"old");
+    Cmd::new("mount").args(["-o", "remount,ro"]).arg(&mnt).run().assert_success();
+    let out = sync(e, &["--delete"], &src, &dst);
+    out.assert_code(1);
+    let err = out.stderr_str();
+    assert!(err.contains("Read-only file system"), "the cause must be named: {err}");
+    assert!(err.contains("nothing was deleted"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(fs::read(dst.join("a.txt")).unwrap(), b"old", "the old file must be intact");
+    assert!(dst.join("extra").exists());
+}
+
+/// Every write failing with EIO (injected by strace into `pwrite64` and `copy_file_range`): each file fails with
+/// one line naming it and the cause, nothing appears under a final name, no temporary is left.
+fn io_errors_fail_each_file_cleanly(e: Engine) {
+    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
+    if probe.code != Some(0) {
+        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
+        return;
+    }
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    for i in 0..5 {
+        write_file(&src.join(format!("f{i}")), &random_bytes(i, 5000 + i as usize));
+    }
+    write_big_file(&src.join("big"), 9, 3 << 20);
+    let out = Cmd::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64,copy_file_range,write", "-e"])
+        .arg("inject=pwrite64,copy_file_range:error=EIO")
+        .arg(bin())
+        .args(["sync", "--engine", e.name()])
+        .arg(&src)
+        .arg(&dst)
+        .run();
+    out.assert_code(1);
+    let failures = out.failure_lines();
+    assert_eq!(failures.len(), 6, "one line per file: {}", out.stderr_str());
+    for (_, path, cause) in &failures {
+        assert!(path.starts_with(dst.to_str().unwrap()), "errors name the destination: {path}");
+        assert!(cause.contains("Input/output error"), "{cause}");
+    }
+    let left: Vec<String> = names(&dst);
+    assert!(left.is_empty(), "nothing may appear under a final name: {left:?}");
+}
+
+/// `--memory-limit` sizes the buffers (a quarter of the limit, `-v` says how) and the process stays inside it.
+fn memory_limit_bounds_buffers_and_rss(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_big_file(&src.join("big"), 5, 40 << 20);
+    for i in 0..2000 {
+        write_file(&src.join(format!("d{}/f{i}", i % 20)), &random_bytes(i, 200));
+    }
+    let child = Command::new(bin())
+        .args(["copy", "-v", "--memory-limit", "24M", "--cores", "2", "--engine", e.name()])
+        .arg(&src)
+        .arg(&dst)
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter; wait4 reaps our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "copy failed: {err}");
+    compare_trees(&src, &dst, CompareOpts::default());
+    assert!(err.contains("memory limit 24 MiB"), "-v must say the limit: {err}");
+    // A quarter of 24 MiB over 2 uring shards is 3 slots of 1 MiB each (the fallback: one block per thread).
+    if e == Engine::Uring {
+        assert!(err.contains("2 shards x 3 slots"), "buffers not sized from the limit: {err}");
+    }
+    let rss_bytes = usage.ru_maxrss as u64 * 1024;
+    assert!(rss_bytes < 24 << 20, "peak RSS {} MiB is over the 24 MiB limit", rss_bytes >> 20);
 }
