@@ -674,6 +674,8 @@ fn memory_limit_bounds_buffers_and_rss(e: Engine) {
     for i in 0..2000 {
         write_file(&src.join(format!("d{}/f{i}", i % 20)), &random_bytes(i, 200));
     }
+    // Reaped with wait4 below (for its rusage), not Child::wait.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(bin())
         .args(["copy", "-v", "--memory-limit", "24M", "--cores", "2", "--engine", e.name()])
         .arg(&src)
