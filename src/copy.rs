@@ -102,6 +102,7 @@ pub fn run(
         session: None,
         scanner: None,
         look_dst: opts.sync.is_some() || opts.itemize || opts.dry_run,
+        delete_dirs: Vec::new(),
         st: State {
             dirs: Slab::new(),
             files: Slab::new(),
@@ -366,6 +367,8 @@ struct Exec<'a> {
     scan_threads: usize,
     /// The walk needs to know what the destination holds (`sync`, itemizing).
     look_dst: bool,
+    /// Directories (relative) whose destination has more entries than the source: the deletion pass visits these.
+    delete_dirs: Vec<PathBuf>,
     st: State,
     /// (dev, ino) of the directories being walked, to stop `-L` from looping through symlinks.
     ancestors: Vec<(u64, u64)>,
@@ -386,6 +389,8 @@ struct Frame {
     dir: usize,
     /// The destination directory did not exist before this run: nothing in it needs comparing.
     fresh: bool,
+    /// Source entries whose name the destination directory also has.
+    present: u64,
 }
 
 /// A non-directory entry being handed out.
@@ -462,6 +467,12 @@ impl Exec<'_> {
                 None => {
                     let frame = stack.pop().expect("non-empty");
                     resumed = true;
+                    // More names in the destination than source names found there: something to delete.
+                    if self.opts.sync.as_ref().is_some_and(|s| s.delete)
+                        && frame.iter.dst_entries().is_some_and(|n| n > frame.present)
+                    {
+                        self.delete_dirs.push(frame.rel.clone());
+                    }
                     self.ancestors.pop();
                     self.st.dirs.get_mut(frame.dir).walked = true;
                     self.st.maybe_finish_dir(frame.dir);
@@ -472,6 +483,9 @@ impl Exec<'_> {
                 }
                 Some(Ok(scanned)) => {
                     let Scanned { name, path: src, md, dst: dst_known } = scanned;
+                    if matches!(dst_known, Some(Some(_))) {
+                        frame.present += 1;
+                    }
                     let dst = frame.dst.join(&name);
                     let rel = sync::child_rel(&frame.rel, &name);
                     let (dir, fresh) = (frame.dir, frame.fresh);
@@ -664,7 +678,15 @@ impl Exec<'_> {
         }
         self.st.summary.directories += 1;
         self.ancestors.push(key);
-        Some(Frame { iter, src: src.to_path_buf(), dst: dst.to_path_buf(), rel: rel.to_path_buf(), dir, fresh })
+        Some(Frame {
+            iter,
+            src: src.to_path_buf(),
+            dst: dst.to_path_buf(),
+            rel: rel.to_path_buf(),
+            dir,
+            fresh,
+            present: 0,
+        })
     }
 
     /// Something of another type is where an entry must go. `sync --delete` removes it (it is not in the source
@@ -1072,9 +1094,11 @@ impl Exec<'_> {
 
     /// `sync --delete`: remove what the source no longer has, now that every transfer succeeded.
     fn delete_pass(&mut self, src: &Path, target: &Path, sync: &SyncOptions) {
+        let dirs = std::mem::take(&mut self.delete_dirs);
         let pass = DeletePass {
             src_root: src,
             dst_root: target,
+            dirs: &dirs,
             follow_symlinks: self.opts.dereference,
             filter: &self.opts.filter,
             dry_run: self.opts.dry_run,

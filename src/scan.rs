@@ -66,6 +66,8 @@ struct Request {
 struct Chunk {
     entries: io::Result<Vec<io::Result<Scanned>>>,
     rest: Option<Rest>,
+    /// First chunk only: entries in the destination directory (our temporaries not counted), when it was looked at.
+    dst_entries: Option<u64>,
 }
 
 /// The scanner threads and the directories read ahead.
@@ -130,7 +132,14 @@ impl Scanner {
             }
         };
         let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
-        let mut scan = DirScan { target, ready: VecDeque::new(), next: Some(rx), first: true, new_chunk: false };
+        let mut scan = DirScan {
+            target,
+            ready: VecDeque::new(),
+            next: Some(rx),
+            first: true,
+            new_chunk: false,
+            dst_entries: None,
+        };
         scan.fill(self)?;
         Ok(scan)
     }
@@ -155,6 +164,7 @@ pub struct DirScan {
     first: bool,
     /// A chunk arrived since [`DirScan::take_new_chunk`] was last asked.
     new_chunk: bool,
+    dst_entries: Option<u64>,
 }
 
 impl DirScan {
@@ -166,6 +176,11 @@ impl DirScan {
             return Some(Err(e));
         }
         self.ready.pop_front()
+    }
+
+    /// How many entries the destination directory had when it was first read (`None`: not looked at).
+    pub fn dst_entries(&self) -> Option<u64> {
+        self.dst_entries
     }
 
     /// Whether a chunk arrived since the last call (its subdirectories are then worth reading ahead).
@@ -187,6 +202,9 @@ impl DirScan {
         }
         let first = std::mem::replace(&mut self.first, false);
         self.new_chunk = true;
+        if first {
+            self.dst_entries = chunk.dst_entries;
+        }
         match chunk.entries {
             Ok(entries) => {
                 self.ready.extend(entries);
@@ -204,13 +222,17 @@ impl DirScan {
 
 /// Read the next chunk of a directory (opening it first when `rest` is `None`), with the metadata of each entry.
 fn read_chunk(target: &Target, rest: Option<Rest>) -> Chunk {
+    let rest_was_none = rest.is_none();
     let Rest { mut iter, dst_dir } = match rest {
         Some(rest) => rest,
         None => match fs::read_dir(&target.src) {
             Ok(iter) => Rest { iter, dst_dir: target.look_dst.then(|| open_dir_path(&target.dst)).flatten() },
-            Err(e) => return Chunk { entries: Err(e), rest: None },
+            Err(e) => return Chunk { entries: Err(e), rest: None, dst_entries: None },
         },
     };
+    // Counted on the first chunk: with the number of source names found there, it tells whether the destination
+    // has extraneous entries (`sync --delete`) without keeping any list of names.
+    let dst_entries = (target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
     let mut entries = Vec::with_capacity(CHUNK_ENTRIES);
     let mut more = false;
     for entry in iter.by_ref() {
@@ -227,7 +249,13 @@ fn read_chunk(target: &Target, rest: Option<Rest>) -> Chunk {
             break;
         }
     }
-    Chunk { entries: Ok(entries), rest: more.then_some(Rest { iter, dst_dir }) }
+    Chunk { entries: Ok(entries), rest: more.then_some(Rest { iter, dst_dir }), dst_entries }
+}
+
+/// Entries of directory `path` that are not our temporaries; `None` when it cannot be read (or does not exist).
+fn count_entries(path: &Path) -> Option<u64> {
+    let iter = fs::read_dir(path).ok()?;
+    Some(iter.flatten().filter(|e| !crate::stale::is_temporary(&e.file_name())).count() as u64)
 }
 
 /// The destination directory open for lookups, or `None` when it does not exist (nothing to look up).

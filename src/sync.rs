@@ -4,7 +4,8 @@
 //! without ever following a symlink, never leaves it, keeps entries that the filters exclude (like rsync without
 //! `--delete-excluded`), and honours `--max-delete` by counting first and deleting nothing when the count is over.
 
-use std::ffi::OsStr;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, Metadata};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -155,6 +156,9 @@ pub struct Deleted {
 pub struct DeletePass<'a> {
     pub src_root: &'a Path,
     pub dst_root: &'a Path,
+    /// The directories (relative paths) where the walk found more destination entries than source twins: only
+    /// they can hold extraneous entries, so a sync with nothing to delete reads no directory twice.
+    pub dirs: &'a [PathBuf],
     pub follow_symlinks: bool,
     pub filter: &'a Filter,
     pub dry_run: bool,
@@ -215,10 +219,18 @@ impl DeletePass<'_> {
     fn walk(&self, visit: &mut dyn FnMut(&Path, &Path, bool) -> Result<(), String>) -> Result<(), String> {
         // (destination dir, source dir, relative path); source is None inside an extraneous directory.
         let mut stack: Vec<(PathBuf, Option<PathBuf>, PathBuf)> =
-            vec![(self.dst_root.to_path_buf(), Some(self.src_root.to_path_buf()), PathBuf::new())];
+            self.dirs.iter().map(|rel| (self.dst_root.join(rel), Some(self.src_root.join(rel)), rel.clone())).collect();
         // Extraneous directories whose contents are being visited; each is visited itself after them.
         let mut pending_dirs: Vec<(PathBuf, PathBuf, usize)> = Vec::new();
         while let Some((dst_dir, src_dir, rel)) = stack.pop() {
+            // The source directory's names and whether each is a directory: one getdents pass instead of a stat
+            // per destination entry (`None` inside an extraneous directory: everything there goes).
+            let src_names = match &src_dir {
+                // A source directory that vanished since the walk: delete nothing there (the next run decides).
+                Some(src_dir) if !src_dir.is_dir() => continue,
+                Some(src_dir) => Some(self.names(src_dir)?),
+                None => None,
+            };
             let entries =
                 fs::read_dir(&dst_dir).map_err(|e| format!("cannot read directory '{}': {e}", dst_dir.display()))?;
             for entry in entries {
@@ -231,28 +243,14 @@ impl DeletePass<'_> {
                 let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
                 let child_rel = child_rel(&rel, &name);
                 let dst_path = entry.path();
-                match &src_dir {
-                    Some(src_dir) => {
-                        if excluded(self.filter, &child_rel, is_dir) {
+                match &src_names {
+                    Some(names) => {
+                        // Present on both sides: a subdirectory with extraneous entries is in `dirs` itself, and a
+                        // type change was handled by the transfer.
+                        if excluded(self.filter, &child_rel, is_dir) || names.contains_key(&name) {
                             continue;
                         }
-                        let src_path = src_dir.join(&name);
-                        let src_md = if self.follow_symlinks {
-                            fs::metadata(&src_path)
-                        } else {
-                            fs::symlink_metadata(&src_path)
-                        };
-                        match src_md {
-                            Ok(md) => {
-                                if is_dir && md.is_dir() {
-                                    stack.push((dst_path, Some(src_path), child_rel));
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                self.extraneous(dst_path, child_rel, is_dir, &mut stack, &mut pending_dirs, visit)?
-                            }
-                            Err(e) => return Err(format!("cannot stat '{}': {e}", src_path.display())),
-                        }
+                        self.extraneous(dst_path, child_rel, is_dir, &mut stack, &mut pending_dirs, visit)?
                     }
                     None => self.extraneous(dst_path, child_rel, is_dir, &mut stack, &mut pending_dirs, visit)?,
                 }
@@ -267,6 +265,24 @@ impl DeletePass<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The names in source directory `dir`, each with whether it is a directory (followed through symlinks with
+    /// `-L`). Memory: one directory's names at a time.
+    fn names(&self, dir: &Path) -> Result<HashMap<OsString, bool>, String> {
+        let read_err = |e: io::Error| format!("cannot read directory '{}': {e}", dir.display());
+        let mut names = HashMap::new();
+        for entry in fs::read_dir(dir).map_err(read_err)? {
+            let entry = entry.map_err(read_err)?;
+            let ft = entry.file_type().map_err(read_err)?;
+            let is_dir = if ft.is_symlink() && self.follow_symlinks {
+                fs::metadata(entry.path()).is_ok_and(|m| m.is_dir())
+            } else {
+                ft.is_dir()
+            };
+            names.insert(entry.file_name(), is_dir);
+        }
+        Ok(names)
     }
 
     fn extraneous(
