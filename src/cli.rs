@@ -97,6 +97,9 @@ pub enum Command {
     Sync(SyncArgs),
     /// Show the effective configuration and where each value came from
     Config,
+    /// List a directory's entries (or a file) like ls -l: type and permissions, size, mtime (UTC), path
+    #[command(long_about = crate::list::LONG_ABOUT)]
+    List(crate::list::ListArgs),
 }
 
 #[derive(Args, Debug)]
@@ -202,7 +205,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let transfer = match &cli.command {
         Command::Copy(a) => Some(&a.t),
         Command::Sync(a) => Some(&a.t),
-        Command::Config => None,
+        Command::Config | Command::List(_) => None,
     };
     let overrides = Overrides {
         engine: g.engine,
@@ -230,31 +233,13 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         };
         return Ok(exit::OK);
     }
+    if let Command::List(a) = &cli.command {
+        let (selected, _, config) = select_engine(&settings, g.verbose)?;
+        return crate::list::run(a, selected.engine.as_ref(), &config, g.json);
+    }
     let t = transfer.expect("a transfer command");
     let filter = filter_rules(sub.expect("subcommand matches"))?;
-    let selected = engines::select(settings.engine.value)?;
-    if g.verbose > 0 {
-        for note in &selected.notes {
-            eprintln!("fastsync: {note}");
-        }
-    }
-    let cores = settings
-        .cores
-        .value
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let config = engine_config(selected.engine.kind(), cores, settings.memory_limit_bytes());
-    if g.verbose > 0 {
-        eprintln!(
-            "fastsync: {} cores, {} shards x {} slots of {} KiB ({} MiB of buffers; memory limit {} MiB)",
-            cores,
-            config.shards,
-            config.slots_per_shard,
-            config.block_bytes >> 10,
-            config.buffer_bytes() >> 20,
-            settings.memory_limit_bytes() >> 20
-        );
-    }
+    let (selected, cores, config) = select_engine(&settings, g.verbose)?;
     let sync = match &cli.command {
         Command::Sync(s) => Some(SyncOptions {
             compare: if s.checksum {
@@ -312,6 +297,34 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         return Ok(exit::PARTIAL);
     }
     Ok(exit::OK)
+}
+
+/// The engine, the number of cores and the engine's sizing that `settings` ask for (explained on stderr with -v).
+fn select_engine(settings: &Settings, verbose: u8) -> Result<(engines::Selected, usize, EngineConfig), Error> {
+    let selected = engines::select(settings.engine.value)?;
+    if verbose > 0 {
+        for note in &selected.notes {
+            eprintln!("fastsync: {note}");
+        }
+    }
+    let cores = settings
+        .cores
+        .value
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = engine_config(selected.engine.kind(), cores, settings.memory_limit_bytes());
+    if verbose > 0 {
+        eprintln!(
+            "fastsync: {} cores, {} shards x {} slots of {} KiB ({} MiB of buffers; memory limit {} MiB)",
+            cores,
+            config.shards,
+            config.slots_per_shard,
+            config.block_bytes >> 10,
+            config.buffer_bytes() >> 20,
+            settings.memory_limit_bytes() >> 20
+        );
+    }
+    Ok((selected, cores, config))
 }
 
 /// The filter rules in the order they were given on the command line, whatever the flag.

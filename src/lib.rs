@@ -7,6 +7,7 @@ pub mod engines;
 pub mod error;
 pub mod filter;
 pub mod interrupt;
+pub mod list;
 pub mod meta;
 pub mod plan;
 pub mod progress;
