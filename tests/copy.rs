@@ -1210,19 +1210,7 @@ fn forced_uring_where_blocked_is_an_error() {
 fn full_disk_fails_cleanly(e: Engine) {
     let t = tmp();
     let mnt = t.path().join("tiny");
-    mkdirs(&mnt);
-    let mount = Cmd::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&mnt).run();
-    if mount.code != Some(0) {
-        eprintln!("SKIP: cannot mount a tmpfs here ({})", mount.stderr_str().trim());
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let Some(_mounted) = mount_tmpfs(&mnt, "size=2m") else { return };
     let src = t.path().join("src");
     mkdirs(&src);
     write_file(&src.join("big"), &random_bytes(41, 5_000_000));

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -561,19 +561,7 @@ fn stale_temporaries_of_dead_runs_are_cleaned(e: Engine) {
 fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
     let t = tmp();
     let mnt = t.path().join("tiny");
-    mkdirs(&mnt);
-    let mount = Cmd::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&mnt).run();
-    if mount.code != Some(0) {
-        eprintln!("SKIP: cannot mount a tmpfs here ({})", mount.stderr_str().trim());
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let Some(_mounted) = mount_tmpfs(&mnt, "size=3m") else { return };
     let src = t.path().join("src");
     mkdirs(&src);
     write_file(&src.join("a_small"), &random_bytes(1, 3000));
@@ -590,25 +578,6 @@ fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
     assert_same_bytes(&src.join("z_small"), &dst.join("z_small"));
     assert!(dst.join("extra").exists());
     assert_no_tmp(&mnt);
-}
-
-/// A tmpfs mounted read-only (EROFS), or None (and a note) where mounting is impossible. Unmounted on drop.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn mount_tmpfs(at: &Path, opts: &str) -> Option<Mount> {
-    mkdirs(at);
-    let out = Cmd::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(at).run();
-    if out.code != Some(0) {
-        eprintln!("SKIP: cannot mount a tmpfs here ({})", out.stderr_str().trim());
-        return None;
-    }
-    Some(Mount(at.to_path_buf()))
 }
 
 fn read_only_destination_fails_cleanly(e: Engine) {

@@ -272,6 +272,26 @@ pub fn copy_ok(engine: Engine, extra: &[&str], src: impl AsRef<OsStr>, dst: impl
     out
 }
 
+/// A tmpfs mounted at a path for one case; unmounted on drop.
+pub struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mount a tmpfs with `opts` (e.g. `size=2m`) at `at`, or say why not and return `None` (needs root).
+pub fn mount_tmpfs(at: &Path, opts: &str) -> Option<Mount> {
+    mkdirs(at);
+    let out = Cmd::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(at).run();
+    if out.code != Some(0) {
+        eprintln!("SKIP: cannot mount a tmpfs here ({})", out.stderr_str().trim());
+        return None;
+    }
+    Some(Mount(at.to_path_buf()))
+}
+
 /// `path` with a trailing `/` appended.
 pub fn with_slash(p: &Path) -> OsString {
     let mut v = p.as_os_str().as_bytes().to_vec();
