@@ -9,6 +9,7 @@ pub mod filter;
 pub mod interrupt;
 pub mod list;
 pub mod meta;
+pub mod net;
 pub mod plan;
 pub mod progress;
 pub mod scan;

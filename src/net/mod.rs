@@ -1,0 +1,5 @@
+//! LAN transfers between two fastsync processes: the `fastsync://` URL, the wire format, authentication, the
+//! server (`fastsync serve`) and the client side of `copy`, `sync` and `list`.
+
+pub mod auth;
+pub mod wire;

@@ -1,0 +1,643 @@
+//! The `fastsync://` wire format: length-prefixed frames carrying one message each, with a cap on every field.
+//!
+//! A frame is `len: u32 LE` (the bytes that follow, at most [`FRAME_BYTES_MAX`]), `kind: u8`, then the message's
+//! fields in order. Integers are little-endian; byte strings are `u32 LE` length + bytes, each with its own cap
+//! ([`PATH_BYTES_MAX`], [`TEXT_BYTES_MAX`], [`CHUNK_BYTES_MAX`]); booleans are one byte, 0 or 1. Decoding never
+//! trusts a length: every cap is checked before anything is allocated, and a frame must be consumed exactly (no
+//! trailing bytes). docs/PROTOCOL.md describes the conversation; this module is the single source of the encoding.
+
+use std::io::{self, Read, Write};
+
+/// Protocol version spoken by this build; a peer with another version is refused with a clear error.
+pub const VERSION: u16 = 1;
+/// Largest frame body (kind + fields): one data chunk plus headroom for its header.
+pub const FRAME_BYTES_MAX: usize = CHUNK_BYTES_MAX + 64 * 1024;
+/// Largest data chunk in one frame.
+pub const CHUNK_BYTES_MAX: usize = 4 << 20;
+/// Largest path (relative to the served root, `/`-separated, no NUL).
+pub const PATH_BYTES_MAX: usize = 4096;
+/// Largest human-readable text (error messages).
+pub const TEXT_BYTES_MAX: usize = 4096;
+
+/// What an entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    File = 0,
+    Dir = 1,
+    Symlink = 2,
+    Other = 3,
+}
+
+/// Metadata of one entry, as listed or stat'ed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// Relative to the path that was listed (`""` for that path itself with `Stat`).
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Symlink target (empty otherwise).
+    pub target: Vec<u8>,
+}
+
+/// Error codes carried by [`Msg::Error`].
+pub mod code {
+    pub const PROTOCOL: u16 = 1;
+    pub const VERSION: u16 = 2;
+    pub const AUTH: u16 = 3;
+    pub const NOT_FOUND: u16 = 4;
+    pub const PERMISSION: u16 = 5;
+    pub const READ_ONLY: u16 = 6;
+    pub const PATH_ESCAPES: u16 = 7;
+    pub const NO_SPACE: u16 = 8;
+    pub const DIGEST: u16 = 9;
+    pub const BUSY: u16 = 10;
+    pub const IO: u16 = 11;
+}
+
+/// Every message of the protocol. See docs/PROTOCOL.md for who sends what when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Client, first frame on every connection: its version and its nonce.
+    Hello {
+        version: u16,
+        nonce: [u8; 32],
+    },
+    /// Server: its version, its nonce, and whether it refuses writes.
+    Challenge {
+        version: u16,
+        nonce: [u8; 32],
+        read_only: bool,
+    },
+    /// Client: proof that it knows the token (see `auth`).
+    Auth {
+        mac: [u8; 32],
+    },
+    /// Server: the client is in, and the server's own proof that it knows the token.
+    AuthOk {
+        mac: [u8; 32],
+    },
+    Error {
+        code: u16,
+        message: String,
+    },
+    Ok,
+    /// List `path` (its entries; with `recursive`, the whole subtree depth-first). Answered by `Entry`* `ListEnd`.
+    List {
+        path: Vec<u8>,
+        recursive: bool,
+    },
+    Entry(EntryMeta),
+    ListEnd,
+    /// Metadata of `path` itself, answered by one `Entry` (path `""`) or `Error`.
+    Stat {
+        path: Vec<u8>,
+    },
+    /// Read `[offset, offset + len)` of file `path`. Answered by `Data`* `DataEnd`, or `Error`.
+    Get {
+        path: Vec<u8>,
+        offset: u64,
+        len: u64,
+    },
+    /// A chunk of file data with the BLAKE3 digest of `bytes`, checked by the receiver before it counts.
+    Data {
+        offset: u64,
+        digest: [u8; 32],
+        bytes: Vec<u8>,
+    },
+    /// End of a `Get`: the file's size and mtime after the read, so the reader can tell a torn source.
+    DataEnd {
+        size: u64,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+    },
+    /// Start writing file `path` of `size` bytes under transfer `id` (a random number chosen by the client; chunks
+    /// may then arrive on any connection). The server creates a temporary beside `path`.
+    PutBegin {
+        id: u64,
+        path: Vec<u8>,
+        size: u64,
+        mode: u32,
+    },
+    /// A chunk of transfer `id`; answered by `Ok` once written, or `Error` (digest mismatch, no space, ...).
+    PutData {
+        id: u64,
+        offset: u64,
+        digest: [u8; 32],
+        bytes: Vec<u8>,
+    },
+    /// All chunks of `id` were acknowledged: set metadata, make durable when asked, rename into place. `Ok`/`Error`.
+    PutEnd {
+        id: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+        fsync: bool,
+    },
+    /// Give up transfer `id`: its temporary is removed.
+    PutAbort {
+        id: u64,
+    },
+    /// Create directory `path` (existing is fine). `Ok`/`Error`.
+    Mkdir {
+        path: Vec<u8>,
+        mode: u32,
+    },
+    /// Set a directory's (or file's) permission bits and mtime; symlinks: mtime only. `Ok`/`Error`.
+    SetMeta {
+        path: Vec<u8>,
+        mode: u32,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+    },
+    /// Create (or replace) symlink `path` pointing to `target`. `Ok`/`Error`.
+    Symlink {
+        path: Vec<u8>,
+        target: Vec<u8>,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+    },
+    /// Delete `path`; a directory with everything in it, never following a symlink. `Ok`/`Error`.
+    Delete {
+        path: Vec<u8>,
+    },
+    /// The client is done with this connection.
+    Bye,
+}
+
+/// A malformed frame or a broken connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Malformed(String),
+}
+
+fn bad(what: impl Into<String>) -> WireError {
+    WireError::Malformed(what.into())
+}
+
+// Kinds (one byte on the wire).
+const K_HELLO: u8 = 1;
+const K_CHALLENGE: u8 = 2;
+const K_AUTH: u8 = 3;
+const K_AUTH_OK: u8 = 4;
+const K_ERROR: u8 = 5;
+const K_OK: u8 = 6;
+const K_LIST: u8 = 10;
+const K_ENTRY: u8 = 11;
+const K_LIST_END: u8 = 12;
+const K_STAT: u8 = 13;
+const K_GET: u8 = 20;
+const K_DATA: u8 = 21;
+const K_DATA_END: u8 = 22;
+const K_PUT_BEGIN: u8 = 30;
+const K_PUT_DATA: u8 = 31;
+const K_PUT_END: u8 = 32;
+const K_PUT_ABORT: u8 = 33;
+const K_MKDIR: u8 = 40;
+const K_SET_META: u8 = 41;
+const K_SYMLINK: u8 = 42;
+const K_DELETE: u8 = 43;
+const K_BYE: u8 = 60;
+
+/// Field writer for one frame body.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bool(&mut self, v: bool) {
+        self.0.push(v as u8);
+    }
+    fn arr(&mut self, v: &[u8; 32]) {
+        self.0.extend_from_slice(v);
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+    }
+}
+
+/// Field reader over one frame body; every read is bounds-checked.
+struct In<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(bad("frame ends inside a field"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn i64(&mut self) -> Result<i64, WireError> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn nsec(&mut self) -> Result<u32, WireError> {
+        let v = self.u32()?;
+        if v >= 1_000_000_000 {
+            return Err(bad("nanoseconds out of range"));
+        }
+        Ok(v)
+    }
+    fn bool(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(bad("boolean is neither 0 nor 1")),
+        }
+    }
+    fn arr(&mut self) -> Result<[u8; 32], WireError> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+    fn bytes(&mut self, cap: usize, what: &str) -> Result<Vec<u8>, WireError> {
+        let len = self.u32()? as usize;
+        if len > cap {
+            return Err(bad(format!("{what} of {len} bytes is over the limit of {cap}")));
+        }
+        Ok(self.take(len)?.to_vec())
+    }
+    fn path(&mut self) -> Result<Vec<u8>, WireError> {
+        let p = self.bytes(PATH_BYTES_MAX, "path")?;
+        if p.contains(&0) {
+            return Err(bad("path contains a NUL byte"));
+        }
+        Ok(p)
+    }
+    fn text(&mut self) -> Result<String, WireError> {
+        let t = self.bytes(TEXT_BYTES_MAX, "text")?;
+        Ok(String::from_utf8_lossy(&t).into_owned())
+    }
+    fn kind(&mut self) -> Result<EntryKind, WireError> {
+        Ok(match self.u8()? {
+            0 => EntryKind::File,
+            1 => EntryKind::Dir,
+            2 => EntryKind::Symlink,
+            3 => EntryKind::Other,
+            k => return Err(bad(format!("unknown entry kind {k}"))),
+        })
+    }
+}
+
+impl Msg {
+    /// The frame body (kind and fields), without the length prefix.
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut o = Out(Vec::with_capacity(64));
+        match self {
+            Msg::Hello { version, nonce } => {
+                o.u8(K_HELLO);
+                o.u16(*version);
+                o.arr(nonce);
+            }
+            Msg::Challenge { version, nonce, read_only } => {
+                o.u8(K_CHALLENGE);
+                o.u16(*version);
+                o.arr(nonce);
+                o.bool(*read_only);
+            }
+            Msg::Auth { mac } => {
+                o.u8(K_AUTH);
+                o.arr(mac);
+            }
+            Msg::AuthOk { mac } => {
+                o.u8(K_AUTH_OK);
+                o.arr(mac);
+            }
+            Msg::Error { code, message } => {
+                o.u8(K_ERROR);
+                o.u16(*code);
+                let m = message.as_bytes();
+                o.bytes(&m[..m.len().min(TEXT_BYTES_MAX)]);
+            }
+            Msg::Ok => o.u8(K_OK),
+            Msg::List { path, recursive } => {
+                o.u8(K_LIST);
+                o.bytes(path);
+                o.bool(*recursive);
+            }
+            Msg::Entry(e) => {
+                o.u8(K_ENTRY);
+                o.bytes(&e.path);
+                o.u8(e.kind as u8);
+                o.u32(e.mode);
+                o.u32(e.uid);
+                o.u32(e.gid);
+                o.u64(e.size);
+                o.i64(e.mtime_sec);
+                o.u32(e.mtime_nsec);
+                o.bytes(&e.target);
+            }
+            Msg::ListEnd => o.u8(K_LIST_END),
+            Msg::Stat { path } => {
+                o.u8(K_STAT);
+                o.bytes(path);
+            }
+            Msg::Get { path, offset, len } => {
+                o.u8(K_GET);
+                o.bytes(path);
+                o.u64(*offset);
+                o.u64(*len);
+            }
+            Msg::Data { offset, digest, bytes } => {
+                o.u8(K_DATA);
+                o.u64(*offset);
+                o.arr(digest);
+                o.bytes(bytes);
+            }
+            Msg::DataEnd { size, mtime_sec, mtime_nsec } => {
+                o.u8(K_DATA_END);
+                o.u64(*size);
+                o.i64(*mtime_sec);
+                o.u32(*mtime_nsec);
+            }
+            Msg::PutBegin { id, path, size, mode } => {
+                o.u8(K_PUT_BEGIN);
+                o.u64(*id);
+                o.bytes(path);
+                o.u64(*size);
+                o.u32(*mode);
+            }
+            Msg::PutData { id, offset, digest, bytes } => {
+                o.u8(K_PUT_DATA);
+                o.u64(*id);
+                o.u64(*offset);
+                o.arr(digest);
+                o.bytes(bytes);
+            }
+            Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
+                o.u8(K_PUT_END);
+                o.u64(*id);
+                o.u32(*mode);
+                o.u32(*uid);
+                o.u32(*gid);
+                o.i64(*mtime_sec);
+                o.u32(*mtime_nsec);
+                o.bool(*fsync);
+            }
+            Msg::PutAbort { id } => {
+                o.u8(K_PUT_ABORT);
+                o.u64(*id);
+            }
+            Msg::Mkdir { path, mode } => {
+                o.u8(K_MKDIR);
+                o.bytes(path);
+                o.u32(*mode);
+            }
+            Msg::SetMeta { path, mode, mtime_sec, mtime_nsec } => {
+                o.u8(K_SET_META);
+                o.bytes(path);
+                o.u32(*mode);
+                o.i64(*mtime_sec);
+                o.u32(*mtime_nsec);
+            }
+            Msg::Symlink { path, target, mtime_sec, mtime_nsec } => {
+                o.u8(K_SYMLINK);
+                o.bytes(path);
+                o.bytes(target);
+                o.i64(*mtime_sec);
+                o.u32(*mtime_nsec);
+            }
+            Msg::Delete { path } => {
+                o.u8(K_DELETE);
+                o.bytes(path);
+            }
+            Msg::Bye => o.u8(K_BYE),
+        }
+        o.0
+    }
+
+    /// Decode one frame body. Fails on an unknown kind, a field over its cap, a short field or trailing bytes.
+    pub fn decode_body(body: &[u8]) -> Result<Msg, WireError> {
+        let mut i = In { buf: body };
+        let msg = match i.u8()? {
+            K_HELLO => Msg::Hello { version: i.u16()?, nonce: i.arr()? },
+            K_CHALLENGE => Msg::Challenge { version: i.u16()?, nonce: i.arr()?, read_only: i.bool()? },
+            K_AUTH => Msg::Auth { mac: i.arr()? },
+            K_AUTH_OK => Msg::AuthOk { mac: i.arr()? },
+            K_ERROR => Msg::Error { code: i.u16()?, message: i.text()? },
+            K_OK => Msg::Ok,
+            K_LIST => Msg::List { path: i.path()?, recursive: i.bool()? },
+            K_ENTRY => Msg::Entry(EntryMeta {
+                path: i.path()?,
+                kind: i.kind()?,
+                mode: i.u32()? & 0o7777,
+                uid: i.u32()?,
+                gid: i.u32()?,
+                size: i.u64()?,
+                mtime_sec: i.i64()?,
+                mtime_nsec: i.nsec()?,
+                target: i.bytes(PATH_BYTES_MAX, "symlink target")?,
+            }),
+            K_LIST_END => Msg::ListEnd,
+            K_STAT => Msg::Stat { path: i.path()? },
+            K_GET => Msg::Get { path: i.path()?, offset: i.u64()?, len: i.u64()? },
+            K_DATA => Msg::Data { offset: i.u64()?, digest: i.arr()?, bytes: i.bytes(CHUNK_BYTES_MAX, "chunk")? },
+            K_DATA_END => Msg::DataEnd { size: i.u64()?, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? },
+            K_PUT_BEGIN => Msg::PutBegin { id: i.u64()?, path: i.path()?, size: i.u64()?, mode: i.u32()? & 0o7777 },
+            K_PUT_DATA => Msg::PutData {
+                id: i.u64()?,
+                offset: i.u64()?,
+                digest: i.arr()?,
+                bytes: i.bytes(CHUNK_BYTES_MAX, "chunk")?,
+            },
+            K_PUT_END => Msg::PutEnd {
+                id: i.u64()?,
+                mode: i.u32()? & 0o7777,
+                uid: i.u32()?,
+                gid: i.u32()?,
+                mtime_sec: i.i64()?,
+                mtime_nsec: i.nsec()?,
+                fsync: i.bool()?,
+            },
+            K_PUT_ABORT => Msg::PutAbort { id: i.u64()? },
+            K_MKDIR => Msg::Mkdir { path: i.path()?, mode: i.u32()? & 0o7777 },
+            K_SET_META => {
+                Msg::SetMeta { path: i.path()?, mode: i.u32()? & 0o7777, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? }
+            }
+            K_SYMLINK => Msg::Symlink {
+                path: i.path()?,
+                target: i.bytes(PATH_BYTES_MAX, "symlink target")?,
+                mtime_sec: i.i64()?,
+                mtime_nsec: i.nsec()?,
+            },
+            K_DELETE => Msg::Delete { path: i.path()? },
+            K_BYE => Msg::Bye,
+            k => return Err(bad(format!("unknown message kind {k}"))),
+        };
+        if !i.buf.is_empty() {
+            return Err(bad(format!("{} unexpected bytes after the message", i.buf.len())));
+        }
+        Ok(msg)
+    }
+}
+
+/// Write one message as a frame (length prefix + body) and flush it.
+pub fn write_msg(w: &mut impl Write, msg: &Msg) -> Result<(), WireError> {
+    let body = msg.encode_body();
+    debug_assert!(body.len() <= FRAME_BYTES_MAX);
+    w.write_all(&(body.len() as u32).to_le_bytes())?;
+    w.write_all(&body)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read one frame and decode it. The length is checked against [`FRAME_BYTES_MAX`] before anything is allocated.
+pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > FRAME_BYTES_MAX {
+        return Err(bad(format!("frame of {len} bytes (the limit is {FRAME_BYTES_MAX})")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Msg::decode_body(&body)
+}
+
+/// Split a relative wire path into components, refusing anything that could leave the directory it is relative
+/// to: an absolute path, `..`, `.`, empty components (`a//b`), and NUL. `""` is the directory itself. Used by
+/// both sides: the server for every request, the client for every entry a server lists.
+pub fn safe_components(path: &[u8]) -> Result<Vec<&[u8]>, String> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    if path[0] == b'/' {
+        return Err(format!("absolute path '{}' refused", String::from_utf8_lossy(path)));
+    }
+    let mut out = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." | b".." => {
+                return Err(format!(
+                    "path '{}' leaves its directory or is not canonical",
+                    String::from_utf8_lossy(path)
+                ));
+            }
+            c if c.contains(&0) => return Err("path contains a NUL byte".to_string()),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Msg> {
+        vec![
+            Msg::Hello { version: VERSION, nonce: [7; 32] },
+            Msg::Challenge { version: VERSION, nonce: [8; 32], read_only: true },
+            Msg::Auth { mac: [1; 32] },
+            Msg::AuthOk { mac: [2; 32] },
+            Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
+            Msg::Ok,
+            Msg::List { path: b"a/b".to_vec(), recursive: true },
+            Msg::Entry(EntryMeta {
+                path: b"x\xffy".to_vec(),
+                kind: EntryKind::Symlink,
+                mode: 0o4755,
+                uid: 1,
+                gid: 2,
+                size: u64::MAX,
+                mtime_sec: -5,
+                mtime_nsec: 999_999_999,
+                target: b"../t".to_vec(),
+            }),
+            Msg::ListEnd,
+            Msg::Stat { path: vec![] },
+            Msg::Get { path: b"f".to_vec(), offset: 3, len: 9 },
+            Msg::Data { offset: 1 << 40, digest: [3; 32], bytes: vec![9; 1000] },
+            Msg::DataEnd { size: 10, mtime_sec: 1, mtime_nsec: 2 },
+            Msg::PutBegin { id: 42, path: b"d/f".to_vec(), size: 100, mode: 0o644 },
+            Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
+            Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
+            Msg::PutAbort { id: 42 },
+            Msg::Mkdir { path: b"d".to_vec(), mode: 0o755 },
+            Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, mtime_sec: 1, mtime_nsec: 0 },
+            Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), mtime_sec: 1, mtime_nsec: 1 },
+            Msg::Delete { path: b"old".to_vec() },
+            Msg::Bye,
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_frame() {
+        for m in all() {
+            let mut buf = Vec::new();
+            write_msg(&mut buf, &m).unwrap();
+            assert_eq!(read_msg(&mut buf.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn truncated_oversized_and_trailing_frames_are_refused() {
+        for m in all() {
+            let body = m.encode_body();
+            for cut in 0..body.len() {
+                assert!(Msg::decode_body(&body[..cut]).is_err(), "{m:?} cut at {cut} decoded");
+            }
+            let mut long = body.clone();
+            long.push(0);
+            assert!(Msg::decode_body(&long).is_err(), "{m:?} with a trailing byte decoded");
+        }
+        // A length prefix over the cap is refused before allocating.
+        let mut frame = ((FRAME_BYTES_MAX + 1) as u32).to_le_bytes().to_vec();
+        frame.push(K_OK);
+        assert!(read_msg(&mut frame.as_slice()).is_err());
+        // A field length over its cap.
+        let mut body = vec![K_STAT];
+        body.extend_from_slice(&((PATH_BYTES_MAX + 1) as u32).to_le_bytes());
+        body.extend(std::iter::repeat_n(b'a', PATH_BYTES_MAX + 1));
+        assert!(Msg::decode_body(&body).is_err());
+        assert!(Msg::decode_body(&[200]).is_err());
+        assert!(Msg::decode_body(&[K_CHALLENGE, 1, 0]).is_err());
+    }
+
+    #[test]
+    fn paths_that_leave_are_refused() {
+        assert_eq!(safe_components(b"").unwrap(), Vec::<&[u8]>::new());
+        assert_eq!(safe_components(b"a/b\xff").unwrap(), vec![&b"a"[..], &b"b\xff"[..]]);
+        for p in [&b"/etc/passwd"[..], b"..", b"a/../b", b"a/./b", b"a//b", b"a/", b"./a", b"a/.."] {
+            assert!(safe_components(p).is_err(), "{:?} accepted", String::from_utf8_lossy(p));
+        }
+        // Encoded dot-dot is just a name here (the wire carries raw bytes, nothing is URL-decoded).
+        assert!(safe_components(b"%2e%2e").is_ok());
+    }
+}
