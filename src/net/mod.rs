@@ -2,4 +2,5 @@
 //! server (`fastsync serve`) and the client side of `copy`, `sync` and `list`.
 
 pub mod auth;
+pub mod beneath;
 pub mod wire;
