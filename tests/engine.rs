@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use fastsync_engine::{
-    ChunkedFile, Completion, Engine, EngineConfig, EngineError, EngineKind, FileJob, FinishSpec, Job, Op, Outcome,
-    RangeJob, ShardStats, Timestamp,
+    ChunkedFile, Completion, Engine, EngineConfig, EngineError, EngineKind, FileJob, FinishSpec, HashJob, Job, Op,
+    Outcome, RangeJob, ShardStats, Timestamp,
 };
 use fastsync_fallback::FallbackEngine;
 use fastsync_uring::UringEngine;
@@ -293,6 +293,43 @@ fn verify_detects_a_destination_that_differs(engine: &dyn Engine) {
 }
 
 /// Every case above, once per engine.
+/// Hash jobs: digests of files of many sizes (more files than buffer slots, so hashing overlaps), a missing file
+/// and a symlink (never followed unless asked) fail with the path named.
+fn hashes_files_and_never_follows_symlinks(engine: &dyn Engine) {
+    let dir = TempDir::new("hash");
+    let sizes = [0usize, 1, 4095, BLOCK_BYTES - 1, BLOCK_BYTES, BLOCK_BYTES + 1, 3 * BLOCK_BYTES + 17];
+    let mut jobs = Vec::new();
+    let mut expected = Vec::new();
+    for (i, &len) in sizes.iter().cycle().take(20).enumerate() {
+        let path = dir.join(&format!("f{i}"));
+        let data = content(len, i as u64);
+        fs::write(&path, &data).unwrap();
+        expected.push((*blake3::hash(&data).as_bytes(), len as u64));
+        jobs.push(Job::Hash(HashJob { tag: i as u64, path, follow_symlinks: false }));
+    }
+    std::os::unix::fs::symlink(dir.join("f1"), dir.join("link")).unwrap();
+    jobs.push(Job::Hash(HashJob { tag: 100, path: dir.join("link"), follow_symlinks: false }));
+    jobs.push(Job::Hash(HashJob { tag: 101, path: dir.join("link"), follow_symlinks: true }));
+    jobs.push(Job::Hash(HashJob { tag: 102, path: dir.join("missing"), follow_symlinks: false }));
+    let (done, _) = run(engine, jobs);
+    assert_eq!(done.len(), 23);
+    for (c, (digest, bytes)) in done.iter().zip(&expected) {
+        match &c.outcome {
+            Outcome::Hashed { digest: d, bytes: b } => assert_eq!((d, b), (digest, bytes), "file f{}", c.tag),
+            other => panic!("f{}: {other:?}", c.tag),
+        }
+    }
+    assert!(matches!(&done[20].outcome, Outcome::Failed(e) if e.path.ends_with("link")), "{:?}", done[20].outcome);
+    assert!(matches!(&done[21].outcome, Outcome::Hashed { digest, .. } if *digest == expected[1].0));
+    match &done[22].outcome {
+        Outcome::Failed(e) => {
+            assert!(e.path.ends_with("missing"));
+            assert_eq!(e.source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("missing file: {other:?}"),
+    }
+}
+
 macro_rules! on_both_engines {
     ($($case:ident),* $(,)?) => {
         mod uring {
@@ -326,5 +363,6 @@ on_both_engines!(
     existing_temporary_is_not_ours_to_remove,
     copies_a_chunked_file_in_ranges,
     shrunken_source_abandons_the_chunked_file,
-    verify_detects_a_destination_that_differs
+    verify_detects_a_destination_that_differs,
+    hashes_files_and_never_follows_symlinks
 );

@@ -1,5 +1,6 @@
-//! Work both engines do with plain blocking syscalls on the shard thread: hashing whole files and ranges, and
-//! checking that a source did not change while it was copied.
+//! Work done with plain blocking syscalls on the shard thread: hashing whole files (the fallback engine; the uring
+//! engine hashes through its ring) and ranges (resume checks), and checking that a source did not change while it
+//! was copied.
 //!
 //! Hashing is CPU-bound (BLAKE3 runs at memory speed per core), so overlapping its reads through the ring would buy
 //! little; running it on the shards still spreads it across every core.
@@ -48,6 +49,7 @@ pub fn hash_file(path: &Path, follow: bool, buf: &mut [u8]) -> Result<([u8; 32],
     }
     // SAFETY: fresh descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    advise_sequential(&fd);
     let mut hasher = blake3::Hasher::new();
     let mut offset = 0u64;
     loop {
@@ -93,6 +95,24 @@ pub fn range_matches(
         at += want as u64;
     }
     Ok(ha.finalize() == hb.finalize())
+}
+
+/// Bytes at the start of a file whose read is started at once when it is opened for hashing.
+#[cfg(target_os = "linux")]
+const READ_AHEAD_BYTES: libc::off_t = 8 << 20;
+
+/// A file about to be read once from start to end: ask the kernel for a large read-ahead window and to start
+/// reading its first blocks now, so the device is busy while the previous file is still being hashed. Advice only:
+/// errors are ignored.
+fn advise_sequential(fd: &OwnedFd) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on a descriptor we own.
+    unsafe {
+        libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        libc::posix_fadvise(fd.as_raw_fd(), 0, READ_AHEAD_BYTES, libc::POSIX_FADV_WILLNEED);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = fd;
 }
 
 fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {

@@ -71,8 +71,8 @@ struct Task {
     ops_pending: u32,
     error: Option<JobError>,
     bytes_written: u64,
-    /// Hash jobs: the digest and length, computed synchronously when admitted.
-    hashed: Option<([u8; 32], u64)>,
+    /// Hash jobs: the digest so far (boxed: it is large and only hash tasks have one).
+    hasher: Option<Box<blake3::Hasher>>,
 }
 
 pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Result<Session, EngineError> {
@@ -213,18 +213,23 @@ impl Shard {
             ops_pending: 0,
             error: None,
             bytes_written: 0,
-            hashed: None,
+            hasher: None,
         };
         match &task.job {
             Job::Hash(h) => {
-                // CPU-bound: hashed right here with plain reads into the task's slot (see fastsync_engine::blocking).
-                // SAFETY: the slot was just taken from the free list; no I/O uses it.
-                let buf = unsafe { self.arena.slot_mut(slot) };
-                match blocking::hash_file(&h.path, h.follow_symlinks, buf) {
-                    Ok(r) => task.hashed = Some(r),
-                    Err(e) => task.error = Some(e),
-                }
-                self.tasks[slot] = Some(task);
+                // Like a whole file's source: OPENAT into the task's fixed slot, linked to its first read; each block
+                // is hashed as it arrives, so a shard keeps a read in flight per slot (a deep queue on cold data).
+                let src_c = match cstr(&h.path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        task.error = Some(JobError::new(Op::Hash, &h.path, e));
+                        self.tasks[slot] = Some(task);
+                        return;
+                    }
+                };
+                let follow = h.follow_symlinks;
+                task.hasher = Some(Box::new(blake3::Hasher::new()));
+                self.open_and_read(slot, task, src_c, follow);
             }
             Job::File(f) => {
                 let (src_c, tmp_c) = match (cstr(&f.src), cstr(&f.tmp)) {
@@ -241,19 +246,6 @@ impl Shard {
                     }
                 };
                 let dst_flags = if f.finish.verify { libc::O_RDWR } else { libc::O_WRONLY };
-                // The source opens straight into fixed-file slot `slot` (the task's own), and its first read is
-                // linked to the open: the kernel starts reading as soon as the open succeeds, with no round trip
-                // through this loop; if the open fails the read completes with ECANCELED. Whatever file a previous
-                // task left in the slot is replaced (and released) by the open.
-                let fixed = types::DestinationSlot::try_from_slot_target(slot as u32).expect("slot fits the table");
-                let open_src = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), src_c.as_ptr())
-                    // Direct descriptors live only in the ring's table, so O_CLOEXEC is meaningless and the kernel
-                    // rejects it with EINVAL.
-                    .flags(libc::O_RDONLY | if f.follow_symlinks { 0 } else { libc::O_NOFOLLOW })
-                    .file_index(Some(fixed))
-                    .build()
-                    .flags(squeue::Flags::IO_LINK)
-                    .user_data(user_data(slot, Step::OpenSrc));
                 // The temporary is created right here with a plain openat: io_uring never attempts an O_CREAT open
                 // inline (it always punts it to an io-wq worker thread), so through the ring it would cost a thread
                 // hand-off per file for nothing.
@@ -272,23 +264,8 @@ impl Shard {
                 }
                 // SAFETY: fresh descriptor owned by nobody else.
                 task.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-                task.src_c = Some(src_c);
-                task.ops_pending = 2;
-                self.tasks[slot] = Some(task);
-                let first_read = self
-                    .read_sqe(slot, 0, self.arena.block_bytes() as u32, false)
-                    .user_data(user_data(slot, Step::Read));
-                // Linked entries must be queued back to back; make room for both first.
-                let room = {
-                    let sq = self.ring.submission();
-                    sq.capacity() - sq.len()
-                };
-                if room < 2 {
-                    self.stats.syscalls += 1;
-                    let _ = self.ring.submit();
-                }
-                self.push(open_src);
-                self.push(first_read);
+                let follow = f.follow_symlinks;
+                self.open_and_read(slot, task, src_c, follow);
             }
             Job::Range(r) => {
                 task.offset = r.offset;
@@ -323,6 +300,37 @@ impl Shard {
                 self.read_next(slot);
             }
         }
+    }
+
+    /// Queue the source's OPENAT into fixed-file slot `slot` (the task's own) and its first read, linked: the kernel
+    /// starts reading as soon as the open succeeds, with no round trip through this loop; if the open fails the read
+    /// completes with ECANCELED. Whatever file a previous task left in the slot is replaced (and released).
+    fn open_and_read(&mut self, slot: usize, mut task: Task, src_c: CString, follow: bool) {
+        let fixed = types::DestinationSlot::try_from_slot_target(slot as u32).expect("slot fits the table");
+        let open_src = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), src_c.as_ptr())
+            // Direct descriptors live only in the ring's table, so O_CLOEXEC is meaningless and the kernel rejects
+            // it with EINVAL.
+            .flags(libc::O_RDONLY | if follow { 0 } else { libc::O_NOFOLLOW })
+            .file_index(Some(fixed))
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(slot, Step::OpenSrc));
+        task.src_c = Some(src_c);
+        task.ops_pending = 2;
+        self.tasks[slot] = Some(task);
+        let first_read =
+            self.read_sqe(slot, 0, self.arena.block_bytes() as u32, false).user_data(user_data(slot, Step::Read));
+        // Linked entries must be queued back to back; make room for both first.
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < 2 {
+            self.stats.syscalls += 1;
+            let _ = self.ring.submit();
+        }
+        self.push(open_src);
+        self.push(first_read);
     }
 
     fn task(&mut self, slot: usize) -> &mut Task {
@@ -381,9 +389,8 @@ impl Shard {
         let buf = self.arena.slot_ptr(slot);
         let target = match &t.job {
             _ if from_dst => Target::Fd(dst_raw(t)),
-            Job::File(_) => Target::Fixed(slot as u32),
+            Job::File(_) | Job::Hash(_) => Target::Fixed(slot as u32),
             Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
-            Job::Hash(_) => unreachable!("hash jobs do no ring I/O"),
         };
         match (target, (slot < self.registered).then_some(slot as u16)) {
             (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
@@ -435,6 +442,16 @@ impl Shard {
             return;
         }
         if n == 0 {
+            return;
+        }
+        if matches!(t.job, Job::Hash(_)) {
+            let (arena, tasks) = (&self.arena, &mut self.tasks);
+            let t = tasks[slot].as_mut().expect("live task");
+            // SAFETY: the read into this slot has completed and no other I/O uses it.
+            let data = unsafe { &arena.slot_mut(slot)[..n as usize] };
+            t.hasher.as_mut().expect("hash task").update(data);
+            t.offset += n;
+            self.read_next(slot);
             return;
         }
         t.block_len = n;
@@ -557,10 +574,10 @@ impl Shard {
         let outcome = match &t.job {
             Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
             Job::Range(r) => r.file.complete_range(Some((r.offset, r.len)), t.error.take().map_or(Ok(()), Err)),
-            Job::Hash(_) => match (t.error.take(), t.hashed) {
+            Job::Hash(_) => match (t.error.take(), t.hasher.take()) {
                 (Some(e), _) => Outcome::Failed(e),
-                (None, Some((digest, bytes))) => Outcome::Hashed { digest, bytes },
-                (None, None) => unreachable!("a hash task ends with a digest or an error"),
+                (None, Some(h)) => Outcome::Hashed { digest: *h.finalize().as_bytes(), bytes: t.offset },
+                (None, None) => unreachable!("a hash task has a hasher"),
             },
         };
         ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
