@@ -71,6 +71,10 @@ pub struct GlobalArgs {
     /// Print the summary (and itemized changes) as JSON on stdout
     #[arg(long, global = true)]
     pub json: bool,
+    /// Shared secret for fastsync:// transfers (client and `serve`): read from FILE, trailing newlines ignored
+    /// [env: FASTSYNC_TOKEN holds the token itself]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +146,10 @@ pub struct TransferArgs {
     /// Print one line per change: copy, update, mkdir, attrs, delete, and the path
     #[arg(short = 'i', long)]
     pub itemize_changes: bool,
+    /// fastsync:// transfers: TCP connections carrying file data in parallel, plus one for listings and
+    /// directories (fixed: not yet chosen from the bandwidth-delay product)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +242,11 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         return Ok(exit::OK);
     }
     if let Command::List(a) = &cli.command {
+        if crate::net::url::is_url(&a.path) {
+            // A fastsync:// listing (src/remote.rs).
+            let net = crate::remote::NetOptions::new(1, g.token_file.as_deref());
+            return crate::remote::list(a, g.json, &net).or_else(crate::remote::Failure::into_exit);
+        }
         let (selected, _, config) = select_engine(&settings, g.verbose)?;
         return crate::list::run(a, selected.engine.as_ref(), &config, g.json);
     }
@@ -273,7 +286,16 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         json: g.json,
     };
     interrupt::install();
-    let mut summary = copy::run(&t.src, &t.dst, &opts, selected.engine.as_ref(), &config)?;
+    let mut summary = if crate::remote::involved(&t.src, &t.dst) {
+        // A fastsync:// side: a LAN transfer (src/remote.rs).
+        let net = crate::remote::NetOptions::new(t.streams.into(), g.token_file.as_deref());
+        match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {
+            Ok(s) => s,
+            Err(f) => return f.into_exit(),
+        }
+    } else {
+        copy::run(&t.src, &t.dst, &opts, selected.engine.as_ref(), &config)?
+    };
     summary.cores = cores;
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not turn a good copy into a failure.

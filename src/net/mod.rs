@@ -3,4 +3,6 @@
 
 pub mod auth;
 pub mod beneath;
+pub mod client;
+pub mod url;
 pub mod wire;
