@@ -104,6 +104,9 @@ pub enum Command {
     /// List a directory's entries (or a file) like ls -l: type and permissions, size, mtime (UTC), path
     #[command(long_about = crate::list::LONG_ABOUT)]
     List(crate::list::ListArgs),
+    /// Serve a directory to fastsync:// clients (copy, sync and list from or to it over TCP)
+    #[command(long_about = crate::net::server::LONG_ABOUT)]
+    Serve(crate::net::server::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -210,10 +213,15 @@ fn clap_exit(e: clap::Error) -> i32 {
 
 fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let g = &cli.global;
+    // `serve` needs no engine nor settings.
+    if let Command::Serve(a) = &cli.command {
+        return crate::net::server::run(a, g.token_file.as_deref());
+    }
     let transfer = match &cli.command {
         Command::Copy(a) => Some(&a.t),
         Command::Sync(a) => Some(&a.t),
         Command::Config | Command::List(_) => None,
+        Command::Serve(_) => None,
     };
     let overrides = Overrides {
         engine: g.engine,

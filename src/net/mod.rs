@@ -4,5 +4,6 @@
 pub mod auth;
 pub mod beneath;
 pub mod client;
+pub mod server;
 pub mod url;
 pub mod wire;
