@@ -12,6 +12,7 @@ pub mod meta;
 pub mod net;
 pub mod plan;
 pub mod progress;
+pub mod remote;
 pub mod scan;
 pub mod slab;
 pub mod stale;

@@ -130,19 +130,19 @@ fn write_error(e: io::Error) -> Halt {
     }
 }
 
-/// What one line shows, taken from `lstat`.
-struct Entry {
-    rel: PathBuf,
-    kind: Kind,
-    mode: u32,
-    size: u64,
-    mtime_sec: i64,
-    mtime_nsec: i64,
-    target: Option<PathBuf>,
+/// What one line shows, taken from `lstat` (or, for a `fastsync://` path, from the server's listing).
+pub(crate) struct Entry {
+    pub(crate) rel: PathBuf,
+    pub(crate) kind: Kind,
+    pub(crate) mode: u32,
+    pub(crate) size: u64,
+    pub(crate) mtime_sec: i64,
+    pub(crate) mtime_nsec: i64,
+    pub(crate) target: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     File,
     Dir,
     Symlink,
@@ -150,6 +150,8 @@ enum Kind {
     Socket,
     CharDev,
     BlockDev,
+    /// Another type, as a remote listing says (`?` like `ls` for an unknown type).
+    Other,
 }
 
 impl Kind {
@@ -182,6 +184,7 @@ impl Kind {
             Kind::Socket => b's',
             Kind::CharDev => b'c',
             Kind::BlockDev => b'b',
+            Kind::Other => b'?',
         }
     }
 
@@ -374,35 +377,10 @@ impl<W: Write> Lister<W> {
         if self.json {
             json_line(&mut line, e, digest);
         } else {
-            self.text_line(&mut line, e, digest);
+            text_line(&mut line, e, self.human, self.checksum.then_some(digest));
         }
         line.push(b'\n');
         self.out.write_all(&line).map_err(write_error)
-    }
-
-    fn text_line(&self, line: &mut Vec<u8>, e: &Entry, digest: &Digest) {
-        line.extend_from_slice(&mode_string(e.kind, e.mode));
-        let size = if self.human {
-            format!(" {:>HUMAN_SIZE_WIDTH$} ", human_size(e.size))
-        } else {
-            format!(" {:>SIZE_WIDTH$} ", e.size)
-        };
-        line.extend_from_slice(size.as_bytes());
-        line.extend_from_slice(format_mtime(e.mtime_sec, e.mtime_nsec, ' ').as_bytes());
-        line.push(b' ');
-        if self.checksum {
-            let column = match digest {
-                Digest::Done(d) => blake3::Hash::from_bytes(*d).to_hex().to_string(),
-                Digest::NotHashed => "-".to_string(),
-                Digest::Waiting | Digest::Failed(_) => "?".to_string(),
-            };
-            line.extend_from_slice(format!("{column:<DIGEST_WIDTH$} ").as_bytes());
-        }
-        line.extend_from_slice(e.rel.as_os_str().as_bytes());
-        if let Some(t) = &e.target {
-            line.extend_from_slice(b" -> ");
-            line.extend_from_slice(t.as_os_str().as_bytes());
-        }
     }
 
     /// Wait for every digest, print the rest, stop the engine and flush.
@@ -416,6 +394,44 @@ impl<W: Write> Lister<W> {
             session.finish()?;
         }
         self.out.flush().map_err(write_error)
+    }
+}
+
+/// One entry's line (newline included), without a digest column: shared with remote listings (`src/remote.rs`).
+pub(crate) fn entry_line(e: &Entry, human: bool, json: bool) -> Vec<u8> {
+    let mut line = Vec::with_capacity(128);
+    if json {
+        json_line(&mut line, e, &Digest::NotHashed);
+    } else {
+        text_line(&mut line, e, human, None);
+    }
+    line.push(b'\n');
+    line
+}
+
+/// The `ls -l`-style line of an entry; `digest` is the digest column's content with `--checksum`.
+fn text_line(line: &mut Vec<u8>, e: &Entry, human: bool, digest: Option<&Digest>) {
+    line.extend_from_slice(&mode_string(e.kind, e.mode));
+    let size = if human {
+        format!(" {:>HUMAN_SIZE_WIDTH$} ", human_size(e.size))
+    } else {
+        format!(" {:>SIZE_WIDTH$} ", e.size)
+    };
+    line.extend_from_slice(size.as_bytes());
+    line.extend_from_slice(format_mtime(e.mtime_sec, e.mtime_nsec, ' ').as_bytes());
+    line.push(b' ');
+    if let Some(digest) = digest {
+        let column = match digest {
+            Digest::Done(d) => blake3::Hash::from_bytes(*d).to_hex().to_string(),
+            Digest::NotHashed => "-".to_string(),
+            Digest::Waiting | Digest::Failed(_) => "?".to_string(),
+        };
+        line.extend_from_slice(format!("{column:<DIGEST_WIDTH$} ").as_bytes());
+    }
+    line.extend_from_slice(e.rel.as_os_str().as_bytes());
+    if let Some(t) = &e.target {
+        line.extend_from_slice(b" -> ");
+        line.extend_from_slice(t.as_os_str().as_bytes());
     }
 }
 

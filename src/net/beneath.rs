@@ -42,14 +42,27 @@ fn open_dir_at(dir: RawFd, name: &CString) -> io::Result<OwnedFd> {
     };
     if fd < 0 {
         let e = io::Error::last_os_error();
-        // O_NOFOLLOW on a symlink: ELOOP; say what it means here.
-        if e.raw_os_error() == Some(libc::ELOOP) {
+        // O_NOFOLLOW on a symlink: ELOOP, or ENOTDIR with O_DIRECTORY (Linux); say what it means here.
+        let symlink = match e.raw_os_error() {
+            Some(libc::ELOOP) => true,
+            Some(libc::ENOTDIR) => is_symlink_at(dir, name),
+            _ => false,
+        };
+        if symlink {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a symlink on the way is not followed"));
         }
         return Err(e);
     }
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn is_symlink_at(dir: RawFd, name: &CString) -> bool {
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, C string and out-pointer.
+    let r = unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFLNK
 }
 
 fn cname(c: &[u8]) -> io::Result<CString> {

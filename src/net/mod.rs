@@ -3,4 +3,7 @@
 
 pub mod auth;
 pub mod beneath;
+pub mod client;
+pub mod server;
+pub mod url;
 pub mod wire;

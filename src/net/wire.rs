@@ -342,8 +342,8 @@ impl Msg {
             Msg::Error { code, message } => {
                 o.u8(K_ERROR);
                 o.u16(*code);
-                let m = message.as_bytes();
-                o.bytes(&m[..m.len().min(TEXT_BYTES_MAX)]);
+                // Cut at the cap, on a character boundary: what the peer decodes is a prefix of the message.
+                o.bytes(&message.as_bytes()[..message.floor_char_boundary(TEXT_BYTES_MAX)]);
             }
             Msg::Ok => o.u8(K_OK),
             Msg::List { path, recursive } => {
@@ -628,6 +628,16 @@ mod tests {
         assert!(Msg::decode_body(&body).is_err());
         assert!(Msg::decode_body(&[200]).is_err());
         assert!(Msg::decode_body(&[K_CHALLENGE, 1, 0]).is_err());
+    }
+
+    #[test]
+    fn long_error_texts_are_cut_on_a_character_boundary() {
+        let message = "é".repeat(TEXT_BYTES_MAX); // 2 bytes each: the cap falls between characters or inside one
+        for m in [message.clone(), format!("x{message}")] {
+            let got = Msg::decode_body(&Msg::Error { code: code::IO, message: m.clone() }.encode_body()).unwrap();
+            let Msg::Error { message: got, .. } = got else { panic!("not an error") };
+            assert!(got.len() <= TEXT_BYTES_MAX && got.len() >= TEXT_BYTES_MAX - 1 && m.starts_with(&got));
+        }
     }
 
     #[test]

@@ -1,0 +1,403 @@
+//! The client side of a `fastsync://` connection: connect, authenticate, and one helper per request.
+//!
+//! A [`Connection`] is strictly request/answer (one request in flight), so several connections ([`pool`]) carry a
+//! transfer in parallel. Every read and write has a timeout ([`DEFAULT_TIMEOUT`]), so a server that stops answering
+//! ends the run with an error instead of hanging it. A failed request says whether the connection can still be used:
+//! [`ReqError::Server`] (the server refused this one request and said why) or [`ReqError::Broken`] (closed, reset,
+//! timed out or garbled: the connection is done, and the message names the server).
+
+use std::io::{self, BufReader, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::auth::{self, AuthError, Key};
+use super::wire::{CHUNK_BYTES_MAX, EntryMeta, Msg, WireError, code, read_msg, write_msg};
+
+/// Read, write and connect timeout of every connection.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A data chunk answered with a digest error is sent again, up to this many times in all.
+pub const DIGEST_ATTEMPTS_MAX: u32 = 3;
+
+/// A connection left without a request for this long is sent a cheap one (`Stat` of the root), so that a server
+/// dropping idle clients (`serve --timeout`, 60 s by default) keeps it while other connections do the work.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// DNS, refused, unreachable, timed out.
+    #[error("cannot connect to {addr}: {cause}")]
+    Connect { addr: String, cause: String },
+    #[error("{0}")]
+    Auth(AuthError),
+    /// The connection broke during authentication.
+    #[error("connection to {addr} failed during authentication: {cause}")]
+    Lost { addr: String, cause: String },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReqError {
+    /// The server refused this request (the connection is still usable).
+    Server { code: u16, message: String },
+    /// The connection is unusable; the message names the server and the cause.
+    Broken(String),
+}
+
+impl ReqError {
+    /// The cause alone: the server words its refusals `what 'path': cause`, and the client names the path itself.
+    pub fn cause(&self) -> &str {
+        match self {
+            ReqError::Server { message, .. } => match message.find("': ") {
+                Some(i) if message[..i].contains('\'') => &message[i + 3..],
+                _ => message,
+            },
+            ReqError::Broken(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for ReqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqError::Server { message, .. } => f.write_str(message),
+            ReqError::Broken(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Why a `Get` failed: the request, or the local side (the connection was kept in step: usable).
+#[derive(Debug)]
+pub enum GetError {
+    Req(ReqError),
+    /// The local sink failed (the rest of the answer was read and dropped).
+    Sink(io::Error),
+    /// A chunk's BLAKE3 digest did not match its bytes, or the chunks did not follow each other (rest dropped).
+    Corrupt(String),
+}
+
+impl From<ReqError> for GetError {
+    fn from(e: ReqError) -> Self {
+        GetError::Req(e)
+    }
+}
+
+/// The end of a `Get`: the file's size and mtime after it was read, and where the data ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataEnd {
+    pub size: u64,
+    pub mtime: (i64, u32),
+    /// The offset after the last byte received: `min(offset + len, size)` when the file did not change.
+    pub received_to: u64,
+}
+
+/// One authenticated connection.
+pub struct Connection {
+    addr: String,
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+    /// The server refuses writes.
+    pub read_only: bool,
+    /// When the last request was sent.
+    last_used: Instant,
+}
+
+/// Connect to `addr` (`host:port`) and authenticate with `key`.
+pub fn connect(addr: &str, key: &Key, timeout: Duration) -> Result<Connection, ConnectError> {
+    let fail = |cause: String| ConnectError::Connect { addr: addr.to_string(), cause };
+    let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| fail(e.to_string()))?.collect();
+    let mut last = None;
+    let mut stream = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let mut stream = match (stream, last) {
+        (Some(s), _) => s,
+        (None, Some(e)) => return Err(fail(describe_io(&e, timeout))),
+        (None, None) => return Err(fail("the name resolves to no address".to_string())),
+    };
+    let setup = |s: &TcpStream| -> io::Result<()> {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))
+    };
+    setup(&stream).map_err(|e| fail(e.to_string()))?;
+    let read_only = auth::client(&mut stream, key).map_err(|e| match e {
+        AuthError::Wire(w) => ConnectError::Lost { addr: addr.to_string(), cause: describe_wire(&w, timeout) },
+        other => ConnectError::Auth(other),
+    })?;
+    let r = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(|e| fail(e.to_string()))?);
+    let w = BufWriter::with_capacity(256 << 10, stream);
+    Ok(Connection { addr: addr.to_string(), r, w, read_only, last_used: Instant::now() })
+}
+
+/// `n` connections to `addr`, all authenticated.
+pub fn pool(addr: &str, key: &Key, n: usize, timeout: Duration) -> Result<Vec<Connection>, ConnectError> {
+    (0..n).map(|_| connect(addr, key, timeout)).collect()
+}
+
+fn describe_io(e: &io::Error, timeout: Duration) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no answer within {} s (timed out)", timeout.as_secs())
+        }
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+fn describe_wire(e: &WireError, timeout: Duration) -> String {
+    match e {
+        WireError::Io(io) => describe_io(io, timeout),
+        WireError::Malformed(m) => format!("protocol error: {m}"),
+    }
+}
+
+/// The BLAKE3 digest of a chunk, as the wire carries it.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+impl Connection {
+    /// `host:port` of the server.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn broken(&self, e: &WireError) -> ReqError {
+        let timeout = self.r.get_ref().read_timeout().ok().flatten().unwrap_or(DEFAULT_TIMEOUT);
+        ReqError::Broken(format!("connection to {} lost: {}", self.addr, describe_wire(e, timeout)))
+    }
+
+    fn unexpected(&self, what: &str, got: &Msg) -> ReqError {
+        let kind = format!("{got:?}");
+        let kind = kind.split([' ', '(', '{']).next().unwrap_or("?").to_string();
+        ReqError::Broken(format!("protocol error from {}: {kind} instead of {what}", self.addr))
+    }
+
+    /// Send one message (flushed).
+    pub fn send(&mut self, msg: &Msg) -> Result<(), ReqError> {
+        self.last_used = Instant::now();
+        write_msg(&mut self.w, msg).map_err(|e| self.broken(&e))
+    }
+
+    /// Send a cheap request when the connection has been idle for [`KEEPALIVE`].
+    pub fn keepalive(&mut self) -> Result<(), ReqError> {
+        if self.last_used.elapsed() < KEEPALIVE {
+            return Ok(());
+        }
+        self.stat(b"").map(drop)
+    }
+
+    /// Read one message.
+    pub fn recv(&mut self) -> Result<Msg, ReqError> {
+        read_msg(&mut self.r).map_err(|e| self.broken(&e))
+    }
+
+    /// Send a request answered by `Ok` or `Error`.
+    pub fn expect_ok(&mut self, msg: &Msg) -> Result<(), ReqError> {
+        self.send(msg)?;
+        match self.recv()? {
+            Msg::Ok => Ok(()),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Ok", &other)),
+        }
+    }
+
+    /// Metadata of `path` itself (not followed when it is a symlink); `None` when it does not exist.
+    pub fn stat(&mut self, path: &[u8]) -> Result<Option<EntryMeta>, ReqError> {
+        self.send(&Msg::Stat { path: path.to_vec() })?;
+        match self.recv()? {
+            Msg::Entry(e) => Ok(Some(e)),
+            Msg::Error { code: code::NOT_FOUND, .. } => Ok(None),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Entry", &other)),
+        }
+    }
+
+    /// Start listing `path`; the entries are read from the returned stream (the connection is busy until it ends).
+    pub fn list(&mut self, path: &[u8], recursive: bool) -> Result<ListStream<'_>, ReqError> {
+        self.send(&Msg::List { path: path.to_vec(), recursive })?;
+        Ok(ListStream { conn: self, done: false })
+    }
+
+    /// Read `[offset, offset + len)` of `path`, handing each chunk (digest checked, offsets in order) to `sink`.
+    /// On a local failure or a corrupt chunk the rest of the answer is read and dropped, so the connection stays
+    /// usable; chunks out of order or outside the range break it (at most `len` bytes are ever read).
+    pub fn get(
+        &mut self,
+        path: &[u8],
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<DataEnd, GetError> {
+        self.send(&Msg::Get { path: path.to_vec(), offset, len })?;
+        let end = offset.saturating_add(len);
+        let mut next = offset;
+        let mut failure: Option<GetError> = None;
+        loop {
+            match self.recv()? {
+                Msg::Data { offset: at, digest: d, bytes } => {
+                    if at != next || bytes.is_empty() || at.saturating_add(bytes.len() as u64) > end {
+                        // Not the next bytes of the range: the conversation cannot be trusted any more.
+                        return Err(GetError::Req(ReqError::Broken(format!(
+                            "protocol error from {}: it sent bytes {at}..{} where {next}..{end} were expected",
+                            self.addr,
+                            at.saturating_add(bytes.len() as u64)
+                        ))));
+                    }
+                    next += bytes.len() as u64;
+                    if failure.is_some() {
+                        continue;
+                    }
+                    if digest(&bytes) != d {
+                        failure = Some(GetError::Corrupt(format!(
+                            "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
+                        )));
+                    } else if let Err(e) = sink(at, &bytes) {
+                        failure = Some(GetError::Sink(e));
+                    }
+                }
+                Msg::DataEnd { size, mtime_sec, mtime_nsec } => {
+                    return match failure {
+                        Some(f) => Err(f),
+                        None => Ok(DataEnd { size, mtime: (mtime_sec, mtime_nsec), received_to: next }),
+                    };
+                }
+                // An error ends the answer.
+                Msg::Error { code, message } => return Err(GetError::Req(ReqError::Server { code, message })),
+                other => return Err(GetError::Req(self.unexpected("Data", &other))),
+            }
+        }
+    }
+
+    /// `PutBegin`: the server creates a temporary for `path`.
+    pub fn put_begin(&mut self, id: u64, path: &[u8], size: u64, mode: u32) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::PutBegin { id, path: path.to_vec(), size, mode })
+    }
+
+    /// One chunk of transfer `id` (at most [`CHUNK_BYTES_MAX`] bytes), with its digest; a chunk the server finds
+    /// corrupt (`DIGEST`) is sent again, up to [`DIGEST_ATTEMPTS_MAX`] times in all.
+    pub fn put_data(&mut self, id: u64, offset: u64, bytes: Vec<u8>) -> Result<(), ReqError> {
+        debug_assert!(bytes.len() <= CHUNK_BYTES_MAX);
+        let d = digest(&bytes);
+        let msg = Msg::PutData { id, offset, digest: d, bytes };
+        let mut attempt = 1;
+        loop {
+            match self.expect_ok(&msg) {
+                Err(ReqError::Server { code: code::DIGEST, .. }) if attempt < DIGEST_ATTEMPTS_MAX => attempt += 1,
+                Err(ReqError::Server { code: code::DIGEST, message }) => {
+                    return Err(ReqError::Server {
+                        code: code::DIGEST,
+                        message: format!("{message} (the chunk at offset {offset} was sent {attempt} times)"),
+                    });
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// `PutEnd`: set metadata, make durable when asked, rename into place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_end(
+        &mut self,
+        id: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: (i64, u32),
+        fsync: bool,
+    ) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::PutEnd { id, mode, uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1, fsync })
+    }
+
+    /// `PutAbort`: the server removes the temporary of `id`.
+    pub fn put_abort(&mut self, id: u64) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::PutAbort { id })
+    }
+
+    pub fn mkdir(&mut self, path: &[u8], mode: u32) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::Mkdir { path: path.to_vec(), mode })
+    }
+
+    pub fn set_meta(&mut self, path: &[u8], mode: u32, mtime: (i64, u32)) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::SetMeta { path: path.to_vec(), mode, mtime_sec: mtime.0, mtime_nsec: mtime.1 })
+    }
+
+    pub fn symlink(&mut self, path: &[u8], target: &[u8], mtime: (i64, u32)) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::Symlink {
+            path: path.to_vec(),
+            target: target.to_vec(),
+            mtime_sec: mtime.0,
+            mtime_nsec: mtime.1,
+        })
+    }
+
+    pub fn delete(&mut self, path: &[u8]) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::Delete { path: path.to_vec() })
+    }
+
+    /// Say goodbye (best effort: the server may already be gone).
+    pub fn bye(mut self) {
+        let _ = write_msg(&mut self.w, &Msg::Bye);
+    }
+}
+
+/// The entries of a `List`, read as they arrive.
+pub struct ListStream<'c> {
+    conn: &'c mut Connection,
+    done: bool,
+}
+
+impl ListStream<'_> {
+    /// The next entry; `None` after `ListEnd`. A server error ends the listing (`Err(Server)`, then `None`).
+    pub fn next_entry(&mut self) -> Option<Result<EntryMeta, ReqError>> {
+        if self.done {
+            return None;
+        }
+        let r = match self.conn.recv() {
+            Ok(Msg::Entry(e)) => return Some(Ok(e)),
+            Ok(Msg::ListEnd) => {
+                self.done = true;
+                return None;
+            }
+            Ok(Msg::Error { code, message }) => Err(ReqError::Server { code, message }),
+            Ok(other) => Err(self.conn.unexpected("Entry", &other)),
+            Err(e) => Err(e),
+        };
+        self.done = true;
+        Some(r)
+    }
+
+    /// Read and drop the rest of the listing (keeps the connection in step).
+    pub fn drain(&mut self) -> Result<(), ReqError> {
+        while let Some(r) = self.next_entry() {
+            if let Err(e @ ReqError::Broken(_)) = r {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read exactly `buf.len()` bytes at `offset` of `f` (or fewer at the end of the file).
+pub fn read_at_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

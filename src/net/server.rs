@@ -1,0 +1,1320 @@
+//! `fastsync serve ROOT`: serves one directory tree to authenticated `fastsync://` clients.
+//!
+//! One thread per connection, at most `--max-clients` at once (more are answered `BUSY`). Every connection first
+//! authenticates ([`auth::server`]), then sends requests one at a time (docs/PROTOCOL.md). Every path a client names
+//! goes through [`Root`]: `..`, absolute paths and symlinks on the way are refused, and the final component is only
+//! ever used with the `*at` syscalls and `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`, so nothing outside ROOT is read,
+//! written or even stat'ed. Files are written under a temporary name beside their destination and renamed into place
+//! by `PutEnd`; the chunks of one file may arrive on any number of connections (the transfer table is shared). A
+//! broken or malicious connection only ever ends itself: frames are checked before they are trusted, a stalled peer is
+//! dropped after `--timeout`, and a panic in one connection's thread is caught and logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::auth::{self, AuthError, Key};
+use super::beneath::Root;
+use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
+use crate::{Error, interrupt, stale};
+
+/// Transfers registered at once (all connections together); `PutBegin` beyond it evicts an abandoned one or is
+/// answered `BUSY`.
+pub const TRANSFERS_MAX: usize = 4096;
+/// A transfer that saw no request for this long is abandoned: its temporary is removed.
+pub const TRANSFER_IDLE_EXPIRY: Duration = Duration::from_secs(10 * 60);
+/// Separate received ranges one transfer may have (chunks arriving out of order); more is a protocol error.
+const RANGES_MAX: usize = 1 << 16;
+/// Bytes of file data per `Data` frame of a `Get` (a quarter of the frame cap: bounded memory per connection).
+const GET_CHUNK_BYTES: usize = 1 << 20;
+/// How often abandoned transfers are looked for.
+const JANITOR_PERIOD: Duration = Duration::from_secs(30);
+/// Connections being turned away (told `BUSY`) at once; beyond it they are closed without a word.
+const TURNING_AWAY_MAX: usize = 64;
+
+/// `fastsync serve --help`.
+pub const LONG_ABOUT: &str = "Serve ROOT to fastsync:// clients: `fastsync copy`, `sync` and `list` on another host \
+    can then read from and write to fastsync://HOST:PORT/PATH, PATH being relative to ROOT.\n\n\
+    Every connection must prove it knows the shared token (--token-file FILE or FASTSYNC_TOKEN, the same on both \
+    hosts); the token itself never crosses the network. Clients never reach outside ROOT: `..`, absolute paths and \
+    symlinks on the way are refused, and symlinks are never followed. Files appear under their final names only when \
+    complete. The traffic is not encrypted: listen on a trusted network only (the default is loopback), or tunnel it \
+    (e.g. ssh -L). Stops on SIGINT/SIGTERM, removing unfinished files.";
+
+/// `fastsync serve` flags.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Directory to serve: clients read and write only beneath it
+    pub root: PathBuf,
+    /// Address and port to listen on (loopback by default; e.g. 0.0.0.0:7878 for every IPv4 interface)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7878")]
+    pub listen: String,
+    /// Refuse every request that would change something
+    #[arg(long)]
+    pub read_only: bool,
+    /// Clients served at once; more are told the server is busy
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_clients: u32,
+    /// Drop a connection that makes no progress for SECS seconds (an idle client included)
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout: u64,
+}
+
+/// Run the server until SIGINT/SIGTERM; returns the exit code. The token comes from `token_file` (the global
+/// `--token-file`), else `FASTSYNC_TOKEN`.
+pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
+    let token = auth::load_token(token_file, std::env::var_os("FASTSYNC_TOKEN"))
+        .map_err(Error::Refused)?
+        .ok_or_else(|| Error::Refused("serve needs a shared token: --token-file FILE or FASTSYNC_TOKEN".into()))?;
+    let key = Key::from_token(&token);
+    drop(token);
+    let root = Root::open(&args.root).map_err(|e| Error::io("cannot serve", &args.root, e))?;
+    let addrs: Vec<SocketAddr> = args
+        .listen
+        .to_socket_addrs()
+        .map_err(|e| Error::Refused(format!("--listen {}: {e} (expected ADDR:PORT)", args.listen)))?
+        .collect();
+    let listener = TcpListener::bind(&addrs[..]).map_err(|e| Error::io("cannot listen on", &args.listen, e))?;
+    let local = listener.local_addr().map_err(|e| Error::io("cannot listen on", &args.listen, e))?;
+    listener.set_nonblocking(true).map_err(|e| Error::io("cannot listen on", &args.listen, e))?;
+    raise_fd_limit();
+    interrupt::install();
+
+    let shared = Arc::new(Shared {
+        root,
+        key,
+        read_only: args.read_only,
+        timeout: Duration::from_secs(args.timeout),
+        max_clients: args.max_clients as usize,
+        active: AtomicUsize::new(0),
+        turning_away: AtomicUsize::new(0),
+        transfers: Transfers::new(TRANSFERS_MAX),
+        seq: AtomicU64::new(0),
+    });
+    let janitor = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("janitor".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(JANITOR_PERIOD);
+                janitor.transfers.expire(Instant::now(), TRANSFER_IDLE_EXPIRY);
+            }
+        })
+        .map_err(|e| Error::io("cannot start a thread for", &args.root, e))?;
+
+    let ro = if args.read_only { " (read-only)" } else { "" };
+    eprintln!("fastsync: serving {} on {local}{ro}", args.root.display());
+    if !local.ip().is_loopback() {
+        eprintln!(
+            "fastsync: warning: the traffic is authenticated but not encrypted: serve only on a trusted network, or \
+             tunnel it"
+        );
+    }
+    loop {
+        if let Some(signal) = interrupt::received() {
+            let removed = shared.transfers.abort_all();
+            eprintln!("fastsync: interrupted; stopped serving ({removed} unfinished transfer(s) removed)");
+            return Ok(interrupt::exit_code(signal));
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => admit(&shared, stream, peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(listener.as_raw_fd(), 500),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // EMFILE and friends: say so, and do not spin.
+                eprintln!("fastsync: cannot accept a connection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// State shared by every connection.
+struct Shared {
+    root: Root,
+    key: Key,
+    read_only: bool,
+    timeout: Duration,
+    max_clients: usize,
+    active: AtomicUsize,
+    turning_away: AtomicUsize,
+    transfers: Transfers,
+    /// Numbers the temporaries of this process (`.NAME.fstmp-PID-N`).
+    seq: AtomicU64,
+}
+
+fn wait_readable(fd: RawFd, timeout_ms: i32) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+}
+
+/// Deep `List -R` and `Delete` hold one descriptor per directory level: allow as many as the hard limit does.
+fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Decrements the active-connection count when a connection's thread ends, however it ends.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let timeout = Some(shared.timeout);
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(timeout))
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .and_then(|()| stream.set_nodelay(true));
+    if let Err(e) = setup {
+        eprintln!("fastsync: client {peer}: {e}");
+        return;
+    }
+    if shared.active.fetch_add(1, Ordering::SeqCst) >= shared.max_clients {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        turn_away(shared, stream, peer);
+        return;
+    }
+    let guard = ActiveGuard(Arc::clone(shared));
+    let spawned = std::thread::Builder::new().name(format!("client {peer}")).spawn(move || {
+        let shared = Arc::clone(&guard.0);
+        connection(&shared, stream, peer);
+        drop(guard);
+    });
+    // On failure the closure (and the guard in it) is dropped: the count is right again.
+    if let Err(e) = spawned {
+        eprintln!("fastsync: client {peer}: cannot start a thread: {e}");
+    }
+}
+
+/// Tell a connection over `--max-clients` that the server is busy. The client's hello is drained before closing,
+/// so that the kernel sends a FIN rather than a reset that could discard the error before the client reads it.
+fn turn_away(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    if shared.turning_away.fetch_add(1, Ordering::SeqCst) >= TURNING_AWAY_MAX {
+        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let max = shared.max_clients;
+    let me = Arc::clone(shared);
+    let spawned = std::thread::Builder::new().name(format!("busy {peer}")).spawn(move || {
+        let message = format!("server busy: {max} clients connected (--max-clients {max}); try again later");
+        let _ = wire::write_msg(&mut stream, &Msg::Error { code: code::BUSY, message });
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 1 << 20 {
+            match stream.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+        me.turning_away.fetch_sub(1, Ordering::SeqCst);
+    });
+    if spawned.is_err() {
+        // The closure (and the connection in it) was dropped unanswered.
+        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One connection's thread: converse, log why it ended (when that is worth a line), survive panics.
+fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| converse(shared, stream)));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => eprintln!("fastsync: client {peer}: {why}"),
+        Err(_) => eprintln!("fastsync: client {peer}: internal error while serving it; connection closed"),
+    }
+}
+
+/// Both directions of a connection, buffered.
+struct Conn {
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.r.read(buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+impl Conn {
+    /// Queue a frame without flushing (listings: one flush per buffer, not per entry).
+    fn queue(&mut self, msg: &Msg) -> io::Result<()> {
+        let body = msg.encode_body();
+        self.w.write_all(&(body.len() as u32).to_le_bytes())?;
+        self.w.write_all(&body)
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// A connection-level failure, worded for the log.
+fn describe_wire(e: &WireError, timeout: Duration) -> String {
+    match e {
+        WireError::Io(e) if timed_out(e) => {
+            format!("no progress for {} s; connection dropped", timeout.as_secs())
+        }
+        WireError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => "connection closed by the client".into(),
+        WireError::Io(e) => format!("connection: {e}"),
+        WireError::Malformed(m) => format!("protocol error: {m}; connection closed"),
+    }
+}
+
+fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
+    let writer = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
+    let mut conn =
+        Conn { r: BufReader::with_capacity(64 << 10, stream), w: BufWriter::with_capacity(64 << 10, writer) };
+    if let Err(e) = auth::server(&mut conn, &shared.key, shared.read_only) {
+        return Err(match e {
+            AuthError::Wire(w) => format!("authentication: {}", describe_wire(&w, shared.timeout)),
+            e => e.to_string(),
+        });
+    }
+    loop {
+        let msg = match wire::read_msg(&mut conn) {
+            Ok(m) => m,
+            // A client that hangs up between requests is done, not broken.
+            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(WireError::Malformed(m)) => {
+                let _ = wire::write_msg(&mut conn, &Msg::Error { code: code::PROTOCOL, message: m.clone() });
+                return Err(describe_wire(&WireError::Malformed(m), shared.timeout));
+            }
+            Err(e) => return Err(describe_wire(&e, shared.timeout)),
+        };
+        if msg == Msg::Bye {
+            return Ok(());
+        }
+        request(shared, &mut conn, msg).map_err(|e| describe_wire(&e, shared.timeout))?;
+    }
+}
+
+/// Why a request failed: the code and message of the `Error` reply.
+#[derive(Debug)]
+struct Fail {
+    code: u16,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: u16, message: impl Into<String>) -> Fail {
+        Fail { code, message: message.into() }
+    }
+
+    /// `{what} '{rel}': {cause}`, with the code the errno maps to.
+    fn io(what: &str, rel: &[u8], e: io::Error) -> Fail {
+        Fail { code: code_of(&e), message: format!("{what} '{}': {}", show(rel), cause(&e)) }
+    }
+}
+
+/// A wire path for a message (`.` for the root).
+fn show(rel: &[u8]) -> String {
+    if rel.is_empty() { ".".into() } else { String::from_utf8_lossy(rel).into_owned() }
+}
+
+/// An error's text without the ` (os error N)` suffix.
+fn cause(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(at) => s[..at].to_string(),
+        None => s,
+    }
+}
+
+/// The wire error code for an I/O error. Errors without an errno that say "permission denied" come from
+/// [`Root`]: a path that would leave the root, or a symlink on the way.
+fn code_of(e: &io::Error) -> u16 {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ENOTDIR) => code::NOT_FOUND,
+        Some(libc::EACCES | libc::EPERM) => code::PERMISSION,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => code::NO_SPACE,
+        Some(libc::EROFS) => code::READ_ONLY,
+        Some(libc::ELOOP) => code::PATH_ESCAPES,
+        None if e.kind() == io::ErrorKind::PermissionDenied => code::PATH_ESCAPES,
+        _ => code::IO,
+    }
+}
+
+fn is_write(msg: &Msg) -> bool {
+    matches!(
+        msg,
+        Msg::PutBegin { .. }
+            | Msg::PutData { .. }
+            | Msg::PutEnd { .. }
+            | Msg::PutAbort { .. }
+            | Msg::Mkdir { .. }
+            | Msg::SetMeta { .. }
+            | Msg::Symlink { .. }
+            | Msg::Delete { .. }
+    )
+}
+
+fn name_of(msg: &Msg) -> &'static str {
+    match msg {
+        Msg::Hello { .. } => "Hello",
+        Msg::Challenge { .. } => "Challenge",
+        Msg::Auth { .. } => "Auth",
+        Msg::AuthOk { .. } => "AuthOk",
+        Msg::Error { .. } => "Error",
+        Msg::Ok => "Ok",
+        Msg::Entry(_) => "Entry",
+        Msg::ListEnd => "ListEnd",
+        Msg::Data { .. } => "Data",
+        Msg::DataEnd { .. } => "DataEnd",
+        _ => "request",
+    }
+}
+
+/// Serve one request. `Err`: the connection is broken (or the client broke the protocol) and ends.
+fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> {
+    if shared.read_only && is_write(&msg) {
+        return send_fail(conn, Fail::new(code::READ_ONLY, "server is read-only"));
+    }
+    let reply = match msg {
+        Msg::List { path, recursive } => return list(shared, conn, &path, recursive),
+        Msg::Get { path, offset, len } => return get(shared, conn, &path, offset, len),
+        Msg::Stat { path } => stat(shared, &path).map(Msg::Entry),
+        Msg::PutBegin { id, path, size, mode: _ } => put_begin(shared, id, &path, size).map(|()| Msg::Ok),
+        Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
+        Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
+            put_end(shared, id, Finish { mode, uid, gid, mtime: (mtime_sec, mtime_nsec), fsync }).map(|()| Msg::Ok)
+        }
+        Msg::PutAbort { id } => {
+            shared.transfers.abort(id);
+            Ok(Msg::Ok)
+        }
+        Msg::Mkdir { path, mode } => mkdir(shared, &path, mode).map(|()| Msg::Ok),
+        Msg::SetMeta { path, mode, mtime_sec, mtime_nsec } => {
+            set_meta(shared, &path, mode, (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
+        }
+        Msg::Symlink { path, target, mtime_sec, mtime_nsec } => {
+            symlink(shared, &path, &target, (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
+        }
+        Msg::Delete { path } => delete(shared, &path).map(|()| Msg::Ok),
+        other => {
+            let message = format!("unexpected {} from a client", name_of(&other));
+            let _ = wire::write_msg(conn, &Msg::Error { code: code::PROTOCOL, message: message.clone() });
+            return Err(WireError::Malformed(message));
+        }
+    };
+    match reply {
+        Ok(m) => wire::write_msg(conn, &m),
+        Err(f) => send_fail(conn, f),
+    }
+}
+
+fn send_fail(conn: &mut Conn, f: Fail) -> Result<(), WireError> {
+    wire::write_msg(conn, &Msg::Error { code: f.code, message: f.message })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Syscall helpers (every name is relative to an open directory and never followed when it is a symlink)
+// ---------------------------------------------------------------------------------------------------------------
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+fn lstat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, C string and out-pointer.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and out-pointer.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
+fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: valid descriptor and C string; the result is owned below.
+    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+    open_at(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+fn read_link_at(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; wire::PATH_BYTES_MAX + 1];
+    // SAFETY: valid descriptor, C string, and a buffer of the given length.
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n > wire::PATH_BYTES_MAX {
+        return Err(io::Error::other(format!("symlink target longer than {} bytes", wire::PATH_BYTES_MAX)));
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn unlink_at(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid descriptor and C string.
+    cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(drop)
+}
+
+fn rename_at(dir: RawFd, from: &CStr, to: &CStr) -> io::Result<()> {
+    // SAFETY: valid descriptor and C strings.
+    cvt(unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) }).map(drop)
+}
+
+/// `[atime untouched, mtime]`.
+fn mtime_spec(mtime: (i64, u32)) -> [libc::timespec; 2] {
+    [
+        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT as _ },
+        libc::timespec { tv_sec: mtime.0 as _, tv_nsec: mtime.1 as _ },
+    ]
+}
+
+fn set_mtime_at(dir: RawFd, name: &CStr, mtime: (i64, u32)) -> io::Result<()> {
+    let ts = mtime_spec(mtime);
+    // SAFETY: valid descriptor, C string and timespec array.
+    cvt(unsafe { libc::utimensat(dir, name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+fn set_mtime_fd(fd: RawFd, mtime: (i64, u32)) -> io::Result<()> {
+    let ts = mtime_spec(mtime);
+    // SAFETY: valid descriptor and timespec array.
+    cvt(unsafe { libc::futimens(fd, ts.as_ptr()) }).map(drop)
+}
+
+fn fsync_fd(fd: RawFd) -> io::Result<()> {
+    // SAFETY: valid descriptor.
+    cvt(unsafe { libc::fsync(fd) }).map(drop)
+}
+
+fn clear_errno() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    // SAFETY: errno is thread-local.
+    unsafe {
+        *libc::__errno_location() = 0
+    };
+    #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    // SAFETY: errno is thread-local.
+    unsafe {
+        *libc::__error() = 0
+    };
+}
+
+/// The names in directory `dir` (not `.` and `..`; nor our temporaries with `skip_temporaries`), sorted bytewise. The
+/// directory is reopened (`openat(dir, ".")`) so that the read has its own offset, whoever else shares `dir`.
+fn read_names(dir: RawFd, skip_temporaries: bool) -> io::Result<Vec<CString>> {
+    let fd = open_at(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    // SAFETY: a descriptor we own; fdopendir takes it over on success.
+    let d = unsafe { libc::fdopendir(fd.as_raw_fd()) };
+    if d.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(fd); // now owned by `d`, closed by closedir below
+    let mut names = Vec::new();
+    let result = loop {
+        clear_errno();
+        // SAFETY: `d` is an open DIR stream used by this thread only.
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error().is_none_or(|n| n == 0) { Ok(()) } else { Err(e) };
+        }
+        // SAFETY: d_name is a NUL-terminated string inside the entry, valid until the next readdir.
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let b = name.to_bytes();
+        if b == b"." || b == b".." || (skip_temporaries && stale::is_temporary(OsStr::from_bytes(b))) {
+            continue;
+        }
+        names.push(name.to_owned());
+    };
+    // SAFETY: `d` is open and not used after this.
+    unsafe { libc::closedir(d) };
+    result?;
+    names.sort_unstable();
+    Ok(names)
+}
+
+fn kind_of(st: &libc::stat) -> EntryKind {
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFDIR => EntryKind::Dir,
+        libc::S_IFLNK => EntryKind::Symlink,
+        _ => EntryKind::Other,
+    }
+}
+
+// mode_t is u32 on Linux and u16 on macOS.
+#[allow(clippy::unnecessary_cast)]
+fn entry(path: Vec<u8>, st: &libc::stat, target: Vec<u8>) -> EntryMeta {
+    EntryMeta {
+        path,
+        kind: kind_of(st),
+        mode: (st.st_mode as u32) & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime_sec: st.st_mtime as i64,
+        mtime_nsec: (st.st_mtime_nsec as u32).min(999_999_999),
+        target,
+    }
+}
+
+/// The entry for `name` in `dir`, with its target when it is a symlink.
+fn entry_at(dir: RawFd, name: &CStr, path: Vec<u8>) -> io::Result<EntryMeta> {
+    let st = lstat_at(dir, name)?;
+    let target = if kind_of(&st) == EntryKind::Symlink { read_link_at(dir, name)? } else { Vec::new() };
+    Ok(entry(path, &st, target))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reading: Stat, List, Get
+// ---------------------------------------------------------------------------------------------------------------
+
+fn stat(shared: &Shared, rel: &[u8]) -> Result<EntryMeta, Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot stat", rel, e))?;
+    match &p.name {
+        None => fstat(p.raw()).map(|st| entry(Vec::new(), &st, Vec::new())),
+        Some(name) => entry_at(p.raw(), name, Vec::new()),
+    }
+    .map_err(|e| Fail::io("cannot stat", rel, e))
+}
+
+/// One directory being listed: its descriptor, its path relative to the listed one (with a trailing `/`, or empty),
+/// and its sorted names.
+struct Level {
+    fd: OwnedFd,
+    prefix: Vec<u8>,
+    names: Vec<CString>,
+    next: usize,
+}
+
+fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<(), WireError> {
+    match list_entries(shared, conn, rel, recursive)? {
+        Ok(()) => {
+            conn.queue(&Msg::ListEnd)?;
+            conn.flush()?;
+            Ok(())
+        }
+        Err(f) => send_fail(conn, f),
+    }
+}
+
+/// Queue the entries of a listing: outer `Err` for a broken connection, inner for a failed listing (the client gets
+/// `Error` instead of `ListEnd`, never a silently partial listing).
+fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<Result<(), Fail>, WireError> {
+    let p = match shared.root.parent(rel) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+    };
+    let top = match &p.name {
+        None => p.dir,
+        Some(name) => match lstat_at(p.raw(), name) {
+            Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+            Ok(st) if kind_of(&st) != EntryKind::Dir => {
+                // A file (or symlink, never followed) lists as itself.
+                return Ok(match entry_at(p.raw(), name, Vec::new()) {
+                    Ok(e) => conn.queue(&Msg::Entry(e)).map(Ok)?,
+                    Err(e) => Err(Fail::io("cannot list", rel, e)),
+                });
+            }
+            Ok(_) => match open_dir_at(p.raw(), name) {
+                Ok(fd) => fd,
+                Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+            },
+        },
+    };
+    let names = match read_names(top.as_raw_fd(), true) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+    };
+    let mut stack = vec![Level { fd: top, prefix: Vec::new(), names, next: 0 }];
+    // Where a failure is, relative to the root, for messages.
+    let full = |sub: &[u8]| -> Vec<u8> {
+        let mut v = rel.to_vec();
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(sub);
+        v
+    };
+    while let Some(level) = stack.last_mut() {
+        let Some(name) = level.names.get(level.next).cloned() else {
+            stack.pop();
+            continue;
+        };
+        level.next += 1;
+        let mut path = level.prefix.clone();
+        path.extend_from_slice(name.to_bytes());
+        if path.len() > wire::PATH_BYTES_MAX {
+            let why = format!("cannot list '{}': path longer than {} bytes", show(&full(&path)), wire::PATH_BYTES_MAX);
+            return Ok(Err(Fail::new(code::IO, why)));
+        }
+        let e = match entry_at(level.fd.as_raw_fd(), &name, path.clone()) {
+            Ok(e) => e,
+            // Deleted since the directory was read: it is not there any more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Ok(Err(Fail::io("cannot stat", &full(&path), e))),
+        };
+        let descend = recursive && e.kind == EntryKind::Dir;
+        conn.queue(&Msg::Entry(e))?;
+        if descend {
+            let sub =
+                open_dir_at(level.fd.as_raw_fd(), &name).and_then(|fd| Ok((read_names(fd.as_raw_fd(), true)?, fd)));
+            match sub {
+                Ok((names, fd)) => {
+                    path.push(b'/');
+                    stack.push(Level { fd, prefix: path, names, next: 0 });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Ok(Err(Fail::io("cannot list", &full(&path), e))),
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Open `rel` for reading if it is a regular file (never a symlink, a directory, a FIFO or a device).
+fn open_regular(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::IO, "cannot read '.': it is a directory"));
+    };
+    let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot read", rel, e))?;
+    let not_file = |kind: EntryKind| match kind {
+        EntryKind::Symlink => {
+            Fail::new(code::PATH_ESCAPES, format!("cannot read '{}': it is a symlink (never followed)", show(rel)))
+        }
+        EntryKind::Dir => Fail::new(code::IO, format!("cannot read '{}': it is a directory", show(rel))),
+        _ => Fail::new(code::IO, format!("cannot read '{}': not a regular file", show(rel))),
+    };
+    if kind_of(&st) != EntryKind::File {
+        return Err(not_file(kind_of(&st)));
+    }
+    // O_NONBLOCK: should a FIFO have been swapped in since the stat, the open does not wait for a writer.
+    let fd = open_at(p.raw(), name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+        .map_err(|e| Fail::io("cannot read", rel, e))?;
+    let st = fstat(fd.as_raw_fd()).map_err(|e| Fail::io("cannot read", rel, e))?;
+    if kind_of(&st) != EntryKind::File {
+        return Err(not_file(kind_of(&st)));
+    }
+    Ok(File::from(fd))
+}
+
+/// Fill `buf` from `offset` (short only at the end of the file).
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> Result<(), WireError> {
+    let file = match open_regular(shared, rel) {
+        Ok(f) => f,
+        Err(f) => return send_fail(conn, f),
+    };
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    let mut buf = Vec::new();
+    while pos < end {
+        let want = (end - pos).min(GET_CHUNK_BYTES as u64) as usize;
+        buf.resize(want, 0);
+        let n = match read_full_at(&file, &mut buf, pos) {
+            Ok(n) => n,
+            Err(e) => return send_fail(conn, Fail::io("cannot read", rel, e)),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        let digest = *blake3::hash(&buf).as_bytes();
+        let msg = Msg::Data { offset: pos, digest, bytes: std::mem::take(&mut buf) };
+        wire::write_msg(conn, &msg)?;
+        if let Msg::Data { bytes, .. } = msg {
+            buf = bytes;
+        }
+        pos += n as u64;
+        if n < want {
+            break;
+        }
+    }
+    match fstat(file.as_raw_fd()) {
+        Ok(st) => {
+            let e = entry(Vec::new(), &st, Vec::new());
+            wire::write_msg(conn, &Msg::DataEnd { size: e.size, mtime_sec: e.mtime_sec, mtime_nsec: e.mtime_nsec })
+        }
+        Err(e) => send_fail(conn, Fail::io("cannot stat", rel, e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Writing files: the shared transfer table, PutBegin/PutData/PutEnd/PutAbort
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A file being received under a temporary name beside its destination.
+#[derive(Debug)]
+struct Transfer {
+    /// Destination, relative to the root (for messages).
+    rel: Vec<u8>,
+    /// The destination's directory, and the final and temporary names in it.
+    dir: OwnedFd,
+    name: CString,
+    tmp: CString,
+    file: File,
+    size: u64,
+    received: Mutex<Received>,
+}
+
+impl Transfer {
+    fn remove_temporary(&self) {
+        let _ = unlink_at(self.dir.as_raw_fd(), &self.tmp, 0);
+    }
+}
+
+/// The byte ranges of a transfer written so far: disjoint, not adjacent, by start. A chunk sent twice (a retry
+/// after a lost acknowledgement) counts once.
+#[derive(Debug, Default)]
+struct Received {
+    ranges: BTreeMap<u64, u64>,
+    bytes: u64,
+}
+
+impl Received {
+    /// Add `[start, end)`. `Err` when the transfer would have more than [`RANGES_MAX`] separate ranges.
+    fn add(&mut self, start: u64, end: u64) -> Result<(), ()> {
+        if start >= end {
+            return Ok(());
+        }
+        let (mut s, mut e) = (start, end);
+        // Ranges that overlap or touch [start, end): starts <= end, scanning down while their end >= start.
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=end).rev().take_while(|&(_, &re)| re >= start).map(|(&a, &b)| (a, b)).collect();
+        if touching.is_empty() && self.ranges.len() >= RANGES_MAX {
+            return Err(());
+        }
+        for (a, b) in touching {
+            self.ranges.remove(&a);
+            self.bytes -= b - a;
+            s = s.min(a);
+            e = e.max(b);
+        }
+        self.ranges.insert(s, e);
+        self.bytes += e - s;
+        Ok(())
+    }
+}
+
+struct Slot {
+    t: Arc<Transfer>,
+    last_used: Instant,
+    /// Requests working on it right now (it is never evicted or finished under them).
+    inflight: usize,
+}
+
+/// Every transfer in progress, by the client's id, shared by all connections.
+struct Transfers {
+    map: Mutex<HashMap<u64, Slot>>,
+    /// At most this many at once ([`TRANSFERS_MAX`]).
+    cap: usize,
+}
+
+fn unknown_transfer(id: u64) -> Fail {
+    Fail::new(code::NOT_FOUND, format!("unknown transfer {id:#x} (never begun, already finished, aborted or expired)"))
+}
+
+/// A transfer in use by one request; released on drop.
+struct Lease<'a> {
+    table: &'a Transfers,
+    id: u64,
+    t: Arc<Transfer>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut map = self.table.lock();
+        if let Some(slot) = map.get_mut(&self.id).filter(|s| Arc::ptr_eq(&s.t, &self.t)) {
+            slot.inflight -= 1;
+            slot.last_used = Instant::now();
+        }
+    }
+}
+
+impl Transfers {
+    fn new(cap: usize) -> Transfers {
+        Transfers { map: Mutex::new(HashMap::new()), cap }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Slot>> {
+        // A panic elsewhere never leaves the map half-updated: every update is a single insert/remove/field store.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lease(&self, id: u64) -> Result<Lease<'_>, Fail> {
+        let mut map = self.lock();
+        let slot = map.get_mut(&id).ok_or_else(|| unknown_transfer(id))?;
+        slot.inflight += 1;
+        slot.last_used = Instant::now();
+        Ok(Lease { table: self, id, t: Arc::clone(&slot.t) })
+    }
+
+    /// Remove the temporaries of transfers idle for `idle` or more at `now`; returns how many.
+    fn expire(&self, now: Instant, idle: Duration) -> usize {
+        let mut map = self.lock();
+        let old: Vec<u64> = map
+            .iter()
+            .filter(|(_, s)| s.inflight == 0 && now.saturating_duration_since(s.last_used) >= idle)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &old {
+            if let Some(slot) = map.remove(id) {
+                slot.t.remove_temporary();
+            }
+        }
+        old.len()
+    }
+
+    /// Make room for one more transfer: drop expired ones, then, if the table is still full, the least recently used
+    /// one idle for at least `evict_idle`. `false` when every slot is in active use.
+    fn make_room(&self, now: Instant, evict_idle: Duration) -> bool {
+        if self.lock().len() < self.cap {
+            return true;
+        }
+        self.expire(now, TRANSFER_IDLE_EXPIRY);
+        let mut map = self.lock();
+        if map.len() < self.cap {
+            return true;
+        }
+        let victim = map
+            .iter()
+            .filter(|(_, s)| s.inflight == 0 && now.saturating_duration_since(s.last_used) >= evict_idle)
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(&id, _)| id);
+        match victim.and_then(|id| map.remove(&id)) {
+            Some(slot) => {
+                slot.t.remove_temporary();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn abort(&self, id: u64) {
+        let slot = self.lock().remove(&id);
+        if let Some(slot) = slot {
+            slot.t.remove_temporary();
+        }
+    }
+
+    fn abort_all(&self) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        for (_, slot) in map.drain() {
+            slot.t.remove_temporary();
+        }
+        n
+    }
+}
+
+/// Create a fresh temporary beside `name` in `dir`: `.NAME.fstmp-PID-N`, made by `create` (which fails with
+/// `EEXIST` when the name is taken: the next number is tried).
+fn create_temporary<T>(
+    shared: &Shared,
+    dir: RawFd,
+    name: &CStr,
+    mut create: impl FnMut(RawFd, &CStr) -> io::Result<T>,
+) -> io::Result<(CString, T)> {
+    let base = Path::new(OsStr::from_bytes(name.to_bytes()));
+    loop {
+        let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = stale::unique(base, seq);
+        let tmp_name = tmp.file_name().expect("a file name").as_bytes();
+        let tmp = CString::new(tmp_name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match create(dir, &tmp) {
+            Ok(v) => return Ok((tmp, v)),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_dir_at(dir: RawFd, name: &CStr) -> bool {
+    lstat_at(dir, name).is_ok_and(|st| kind_of(&st) == EntryKind::Dir)
+}
+
+fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create", rel, e))?;
+    let Some(name) = p.name else {
+        return Err(Fail::new(code::IO, "cannot write a file over the served root"));
+    };
+    if is_dir_at(p.dir.as_raw_fd(), &name) {
+        return Err(Fail::new(code::IO, format!("cannot write file '{}': a directory is in the way", show(rel))));
+    }
+    if shared.transfers.lock().contains_key(&id) {
+        return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
+    }
+    if !shared.transfers.make_room(Instant::now(), shared.timeout) {
+        let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
+        return Err(Fail::new(code::BUSY, why));
+    }
+    let (tmp, fd) = create_temporary(shared, p.dir.as_raw_fd(), &name, |dir, tmp| {
+        open_at(dir, tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+    })
+    .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
+    let t = Arc::new(Transfer {
+        rel: rel.to_vec(),
+        dir: p.dir,
+        name,
+        tmp,
+        file: File::from(fd),
+        size,
+        received: Mutex::new(Received::default()),
+    });
+    let mut map = shared.transfers.lock();
+    if map.contains_key(&id) {
+        drop(map);
+        t.remove_temporary();
+        return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
+    }
+    map.insert(id, Slot { t, last_used: Instant::now(), inflight: 0 });
+    Ok(())
+}
+
+fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u8]) -> Result<(), Fail> {
+    let lease = shared.transfers.lease(id)?;
+    let t = &lease.t;
+    let end = offset.checked_add(bytes.len() as u64).filter(|&e| e <= t.size).ok_or_else(|| {
+        let why = format!(
+            "chunk at offset {offset} of {} bytes is beyond the end of '{}' ({} bytes)",
+            bytes.len(),
+            show(&t.rel),
+            t.size
+        );
+        Fail::new(code::PROTOCOL, why)
+    })?;
+    if blake3::hash(bytes) != blake3::Hash::from_bytes(*digest) {
+        let why = format!("chunk at offset {offset} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
+        return Err(Fail::new(code::DIGEST, why));
+    }
+    t.file.write_all_at(bytes, offset).map_err(|e| Fail::io("cannot write", &t.rel, e))?;
+    let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
+    received
+        .add(offset, end)
+        .map_err(|()| Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel))))
+}
+
+/// Metadata of a finished file.
+struct Finish {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    fsync: bool,
+}
+
+fn put_end(shared: &Shared, id: u64, f: Finish) -> Result<(), Fail> {
+    let t = {
+        let mut map = shared.transfers.lock();
+        let slot = map.get(&id).ok_or_else(|| unknown_transfer(id))?;
+        if slot.inflight > 0 {
+            let why =
+                format!("'{}': chunks are still being written; end the transfer after they are", show(&slot.t.rel));
+            return Err(Fail::new(code::PROTOCOL, why));
+        }
+        let got = slot.t.received.lock().unwrap_or_else(|e| e.into_inner()).bytes;
+        if got != slot.t.size {
+            let why = format!("'{}': {got} of {} bytes received; send the rest first", show(&slot.t.rel), slot.t.size);
+            return Err(Fail::new(code::PROTOCOL, why));
+        }
+        map.remove(&id).expect("present").t
+    };
+    let result = finish(&t, &f);
+    if result.is_err() {
+        t.remove_temporary();
+    }
+    result
+}
+
+fn finish(t: &Transfer, f: &Finish) -> Result<(), Fail> {
+    let fd = t.file.as_raw_fd();
+    let rel = &t.rel;
+    t.file.set_len(t.size).map_err(|e| Fail::io("cannot write", rel, e))?;
+    // Owner first: chown clears set-id bits, which the chmod then sets. Not being allowed to give files away
+    // (not root) is expected.
+    // SAFETY: valid descriptor.
+    if unsafe { libc::fchown(fd, f.uid, f.gid) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(Fail::io("cannot set owner of", rel, e));
+        }
+    }
+    // SAFETY: valid descriptor.
+    cvt(unsafe { libc::fchmod(fd, (f.mode & 0o7777) as libc::mode_t) })
+        .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+    set_mtime_fd(fd, f.mtime).map_err(|e| Fail::io("cannot set times on", rel, e))?;
+    if f.fsync {
+        fsync_fd(fd).map_err(|e| Fail::io("cannot sync", rel, e))?;
+    }
+    rename_into_place(t.dir.as_raw_fd(), &t.tmp, &t.name, rel)?;
+    if f.fsync {
+        fsync_fd(t.dir.as_raw_fd()).map_err(|e| Fail::io("cannot sync the directory of", rel, e))?;
+    }
+    Ok(())
+}
+
+/// Rename a temporary onto its final name: a file or symlink there is replaced, a directory is an error.
+fn rename_into_place(dir: RawFd, tmp: &CStr, name: &CStr, rel: &[u8]) -> Result<(), Fail> {
+    rename_at(dir, tmp, name).map_err(|e| match e.raw_os_error() {
+        Some(libc::EISDIR | libc::ENOTEMPTY | libc::EEXIST) => {
+            Fail::new(code::IO, format!("cannot replace '{}': a directory is in the way", show(rel)))
+        }
+        _ => Fail::io("cannot rename into place", rel, e),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Mkdir, SetMeta, Symlink, Delete
+// ---------------------------------------------------------------------------------------------------------------
+
+fn mkdir(shared: &Shared, rel: &[u8], mode: u32) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create directory", rel, e))?;
+    let Some(name) = &p.name else { return Ok(()) };
+    // SAFETY: valid descriptor and C string.
+    match cvt(unsafe { libc::mkdirat(p.raw(), name.as_ptr(), (mode & 0o7777) as libc::mode_t) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            if is_dir_at(p.raw(), name) {
+                Ok(())
+            } else {
+                Err(Fail::new(code::IO, format!("cannot create directory '{}': a non-directory is there", show(rel))))
+            }
+        }
+        Err(e) => Err(Fail::io("cannot create directory", rel, e)),
+    }
+}
+
+fn set_meta(shared: &Shared, rel: &[u8], mode: u32, mtime: (i64, u32)) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+    let mode = (mode & 0o7777) as libc::mode_t;
+    let Some(name) = &p.name else {
+        // The root itself.
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+        return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));
+    };
+    let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+    if kind_of(&st) != EntryKind::Symlink {
+        // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
+        // stat, the call fails instead of changing what it points to.
+        cvt(unsafe { libc::fchmodat(p.raw(), name.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
+            .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+    }
+    set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))
+}
+
+fn symlink(shared: &Shared, rel: &[u8], target: &[u8], mtime: (i64, u32)) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create symlink", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::IO, "cannot replace the served root with a symlink"));
+    };
+    let target = CString::new(target)
+        .map_err(|_| Fail::new(code::PROTOCOL, format!("symlink '{}': target contains a NUL byte", show(rel))))?;
+    let (tmp, ()) = create_temporary(shared, p.raw(), name, |dir, tmp| {
+        // SAFETY: valid descriptor and C strings.
+        cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, tmp.as_ptr()) }).map(drop)
+    })
+    .map_err(|e| Fail::io("cannot create symlink", rel, e))?;
+    let placed = set_mtime_at(p.raw(), &tmp, mtime)
+        .map_err(|e| Fail::io("cannot set times on", rel, e))
+        .and_then(|()| rename_into_place(p.raw(), &tmp, name, rel));
+    if placed.is_err() {
+        let _ = unlink_at(p.raw(), &tmp, 0);
+    }
+    placed
+}
+
+fn delete(shared: &Shared, rel: &[u8]) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot delete", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::PERMISSION, "refusing to delete the served root"));
+    };
+    let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot delete", rel, e))?;
+    if kind_of(&st) == EntryKind::Dir {
+        remove_tree(p.raw(), name).map_err(|e| Fail::io("cannot delete", rel, e))
+    } else {
+        unlink_at(p.raw(), name, 0).map_err(|e| Fail::io("cannot delete", rel, e))
+    }
+}
+
+/// Remove directory `name` in `parent` and everything in it, depth-first with one open descriptor per level, never
+/// following a symlink (symlinks are unlinked, and a directory swapped for a symlink fails the `O_NOFOLLOW` open).
+fn remove_tree(parent: RawFd, name: &CStr) -> io::Result<()> {
+    struct Level {
+        fd: OwnedFd,
+        name: CString,
+        names: Vec<CString>,
+        next: usize,
+    }
+    let gone_ok = |r: io::Result<()>| match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    };
+    let fd = open_dir_at(parent, name)?;
+    let names = read_names(fd.as_raw_fd(), false)?;
+    let mut stack = vec![Level { fd, name: name.to_owned(), names, next: 0 }];
+    while let Some(level) = stack.last_mut() {
+        if let Some(n) = level.names.get(level.next).cloned() {
+            level.next += 1;
+            let dir = level.fd.as_raw_fd();
+            match lstat_at(dir, &n) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+                Ok(st) if kind_of(&st) == EntryKind::Dir => {
+                    let fd = open_dir_at(dir, &n)?;
+                    let names = read_names(fd.as_raw_fd(), false)?;
+                    stack.push(Level { fd, name: n, names, next: 0 });
+                }
+                Ok(_) => gone_ok(unlink_at(dir, &n, 0))?,
+            }
+        } else {
+            let done = stack.pop().expect("a level");
+            drop(done.fd);
+            let up = stack.last().map_or(parent, |l| l.fd.as_raw_fd());
+            gone_ok(unlink_at(up, &done.name, libc::AT_REMOVEDIR))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_ranges_merge_and_count_once() {
+        let mut r = Received::default();
+        r.add(10, 20).unwrap();
+        r.add(0, 5).unwrap();
+        assert_eq!(r.bytes, 15);
+        r.add(10, 20).unwrap(); // a retry
+        assert_eq!(r.bytes, 15);
+        r.add(5, 10).unwrap(); // fills the gap: one range
+        assert_eq!((r.bytes, r.ranges.len()), (20, 1));
+        r.add(15, 30).unwrap();
+        r.add(40, 50).unwrap();
+        r.add(25, 45).unwrap();
+        assert_eq!((r.bytes, r.ranges.len()), (50, 1));
+        r.add(7, 7).unwrap();
+        assert_eq!(r.bytes, 50);
+    }
+
+    #[test]
+    fn received_ranges_are_capped() {
+        let mut r = Received::default();
+        for i in 0..RANGES_MAX as u64 {
+            r.add(i * 2, i * 2 + 1).unwrap();
+        }
+        assert!(r.add(u64::MAX - 2, u64::MAX - 1).is_err());
+        // Joining existing ranges is always allowed.
+        r.add(1, 2).unwrap();
+        assert_eq!(r.ranges.len(), RANGES_MAX - 1);
+    }
+
+    fn transfer(dir: &Path, n: usize) -> Arc<Transfer> {
+        let d = File::open(dir).unwrap();
+        let name = CString::new(format!("f{n}")).unwrap();
+        let tmp = CString::new(format!(".f{n}.fstmp-1-{n}")).unwrap();
+        let fd = open_at(d.as_raw_fd(), &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600).unwrap();
+        Arc::new(Transfer {
+            rel: name.as_bytes().to_vec(),
+            dir: OwnedFd::from(d),
+            name,
+            tmp,
+            file: File::from(fd),
+            size: 1,
+            received: Mutex::default(),
+        })
+    }
+
+    #[test]
+    fn idle_transfers_expire_and_a_full_table_evicts_the_oldest_idle_one() {
+        let dir = tempfile::tempdir().unwrap();
+        const CAP: usize = 8;
+        let table = Transfers::new(CAP);
+        let t0 = Instant::now();
+        for i in 0..CAP {
+            let slot =
+                Slot { t: transfer(dir.path(), i), last_used: t0 + Duration::from_millis(i as u64), inflight: 0 };
+            table.lock().insert(i as u64, slot);
+        }
+        table.lock().get_mut(&0).unwrap().inflight = 1; // in use: never evicted
+        let now = t0 + Duration::from_secs(120);
+        assert!(!table.make_room(now, Duration::from_secs(300)), "nothing idle long enough");
+        assert!(table.make_room(now, Duration::from_secs(60)));
+        assert!(!table.lock().contains_key(&1), "the least recently used idle transfer went");
+        assert!(table.lock().contains_key(&0));
+        assert!(!dir.path().join(".f1.fstmp-1-1").exists(), "its temporary was removed");
+        assert!(dir.path().join(".f2.fstmp-1-2").exists());
+        let later = t0 + TRANSFER_IDLE_EXPIRY + Duration::from_secs(60);
+        assert_eq!(table.expire(later, TRANSFER_IDLE_EXPIRY), CAP - 2);
+        assert_eq!(table.lock().len(), 1);
+        assert_eq!(table.abort_all(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn errno_codes() {
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::ENOENT)), code::NOT_FOUND);
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::EACCES)), code::PERMISSION);
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::ENOSPC)), code::NO_SPACE);
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::EROFS)), code::READ_ONLY);
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::ELOOP)), code::PATH_ESCAPES);
+        assert_eq!(code_of(&io::Error::new(io::ErrorKind::PermissionDenied, "escapes")), code::PATH_ESCAPES);
+        assert_eq!(code_of(&io::Error::from_raw_os_error(libc::EIO)), code::IO);
+        assert_eq!(cause(&io::Error::from_raw_os_error(libc::ENOENT)), "No such file or directory");
+    }
+}

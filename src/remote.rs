@@ -1,0 +1,2658 @@
+//! `copy`, `sync` and `list` with a `fastsync://host[:port]/path` on one side: the client of `fastsync serve`.
+//!
+//! - **push** (local source, remote destination): the local tree is walked depth-first as a stream; directories are
+//!   created (`Mkdir`) and symlinks made (`Symlink`) on a control connection, files are sent by `--streams N` worker
+//!   threads, one authenticated connection each, fed by a bounded queue: a small file goes whole to one worker
+//!   (`PutBegin`, `PutData` chunks of at most 4 MiB with their BLAKE3 digest, `PutEnd` with the metadata); a large
+//!   one is cut into ranges spread over the workers, and the last range to finish ends it. A directory's permissions
+//!   and mtime are set (`SetMeta`) once everything inside it is done. `sync` lists each remote twin directory
+//!   (`List`, not recursive: one directory at a time) to compare sizes and mtimes with `sync::verdict`.
+//! - **pull** (remote source, local destination): the remote tree is listed recursively on the control connection
+//!   and each entry is handled as it arrives (the listing is never held in memory); files are fetched (`Get`) by the
+//!   workers into `.NAME.fstmp-PID-N` temporaries, every chunk checked against its BLAKE3 digest before it is
+//!   written, the file's size and mtime after the read (`DataEnd`) checked against the listing (a file that changed
+//!   is fetched again, up to 3 attempts), then permissions, owner and mtime are set and the temporary is renamed into
+//!   place. Every local write is an `*at` call relative to a directory opened component by component with
+//!   `O_NOFOLLOW` beneath the destination (`net::beneath`), and every listed path is checked
+//!   (`wire::safe_components`, and it must lie inside a directory listed before it): a hostile server cannot make
+//!   the client write outside the destination, through `..`, an absolute path or a symlink it listed.
+//! - `sync --delete` deletes only after every transfer succeeded, honours `--max-delete` (counting first) and the
+//!   filters, and itemizes like a local sync.
+//!
+//! A broken connection (server killed, network down, 60 s without an answer) stops the whole run with one line
+//! naming the server; temporaries are removed (pull) or abandoned to the server, which removes them (push), so
+//! nothing partial appears under a final name, and a rerun finishes the work.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::{self, File, Metadata};
+use std::io::{self, BufWriter, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TrySendError, bounded, unbounded};
+
+use crate::Error;
+use crate::copy::CopyOptions;
+use crate::error::exit;
+use crate::interrupt;
+use crate::list::{self, ListArgs};
+use crate::meta::Identity;
+use crate::net::auth::{self, Key};
+use crate::net::beneath::Root;
+use crate::net::client::{self, Connection, GetError, ReqError};
+use crate::net::url::{self, Remote, join};
+use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
+use crate::progress::Progress;
+use crate::slab::Slab;
+use crate::stale;
+use crate::stats::Summary;
+use crate::sync::{self, Change, Compare, Facts, Itemizer, SyncOptions, Verdict};
+
+/// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
+const SOURCE_ATTEMPTS_MAX: u8 = 3;
+/// Files larger than one chunk are cut into ranges of at most this many bytes, spread over the connections.
+const RANGE_BYTES_MAX: u64 = 32 << 20;
+/// Tasks queued per connection (bounds memory: a task is a file or a range, never its data).
+const QUEUE_PER_STREAM: usize = 2;
+const CHUNK: u64 = CHUNK_BYTES_MAX as u64;
+
+/// How to reach the server.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Connections carrying file data (the control connection comes on top).
+    pub streams: usize,
+    pub token_file: Option<PathBuf>,
+    /// Connect, read and write timeout.
+    pub timeout: Duration,
+}
+
+impl NetOptions {
+    pub fn new(streams: usize, token_file: Option<&Path>) -> NetOptions {
+        NetOptions {
+            streams: streams.max(1),
+            token_file: token_file.map(Path::to_path_buf),
+            timeout: client::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Why a remote command stopped before its summary.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or a refused request (exit 2).
+    Usage(String),
+    /// The run could not go on: no connection, authentication failed, the connection broke (exit 1).
+    Fatal(String),
+}
+
+impl Failure {
+    /// Print (fatal failures) or hand over (usage errors, printed by the caller) with the exit code.
+    pub fn into_exit(self) -> Result<i32, Error> {
+        match self {
+            Failure::Usage(m) => Err(Error::Refused(m)),
+            Failure::Fatal(m) => {
+                eprintln!("fastsync: {m}");
+                Ok(exit::PARTIAL)
+            }
+        }
+    }
+}
+
+/// Whether either side of a transfer is a `fastsync://` URL.
+pub fn involved(src: &Path, dst: &Path) -> bool {
+    url::is_url(src) || url::is_url(dst)
+}
+
+fn parse_url(p: &Path) -> Result<Remote, Failure> {
+    url::parse(p.as_os_str().as_bytes()).map_err(Failure::Usage)
+}
+
+fn load_key(net: &NetOptions, url: &str) -> Result<Key, Failure> {
+    match auth::load_token(net.token_file.as_deref(), std::env::var_os("FASTSYNC_TOKEN")) {
+        Ok(Some(t)) => Ok(Key::from_token(&t)),
+        Ok(None) => Err(Failure::Usage(format!(
+            "'{url}' needs the server's token: give --token-file FILE or set FASTSYNC_TOKEN"
+        ))),
+        Err(m) => Err(Failure::Usage(m)),
+    }
+}
+
+fn connect(addr: &str, key: &Key, net: &NetOptions) -> Result<Connection, Failure> {
+    client::connect(addr, key, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))
+}
+
+fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(b)
+}
+
+fn url_of(addr: &str, wire: &[u8]) -> String {
+    format!("{}{addr}/{}", url::SCHEME, lossy(wire))
+}
+
+fn mtime_of(e: &EntryMeta) -> (i64, u32) {
+    (e.mtime_sec, e.mtime_nsec)
+}
+
+fn facts(e: &EntryMeta) -> Facts {
+    Facts { size: e.size, mtime: (e.mtime_sec, i64::from(e.mtime_nsec)) }
+}
+
+/// A transfer id for `PutBegin`: random per process, then counted.
+fn next_id() -> u64 {
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        let n = auth::nonce().unwrap_or([7; 32]);
+        u64::from_le_bytes(n[..8].try_into().expect("8 bytes")) ^ u64::from(std::process::id())
+    });
+    base.wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The ranges of a file of `size` bytes spread over `streams` connections, or `None` when it goes whole.
+fn ranges(size: u64, streams: usize) -> Option<Vec<(u64, u64)>> {
+    if size <= CHUNK || streams < 2 {
+        return None;
+    }
+    let per = size.div_ceil(streams as u64).div_ceil(CHUNK) * CHUNK;
+    let per = per.clamp(CHUNK, RANGE_BYTES_MAX);
+    Some((0..size.div_ceil(per)).map(|i| (i * per, per.min(size - i * per))).collect())
+}
+
+/// Run `copy` or `sync` with a `fastsync://` URL on one side.
+pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) -> Result<Summary, Failure> {
+    let (src_remote, dst_remote) = (url::is_url(src), url::is_url(dst));
+    if src_remote && dst_remote {
+        return Err(Failure::Usage(
+            "copying from one fastsync:// URL to another is not supported; run fastsync on one of the hosts".into(),
+        ));
+    }
+    if opts.sync.as_ref().is_some_and(|s| s.compare == Compare::Checksum) {
+        return Err(Failure::Usage("--checksum is not supported for fastsync:// paths yet".into()));
+    }
+    if opts.hard_links {
+        return Err(Failure::Usage("-H/--hard-links is not supported for fastsync:// paths yet".into()));
+    }
+    if opts.preserve.xattrs {
+        return Err(Failure::Usage("-X/--xattrs is not supported for fastsync:// paths yet".into()));
+    }
+    if opts.dereference && src_remote {
+        return Err(Failure::Usage("-L/--dereference needs a local source (the server never follows symlinks)".into()));
+    }
+    if opts.verify && !opts.quiet {
+        eprintln!(
+            "fastsync: --verify: no read-back for fastsync:// transfers (every chunk is checked against its BLAKE3 \
+             digest on arrival)"
+        );
+    }
+    let remote = parse_url(if src_remote { src } else { dst })?;
+    let shown = remote.display(b"");
+    let key = load_key(net, &shown)?;
+    let started = Instant::now();
+    let mut summary =
+        if dst_remote { Push::run(src, remote, opts, net, &key)? } else { Pull::run(remote, dst, opts, net, &key)? };
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What push and pull share: counters, failures, the worker pool, directories finished last
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Counters, failures, and the reasons to stop.
+struct Run<'a> {
+    opts: &'a CopyOptions,
+    sync: Option<&'a SyncOptions>,
+    delete: bool,
+    itemizer: Itemizer,
+    summary: Summary,
+    progress: Progress,
+    /// The first broken connection: the run stops, and this is its one line.
+    fatal: Option<String>,
+    interrupted: Option<i32>,
+    /// Tells the workers to drop what is queued.
+    stop: Arc<AtomicBool>,
+    id: Identity,
+}
+
+/// At most this many failures are kept for the summary (all are printed and counted).
+const FAILURES_KEPT_MAX: usize = 1000;
+
+impl<'a> Run<'a> {
+    fn new(opts: &'a CopyOptions, streams: usize) -> Run<'a> {
+        let command = if opts.sync.is_some() { "sync" } else { "copy" };
+        let mut summary = Summary::new(command, "net", streams);
+        summary.dry_run = opts.dry_run;
+        Run {
+            opts,
+            sync: opts.sync.as_ref(),
+            delete: opts.sync.as_ref().is_some_and(|s| s.delete),
+            itemizer: Itemizer { enabled: opts.itemize || opts.dry_run, json: opts.json },
+            summary,
+            progress: Progress::new(opts.progress && !opts.quiet),
+            fatal: None,
+            interrupted: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            id: Identity::current(),
+        }
+    }
+
+    fn fail(&mut self, msg: String) {
+        self.progress.println(&format!("fastsync: {msg}"));
+        self.summary.errors += 1;
+        if self.summary.failures.len() < FAILURES_KEPT_MAX {
+            self.summary.failures.push(msg);
+        }
+    }
+
+    fn broken(&mut self, msg: String) {
+        if self.fatal.is_none() {
+            self.fatal = Some(msg);
+        }
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// A request failed: the server's refusal is one failure line (`what` says what was being done), a broken
+    /// connection stops the run.
+    fn req_failed(&mut self, e: ReqError, what: impl FnOnce(&str) -> String) {
+        match e {
+            ReqError::Server { .. } => self.fail(what(e.cause())),
+            ReqError::Broken(m) => self.broken(m),
+        }
+    }
+
+    /// Whether the run must stop (a broken connection, or Ctrl-C).
+    fn halted(&mut self) -> bool {
+        if self.interrupted.is_none() {
+            self.interrupted = interrupt::received();
+        }
+        if self.interrupted.is_some() {
+            self.stop.store(true, Ordering::Release);
+        }
+        self.fatal.is_some() || self.interrupted.is_some()
+    }
+
+    fn item(&self, change: Change, rel: &[u8], is_dir: bool) {
+        self.itemizer.item(change, url::os_path(rel), is_dir);
+    }
+
+    fn skip_special(&mut self, shown: &str) {
+        self.summary.skipped += 1;
+        if !self.opts.quiet {
+            self.progress.println(&format!("fastsync: skipping special file '{shown}'"));
+        }
+    }
+
+    /// After the transfers: run the deletion pass only when everything succeeded.
+    fn may_delete(&mut self) -> bool {
+        if !self.delete {
+            return false;
+        }
+        if self.fatal.is_some() {
+            return false;
+        }
+        let why = match (self.interrupted, self.summary.errors) {
+            (Some(_), _) => "the run was interrupted".to_string(),
+            (None, 0) => return true,
+            (None, n) => format!("{n} error(s) happened"),
+        };
+        self.summary.deletions_skipped = Some(format!("{why}; nothing was deleted"));
+        false
+    }
+
+    /// The summary, or the fatal line.
+    fn finish(mut self) -> Result<Summary, Failure> {
+        self.progress.finish();
+        if let Some(m) = self.fatal {
+            return Err(Failure::Fatal(m));
+        }
+        self.summary.interrupted = self.interrupted.or_else(interrupt::received);
+        Ok(self.summary)
+    }
+}
+
+/// What a worker reports.
+enum Done {
+    /// Bytes acknowledged (push) or written (pull).
+    Bytes(u64),
+    /// A file is finished: transferred (and how many times it was retried), or failed (the line to print).
+    File { dir: Option<usize>, result: Result<u8, String> },
+    /// A connection broke: the run stops.
+    Broken(String),
+}
+
+/// Worker threads, one connection each, fed by a bounded queue.
+struct Pool<T> {
+    tx: Option<Sender<T>>,
+    done: Receiver<Done>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+/// A worker's job: `Err` is a broken connection (the worker stops).
+type Work<T> = dyn Fn(&mut Connection, T, &Sender<Done>) -> Result<(), String> + Send + Sync;
+
+/// What the main thread hears while it waits: a completion, or `None` after [`client::KEEPALIVE`] of silence (time
+/// to keep its own connection alive).
+type OnEvent<'a> = &'a mut dyn FnMut(Option<Done>);
+
+impl<T: Send + 'static> Pool<T> {
+    fn start(conns: Vec<Connection>, stop: Arc<AtomicBool>, work: Arc<Work<T>>) -> Pool<T> {
+        let (tx, rx) = bounded::<T>(conns.len() * QUEUE_PER_STREAM);
+        let (dtx, drx) = unbounded();
+        let handles = conns
+            .into_iter()
+            .map(|conn| {
+                let (rx, dtx, stop, work) = (rx.clone(), dtx.clone(), stop.clone(), work.clone());
+                std::thread::spawn(move || worker(conn, &rx, &dtx, &stop, &*work))
+            })
+            .collect();
+        Pool { tx: Some(tx), done: drx, handles }
+    }
+
+    /// Queue `task`, handling completions while the queue is full. False when the workers are gone.
+    fn send(&self, task: T, on: OnEvent<'_>) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let mut task = task;
+        loop {
+            task = match tx.try_send(task) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(t)) => t,
+            };
+            let mut sel = Select::new();
+            let s = sel.send(tx);
+            let r = sel.recv(&self.done);
+            let Ok(oper) = sel.select_timeout(client::KEEPALIVE) else {
+                on(None);
+                continue;
+            };
+            match oper.index() {
+                i if i == s => return oper.send(tx, task).is_ok(),
+                i if i == r => match oper.recv(&self.done) {
+                    Ok(d) => on(Some(d)),
+                    Err(_) => return false,
+                },
+                _ => unreachable!("two operations"),
+            }
+        }
+    }
+
+    /// Completions that arrived.
+    fn poll(&self, on: OnEvent<'_>) {
+        while let Ok(d) = self.done.try_recv() {
+            on(Some(d));
+        }
+    }
+
+    /// No more tasks: wait for the workers, handling their last completions.
+    fn finish(&mut self, on: OnEvent<'_>) {
+        self.tx = None;
+        loop {
+            match self.done.recv_timeout(client::KEEPALIVE) {
+                Ok(d) => on(Some(d)),
+                Err(RecvTimeoutError::Timeout) => on(None),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One worker: tasks until the queue closes; a connection left idle is kept alive.
+fn worker<T>(mut conn: Connection, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
+    loop {
+        let task = match rx.recv_timeout(client::KEEPALIVE) {
+            Ok(t) => t,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = conn.keepalive() {
+                    stop.store(true, Ordering::Release);
+                    let _ = done.send(Done::Broken(e.to_string()));
+                    return;
+                }
+                continue;
+            }
+        };
+        if stop.load(Ordering::Acquire) {
+            // Dropped: a pulled file's temporary goes with it.
+            continue;
+        }
+        if let Err(m) = work(&mut conn, task, done) {
+            stop.store(true, Ordering::Release);
+            let _ = done.send(Done::Broken(m));
+            return;
+        }
+    }
+    conn.bye();
+}
+
+/// Directories with work in flight; each is finished (metadata set) once walked and with nothing pending inside.
+struct Dirs<F> {
+    slab: Slab<DirNode<F>>,
+}
+
+struct DirNode<F> {
+    meta: F,
+    pending: u64,
+    walked: bool,
+    parent: Option<usize>,
+}
+
+impl<F> Dirs<F> {
+    fn new() -> Self {
+        Dirs { slab: Slab::new() }
+    }
+
+    fn open(&mut self, parent: Option<usize>, meta: F) -> usize {
+        if let Some(p) = parent {
+            self.slab.get_mut(p).pending += 1;
+        }
+        self.slab.insert(DirNode { meta, pending: 0, walked: false, parent })
+    }
+
+    fn add(&mut self, d: Option<usize>) {
+        if let Some(d) = d {
+            self.slab.get_mut(d).pending += 1;
+        }
+    }
+
+    /// The directory's entries were all handed out; finished directories are appended to `out`, innermost first.
+    fn walked(&mut self, d: usize, out: &mut Vec<F>) {
+        self.slab.get_mut(d).walked = true;
+        self.settle(d, out);
+    }
+
+    fn done(&mut self, d: Option<usize>, out: &mut Vec<F>) {
+        if let Some(d) = d {
+            self.slab.get_mut(d).pending -= 1;
+            self.settle(d, out);
+        }
+    }
+
+    fn settle(&mut self, mut d: usize, out: &mut Vec<F>) {
+        loop {
+            let n = self.slab.get_mut(d);
+            if n.pending > 0 || !n.walked {
+                return;
+            }
+            let n = self.slab.remove(d);
+            out.push(n.meta);
+            match n.parent {
+                Some(p) => {
+                    self.slab.get_mut(p).pending -= 1;
+                    d = p;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Push: local source, remote destination
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A local file to send.
+struct PushFile {
+    src: PathBuf,
+    /// Wire path of the destination.
+    remote: Vec<u8>,
+    dir: Option<usize>,
+}
+
+/// A large file sent in ranges by several workers; the last range to finish ends the transfer.
+struct BigPush {
+    file: PushFile,
+    fd: File,
+    id: u64,
+    /// (size, mtime) when it was opened: the source changed if they differ at the end.
+    stamp: (u64, i64, i64),
+    md: Metadata,
+    ranges_left: AtomicUsize,
+    failure: Mutex<Option<String>>,
+}
+
+enum PushTask {
+    Whole(PushFile),
+    Range { big: Arc<BigPush>, offset: u64, len: u64 },
+}
+
+/// What push workers need to know.
+struct PushCfg {
+    follow: bool,
+    fsync: bool,
+}
+
+/// A remote directory to finish: its wire path and the source's permissions and mtime.
+struct RemoteDir {
+    remote: Vec<u8>,
+    mode: u32,
+    mtime: (i64, u32),
+    apply: bool,
+}
+
+/// A remote directory with entries the source does not have (deleted after the transfers).
+struct RemoteDelete {
+    rel: Vec<u8>,
+    mode: u32,
+    mtime: (i64, u32),
+    names: Vec<(Vec<u8>, EntryKind)>,
+}
+
+/// One open level of the local walk.
+struct PushFrame {
+    iter: fs::ReadDir,
+    src: PathBuf,
+    rel: Vec<u8>,
+    node: usize,
+    mode: u32,
+    mtime: (i64, u32),
+    /// The remote twin's entries not yet matched by a source entry (`None`: not listed).
+    remote: Option<HashMap<Vec<u8>, EntryMeta>>,
+    /// The remote directory did not exist: nothing in it needs comparing.
+    fresh: bool,
+    key: (u64, u64),
+}
+
+struct PushCore<'a> {
+    run: Run<'a>,
+    addr: String,
+    /// Wire path of the destination root.
+    target: Vec<u8>,
+    ctl: Connection,
+    dirs: Dirs<RemoteDir>,
+    deletes: Vec<RemoteDelete>,
+    look_dst: bool,
+    streams: usize,
+}
+
+struct Push<'a> {
+    core: PushCore<'a>,
+    pool: Pool<PushTask>,
+}
+
+fn md_mtime(md: &Metadata) -> (i64, u32) {
+    (md.mtime(), md.mtime_nsec() as u32)
+}
+
+fn open_src(path: &Path, follow: bool) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(if follow { libc::O_CLOEXEC } else { libc::O_NOFOLLOW | libc::O_CLOEXEC })
+        .open(path)
+}
+
+fn stamp(md: &Metadata) -> (u64, i64, i64) {
+    (md.size(), md.mtime(), md.mtime_nsec())
+}
+
+impl<'a> Push<'a> {
+    fn run(src: &Path, remote: Remote, opts: &'a CopyOptions, net: &NetOptions, key: &Key) -> Result<Summary, Failure> {
+        let lmd =
+            fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.display())))?;
+        // The root is followed when it is a symlink to a directory, or with -L (as for a local copy).
+        let md = if lmd.file_type().is_symlink() {
+            match fs::metadata(src) {
+                Ok(m) if m.is_dir() || opts.dereference => m,
+                Ok(_) => lmd,
+                Err(e) if opts.dereference => {
+                    return Err(Failure::Fatal(format!("cannot follow '{}': {e}", src.display())));
+                }
+                Err(_) => lmd,
+            }
+        } else {
+            lmd
+        };
+        let mut ctl = connect(&remote.addr, key, net)?;
+        if ctl.read_only && !opts.dry_run {
+            return Err(Failure::Fatal(format!(
+                "the server at {} is read-only (serve --read-only); nothing was written",
+                remote.addr
+            )));
+        }
+        let addr = remote.addr.clone();
+        let stat = |ctl: &mut Connection, path: &[u8]| {
+            ctl.stat(path).map_err(|e| match e {
+                ReqError::Broken(m) => Failure::Fatal(m),
+                ReqError::Server { message, .. } => {
+                    Failure::Fatal(format!("cannot stat '{}': {message}", url_of(&addr, path)))
+                }
+            })
+        };
+        let base = stat(&mut ctl, &remote.path)?;
+        let (target, twin) = if md.is_dir() {
+            if base.as_ref().is_some_and(|b| b.kind != EntryKind::Dir) {
+                return Err(Failure::Usage(format!(
+                    "cannot overwrite non-directory '{}' with directory '{}'",
+                    remote.display(b""),
+                    src.display()
+                )));
+            }
+            (remote.path.clone(), base)
+        } else {
+            let into_dir = remote.trailing_slash
+                || remote.path.is_empty()
+                || base.as_ref().is_some_and(|b| b.kind == EntryKind::Dir);
+            if into_dir {
+                let name =
+                    src.file_name().ok_or_else(|| Failure::Usage(format!("'{}' has no file name", src.display())))?;
+                let target = join(&remote.path, name.as_bytes());
+                let twin = stat(&mut ctl, &target)?;
+                (target, twin)
+            } else {
+                (remote.path.clone(), base)
+            }
+        };
+        if !md.is_dir() && twin.as_ref().is_some_and(|t| t.kind == EntryKind::Dir) {
+            return Err(Failure::Usage(format!(
+                "cannot overwrite directory '{}' with non-directory '{}'",
+                url_of(&remote.addr, &target),
+                src.display()
+            )));
+        }
+        let streams = net.streams.max(1);
+        let conns = if opts.dry_run {
+            Vec::new()
+        } else {
+            client::pool(&remote.addr, key, streams, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))?
+        };
+        let run = Run::new(opts, streams);
+        let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
+        let work: Arc<Work<PushTask>> = Arc::new(move |conn, task, done| push_task(conn, &cfg, task, done));
+        let pool = Pool::start(conns, run.stop.clone(), work);
+        let look_dst = opts.sync.is_some() || run.itemizer.enabled;
+        let mut push = Push {
+            core: PushCore {
+                run,
+                addr: remote.addr.clone(),
+                target,
+                ctl,
+                dirs: Dirs::new(),
+                deletes: Vec::new(),
+                look_dst,
+                streams,
+            },
+            pool,
+        };
+        if push.core.make_parents() && !push.core.run.halted() {
+            if md.is_dir() {
+                push.walk(src, &md, twin);
+            } else {
+                let rel = push.core.target.rsplit(|&b| b == b'/').next().unwrap_or_default().to_vec();
+                let remote_path = push.core.target.clone();
+                push.entry(src, &rel, remote_path, &md, None, twin, false);
+            }
+        }
+        let Push { mut core, mut pool } = push;
+        pool.finish(&mut |d| core.on_event(d));
+        if md.is_dir() && core.run.may_delete() {
+            core.delete_pass();
+        }
+        let PushCore { run, ctl, .. } = core;
+        ctl.bye();
+        run.finish()
+    }
+
+    /// Walk the local tree depth-first, one open directory per level.
+    fn walk(&mut self, src: &Path, md: &Metadata, twin: Option<EntryMeta>) {
+        let c = &mut self.core;
+        let Some(root) = c.open_dir(src, b"", md, None, twin.as_ref(), false) else { return };
+        let mut stack = vec![root];
+        while let Some(frame) = stack.last_mut() {
+            if self.core.run.halted() {
+                return;
+            }
+            let core = &mut self.core;
+            self.pool.poll(&mut |d| core.on_event(d));
+            core.keepalive();
+            let next = frame.iter.next();
+            let entry = match next {
+                None | Some(Err(_)) => {
+                    if let Some(Err(e)) = next {
+                        let msg = format!("cannot read directory '{}': {e}", frame.src.display());
+                        self.core.run.fail(msg);
+                    }
+                    let frame = stack.pop().expect("non-empty");
+                    self.core.close_dir(frame);
+                    continue;
+                }
+                Some(Ok(e)) => e,
+            };
+            let name = entry.file_name();
+            let path = entry.path();
+            let rel = join(&frame.rel, name.as_bytes());
+            let twin = frame.remote.as_mut().and_then(|m| m.remove(name.as_bytes()));
+            let (node, fresh) = (frame.node, frame.fresh);
+            let md = if self.core.run.opts.dereference { fs::metadata(&path) } else { fs::symlink_metadata(&path) };
+            let md = match md {
+                Ok(md) => md,
+                Err(e) => {
+                    self.core.run.fail(format!("cannot stat '{}': {e}", path.display()));
+                    continue;
+                }
+            };
+            if sync::excluded(&self.core.run.opts.filter, url::os_path(&rel), md.is_dir()) {
+                self.core.run.summary.excluded += 1;
+                continue;
+            }
+            if md.is_dir() {
+                let key = (md.dev(), md.ino());
+                if stack.iter().any(|f| f.key == key) {
+                    self.core.run.fail(format!("symlink loop: '{}' is its own ancestor; not followed", path.display()));
+                    continue;
+                }
+                if let Some(f) = self.core.open_dir(&path, &rel, &md, Some(node), twin.as_ref(), fresh) {
+                    stack.push(f);
+                }
+            } else {
+                let remote = join(&self.core.target, &rel);
+                self.entry(&path, &rel, remote, &md, Some(node), twin, fresh);
+            }
+        }
+    }
+
+    /// A non-directory entry.
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &mut self,
+        src: &Path,
+        rel: &[u8],
+        remote: Vec<u8>,
+        md: &Metadata,
+        dir: Option<usize>,
+        twin: Option<EntryMeta>,
+        fresh: bool,
+    ) {
+        let c = &mut self.core;
+        let ft = md.file_type();
+        if !(ft.is_file() || ft.is_symlink()) {
+            c.run.skip_special(&src.display().to_string());
+            return;
+        }
+        let twin = if fresh { None } else { twin };
+        let twin = match twin {
+            Some(t) if t.kind == EntryKind::Dir => {
+                if !c.replace_remote(&remote, true) {
+                    return;
+                }
+                None
+            }
+            t => t,
+        };
+        if ft.is_symlink() {
+            return c.symlink(src, rel, &remote, md, twin.as_ref());
+        }
+        if let (Some(sync), Some(t)) = (c.run.sync, twin.as_ref().filter(|t| t.kind == EntryKind::File)) {
+            let local = Facts::of(md);
+            match sync::verdict(sync, local, facts(t)) {
+                Verdict::Unchanged => return c.unchanged(rel, &remote, md, t),
+                Verdict::Skip => {
+                    c.run.summary.unchanged += 1;
+                    return;
+                }
+                Verdict::Transfer | Verdict::CompareDigests => {}
+            }
+        }
+        c.run.item(if twin.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        if c.run.opts.dry_run {
+            c.run.summary.files += 1;
+            c.run.summary.bytes += md.size();
+            return;
+        }
+        c.run.progress.add_total(md.size());
+        c.dirs.add(dir);
+        let file = PushFile { src: src.to_path_buf(), remote, dir };
+        if ranges(md.size(), c.streams).is_none() {
+            let core = &mut self.core;
+            self.pool.send(PushTask::Whole(file), &mut |d| core.on_event(d));
+            return;
+        }
+        // A large file: opened here, begun on the control connection, its ranges spread over the workers.
+        let opened = open_src(&file.src, c.run.opts.dereference).and_then(|fd| Ok((fd.metadata()?, fd)));
+        let (omd, fd) = match opened {
+            Ok((m, _)) if !m.is_file() => {
+                c.run.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
+                return c.file_done(dir, None);
+            }
+            Ok(x) => x,
+            Err(e) => {
+                c.run.fail(format!("cannot open '{}': {e}", src.display()));
+                return c.file_done(dir, None);
+            }
+        };
+        let parts = ranges(omd.size(), c.streams).unwrap_or_else(|| vec![(0, omd.size())]);
+        let id = next_id();
+        if let Err(e) = c.ctl.put_begin(id, &file.remote, omd.size(), omd.mode() & 0o7777) {
+            let shown = url_of(&c.addr, &file.remote);
+            c.run.req_failed(e, |m| format!("cannot write '{shown}': {m}"));
+            return c.file_done(dir, None);
+        }
+        let big = Arc::new(BigPush {
+            file,
+            fd,
+            id,
+            stamp: stamp(&omd),
+            md: omd,
+            ranges_left: AtomicUsize::new(parts.len()),
+            failure: Mutex::new(None),
+        });
+        for (offset, len) in parts {
+            let core = &mut self.core;
+            if !self.pool.send(PushTask::Range { big: big.clone(), offset, len }, &mut |d| core.on_event(d)) {
+                return;
+            }
+        }
+    }
+}
+
+impl PushCore<'_> {
+    fn url(&self, wire: &[u8]) -> String {
+        url_of(&self.addr, wire)
+    }
+
+    fn on_event(&mut self, e: Option<Done>) {
+        match e {
+            Some(d) => self.on_done(d),
+            None => self.keepalive(),
+        }
+    }
+
+    /// Keep the control connection from being dropped as idle while the workers do the work.
+    fn keepalive(&mut self) {
+        if self.run.fatal.is_none()
+            && let Err(e) = self.ctl.keepalive()
+        {
+            self.run.broken(e.to_string());
+        }
+    }
+
+    /// Create the destination's parent directories (existing ones are fine). False when one failed (reported).
+    fn make_parents(&mut self) -> bool {
+        if self.run.opts.dry_run {
+            return true;
+        }
+        let parts: Vec<&[u8]> = self.target.split(|&b| b == b'/').collect();
+        let mut path = Vec::new();
+        for p in parts.iter().take(parts.len().saturating_sub(1)) {
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(p);
+            if let Err(e) = self.ctl.mkdir(&path, 0o755) {
+                let shown = self.url(&path);
+                self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
+                return false;
+            }
+        }
+        true
+    }
+
+    fn on_done(&mut self, d: Done) {
+        match d {
+            Done::Bytes(n) => {
+                self.run.summary.bytes += n;
+                self.run.progress.inc(n);
+            }
+            Done::File { dir, result } => match result {
+                Ok(retried) => {
+                    self.run.summary.retried += u64::from(retried);
+                    self.file_done(dir, Some(()));
+                }
+                Err(m) => {
+                    self.run.fail(m);
+                    self.file_done(dir, None);
+                }
+            },
+            Done::Broken(m) => self.run.broken(m),
+        }
+    }
+
+    fn file_done(&mut self, dir: Option<usize>, ok: Option<()>) {
+        if ok.is_some() {
+            self.run.summary.files += 1;
+            self.run.progress.file_done();
+        }
+        let mut finished = Vec::new();
+        self.dirs.done(dir, &mut finished);
+        self.finish_dirs(finished);
+    }
+
+    fn finish_dirs(&mut self, finished: Vec<RemoteDir>) {
+        for d in finished {
+            if !d.apply || self.run.fatal.is_some() {
+                continue;
+            }
+            if let Err(e) = self.ctl.set_meta(&d.remote, d.mode, d.mtime) {
+                let shown = self.url(&d.remote);
+                self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
+            }
+        }
+    }
+
+    /// The remote entries of directory `remote`, by name (`None` when it cannot be listed; reported).
+    fn list_dir(&mut self, remote: &[u8]) -> Option<HashMap<Vec<u8>, EntryMeta>> {
+        let mut out = HashMap::new();
+        let mut refused = Vec::new();
+        let mut stream = match self.ctl.list(remote, false) {
+            Ok(s) => s,
+            Err(e) => {
+                self.run.broken(e.to_string());
+                return None;
+            }
+        };
+        let mut failed = None;
+        while let Some(r) = stream.next_entry() {
+            match r {
+                Ok(e) => {
+                    if e.path.contains(&b'/') || safe_components(&e.path).map_or(true, |c| c.len() != 1) {
+                        refused.push(e.path);
+                    } else if !stale::is_temporary(OsStr::from_bytes(&e.path)) {
+                        out.insert(e.path.clone(), e);
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        for p in refused {
+            let m =
+                format!("refused entry '{}' listed by {} in '{}': not a name", lossy(&p), self.addr, self.url(remote));
+            self.run.fail(m);
+        }
+        match failed {
+            None => Some(out),
+            Some(ReqError::Server { code: code::NOT_FOUND, .. }) => Some(HashMap::new()),
+            Some(e) => {
+                let shown = self.url(remote);
+                self.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
+                None
+            }
+        }
+    }
+
+    /// Create the remote twin of a source directory and start walking it. `None` when it failed (reported).
+    fn open_dir(
+        &mut self,
+        src: &Path,
+        rel: &[u8],
+        md: &Metadata,
+        parent: Option<usize>,
+        twin: Option<&EntryMeta>,
+        parent_fresh: bool,
+    ) -> Option<PushFrame> {
+        let remote = join(&self.target, rel);
+        let twin = if parent_fresh { None } else { twin };
+        if twin.is_some_and(|t| t.kind != EntryKind::Dir) && !self.replace_remote(&remote, false) {
+            return None;
+        }
+        let exists = twin.is_some_and(|t| t.kind == EntryKind::Dir);
+        // Without a listing (a plain copy) nothing is compared: `Mkdir` accepts an existing directory.
+        let fresh = parent_fresh || (self.look_dst && !exists);
+        if fresh && !rel.is_empty() {
+            self.run.item(Change::Mkdir, rel, true);
+        }
+        if !self.run.opts.dry_run
+            && let Err(e) = self.ctl.mkdir(&remote, 0o700)
+        {
+            let shown = self.url(&remote);
+            self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
+            return None;
+        }
+        let listing = if self.look_dst && !fresh { self.list_dir(&remote) } else { None };
+        if self.run.fatal.is_some() {
+            return None;
+        }
+        let iter = match fs::read_dir(src) {
+            Ok(it) => it,
+            Err(e) => {
+                self.run.fail(format!("cannot open directory '{}': {e}", src.display()));
+                return None;
+            }
+        };
+        let (mode, mtime) = (md.mode() & 0o7777, md_mtime(md));
+        let node = self.dirs.open(parent, RemoteDir { remote, mode, mtime, apply: !self.run.opts.dry_run });
+        self.run.summary.directories += 1;
+        Some(PushFrame {
+            iter,
+            src: src.to_path_buf(),
+            rel: rel.to_vec(),
+            node,
+            mode,
+            mtime,
+            remote: listing,
+            fresh,
+            key: (md.dev(), md.ino()),
+        })
+    }
+
+    /// Every entry of the directory was handed out: note what the remote has in excess, finish it when done.
+    fn close_dir(&mut self, frame: PushFrame) {
+        if self.run.delete
+            && let Some(left) = frame.remote
+        {
+            let mut names: Vec<(Vec<u8>, EntryKind)> = left
+                .into_iter()
+                .filter(|(name, e)| {
+                    let rel = join(&frame.rel, name);
+                    !sync::excluded(&self.run.opts.filter, url::os_path(&rel), e.kind == EntryKind::Dir)
+                })
+                .map(|(name, e)| (name, e.kind))
+                .collect();
+            if !names.is_empty() {
+                names.sort_by(|a, b| a.0.cmp(&b.0));
+                self.deletes.push(RemoteDelete { rel: frame.rel.clone(), mode: frame.mode, mtime: frame.mtime, names });
+            }
+        }
+        let mut finished = Vec::new();
+        self.dirs.walked(frame.node, &mut finished);
+        self.finish_dirs(finished);
+    }
+
+    /// Something of another type is where an entry must go: `sync --delete` removes it, otherwise it is reported.
+    fn replace_remote(&mut self, remote: &[u8], for_file: bool) -> bool {
+        if !self.run.delete {
+            let what = if for_file { "a directory" } else { "a non-directory" };
+            let m = format!(
+                "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
+                self.url(remote)
+            );
+            self.run.fail(m);
+            return false;
+        }
+        if self.run.opts.dry_run {
+            return true;
+        }
+        match self.ctl.delete(remote) {
+            Ok(()) => {
+                self.run.summary.deleted += 1;
+                true
+            }
+            Err(e) => {
+                let shown = self.url(remote);
+                self.run.req_failed(e, |m| format!("cannot delete '{shown}': {m}"));
+                false
+            }
+        }
+    }
+
+    fn symlink(&mut self, src: &Path, rel: &[u8], remote: &[u8], md: &Metadata, twin: Option<&EntryMeta>) {
+        let target = match fs::read_link(src) {
+            Ok(t) => t,
+            Err(e) => return self.run.fail(format!("cannot read symlink '{}': {e}", src.display())),
+        };
+        let target = target.as_os_str().as_bytes();
+        if self.run.sync.is_some() && twin.is_some_and(|t| t.kind == EntryKind::Symlink && t.target == target) {
+            self.run.summary.unchanged += 1;
+            return;
+        }
+        self.run.item(if twin.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        if self.run.opts.dry_run {
+            self.run.summary.symlinks += 1;
+            return;
+        }
+        match self.ctl.symlink(remote, target, md_mtime(md)) {
+            Ok(()) => self.run.summary.symlinks += 1,
+            Err(e) => {
+                let shown = self.url(remote);
+                self.run.req_failed(e, |m| format!("cannot create symlink '{shown}': {m}"));
+            }
+        }
+    }
+
+    /// A remote file that is already right: fix its permissions and mtime if they differ.
+    fn unchanged(&mut self, rel: &[u8], remote: &[u8], md: &Metadata, twin: &EntryMeta) {
+        self.run.summary.unchanged += 1;
+        let mode = md.mode() & 0o7777;
+        if mode == twin.mode && md_mtime(md) == mtime_of(twin) {
+            return;
+        }
+        self.run.item(Change::Attrs, rel, false);
+        if self.run.opts.dry_run {
+            return;
+        }
+        match self.ctl.set_meta(remote, mode, md_mtime(md)) {
+            Ok(()) => self.run.summary.attrs_updated += 1,
+            Err(e) => {
+                let shown = self.url(remote);
+                self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
+            }
+        }
+    }
+
+    /// Count (and itemize, children first) the entries of remote directory `path` (shown as `rel`).
+    fn remote_subtree(&mut self, path: &[u8], rel: &[u8], itemize: bool) -> Result<u64, ReqError> {
+        let mut stream = self.ctl.list(path, true)?;
+        let mut count = 0;
+        // Directories being listed (pre-order): each is itemized once the listing leaves it.
+        let mut open: Vec<Vec<u8>> = Vec::new();
+        let mut failed = None;
+        while let Some(r) = stream.next_entry() {
+            let e = match r {
+                Ok(e) => e,
+                Err(e) => {
+                    failed = Some(e);
+                    continue;
+                }
+            };
+            if safe_components(&e.path).is_err() || e.path.is_empty() {
+                continue;
+            }
+            count += 1;
+            if !itemize {
+                continue;
+            }
+            while let Some(top) = open.last() {
+                if e.path.starts_with(top) && e.path.get(top.len()) == Some(&b'/') {
+                    break;
+                }
+                let top = open.pop().expect("non-empty");
+                self.run.item(Change::Delete, &join(rel, &top), true);
+            }
+            if e.kind == EntryKind::Dir {
+                open.push(e.path);
+            } else {
+                self.run.item(Change::Delete, &join(rel, &e.path), false);
+            }
+        }
+        while let Some(top) = open.pop() {
+            self.run.item(Change::Delete, &join(rel, &top), true);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(count),
+        }
+    }
+
+    /// `sync --delete`: remove the remote entries the source does not have, now that every transfer succeeded.
+    fn delete_pass(&mut self) {
+        let recs = std::mem::take(&mut self.deletes);
+        if let Some(max) = self.run.sync.and_then(|s| s.max_delete) {
+            let mut count = 0;
+            for rec in &recs {
+                for (name, kind) in &rec.names {
+                    count += 1;
+                    if *kind == EntryKind::Dir {
+                        let path = join(&self.target, &join(&rec.rel, name));
+                        match self.remote_subtree(&path, b"", false) {
+                            Ok(n) => count += n,
+                            Err(e) => {
+                                let shown = self.url(&path);
+                                return self.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
+                            }
+                        }
+                    }
+                }
+            }
+            if count > max {
+                let m = format!(
+                    "--max-delete {max}: {count} entries would be deleted from '{}'; nothing was deleted",
+                    self.url(&self.target)
+                );
+                return self.run.fail(m);
+            }
+        }
+        for rec in recs {
+            for (name, kind) in &rec.names {
+                let rel = join(&rec.rel, name);
+                let path = join(&self.target, &rel);
+                let mut n = 1;
+                if *kind == EntryKind::Dir {
+                    match self.remote_subtree(&path, &rel, true) {
+                        Ok(k) => n += k,
+                        Err(e) => {
+                            let shown = self.url(&path);
+                            self.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
+                            if self.run.fatal.is_some() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                self.run.item(Change::Delete, &rel, *kind == EntryKind::Dir);
+                if self.run.opts.dry_run {
+                    self.run.summary.deleted += n;
+                    continue;
+                }
+                match self.ctl.delete(&path) {
+                    Ok(()) => self.run.summary.deleted += n,
+                    Err(ReqError::Server { code: code::NOT_FOUND, .. }) => {}
+                    Err(e) => {
+                        let shown = self.url(&path);
+                        self.run.req_failed(e, |m| format!("cannot delete '{shown}': {m}"));
+                        if self.run.fatal.is_some() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !self.run.opts.dry_run {
+                // The deletions changed the directory's mtime: give it back the source's.
+                let path = join(&self.target, &rec.rel);
+                if let Err(ReqError::Broken(m)) = self.ctl.set_meta(&path, rec.mode, rec.mtime) {
+                    return self.run.broken(m);
+                }
+            }
+        }
+    }
+}
+
+/// One worker task of a push.
+fn push_task(conn: &mut Connection, cfg: &PushCfg, task: PushTask, done: &Sender<Done>) -> Result<(), String> {
+    match task {
+        PushTask::Whole(f) => {
+            let result = push_whole(conn, cfg, &f, done, 1)?;
+            let _ = done.send(Done::File { dir: f.dir, result });
+        }
+        PushTask::Range { big, offset, len } => {
+            let failed = big.failure.lock().expect("not poisoned").is_some();
+            if !failed {
+                match send_range(conn, &big.fd, big.id, offset, len, done) {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        // Shorter than when it was opened: the end-of-file check below says "changed".
+                    }
+                    Ok(Err(m)) => {
+                        let shown = url_of(conn.addr(), &big.file.remote);
+                        big.failure.lock().expect("not poisoned").get_or_insert(format!("cannot write '{shown}': {m}"));
+                    }
+                    Err(m) => return Err(m),
+                }
+            }
+            if big.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let result = finish_big_push(conn, cfg, &big, done)?;
+                let _ = done.send(Done::File { dir: big.file.dir, result });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last range of a large file is done: end the transfer, or abort it (and send the file again, whole, when
+/// it changed meanwhile).
+fn finish_big_push(
+    conn: &mut Connection,
+    cfg: &PushCfg,
+    big: &BigPush,
+    done: &Sender<Done>,
+) -> Result<Result<u8, String>, String> {
+    let shown = url_of(conn.addr(), &big.file.remote);
+    if let Some(m) = big.failure.lock().expect("not poisoned").take() {
+        abort(conn, big.id)?;
+        return Ok(Err(m));
+    }
+    let now = big.fd.metadata().map(|m| stamp(&m)).ok();
+    if now != Some(big.stamp) {
+        abort(conn, big.id)?;
+        return Ok(push_whole(conn, cfg, &big.file, done, 2)?.map(|r| r + 1));
+    }
+    let md = &big.md;
+    match conn.put_end(big.id, md.mode() & 0o7777, md.uid(), md.gid(), md_mtime(md), cfg.fsync) {
+        Ok(()) => Ok(Ok(0)),
+        Err(ReqError::Broken(m)) => Err(m),
+        Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot write '{shown}': {message}"))),
+    }
+}
+
+fn abort(conn: &mut Connection, id: u64) -> Result<(), String> {
+    match conn.put_abort(id) {
+        Err(ReqError::Broken(m)) => Err(m),
+        _ => Ok(()),
+    }
+}
+
+/// Send `[offset, offset + len)` of `fd` as chunks of transfer `id`. `Ok(Ok(false))`: the file ended early.
+fn send_range(
+    conn: &mut Connection,
+    fd: &File,
+    id: u64,
+    offset: u64,
+    len: u64,
+    done: &Sender<Done>,
+) -> Result<Result<bool, String>, String> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(CHUNK) as usize;
+        let mut buf = vec![0u8; n];
+        let got = match client::read_at_full(fd, &mut buf, at) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(format!("read error: {e}"))),
+        };
+        if got == 0 {
+            return Ok(Ok(false));
+        }
+        buf.truncate(got);
+        match conn.put_data(id, at, buf) {
+            Ok(()) => {}
+            Err(ReqError::Broken(m)) => return Err(m),
+            Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
+        }
+        let _ = done.send(Done::Bytes(got as u64));
+        at += got as u64;
+        if got < n {
+            return Ok(Ok(false));
+        }
+    }
+    Ok(Ok(true))
+}
+
+/// Send one file whole, retrying when it changes while it is read. `Ok(Ok(retries))`, `Ok(Err(line))` for a failure
+/// of this file, `Err` for a broken connection.
+fn push_whole(
+    conn: &mut Connection,
+    cfg: &PushCfg,
+    f: &PushFile,
+    done: &Sender<Done>,
+    first: u8,
+) -> Result<Result<u8, String>, String> {
+    let shown = url_of(conn.addr(), &f.remote);
+    let mut attempt = first;
+    loop {
+        let fd = match open_src(&f.src, cfg.follow) {
+            Ok(fd) => fd,
+            Err(e) => return Ok(Err(format!("cannot open '{}': {e}", f.src.display()))),
+        };
+        let md = match fd.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.display()))),
+            Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.display()))),
+        };
+        let id = next_id();
+        match conn.put_begin(id, &f.remote, md.size(), md.mode() & 0o7777) {
+            Ok(()) => {}
+            Err(ReqError::Broken(m)) => return Err(m),
+            Err(ReqError::Server { message, .. }) => return Ok(Err(format!("cannot write '{shown}': {message}"))),
+        }
+        let complete = match send_range(conn, &fd, id, 0, md.size(), done)? {
+            Ok(c) => c,
+            Err(m) => {
+                abort(conn, id)?;
+                return Ok(Err(format!("cannot write '{shown}': {m}")));
+            }
+        };
+        let changed = !complete || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md));
+        if changed {
+            abort(conn, id)?;
+            if attempt < SOURCE_ATTEMPTS_MAX {
+                attempt += 1;
+                continue;
+            }
+            return Ok(Err(format!(
+                "source changed while copying '{}': its size or mtime changed while it was read (it kept changing \
+                 during {SOURCE_ATTEMPTS_MAX} attempts)",
+                f.src.display()
+            )));
+        }
+        return match conn.put_end(id, md.mode() & 0o7777, md.uid(), md.gid(), md_mtime(&md), cfg.fsync) {
+            Ok(()) => Ok(Ok(attempt - first)),
+            Err(ReqError::Broken(m)) => Err(m),
+            Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot write '{shown}': {message}"))),
+        };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pull: remote source, local destination
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `*at` system calls relative to directory descriptors, never following a final symlink.
+mod at {
+    use std::ffi::{CStr, CString};
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+    fn check(rc: libc::c_int) -> io::Result<()> {
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+
+    /// `lstat` of `name` in `dir`; `None` when nothing is there.
+    pub fn lstat(dir: RawFd, name: &CStr) -> io::Result<Option<libc::stat>> {
+        // SAFETY: zeroed stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, C string and pointer.
+        match check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }) {
+            Ok(()) => Ok(Some(st)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn kind(st: &libc::stat) -> libc::mode_t {
+        st.st_mode & libc::S_IFMT
+    }
+
+    pub fn mkdir(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+        // SAFETY: valid descriptor and C string.
+        check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode as libc::mode_t) })
+    }
+
+    fn own(fd: libc::c_int) -> io::Result<OwnedFd> {
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Open directory `name` in `dir`; a symlink there fails (ELOOP/ENOTDIR).
+    pub fn open_dir(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor and C string.
+        own(unsafe { libc::openat(dir, name.as_ptr(), flags) })
+    }
+
+    /// Create `name` in `dir`, which must not exist (no symlink is followed).
+    pub fn create_new(dir: RawFd, name: &CStr) -> io::Result<File> {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor and C string.
+        let fd = own(unsafe { libc::openat(dir, name.as_ptr(), flags, 0o600 as libc::c_uint) })?;
+        Ok(File::from(fd))
+    }
+
+    /// Open regular file `name` in `dir` to change its metadata (a symlink there fails).
+    pub fn open_file(dir: RawFd, name: &CStr) -> io::Result<File> {
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor and C string.
+        Ok(File::from(own(unsafe { libc::openat(dir, name.as_ptr(), flags) })?))
+    }
+
+    pub fn rename(dir: RawFd, from: &CStr, to: &CStr) -> io::Result<()> {
+        // SAFETY: valid descriptor and C strings.
+        check(unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) })
+    }
+
+    pub fn unlink(dir: RawFd, name: &CStr, is_dir: bool) -> io::Result<()> {
+        let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: valid descriptor and C string.
+        check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) })
+    }
+
+    pub fn symlink(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+        // SAFETY: valid descriptor and C strings.
+        check(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) })
+    }
+
+    pub fn readlink(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn eperm_ok(r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Owner of symlink `name` in `dir` (not followed); refused (not permitted) is not an error, as for a copy.
+    pub fn lchown(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+        // SAFETY: valid descriptor and C string.
+        eperm_ok(check(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }))
+    }
+
+    fn times(mtime: (i64, u32)) -> [libc::timespec; 2] {
+        [
+            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec { tv_sec: mtime.0 as libc::time_t, tv_nsec: mtime.1 as _ },
+        ]
+    }
+
+    /// mtime of `name` in `dir`, not following a symlink (the access time is left alone).
+    pub fn set_mtime_at(dir: RawFd, name: &CStr, mtime: (i64, u32)) -> io::Result<()> {
+        let ts = times(mtime);
+        // SAFETY: valid descriptor, C string and timespec array.
+        check(unsafe { libc::utimensat(dir, name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+    }
+
+    /// Owner (where permitted), permission bits and mtime of an open file or directory, in that order (`chown`
+    /// clears the set-user-ID bit, so the mode comes after it).
+    pub fn apply(fd: RawFd, owner: Option<(u32, u32)>, mode: u32, mtime: (i64, u32)) -> io::Result<()> {
+        if let Some((uid, gid)) = owner {
+            // SAFETY: plain syscall on a valid descriptor.
+            eperm_ok(check(unsafe { libc::fchown(fd, uid, gid) }))?;
+        }
+        // SAFETY: plain syscall on a valid descriptor.
+        check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })?;
+        let ts = times(mtime);
+        // SAFETY: valid descriptor and timespec array.
+        check(unsafe { libc::futimens(fd, ts.as_ptr()) })
+    }
+
+    pub fn fsync(fd: RawFd) -> io::Result<()> {
+        // SAFETY: plain syscall.
+        check(unsafe { libc::fsync(fd) })
+    }
+
+    /// The names in open directory `dir` (not `.` and `..`), each with whether it is a directory (not followed).
+    pub fn names(dir: RawFd) -> io::Result<Vec<(CString, bool)>> {
+        // SAFETY: duplicating a valid descriptor; the duplicate is owned by the DIR stream below.
+        let dup = unsafe { libc::fcntl(dir, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is ours; on success the stream owns it, on failure we close it.
+        let stream = unsafe { libc::fdopendir(dup) };
+        if stream.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing our own duplicate.
+            unsafe { libc::close(dup) };
+            return Err(e);
+        }
+        let mut out = Vec::new();
+        // SAFETY: a valid stream, read until it ends, then closed once.
+        unsafe {
+            libc::rewinddir(stream);
+            loop {
+                let ent = libc::readdir(stream);
+                if ent.is_null() {
+                    break;
+                }
+                let name = CStr::from_ptr((*ent).d_name.as_ptr());
+                if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                    continue;
+                }
+                let is_dir = match (*ent).d_type {
+                    libc::DT_DIR => true,
+                    libc::DT_UNKNOWN => lstat(dir, name).ok().flatten().is_some_and(|st| kind(&st) == libc::S_IFDIR),
+                    _ => false,
+                };
+                out.push((name.to_owned(), is_dir));
+            }
+            libc::closedir(stream);
+        }
+        Ok(out)
+    }
+}
+
+/// The temporary name `.NAME.fstmp-PID-N` for final name `name`.
+fn tmp_name(name: &CStr) -> CString {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed) + 1;
+    let tmp = stale::unique(Path::new(OsStr::from_bytes(name.to_bytes())), seq);
+    CString::new(tmp.as_os_str().as_bytes()).expect("no NUL in a name")
+}
+
+/// A temporary file beside its final name; removed when dropped unless it was renamed into place.
+struct TempFile {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    file: File,
+    committed: AtomicBool,
+}
+
+impl TempFile {
+    fn create(dir: &Arc<OwnedFd>, final_name: &CStr) -> io::Result<TempFile> {
+        let name = tmp_name(final_name);
+        let file = at::create_new(dir.as_raw_fd(), &name)?;
+        Ok(TempFile { dir: dir.clone(), name, file, committed: AtomicBool::new(false) })
+    }
+
+    fn commit(&self, final_name: &CStr) -> io::Result<()> {
+        at::rename(self.dir.as_raw_fd(), &self.name, final_name)?;
+        self.committed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed.load(Ordering::Acquire) {
+            let _ = at::unlink(self.dir.as_raw_fd(), &self.name, false);
+        }
+    }
+}
+
+/// A remote file to fetch into directory `dir_fd`.
+struct PullFile {
+    dir_fd: Arc<OwnedFd>,
+    name: CString,
+    remote: Vec<u8>,
+    shown: PathBuf,
+    meta: EntryMeta,
+    dir: Option<usize>,
+}
+
+/// A large file fetched in ranges by several workers into one temporary; the last range to finish ends it.
+struct BigPull {
+    file: PullFile,
+    tmp: TempFile,
+    ranges_left: AtomicUsize,
+    failure: Mutex<Option<String>>,
+    changed: AtomicBool,
+}
+
+enum PullTask {
+    Whole(PullFile),
+    Range { big: Arc<BigPull>, offset: u64, len: u64 },
+}
+
+struct PullCfg {
+    fsync: bool,
+    id: Identity,
+}
+
+impl PullCfg {
+    /// The owner to set: the source's, unless the new file has it already.
+    fn owner(&self, e: &EntryMeta) -> Option<(u32, u32)> {
+        ((e.uid, e.gid) != (self.id.euid, self.id.egid)).then_some((e.uid, e.gid))
+    }
+}
+
+/// A local directory to finish with the remote one's metadata.
+struct LocalDir {
+    fd: Option<Arc<OwnedFd>>,
+    shown: PathBuf,
+    meta: EntryMeta,
+}
+
+/// A local directory with entries the remote one does not have (deleted after the transfers).
+struct LocalDelete {
+    rel: Vec<u8>,
+    mtime: (i64, u32),
+    names: Vec<(CString, bool)>,
+}
+
+/// A directory of the listing being received.
+struct PullFrame {
+    rel: Vec<u8>,
+    fd: Option<Arc<OwnedFd>>,
+    /// `None`: the directory could not be made; what the listing has inside it is ignored.
+    node: Option<usize>,
+    fresh: bool,
+    /// Names the listing has here (with `--delete`).
+    names: Option<HashSet<Vec<u8>>>,
+    mtime: (i64, u32),
+}
+
+struct PullCore<'a> {
+    run: Run<'a>,
+    addr: String,
+    /// Wire path listed.
+    base: Vec<u8>,
+    /// Local destination (the root directory, or the file's path).
+    dst: PathBuf,
+    dirs: Dirs<LocalDir>,
+    deletes: Vec<LocalDelete>,
+    cfg: Arc<PullCfg>,
+    streams: usize,
+}
+
+struct Pull<'a> {
+    core: PullCore<'a>,
+    pool: Pool<PullTask>,
+}
+
+/// Which directory an entry goes into.
+struct Parent {
+    fd: Option<Arc<OwnedFd>>,
+    node: Option<usize>,
+    fresh: bool,
+}
+
+impl<'a> Pull<'a> {
+    fn run(remote: Remote, dst: &Path, opts: &'a CopyOptions, net: &NetOptions, key: &Key) -> Result<Summary, Failure> {
+        let mut ctl = connect(&remote.addr, key, net)?;
+        let shown_root = remote.display(b"");
+        let root = match ctl.stat(&remote.path) {
+            Ok(Some(e)) => e,
+            Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': no such file or directory"))),
+            Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
+            Err(ReqError::Server { message, .. }) => {
+                return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {message}")));
+            }
+        };
+        let dst_md = fs::metadata(dst).ok();
+        let streams = net.streams.max(1);
+        let io_fatal = |what: &str, p: &Path, e: io::Error| Failure::Fatal(format!("{what} '{}': {e}", p.display()));
+        // The destination rule, as for a local copy.
+        let (target, parent_dir) = if root.kind == EntryKind::Dir {
+            if dst_md.as_ref().is_some_and(|m| !m.is_dir()) {
+                return Err(Failure::Usage(format!(
+                    "cannot overwrite non-directory '{}' with directory '{shown_root}'",
+                    dst.display()
+                )));
+            }
+            (dst.to_path_buf(), dst.to_path_buf())
+        } else {
+            let into_dir = dst_md.as_ref().is_some_and(|m| m.is_dir()) || dst.as_os_str().as_bytes().ends_with(b"/");
+            let target = if into_dir {
+                let name = url::file_name(&remote.path);
+                if name.is_empty() {
+                    return Err(Failure::Usage(format!("'{shown_root}' has no file name")));
+                }
+                dst.join(OsStr::from_bytes(name))
+            } else {
+                dst.to_path_buf()
+            };
+            if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                return Err(Failure::Usage(format!(
+                    "cannot overwrite directory '{}' with non-directory '{shown_root}'",
+                    target.display()
+                )));
+            }
+            let parent = match target.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            (target, parent)
+        };
+        let existed = parent_dir.is_dir();
+        if !opts.dry_run {
+            fs::create_dir_all(&parent_dir).map_err(|e| io_fatal("cannot create directory", &parent_dir, e))?;
+        }
+        let root_fd = if opts.dry_run && !existed {
+            None
+        } else {
+            let r = Root::open(&parent_dir).map_err(|e| io_fatal("cannot open directory", &parent_dir, e))?;
+            Some(Arc::new(r.dir(b"").map_err(|e| io_fatal("cannot open directory", &parent_dir, e))?))
+        };
+        let conns = if opts.dry_run {
+            Vec::new()
+        } else {
+            client::pool(&remote.addr, key, streams, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))?
+        };
+        let run = Run::new(opts, streams);
+        let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });
+        let wcfg = cfg.clone();
+        let work: Arc<Work<PullTask>> = Arc::new(move |conn, task, done| pull_task(conn, &wcfg, task, done));
+        let pool = Pool::start(conns, run.stop.clone(), work);
+        let mut pull = Pull {
+            core: PullCore {
+                run,
+                addr: remote.addr.clone(),
+                base: remote.path.clone(),
+                dst: target.clone(),
+                dirs: Dirs::new(),
+                deletes: Vec::new(),
+                cfg,
+                streams,
+            },
+            pool,
+        };
+        if root.kind == EntryKind::Dir {
+            pull.walk(&mut ctl, root_fd, root, !existed);
+        } else {
+            let name = target.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+            let parent = Parent { fd: root_fd, node: None, fresh: !existed };
+            let mut e = root;
+            e.path = name.clone();
+            pull.entry_in(&parent, &name, &name, e, Some(remote.path.clone()));
+        }
+        let Pull { mut core, mut pool } = pull;
+        pool.finish(&mut |d| core.on_event(d));
+        if core.run.may_delete() {
+            core.delete_pass(&target);
+        }
+        drop(pool);
+        ctl.bye();
+        core.run.finish()
+    }
+
+    /// Receive the recursive listing and handle each entry as it arrives.
+    fn walk(&mut self, ctl: &mut Connection, root_fd: Option<Arc<OwnedFd>>, root: EntryMeta, fresh: bool) {
+        let c = &mut self.core;
+        let mtime = mtime_of(&root);
+        let node = c.dirs.open(None, LocalDir { fd: root_fd.clone(), shown: c.dst.clone(), meta: root });
+        c.run.summary.directories += 1;
+        let names = c.run.delete.then(HashSet::new);
+        let mut stack = vec![PullFrame { rel: Vec::new(), fd: root_fd, node: Some(node), fresh, names, mtime }];
+        let base = c.base.clone();
+        let mut stream = match ctl.list(&base, true) {
+            Ok(s) => s,
+            Err(e) => return c.run.broken(e.to_string()),
+        };
+        loop {
+            if self.core.run.halted() {
+                return;
+            }
+            let core = &mut self.core;
+            self.pool.poll(&mut |d| core.on_event(d));
+            let Some(item) = stream.next_entry() else { break };
+            match item {
+                Ok(e) => self.listed(&mut stack, e),
+                Err(e) => {
+                    let shown = url_of(&self.core.addr, &base);
+                    self.core.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
+                }
+            }
+        }
+        while let Some(frame) = stack.pop() {
+            self.core.close_dir(frame);
+        }
+    }
+
+    /// One entry of the listing: checked, then placed in its directory (which must have been listed before it).
+    fn listed(&mut self, stack: &mut Vec<PullFrame>, e: EntryMeta) {
+        let c = &mut self.core;
+        let refuse = |c: &mut PullCore<'_>, why: &str| {
+            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&e.path), c.addr);
+            c.run.fail(m);
+        };
+        let comps = match safe_components(&e.path) {
+            Ok(comps) if !comps.is_empty() => comps,
+            Ok(_) => return refuse(c, "an empty path"),
+            Err(m) => return refuse(c, &format!("{m}; nothing is written outside the destination")),
+        };
+        let (name, parents) = comps.split_last().expect("non-empty");
+        let name = name.to_vec();
+        if stale::is_temporary(OsStr::from_bytes(&name)) {
+            return;
+        }
+        let parent_rel = parents.join(&b'/');
+        let Some(pos) = stack.iter().rposition(|f| f.rel == parent_rel) else {
+            return refuse(c, "it is not inside a directory listed before it (a symlink is never followed)");
+        };
+        while stack.len() > pos + 1 {
+            let f = stack.pop().expect("longer than pos + 1");
+            c.close_dir(f);
+        }
+        let frame = stack.last_mut().expect("pos exists");
+        if frame.node.is_none() {
+            // Inside a directory that could not be made (reported once).
+            return;
+        }
+        if let Some(n) = frame.names.as_mut() {
+            n.insert(name.clone());
+        }
+        let rel = e.path.clone();
+        if sync::excluded(&c.run.opts.filter, url::os_path(&rel), e.kind == EntryKind::Dir) {
+            c.run.summary.excluded += 1;
+            return;
+        }
+        let parent = Parent { fd: frame.fd.clone(), node: frame.node, fresh: frame.fresh };
+        if e.kind == EntryKind::Dir {
+            let f = c.open_dir(&parent, &name, &rel, e);
+            stack.push(f);
+        } else {
+            self.entry_in(&parent, &name, &rel, e, None);
+        }
+    }
+
+    /// A non-directory entry `name` (shown as `rel`) in `parent`. `remote`: its wire path when not `base/rel`.
+    fn entry_in(&mut self, parent: &Parent, name: &[u8], rel: &[u8], e: EntryMeta, remote: Option<Vec<u8>>) {
+        let c = &mut self.core;
+        // A single file (`remote` given) is shown as the destination path itself.
+        let shown = if remote.is_some() { c.dst.clone() } else { c.dst.join(url::os_path(rel)) };
+        let remote = remote.unwrap_or_else(|| join(&c.base, rel));
+        let cname = CString::new(name).expect("wire paths have no NUL");
+        if e.kind == EntryKind::Other {
+            return c.run.skip_special(&url_of(&c.addr, &remote));
+        }
+        let existing = match (&parent.fd, parent.fresh) {
+            (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
+                Ok(st) => st,
+                Err(err) => return c.run.fail(format!("cannot stat '{}': {err}", shown.display())),
+            },
+            _ => None,
+        };
+        let existing = match existing {
+            Some(st) if at::kind(&st) == libc::S_IFDIR => {
+                if !c.replace_local(parent, &cname, &shown, true) {
+                    return;
+                }
+                None
+            }
+            st => st,
+        };
+        if e.kind == EntryKind::Symlink {
+            return c.symlink(parent, &cname, rel, &shown, &e, existing.as_ref());
+        }
+        if let (Some(sync), Some(st)) = (c.run.sync, existing.as_ref().filter(|st| at::kind(st) == libc::S_IFREG)) {
+            let local = Facts { size: st.st_size as u64, mtime: (st.st_mtime, st.st_mtime_nsec) };
+            match sync::verdict(sync, facts(&e), local) {
+                Verdict::Unchanged => return c.unchanged(parent, &cname, rel, &shown, &e, st),
+                Verdict::Skip => {
+                    c.run.summary.unchanged += 1;
+                    return;
+                }
+                Verdict::Transfer | Verdict::CompareDigests => {}
+            }
+        }
+        c.run.item(if existing.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        if c.run.opts.dry_run {
+            c.run.summary.files += 1;
+            c.run.summary.bytes += e.size;
+            return;
+        }
+        let Some(dir_fd) = parent.fd.clone() else { return };
+        c.run.progress.add_total(e.size);
+        c.dirs.add(parent.node);
+        let parts = ranges(e.size, c.streams);
+        let file = PullFile { dir_fd, name: cname, remote, shown, meta: e, dir: parent.node };
+        let Some(parts) = parts else {
+            let core = &mut self.core;
+            self.pool.send(PullTask::Whole(file), &mut |d| core.on_event(d));
+            return;
+        };
+        let tmp = match TempFile::create(&file.dir_fd, &file.name) {
+            Ok(t) => t,
+            Err(err) => {
+                c.run.fail(format!("cannot create '{}': {err}", file.shown.display()));
+                return c.file_done(file.dir, false);
+            }
+        };
+        let big = Arc::new(BigPull {
+            file,
+            tmp,
+            ranges_left: AtomicUsize::new(parts.len()),
+            failure: Mutex::new(None),
+            changed: AtomicBool::new(false),
+        });
+        for (offset, len) in parts {
+            let core = &mut self.core;
+            if !self.pool.send(PullTask::Range { big: big.clone(), offset, len }, &mut |d| core.on_event(d)) {
+                return;
+            }
+        }
+    }
+}
+
+impl PullCore<'_> {
+    /// The control connection streams the listing meanwhile (or is no longer needed): nothing to keep alive.
+    fn on_event(&mut self, e: Option<Done>) {
+        if let Some(d) = e {
+            self.on_done(d);
+        }
+    }
+
+    fn on_done(&mut self, d: Done) {
+        match d {
+            Done::Bytes(n) => {
+                self.run.summary.bytes += n;
+                self.run.progress.inc(n);
+            }
+            Done::File { dir, result } => match result {
+                Ok(retried) => {
+                    self.run.summary.retried += u64::from(retried);
+                    self.file_done(dir, true);
+                }
+                Err(m) => {
+                    self.run.fail(m);
+                    self.file_done(dir, false);
+                }
+            },
+            Done::Broken(m) => self.run.broken(m),
+        }
+    }
+
+    fn file_done(&mut self, dir: Option<usize>, ok: bool) {
+        if ok {
+            self.run.summary.files += 1;
+            self.run.progress.file_done();
+        }
+        let mut finished = Vec::new();
+        self.dirs.done(dir, &mut finished);
+        self.finish_dirs(finished);
+    }
+
+    fn finish_dirs(&mut self, finished: Vec<LocalDir>) {
+        for d in finished {
+            let Some(fd) = d.fd.filter(|_| !self.run.opts.dry_run) else { continue };
+            let owner = self.cfg.owner(&d.meta);
+            if let Err(e) = at::apply(fd.as_raw_fd(), owner, d.meta.mode, mtime_of(&d.meta)) {
+                self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.display()));
+            }
+        }
+    }
+
+    /// Create (or reuse) local directory `name` in `parent` and make it the current one of the listing.
+    fn open_dir(&mut self, parent: &Parent, name: &[u8], rel: &[u8], e: EntryMeta) -> PullFrame {
+        let shown = self.dst.join(url::os_path(rel));
+        let cname = CString::new(name).expect("wire paths have no NUL");
+        let mtime = mtime_of(&e);
+        let mut frame = PullFrame { rel: rel.to_vec(), fd: None, node: None, fresh: true, names: None, mtime };
+        let existing = match (&parent.fd, parent.fresh) {
+            (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
+                Ok(st) => st,
+                Err(err) => {
+                    self.run.fail(format!("cannot stat '{}': {err}", shown.display()));
+                    return frame;
+                }
+            },
+            _ => None,
+        };
+        if existing.is_some_and(|st| at::kind(&st) != libc::S_IFDIR) {
+            if !self.replace_local(parent, &cname, &shown, false) {
+                return frame;
+            }
+            frame.fresh = true;
+        } else {
+            frame.fresh = existing.is_none();
+        }
+        if frame.fresh {
+            self.run.item(Change::Mkdir, rel, true);
+        }
+        let fd = match &parent.fd {
+            Some(pfd) if !self.run.opts.dry_run => {
+                let made = match at::mkdir(pfd.as_raw_fd(), &cname, 0o700) {
+                    Err(err) if err.raw_os_error() == Some(libc::EEXIST) && !frame.fresh => Ok(()),
+                    r => r,
+                };
+                match made.and_then(|()| at::open_dir(pfd.as_raw_fd(), &cname)) {
+                    Ok(fd) => Some(Arc::new(fd)),
+                    Err(err) => {
+                        self.run.fail(format!("cannot create directory '{}': {err}", shown.display()));
+                        return frame;
+                    }
+                }
+            }
+            // A dry run reads existing directories (to compare), and creates none.
+            Some(pfd) if !frame.fresh => at::open_dir(pfd.as_raw_fd(), &cname).ok().map(Arc::new),
+            _ => None,
+        };
+        frame.fd = fd.clone();
+        frame.names = self.run.delete.then(HashSet::new);
+        frame.node = Some(self.dirs.open(parent.node, LocalDir { fd, shown, meta: e }));
+        self.run.summary.directories += 1;
+        frame
+    }
+
+    /// The listing left directory `frame`: note the local names it lacks (`--delete`), finish it when done.
+    fn close_dir(&mut self, frame: PullFrame) {
+        let Some(node) = frame.node else { return };
+        if let (Some(names), Some(fd), false) = (&frame.names, &frame.fd, frame.fresh) {
+            match at::names(fd.as_raw_fd()) {
+                Ok(local) => {
+                    let mut extra: Vec<(CString, bool)> = local
+                        .into_iter()
+                        .filter(|(n, is_dir)| {
+                            let b = n.to_bytes();
+                            !names.contains(b)
+                                && !stale::is_temporary(OsStr::from_bytes(b))
+                                && !sync::excluded(&self.run.opts.filter, url::os_path(&join(&frame.rel, b)), *is_dir)
+                        })
+                        .collect();
+                    if !extra.is_empty() {
+                        extra.sort();
+                        self.deletes.push(LocalDelete { rel: frame.rel.clone(), mtime: frame.mtime, names: extra });
+                    }
+                }
+                Err(e) => {
+                    let shown = self.dst.join(url::os_path(&frame.rel));
+                    self.run.fail(format!("cannot read directory '{}': {e}", shown.display()));
+                }
+            }
+        }
+        let mut finished = Vec::new();
+        self.dirs.walked(node, &mut finished);
+        self.finish_dirs(finished);
+    }
+
+    /// Something of another type is where an entry must go: `sync --delete` removes it, otherwise it is reported.
+    fn replace_local(&mut self, parent: &Parent, name: &CStr, shown: &Path, is_dir: bool) -> bool {
+        if !self.run.delete {
+            let what = if is_dir { "a directory" } else { "a non-directory" };
+            self.run.fail(format!(
+                "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
+                shown.display()
+            ));
+            return false;
+        }
+        if self.run.opts.dry_run {
+            return true;
+        }
+        let Some(fd) = &parent.fd else { return true };
+        let mut failures = Vec::new();
+        let n = if is_dir {
+            remove_tree(fd.as_raw_fd(), name, b"", shown, DeleteMode::Quiet, &self.run.itemizer, &mut failures)
+        } else {
+            match at::unlink(fd.as_raw_fd(), name, false) {
+                Ok(()) => 1,
+                Err(e) => {
+                    failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                    0
+                }
+            }
+        };
+        self.run.summary.deleted += n;
+        let ok = failures.is_empty();
+        for f in failures {
+            self.run.fail(f);
+        }
+        ok
+    }
+
+    fn symlink(
+        &mut self,
+        parent: &Parent,
+        name: &CStr,
+        rel: &[u8],
+        shown: &Path,
+        e: &EntryMeta,
+        existing: Option<&libc::stat>,
+    ) {
+        let fd = parent.fd.as_ref().map(|f| f.as_raw_fd());
+        if self.run.sync.is_some()
+            && let (Some(st), Some(fd)) = (existing, fd)
+            && at::kind(st) == libc::S_IFLNK
+            && at::readlink(fd, name).is_ok_and(|t| t == e.target)
+        {
+            self.run.summary.unchanged += 1;
+            return;
+        }
+        self.run.item(if existing.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        if self.run.opts.dry_run {
+            self.run.summary.symlinks += 1;
+            return;
+        }
+        let Some(fd) = fd else { return };
+        let target = match CString::new(e.target.clone()) {
+            Ok(t) if !t.as_bytes().is_empty() => t,
+            _ => return self.run.fail(format!("cannot create symlink '{}': empty or invalid target", shown.display())),
+        };
+        let tmp = tmp_name(name);
+        let made = at::symlink(&target, fd, &tmp)
+            .and_then(|()| match self.cfg.owner(e) {
+                Some((uid, gid)) => at::lchown(fd, &tmp, uid, gid),
+                None => Ok(()),
+            })
+            .and_then(|()| at::set_mtime_at(fd, &tmp, mtime_of(e)))
+            .and_then(|()| at::rename(fd, &tmp, name));
+        match made {
+            Ok(()) => self.run.summary.symlinks += 1,
+            Err(err) => {
+                let _ = at::unlink(fd, &tmp, false);
+                self.run.fail(format!("cannot create symlink '{}': {err}", shown.display()));
+            }
+        }
+    }
+
+    /// A local file that is already right: fix its permissions, owner and mtime if they differ.
+    fn unchanged(&mut self, parent: &Parent, name: &CStr, rel: &[u8], shown: &Path, e: &EntryMeta, st: &libc::stat) {
+        self.run.summary.unchanged += 1;
+        let id = self.cfg.id;
+        let mode_differs = (st.st_mode & 0o7777) != e.mode;
+        let mtime_differs = (st.st_mtime, st.st_mtime_nsec) != (e.mtime_sec, i64::from(e.mtime_nsec));
+        let owner_differs = (e.uid, e.gid) != (st.st_uid, st.st_gid) && (id.euid == 0 || e.uid == id.euid);
+        if !(mode_differs || mtime_differs || owner_differs) {
+            return;
+        }
+        self.run.item(Change::Attrs, rel, false);
+        let Some(fd) = parent.fd.as_ref().filter(|_| !self.run.opts.dry_run) else { return };
+        let r = at::open_file(fd.as_raw_fd(), name)
+            .and_then(|f| at::apply(f.as_raw_fd(), owner_differs.then_some((e.uid, e.gid)), e.mode, mtime_of(e)));
+        match r {
+            Ok(()) => self.run.summary.attrs_updated += 1,
+            Err(err) => self.run.fail(format!("cannot set permissions and times on '{}': {err}", shown.display())),
+        }
+    }
+
+    /// `sync --delete`: remove the local entries the remote tree does not have, now that every transfer succeeded.
+    fn delete_pass(&mut self, dst: &Path) {
+        let recs = std::mem::take(&mut self.deletes);
+        if recs.is_empty() {
+            return;
+        }
+        let root = match Root::open(dst) {
+            Ok(r) => r,
+            Err(e) => return self.run.fail(format!("cannot open directory '{}': {e}", dst.display())),
+        };
+        let mut failures = Vec::new();
+        if let Some(max) = self.run.sync.and_then(|s| s.max_delete) {
+            let mut count = 0;
+            for rec in &recs {
+                let Ok(dir) = root.dir(&rec.rel) else { continue };
+                for (name, is_dir) in &rec.names {
+                    count += if *is_dir {
+                        remove_tree(
+                            dir.as_raw_fd(),
+                            name,
+                            b"",
+                            dst,
+                            DeleteMode::Count,
+                            &self.run.itemizer,
+                            &mut failures,
+                        )
+                    } else {
+                        1
+                    };
+                }
+            }
+            if count > max {
+                return self.run.fail(format!(
+                    "--max-delete {max}: {count} entries would be deleted from '{}'; nothing was deleted",
+                    dst.display()
+                ));
+            }
+        }
+        let mode = if self.run.opts.dry_run { DeleteMode::DryRun } else { DeleteMode::Delete };
+        for rec in recs {
+            // Opened again beneath the destination, following no symlink.
+            let dir = match root.dir(&rec.rel) {
+                Ok(d) => d,
+                Err(e) => {
+                    let shown = dst.join(url::os_path(&rec.rel));
+                    self.run.fail(format!("cannot open directory '{}': {e}", shown.display()));
+                    continue;
+                }
+            };
+            for (name, is_dir) in &rec.names {
+                let rel = join(&rec.rel, name.to_bytes());
+                let shown = dst.join(url::os_path(&rel));
+                let n = if *is_dir {
+                    remove_tree(dir.as_raw_fd(), name, &rel, &shown, mode, &self.run.itemizer, &mut failures)
+                } else {
+                    self.run.item(Change::Delete, &rel, false);
+                    match mode {
+                        DeleteMode::Delete => match at::unlink(dir.as_raw_fd(), name, false) {
+                            Ok(()) => 1,
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0,
+                            Err(e) => {
+                                failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                                0
+                            }
+                        },
+                        _ => 1,
+                    }
+                };
+                self.run.summary.deleted += n;
+            }
+            if mode == DeleteMode::Delete {
+                // The deletions changed the directory's mtime: give it back the remote one's.
+                let _ = at::set_mtime_at(dir.as_raw_fd(), c".", rec.mtime);
+            }
+        }
+        for f in failures {
+            self.run.fail(f);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DeleteMode {
+    /// Count only.
+    Count,
+    /// Itemize and count.
+    DryRun,
+    /// Itemize, delete and count.
+    Delete,
+    /// Delete and count, without itemizing (a directory in the way of a file).
+    Quiet,
+}
+
+/// Visit directory `name` in `dir` and everything in it, children first: itemized as `rel`, deleted unless
+/// counting or dry. Returns the number of entries (deleted, or that would be).
+fn remove_tree(
+    dir: RawFd,
+    name: &CStr,
+    rel: &[u8],
+    shown: &Path,
+    mode: DeleteMode,
+    itemizer: &Itemizer,
+    failures: &mut Vec<String>,
+) -> u64 {
+    let itemize = matches!(mode, DeleteMode::DryRun | DeleteMode::Delete);
+    let unlink = matches!(mode, DeleteMode::Delete | DeleteMode::Quiet);
+    let fd = match at::open_dir(dir, name) {
+        Ok(fd) => fd,
+        Err(e) => {
+            failures.push(format!("cannot open directory '{}': {e}", shown.display()));
+            return 0;
+        }
+    };
+    let names = match at::names(fd.as_raw_fd()) {
+        Ok(n) => n,
+        Err(e) => {
+            failures.push(format!("cannot read directory '{}': {e}", shown.display()));
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for (child, is_dir) in names {
+        let crel = join(rel, child.to_bytes());
+        let cshown = shown.join(OsStr::from_bytes(child.to_bytes()));
+        if is_dir {
+            n += remove_tree(fd.as_raw_fd(), &child, &crel, &cshown, mode, itemizer, failures);
+            continue;
+        }
+        if itemize {
+            itemizer.item(Change::Delete, url::os_path(&crel), false);
+        }
+        if unlink && let Err(e) = at::unlink(fd.as_raw_fd(), &child, false) {
+            failures.push(format!("cannot delete '{}': {e}", cshown.display()));
+            continue;
+        }
+        n += 1;
+    }
+    if itemize {
+        itemizer.item(Change::Delete, url::os_path(rel), true);
+    }
+    if unlink && let Err(e) = at::unlink(dir, name, true) {
+        failures.push(format!("cannot delete '{}': {e}", shown.display()));
+        return n;
+    }
+    n + 1
+}
+
+/// One worker task of a pull.
+fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender<Done>) -> Result<(), String> {
+    match task {
+        PullTask::Whole(f) => {
+            let result = pull_whole(conn, cfg, &f, done, 1)?;
+            let _ = done.send(Done::File { dir: f.dir, result });
+        }
+        PullTask::Range { big, offset, len } => {
+            if big.failure.lock().expect("not poisoned").is_none() {
+                let f = &big.file;
+                let mut sink = |at: u64, bytes: &[u8]| {
+                    big.tmp.file.write_all_at(bytes, at)?;
+                    let _ = done.send(Done::Bytes(bytes.len() as u64));
+                    Ok(())
+                };
+                let r = conn.get(&f.remote, offset, len, &mut sink);
+                let failure = match r {
+                    Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
+                        big.changed.store(true, Ordering::Release);
+                        None
+                    }
+                    Ok(end) if end.received_to != (offset + len).min(end.size) => Some(short(conn, f, end.received_to)),
+                    Ok(_) => None,
+                    Err(e) => Some(get_failure(conn, f, e)?),
+                };
+                if let Some(m) = failure {
+                    big.failure.lock().expect("not poisoned").get_or_insert(m);
+                }
+            }
+            if big.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let f = &big.file;
+                let failure = big.failure.lock().expect("not poisoned").take();
+                let result = match failure {
+                    Some(m) => Err(m),
+                    None if big.changed.load(Ordering::Acquire) => {
+                        // Changed while the ranges were read: fetched again, whole, by this worker.
+                        refetch(conn, cfg, f, done)?
+                    }
+                    None => finish_pull(cfg, &big.tmp, f, &f.meta).map(|()| 0),
+                };
+                let _ = done.send(Done::File { dir: f.dir, result });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stat the file again and fetch it whole (attempt 2 on).
+fn refetch(
+    conn: &mut Connection,
+    cfg: &PullCfg,
+    f: &PullFile,
+    done: &Sender<Done>,
+) -> Result<Result<u8, String>, String> {
+    let shown = url_of(conn.addr(), &f.remote);
+    match conn.stat(&f.remote) {
+        Ok(Some(m)) if m.kind == EntryKind::File => {
+            let g = PullFile {
+                dir_fd: f.dir_fd.clone(),
+                name: f.name.clone(),
+                remote: f.remote.clone(),
+                shown: f.shown.clone(),
+                meta: EntryMeta { path: f.meta.path.clone(), ..m },
+                dir: f.dir,
+            };
+            Ok(pull_whole(conn, cfg, &g, done, 2)?.map(|r| r + 1))
+        }
+        Ok(Some(_)) => Ok(Err(format!("'{shown}' is no longer a regular file; not copied"))),
+        Ok(None) => Ok(Err(format!("cannot read '{shown}': it was removed while it was copied"))),
+        Err(ReqError::Broken(m)) => Err(m),
+        Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot stat '{shown}': {message}"))),
+    }
+}
+
+fn short(conn: &Connection, f: &PullFile, got: u64) -> String {
+    format!("cannot read '{}': the server's data ended early (at byte {got})", url_of(conn.addr(), &f.remote))
+}
+
+/// The failure line of a `Get`; `Err` for a broken connection.
+fn get_failure(conn: &Connection, f: &PullFile, e: GetError) -> Result<String, String> {
+    let shown = url_of(conn.addr(), &f.remote);
+    Ok(match e {
+        GetError::Req(ReqError::Broken(m)) => return Err(m),
+        GetError::Req(ReqError::Server { message, .. }) => format!("cannot read '{shown}': {message}"),
+        GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.display()),
+        GetError::Corrupt(m) => format!("corrupt data from '{shown}': {m}; nothing was written"),
+    })
+}
+
+/// Set the metadata of a complete temporary and rename it into place.
+fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) -> Result<(), String> {
+    let fd = tmp.file.as_raw_fd();
+    at::apply(fd, cfg.owner(meta), meta.mode, mtime_of(meta))
+        .map_err(|e| format!("cannot set permissions and times on '{}': {e}", f.shown.display()))?;
+    if cfg.fsync {
+        at::fsync(fd).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+    }
+    tmp.commit(&f.name).map_err(|e| format!("cannot rename into place '{}': {e}", f.shown.display()))?;
+    if cfg.fsync {
+        at::fsync(f.dir_fd.as_raw_fd()).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+    }
+    Ok(())
+}
+
+/// Fetch one file whole into a temporary, retrying when it changes while it is read.
+fn pull_whole(
+    conn: &mut Connection,
+    cfg: &PullCfg,
+    f: &PullFile,
+    done: &Sender<Done>,
+    first: u8,
+) -> Result<Result<u8, String>, String> {
+    let shown = url_of(conn.addr(), &f.remote);
+    let mut meta = f.meta.clone();
+    let mut attempt = first;
+    loop {
+        let tmp = match TempFile::create(&f.dir_fd, &f.name) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
+        };
+        let mut sink = |at: u64, bytes: &[u8]| {
+            tmp.file.write_all_at(bytes, at)?;
+            let _ = done.send(Done::Bytes(bytes.len() as u64));
+            Ok(())
+        };
+        let end = match conn.get(&f.remote, 0, meta.size, &mut sink) {
+            Ok(end) => end,
+            Err(e) => return Ok(Err(get_failure(conn, f, e)?)),
+        };
+        if (end.size, end.mtime) == (meta.size, mtime_of(&meta)) {
+            if end.received_to != meta.size {
+                return Ok(Err(short(conn, f, end.received_to)));
+            }
+            return Ok(finish_pull(cfg, &tmp, f, &meta).map(|()| attempt - first));
+        }
+        drop(tmp);
+        if attempt >= SOURCE_ATTEMPTS_MAX {
+            return Ok(Err(format!(
+                "source changed while copying '{shown}': its size or mtime changed while it was read (it kept \
+                 changing during {SOURCE_ATTEMPTS_MAX} attempts)"
+            )));
+        }
+        attempt += 1;
+        match conn.stat(&f.remote) {
+            Ok(Some(m)) if m.kind == EntryKind::File => meta = EntryMeta { path: meta.path, ..m },
+            Ok(Some(_)) => return Ok(Err(format!("'{shown}' is no longer a regular file; not copied"))),
+            Ok(None) => return Ok(Err(format!("cannot read '{shown}': it was removed while it was copied"))),
+            Err(ReqError::Broken(m)) => return Err(m),
+            Err(ReqError::Server { message, .. }) => return Ok(Err(format!("cannot stat '{shown}': {message}"))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// list
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `fastsync list fastsync://host/path`: the same lines as a local listing, one directory's entries at a time
+/// (each directory is listed on its own and sorted by name, so the order is the local one whatever the server's).
+pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failure> {
+    if args.checksum {
+        return Err(Failure::Usage("list --checksum is not supported for fastsync:// paths yet".into()));
+    }
+    let remote = parse_url(&args.path)?;
+    let shown = remote.display(b"");
+    let key = load_key(net, &shown)?;
+    let mut conn = connect(&remote.addr, &key, net)?;
+    let root = match conn.stat(&remote.path) {
+        Ok(Some(e)) => e,
+        Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown}': no such file or directory"))),
+        Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
+        Err(ReqError::Server { message, .. }) => {
+            return Err(Failure::Fatal(format!("cannot stat '{shown}': {message}")));
+        }
+    };
+    let mut l = RemoteLister {
+        conn: &mut conn,
+        addr: remote.addr.clone(),
+        out: BufWriter::with_capacity(64 << 10, io::stdout().lock()),
+        human: args.human_readable,
+        json,
+        errors: 0,
+    };
+    let r = l.run(&remote.path, root, args.recursive);
+    let errors = l.errors;
+    let flushed = l.out.flush();
+    drop(l);
+    conn.bye();
+    match r.and(flushed.map_err(Halt::Write)) {
+        Ok(()) => Ok(if errors > 0 { exit::PARTIAL } else { exit::OK }),
+        Err(Halt::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(exit::PARTIAL),
+        Err(Halt::Write(e)) => Err(Failure::Fatal(format!("error writing 'standard output': {e}"))),
+        Err(Halt::Broken(m)) => Err(Failure::Fatal(m)),
+    }
+}
+
+enum Halt {
+    Write(io::Error),
+    Broken(String),
+}
+
+struct RemoteLister<'c, W: Write> {
+    conn: &'c mut Connection,
+    addr: String,
+    out: W,
+    human: bool,
+    json: bool,
+    errors: u64,
+}
+
+impl<W: Write> RemoteLister<'_, W> {
+    fn run(&mut self, path: &[u8], root: EntryMeta, recursive: bool) -> Result<(), Halt> {
+        if root.kind != EntryKind::Dir {
+            let name = if path.is_empty() { path } else { url::file_name(path) };
+            return self.line(name, &root);
+        }
+        let Some(entries) = self.read_dir(path)? else { return Ok(()) };
+        let mut stack: Vec<(Vec<u8>, std::vec::IntoIter<EntryMeta>)> = vec![(Vec::new(), entries.into_iter())];
+        while let Some((dir_rel, entries)) = stack.last_mut() {
+            let Some(e) = entries.next() else {
+                stack.pop();
+                continue;
+            };
+            let rel = join(dir_rel, &e.path);
+            self.line(&rel, &e)?;
+            if recursive
+                && e.kind == EntryKind::Dir
+                && let Some(sub) = self.read_dir(&join(path, &rel))?
+            {
+                stack.push((rel, sub.into_iter()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of remote directory `path`, sorted by name; `None` (reported) when it cannot be listed.
+    fn read_dir(&mut self, path: &[u8]) -> Result<Option<Vec<EntryMeta>>, Halt> {
+        let mut entries = Vec::new();
+        let mut errors = Vec::new();
+        let mut stream = self.conn.list(path, false).map_err(|e| Halt::Broken(e.to_string()))?;
+        let mut listed = true;
+        while let Some(r) = stream.next_entry() {
+            match r {
+                Ok(e) if safe_components(&e.path).is_ok_and(|c| c.len() == 1) => entries.push(e),
+                Ok(e) => errors.push(format!("refused entry '{}' listed by {}: not a name", lossy(&e.path), self.addr)),
+                Err(ReqError::Broken(m)) => return Err(Halt::Broken(m)),
+                Err(ReqError::Server { message, .. }) => {
+                    errors.push(format!("cannot read directory '{}': {message}", url_of(&self.addr, path)));
+                    listed = false;
+                }
+            }
+        }
+        for e in errors {
+            self.error(&e)?;
+        }
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        Ok(listed.then_some(entries))
+    }
+
+    fn error(&mut self, msg: &str) -> Result<(), Halt> {
+        self.errors += 1;
+        self.out.flush().map_err(Halt::Write)?;
+        eprintln!("fastsync: {msg}");
+        Ok(())
+    }
+
+    fn line(&mut self, rel: &[u8], e: &EntryMeta) -> Result<(), Halt> {
+        let kind = match e.kind {
+            EntryKind::File => list::Kind::File,
+            EntryKind::Dir => list::Kind::Dir,
+            EntryKind::Symlink => list::Kind::Symlink,
+            EntryKind::Other => list::Kind::Other,
+        };
+        let entry = list::Entry {
+            rel: url::os_path(rel).to_path_buf(),
+            kind,
+            mode: e.mode,
+            size: e.size,
+            mtime_sec: e.mtime_sec,
+            mtime_nsec: i64::from(e.mtime_nsec),
+            target: (e.kind == EntryKind::Symlink).then(|| url::os_path(&e.target).to_path_buf()),
+        };
+        self.out.write_all(&list::entry_line(&entry, self.human, self.json)).map_err(Halt::Write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_files_are_cut_into_chunk_aligned_ranges() {
+        assert_eq!(ranges(CHUNK, 4), None);
+        assert_eq!(ranges(100 << 20, 1), None);
+        let r = ranges((40 << 20) + 5, 4).unwrap();
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|(o, l)| o % CHUNK == 0 && *l > 0));
+        assert_eq!(r.iter().map(|(_, l)| l).sum::<u64>(), (40 << 20) + 5);
+        let r = ranges(1 << 30, 4).unwrap();
+        assert!(r.iter().all(|(_, l)| *l <= RANGE_BYTES_MAX));
+        assert_eq!(r.windows(2).filter(|w| w[0].0 + w[0].1 != w[1].0).count(), 0);
+    }
+
+    #[test]
+    fn directories_finish_after_their_contents() {
+        let mut d: Dirs<&str> = Dirs::new();
+        let mut out = Vec::new();
+        let root = d.open(None, "root");
+        let sub = d.open(Some(root), "sub");
+        d.add(Some(sub));
+        d.walked(sub, &mut out);
+        d.walked(root, &mut out);
+        assert!(out.is_empty());
+        d.done(Some(sub), &mut out);
+        assert_eq!(out, ["sub", "root"]);
+    }
+}

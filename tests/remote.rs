@@ -1,0 +1,478 @@
+//! `copy`, `sync` and `list` with a `fastsync://` side, against a real `fastsync serve` process on 127.0.0.1:0 (and,
+//! for what a real server never does, a small hostile server speaking the wire format).
+
+#[macro_use]
+#[allow(unused_macros)] // both_engines: these cases run no engine
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fastsync::net::auth::{self, Key};
+use fastsync::net::wire::{self, EntryKind, EntryMeta, Msg, code};
+
+const TOKEN: &str = "remote-test-token-51aa0e";
+
+/// A running `fastsync serve ROOT --listen 127.0.0.1:0`, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+}
+
+impl Server {
+    fn start(root: &Path, token_file: &Path) -> Server {
+        Server::start_with(root, token_file, &[])
+    }
+
+    fn start_with(root: &Path, token_file: &Path, extra: &[&str]) -> Server {
+        fs::create_dir_all(root).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").arg(root).args(["--listen", "127.0.0.1:0", "--token-file"]).arg(token_file).args(extra);
+        for var in ["TOKEN", "ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "CONFIG"] {
+            cmd.env_remove(format!("FASTSYNC_{var}"));
+        }
+        cmd.env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests");
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("serve started");
+            // fastsync: serving ROOT on 127.0.0.1:PORT
+            if let Some(at) = line.rfind(" on 127.0.0.1:") {
+                let rest = &line[at + " on 127.0.0.1:".len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                break digits.parse().unwrap();
+            }
+        };
+        Server { child, port, root: root.to_path_buf() }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `fastsync://127.0.0.1:PORT/path`.
+    fn url(&self, path: &str) -> String {
+        format!("fastsync://127.0.0.1:{}/{path}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A case's directories: the served root, the local side, and the token file.
+struct Case {
+    dir: tempfile::TempDir,
+    token: PathBuf,
+}
+
+impl Case {
+    fn new() -> Case {
+        let dir = tmp();
+        let token = dir.path().join("token");
+        fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        Case { dir, token }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn serve(&self) -> Server {
+        Server::start(&self.path("served"), &self.token)
+    }
+
+    /// `fastsync --token-file TOKEN` (arguments follow).
+    fn cmd(&self) -> Cmd {
+        fastsync().arg("--token-file").arg(&self.token)
+    }
+}
+
+fn json_summary(out: &Output) -> serde_json::Value {
+    let text = out.stdout_str();
+    let last = text.lines().last().unwrap_or_default().to_string();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {text}"))
+}
+
+/// The small tree, plus an empty file, nested empty directories and a few modes.
+fn tree_with_empty_dirs(root: &Path) {
+    build_small_tree(root);
+    mkdirs(&root.join("sub/empty/nested"));
+    write_file(&root.join("sub/empty_file"), b"");
+    chmod(&root.join("sub/deep/d.bin"), 0o600);
+    chmod(&root.join("b.bin"), 0o755);
+    set_times(&root.join("sub/empty_file"), 1_300_000_500, 42);
+    stamp_dir_times(root, 1_200_000_000);
+}
+
+#[test]
+fn push_a_tree() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    tree_with_empty_dirs(&src);
+    let out = c.cmd().args(["copy", "--json"]).arg(&src).arg(srv.url("backup/tree")).run();
+    out.assert_success();
+    compare_trees(&src, &srv.root.join("backup/tree"), CompareOpts::default());
+    let s = json_summary(&out);
+    let (files, _, symlinks, bytes) = tree_counts(&src);
+    assert_eq!(s["engine"], "net");
+    assert_eq!((s["files"].as_u64(), s["symlinks"].as_u64()), (Some(files), Some(symlinks)));
+    assert_eq!((s["bytes"].as_u64(), s["errors"].as_u64()), (Some(bytes), Some(0)));
+}
+
+#[test]
+fn pull_a_tree() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("data/tree");
+    tree_with_empty_dirs(&remote);
+    let dst = c.path("local/copy");
+    let out = c.cmd().args(["copy", "--stats"]).arg(srv.url("data/tree")).arg(&dst).run();
+    out.assert_success();
+    compare_trees(&remote, &dst, CompareOpts::default());
+    out.check(out.stdout_str().contains("engine: net"), "--stats names the net engine");
+    // A single file, into an existing directory (the copy rule).
+    let one = c.cmd().arg("copy").arg(srv.url("data/tree/a.txt")).arg(with_slash(&c.path("local"))).run();
+    one.assert_success();
+    assert_same_bytes(&remote.join("a.txt"), &c.path("local/a.txt"));
+    assert_eq!(entry_of(&c.path("local/a.txt")).mtime, entry_of(&remote.join("a.txt")).mtime);
+}
+
+#[test]
+fn a_large_file_goes_both_ways_over_four_streams() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    // Several 4 MiB chunks and a ragged end, cut into ranges over the four connections.
+    write_big_file(&big, 0xB16, (40 << 20) + 12_345);
+    set_times(&big, 1_500_000_000, 7);
+    c.cmd().args(["copy", "--streams", "4"]).arg(&big).arg(srv.url("in/")).run().assert_success();
+    let pushed = srv.root.join("in/big.bin");
+    assert_eq!(digest(&pushed), digest(&big));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 7));
+    let back = c.path("back/big.bin");
+    c.cmd().args(["copy", "--streams", "4"]).arg(srv.url("in/big.bin")).arg(&back).run().assert_success();
+    assert_eq!(digest(&back), digest(&big));
+    assert_eq!(entry_of(&back).mtime, (1_500_000_000, 7));
+    assert_no_tmp(&c.path("back"));
+    assert_no_tmp(&srv.root);
+}
+
+#[test]
+fn sync_push_twice_transfers_nothing_the_second_time() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    tree_with_empty_dirs(&src);
+    c.cmd().arg("sync").arg(&src).arg(srv.url("mirror")).run().assert_success();
+    let again = c.cmd().arg("sync").arg(&src).arg(srv.url("mirror")).run();
+    again.assert_success();
+    again.check(again.stderr_str().contains("0 bytes transferred"), "a no-op sync says so");
+    let json = c.cmd().args(["sync", "--json"]).arg(&src).arg(srv.url("mirror")).run();
+    let s = json_summary(&json);
+    assert_eq!((s["files"].as_u64(), s["bytes"].as_u64(), s["deleted"].as_u64()), (Some(0), Some(0), Some(0)));
+    compare_trees(&src, &srv.root.join("mirror"), CompareOpts::default());
+    // A changed file and a new one are sent; --delete removes what the source no longer has.
+    write_file(&src.join("a.txt"), b"changed");
+    write_file(&src.join("new.txt"), b"new");
+    fs::remove_dir_all(src.join("other")).unwrap();
+    stamp_dir_times(&src, 1_200_000_000);
+    let dry = c.cmd().args(["sync", "-n", "--delete"]).arg(&src).arg(srv.url("mirror")).run();
+    dry.assert_success();
+    let mut lines: Vec<String> = dry.stdout_str().lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["copy   new.txt", "delete other/", "delete other/f", "update a.txt"]);
+    assert!(srv.root.join("mirror/other/f").exists(), "a dry run deletes nothing");
+    c.cmd().args(["sync", "--delete"]).arg(&src).arg(srv.url("mirror")).run().assert_success();
+    compare_trees(&src, &srv.root.join("mirror"), CompareOpts::default());
+}
+
+#[test]
+fn sync_pull_with_delete_and_dry_run() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("tree");
+    tree_with_empty_dirs(&remote);
+    let dst = c.path("dst");
+    c.cmd().arg("sync").arg(srv.url("tree")).arg(&dst).run().assert_success();
+    compare_trees(&remote, &dst, CompareOpts::default());
+    // Extraneous local entries, and a changed remote file.
+    write_file(&dst.join("extra.txt"), b"extra");
+    mkdirs(&dst.join("sub/gone/inner"));
+    write_file(&dst.join("sub/gone/inner/x"), b"x");
+    write_file(&remote.join("sub/c.txt"), b"new content");
+    stamp_dir_times(&remote, 1_200_000_000);
+    let dry = c.cmd().args(["sync", "-n", "--delete"]).arg(srv.url("tree")).arg(&dst).run();
+    dry.assert_success();
+    assert_eq!(
+        dry.stdout_str(),
+        "update sub/c.txt\ndelete sub/gone/inner/x\ndelete sub/gone/inner/\ndelete sub/gone/\ndelete extra.txt\n"
+    );
+    assert!(dst.join("extra.txt").exists() && dst.join("sub/gone/inner/x").exists(), "a dry run changes nothing");
+    let max = c.cmd().args(["sync", "--delete", "--max-delete", "2"]).arg(srv.url("tree")).arg(&dst).run();
+    max.assert_code(1);
+    assert!(max.stderr_str().contains("--max-delete 2: 4 entries would be deleted"), "{}", max.stderr_str());
+    assert!(dst.join("extra.txt").exists());
+    let real = c.cmd().args(["sync", "--delete", "-i"]).arg(srv.url("tree")).arg(&dst).run();
+    real.assert_success();
+    compare_trees(&remote, &dst, CompareOpts::default());
+}
+
+#[test]
+fn list_a_remote_directory_like_a_local_one() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("tree");
+    tree_with_empty_dirs(&remote);
+    for flags in [&["-R"][..], &["-R", "--json"], &["-h"], &["-R", "-h"]] {
+        let local = fastsync().arg("list").args(flags).arg(&remote).run();
+        local.assert_success();
+        let net = c.cmd().arg("list").args(flags).arg(srv.url("tree")).run();
+        net.assert_success();
+        assert_eq!(net.stdout_str(), local.stdout_str(), "list {flags:?}");
+    }
+    let file = c.cmd().args(["list", "--json"]).arg(srv.url("tree/a.txt")).run();
+    file.assert_success();
+    assert_eq!(file.stdout_str(), fastsync().args(["list", "--json"]).arg(remote.join("a.txt")).run().stdout_str());
+    let missing = c.cmd().arg("list").arg(srv.url("nope")).run();
+    missing.assert_code(1);
+    let checksum = c.cmd().args(["list", "--checksum"]).arg(srv.url("tree")).run();
+    checksum.assert_code(2);
+}
+
+#[test]
+fn a_read_only_server_is_refused_up_front_and_still_read() {
+    let c = Case::new();
+    let root = c.path("served");
+    tree_with_empty_dirs(&root.join("tree"));
+    let srv = Server::start_with(&root, &c.token, &["--read-only"]);
+    let src = c.path("src");
+    tree_with_empty_dirs(&src);
+    let out = c.cmd().arg("copy").arg(&src).arg(srv.url("new")).run();
+    out.assert_code(1);
+    let lines = out.stderr_lines();
+    assert!(lines.len() == 1 && lines[0].contains("read-only"), "{lines:?}");
+    assert!(!root.join("new").exists());
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(c.path("back")).run().assert_success();
+    compare_trees(&root.join("tree"), &c.path("back"), CompareOpts::default());
+}
+
+#[test]
+fn a_wrong_token_is_refused() {
+    let c = Case::new();
+    let srv = c.serve();
+    let wrong = c.path("wrong");
+    fs::write(&wrong, "not-the-token").unwrap();
+    mkdirs(&c.path("src"));
+    let out = fastsync().arg("--token-file").arg(&wrong).arg("copy").arg(c.path("src")).arg(srv.url("x")).run();
+    out.assert_code(1);
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("fastsync: authentication failed: the server rejected the token"), "{lines:?}");
+    assert!(!srv.root.join("x").exists());
+}
+
+#[test]
+fn a_missing_token_is_a_usage_error() {
+    let c = Case::new();
+    let srv = c.serve();
+    mkdirs(&c.path("src"));
+    let out = fastsync().arg("copy").arg(c.path("src")).arg(srv.url("x")).run();
+    out.assert_code(2);
+    assert!(out.stderr_str().contains("token"), "{}", out.stderr_str());
+}
+
+#[test]
+fn connection_refused_is_one_line_naming_the_address() {
+    let c = Case::new();
+    // A port nobody listens on: bound, then closed.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    mkdirs(&c.path("src"));
+    let out = c.cmd().arg("copy").arg(c.path("src")).arg(format!("fastsync://127.0.0.1:{port}/x")).run();
+    out.assert_code(1);
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with(&format!("fastsync: cannot connect to 127.0.0.1:{port}: ")), "{lines:?}");
+    assert!(lines[0].contains("refused"), "{lines:?}");
+}
+
+#[test]
+fn bad_urls_are_usage_errors() {
+    let c = Case::new();
+    mkdirs(&c.path("src"));
+    for url in ["fastsync://", "fastsync://h:0/x", "fastsync://h/../x", "fastsync://::1/x"] {
+        let out = c.cmd().arg("copy").arg(c.path("src")).arg(url).run();
+        out.assert_code(2);
+        let lines = out.stderr_lines();
+        assert!(lines.len() == 1 && lines[0].contains(url) && lines[0].contains("invalid URL"), "{url}: {lines:?}");
+    }
+    let out = c.cmd().arg("list").arg("fastsync://h:x/").run();
+    out.assert_code(2);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A hostile server
+// ---------------------------------------------------------------------------------------------------------------
+
+fn meta(path: &[u8], kind: EntryKind, size: u64, target: &[u8]) -> EntryMeta {
+    EntryMeta {
+        path: path.to_vec(),
+        kind,
+        mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size,
+        mtime_sec: 1_600_000_000,
+        mtime_nsec: 0,
+        target: target.to_vec(),
+    }
+}
+
+/// Speaks the protocol with the right token, and lists entries that leave the destination; a file whose data is
+/// corrupt in transit.
+fn hostile_server(outside: PathBuf) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let outside = outside.clone();
+            std::thread::spawn(move || hostile_connection(stream, &outside));
+        }
+    });
+    port
+}
+
+fn hostile_connection(mut s: TcpStream, outside: &Path) {
+    if auth::server(&mut s, &Key::from_token(TOKEN.as_bytes()), false).is_err() {
+        return;
+    }
+    let outside = outside.as_os_str().as_encoded_bytes().to_vec();
+    let mut evil_abs = outside.clone();
+    evil_abs.extend_from_slice(b"/abs");
+    while let Ok(msg) = wire::read_msg(&mut s) {
+        let replies = match msg {
+            Msg::Stat { .. } => vec![Msg::Entry(meta(b"", EntryKind::Dir, 0, b""))],
+            Msg::List { .. } => vec![
+                Msg::Entry(meta(b"../evil", EntryKind::File, 4, b"")),
+                Msg::Entry(meta(&evil_abs, EntryKind::File, 4, b"")),
+                Msg::Entry(meta(b"a", EntryKind::Symlink, 0, &outside)),
+                Msg::Entry(meta(b"a/x", EntryKind::File, 4, b"")),
+                Msg::Entry(meta(b"corrupt", EntryKind::File, 4, b"")),
+                Msg::ListEnd,
+            ],
+            Msg::Get { .. } => vec![
+                Msg::Data { offset: 0, digest: [0; 32], bytes: b"evil".to_vec() },
+                Msg::DataEnd { size: 4, mtime_sec: 1_600_000_000, mtime_nsec: 0 },
+            ],
+            Msg::Bye => return,
+            _ => vec![Msg::Error { code: code::PROTOCOL, message: "no".into() }],
+        };
+        for r in replies {
+            if wire::write_msg(&mut s, &r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_hostile_server_cannot_write_outside_the_destination() {
+    let c = Case::new();
+    let outside = c.path("outside");
+    mkdirs(&outside);
+    let port = hostile_server(outside.clone());
+    let dst = c.path("in/dst");
+    let out = c.cmd().arg("copy").arg(format!("fastsync://127.0.0.1:{port}/")).arg(&dst).run();
+    out.assert_code(1);
+    let refused: Vec<String> = out.stderr_lines().into_iter().filter(|l| l.contains("refused entry")).collect();
+    assert_eq!(refused.len(), 3, "one line per entry that leaves: {:?}", out.stderr_lines());
+    for name in ["../evil", "/abs", "a/x"] {
+        assert!(refused.iter().any(|l| l.contains(name)), "{name} not refused: {refused:?}");
+    }
+    assert!(out.stderr_str().contains("corrupt data"), "{}", out.stderr_str());
+    // Nothing outside, nothing through the symlink, no corrupt file, no temporaries.
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    assert!(!c.path("in/evil").exists() && !c.path("evil").exists());
+    let names: Vec<_> = fs::read_dir(&dst).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["a"], "only the symlink itself was made");
+    assert_eq!(fs::read_link(dst.join("a")).unwrap(), outside);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A server killed mid-transfer
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn a_server_killed_mid_pull_leaves_nothing_partial_and_a_rerun_finishes() {
+    let c = Case::new();
+    let mut srv = c.serve();
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0x5EED, 256 << 20);
+    write_file(&srv.root.join("small.txt"), b"small");
+    let dst = c.path("dst");
+    let mut child = Command::new(bin())
+        .arg("--token-file")
+        .arg(&c.token)
+        .args(["copy", "--streams", "2"])
+        .arg(srv.url(""))
+        .arg(&dst)
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the server once part of the big file has arrived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial =
+            fs::read_dir(&dst).ok().into_iter().flatten().flatten().any(|e| {
+                e.file_name().to_string_lossy().contains(".fstmp-") && e.metadata().is_ok_and(|m| m.len() > 0)
+            });
+        if partial {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pull never started");
+        assert!(child.try_wait().unwrap().is_none(), "the pull finished before the server could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    srv.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {lines:?}");
+    assert!(lines[0].contains(&srv.addr()), "the line names the server: {lines:?}");
+    assert!(!dst.join("big.bin").exists(), "nothing partial under a final name");
+    assert_no_tmp(&dst);
+    // Restarted (on another port), the same command finishes the work.
+    let srv = Server::start(&srv.root.clone(), &c.token);
+    c.cmd().arg("copy").arg(srv.url("")).arg(&dst).run().assert_success();
+    assert_eq!(digest(&dst.join("big.bin")), digest(&big));
+    compare_trees(&srv.root, &dst, CompareOpts::default());
+}
