@@ -154,12 +154,7 @@ pub fn run(
     if let Some(marker) = marker
         && exec.interrupted.is_none()
     {
-        let _ = fs::remove_file(marker);
-        // Removing the marker touched the top directory: give it back the source's times.
-        if root_md.is_dir() && !exec.opts.dry_run {
-            let spec = FinishSpec { times: Some(meta::times(&root_md)), ..Default::default() };
-            let _ = meta::apply_by_path(&target, &spec, false);
-        }
+        marker.finish();
     }
     let mut summary = exec.st.summary;
     summary.interrupted = exec.interrupted;
@@ -274,6 +269,11 @@ struct DirNode {
     parent: Option<usize>,
     /// The directory passes its group to new files (set-group-ID bit), so `chown` is never a no-op in it.
     setgid: bool,
+    /// It existed with the source's permissions, owner and mtime already: unless something is created in it, its
+    /// metadata is left alone (a no-op sync touches no directory).
+    in_place: bool,
+    /// Something was (or will be) created, replaced or removed in it.
+    touched: bool,
 }
 
 /// A large file copied in ranges, and the ranges not yet handed to the engine.
@@ -407,20 +407,21 @@ struct Entry<'p> {
 }
 
 impl Exec<'_> {
-    /// Drop this run's marker where temporaries will be written, noting whether a dead run left one.
-    fn start_marker(&mut self, target: &Path, is_dir: bool) -> Option<PathBuf> {
+    /// Leave this run's marker for the destination, noting whether a dead run left one (see `stale`).
+    fn start_marker(&mut self, target: &Path, is_dir: bool) -> Option<stale::RunMarker> {
         if self.opts.dry_run {
             return None;
         }
         let dir = if is_dir { target.to_path_buf() } else { parent_or_dot(target) };
-        self.scan_stale = stale::stale_marker_in(&dir);
+        // The directory must exist to be named canonically; the walk creates it anyway.
+        fs::create_dir_all(&dir).ok()?;
+        let marker = stale::RunMarker::start(&dir)?;
+        self.scan_stale = marker.dead_runs_found();
         if !is_dir && self.scan_stale {
             let (removed, failures) = stale::clean_dir(&dir, None);
             self.note_cleaned(removed, failures);
         }
-        let marker = stale::marker(&dir);
-        // Without a marker (e.g. the directory does not exist yet) a crash only costs the next run its cleanup.
-        fs::create_dir_all(&dir).ok().and_then(|()| fs::write(&marker, b"").ok()).map(|()| marker)
+        Some(marker)
     }
 
     fn note_cleaned(&mut self, removed: u64, failures: Vec<String>) {
@@ -620,6 +621,7 @@ impl Exec<'_> {
         if fresh && !rel.as_os_str().is_empty() {
             self.itemizer.item(Change::Mkdir, rel, true);
         }
+        let mut cleaned = false;
         if !self.opts.dry_run {
             if let Err(e) = make_dir(dst) {
                 self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
@@ -627,6 +629,7 @@ impl Exec<'_> {
             }
             if !fresh && self.scan_stale {
                 let (removed, failures) = stale::clean_dir(dst, Some(src));
+                cleaned = removed > 0;
                 self.note_cleaned(removed, failures);
             }
         }
@@ -661,6 +664,17 @@ impl Exec<'_> {
                 return None;
             }
         };
+        let in_place = !self.opts.preserve.xattrs
+            && existing.as_ref().is_some_and(|m| {
+                m.is_dir()
+                    && (m.mode() ^ md.mode()) & 0o7777 == 0
+                    && (m.mtime(), m.mtime_nsec()) == (md.mtime(), md.mtime_nsec())
+                    // An ordinary user cannot give a directory away: the owner only matters to root.
+                    && ((m.uid(), m.gid()) == (md.uid(), md.gid()) || self.id.euid != 0)
+            });
+        if fresh && let Some(p) = parent {
+            self.st.dirs.get_mut(p).touched = true;
+        }
         let dir = self.st.dirs.insert(DirNode {
             dst: dst.to_path_buf(),
             spec,
@@ -668,8 +682,10 @@ impl Exec<'_> {
             walked: false,
             parent,
             setgid,
-            // A dry run changes nothing, not even directory metadata.
+            in_place,
+            touched: cleaned,
         });
+        // A dry run changes nothing, not even directory metadata.
         if self.opts.dry_run {
             self.st.dirs.get_mut(dir).spec = FinishSpec::default();
         }
@@ -803,6 +819,7 @@ impl Exec<'_> {
                     };
                     if !same {
                         self.itemizer.item(Change::Copy, e.rel, false);
+                        self.st.touch(e.dir);
                         self.st.make_link(&first, e.dst);
                     }
                 }
@@ -906,6 +923,7 @@ impl Exec<'_> {
             self.st.summary.symlinks += 1;
             return Ok(());
         }
+        self.st.touch(e.dir);
         match self.symlink(&target, e.dst, e.md) {
             Ok(()) => self.st.summary.symlinks += 1,
             Err(msg) => self.st.fail(msg),
@@ -950,6 +968,7 @@ impl Exec<'_> {
             }
         };
         spec.source_stamp = Some(stamp_of(md, self.opts.dereference));
+        self.st.touch(dir);
         let size = md.size();
         let sparse = meta::looks_sparse(md);
         if attempt == 1 {
@@ -1263,6 +1282,7 @@ impl State {
             _ => Vec::new(),
         };
         for (name, dir) in waiters {
+            self.touch(dir);
             self.make_link(dst, &name);
             if let Some(d) = dir {
                 self.child_done(d);
@@ -1282,6 +1302,13 @@ impl State {
         }
     }
 
+    /// Something is being created, replaced or removed in directory `dir`: its metadata must be set again.
+    fn touch(&mut self, dir: Option<usize>) {
+        if let Some(d) = dir {
+            self.dirs.get_mut(d).touched = true;
+        }
+    }
+
     fn child_done(&mut self, dir: usize) {
         self.dirs.get_mut(dir).pending -= 1;
         self.maybe_finish_dir(dir);
@@ -1296,7 +1323,9 @@ impl State {
                 return;
             }
             let node = self.dirs.remove(dir);
-            if let Err(e) = meta::apply_by_path(&node.dst, &node.spec, false) {
+            if (!node.in_place || node.touched)
+                && let Err(e) = meta::apply_by_path(&node.dst, &node.spec, false)
+            {
                 self.fail(format!("{} '{}': {}", e.what, node.dst.display(), e.source));
             }
             match node.parent {

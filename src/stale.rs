@@ -5,10 +5,14 @@
 //! - `.NAME.fstmp-part` and `.NAME.fstmp-journal`: a large file and its resume journal (see
 //!   `fastsync_engine::journal`), kept by an interrupted run so that the next one continues where it stopped.
 //!
-//! A run also drops a marker, `.fastsync-run.fstmp-PID-0`, in the top destination directory and removes it only
-//! when it ends without an error. A later run that finds the marker of a dead process knows that temporaries may be
-//! left, and cleans every destination directory it visits: stale per-process temporaries are removed, and partial
-//! files whose source is gone are removed with their journals. Runs that follow clean runs never pay for the scan.
+//! A run also leaves a marker while it works, outside the destination (so a no-op sync changes nothing there, not
+//! even a directory's ctime): `$XDG_STATE_HOME/fastsync/runs/KEY.PID` (else `~/.local/state/...`), where KEY is a
+//! digest of the destination directory's canonical path. It is removed when the run ends without being interrupted.
+//! A later run on the same destination that finds the marker of a dead process knows that temporaries may be left,
+//! and cleans every destination directory it visits: stale per-process temporaries are removed, and partial files
+//! whose source is gone are removed with their journals. Runs that follow clean runs never pay for the scan. Where
+//! no state directory can be written, there is no marker, and stale temporaries are only cleaned by `sync --delete`
+//! (which skips them) or by hand.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -19,9 +23,15 @@ use std::path::{Path, PathBuf};
 /// The part of every temporary name that marks it as ours.
 pub const MARK: &[u8] = b".fstmp-";
 
-/// Temporary name for `dst` in process `pid`, number `seq`.
+/// This process's id, read once (it is part of every temporary name; `getpid` per file showed in profiles).
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
+/// Temporary name for `dst` in this process, number `seq`.
 pub fn unique(dst: &Path, seq: u64) -> PathBuf {
-    with_suffix(dst, format!("{}-{seq}", std::process::id()).as_bytes())
+    with_suffix(dst, format!("{}-{seq}", pid()).as_bytes())
 }
 
 /// The stable name a resumable large file is written under.
@@ -51,20 +61,61 @@ pub fn is_temporary(name: &OsStr) -> bool {
     name.as_bytes().windows(MARK.len()).any(|w| w == MARK)
 }
 
-/// The run marker of this process in `dir`.
-pub fn marker(dir: &Path) -> PathBuf {
-    dir.join(format!(".fastsync-run{}{}-0", std::str::from_utf8(MARK).expect("ascii"), std::process::id()))
+/// This run's marker, and the markers of dead runs on the same destination that it found.
+#[derive(Debug)]
+pub struct RunMarker {
+    own: PathBuf,
+    dead: Vec<PathBuf>,
 }
 
-/// Whether `dir` holds the marker of a run that is no longer alive (its temporaries may be stale).
-pub fn stale_marker_in(dir: &Path) -> bool {
-    let Ok(entries) = fs::read_dir(dir) else { return false };
-    entries.flatten().any(|e| {
-        let name = e.file_name();
-        let b = name.as_bytes();
-        b.starts_with(b".fastsync-run.fstmp-")
-            && parse(&name).is_some_and(|k| matches!(k, Kind::Unique { pid } if !alive(pid)))
-    })
+impl RunMarker {
+    /// Drop a marker for a run whose temporaries go into `dir` (which exists). `None` when there is no state
+    /// directory to put it in.
+    pub fn start(dir: &Path) -> Option<RunMarker> {
+        let runs = runs_dir()?;
+        fs::create_dir_all(&runs).ok()?;
+        let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let key = blake3::hash(canonical.as_os_str().as_bytes()).to_hex();
+        let key = &key.as_str()[..16];
+        let mut dead = Vec::new();
+        for entry in fs::read_dir(&runs).ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.as_bytes().strip_prefix(key.as_bytes()).and_then(|r| r.strip_prefix(b".")) else {
+                continue;
+            };
+            let pid = std::str::from_utf8(rest).ok().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !alive(p)) {
+                dead.push(entry.path());
+            }
+        }
+        let own = runs.join(format!("{key}.{}", pid()));
+        let mut text = canonical.as_os_str().as_bytes().to_vec();
+        text.push(b'\n');
+        fs::write(&own, text).ok()?;
+        Some(RunMarker { own, dead })
+    }
+
+    /// Whether a dead run left temporaries to look for.
+    pub fn dead_runs_found(&self) -> bool {
+        !self.dead.is_empty()
+    }
+
+    /// The run ended without being interrupted: its temporaries are gone, and those of the dead runs were cleaned
+    /// wherever this run looked.
+    pub fn finish(self) {
+        for p in self.dead.iter().chain([&self.own]) {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Where run markers live: `$XDG_STATE_HOME/fastsync/runs`, else `$HOME/.local/state/fastsync/runs`.
+fn runs_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).filter(|p| p.is_absolute()) {
+        Some(p) => p,
+        None => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".local/state"),
+    };
+    Some(base.join("fastsync/runs"))
 }
 
 /// What a temporary name is.
@@ -94,7 +145,7 @@ fn parse(name: &OsStr) -> Option<Kind> {
 
 /// Whether process `pid` is alive and is a fastsync (a reused PID of another program does not count).
 fn alive(pid: u32) -> bool {
-    if pid == std::process::id() {
+    if pid == self::pid() {
         return true;
     }
     // SAFETY: signal 0 only checks for existence and permission.
@@ -103,8 +154,14 @@ fn alive(pid: u32) -> bool {
     if !exists {
         return false;
     }
-    match fs::read(format!("/proc/{pid}/comm")) {
-        Ok(comm) => comm.starts_with(b"fastsync"),
+    match fs::read(format!("/proc/{pid}/stat")) {
+        // "PID (COMM) STATE ...": a zombie (killed, not yet reaped) is as dead as it gets.
+        Ok(stat) => {
+            let Some(close) = stat.iter().rposition(|&b| b == b')') else { return true };
+            let comm = stat.iter().position(|&b| b == b'(').map_or(&stat[..0], |open| &stat[open + 1..close]);
+            let state = stat.get(close + 2).copied();
+            comm.starts_with(b"fastsync") && state != Some(b'Z')
+        }
         // No procfs (or no access): trust the PID.
         Err(_) => true,
     }

@@ -31,6 +31,11 @@ macro_rules! both_engines {
     };
 }
 
+/// Where the binary under test keeps its run markers (`XDG_STATE_HOME`): one directory for the whole test run.
+pub fn state_home() -> PathBuf {
+    std::env::temp_dir().join(format!("fastsync-tests-state-{}", std::process::id()))
+}
+
 /// A fresh temporary directory for one case.
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("fastsync-test-").tempdir().unwrap()
@@ -164,8 +169,10 @@ impl Cmd {
         for var in ["ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "FSYNC", "VERIFY", "DIRECT_IO", "CONFIG"] {
             cmd.env_remove(format!("FASTSYNC_{var}"));
         }
-        // No user's config file either: an absolute XDG directory without one means "no file".
+        // No user's config file either: an absolute XDG directory without one means "no file". Run markers go to
+        // a state directory of the tests' own.
         cmd.env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+            .env("XDG_STATE_HOME", state_home())
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE");
         Cmd { cmd, words: vec![program.as_ref().to_owned()], timeout: Duration::from_secs(90) }
