@@ -75,6 +75,21 @@ pub struct GlobalArgs {
     /// [env: FASTSYNC_TOKEN holds the token itself]
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// fastsync:// transfers: encrypt and authenticate everything after the handshake (ChaCha20-Poly1305 with keys
+    /// derived from the token); for networks you do not trust
+    #[arg(long, global = true)]
+    pub encrypt: bool,
+    /// fastsync:// transfers: compress with zstd at LEVEL (1-19, default 3) what is worth it; for slow links
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "3",
+        value_parser = clap::value_parser!(u8).range(1..=19)
+    )]
+    pub compress: Option<u8>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,8 +230,14 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let g = &cli.global;
     // `serve` needs no engine nor settings.
     if let Command::Serve(a) = &cli.command {
+        if g.encrypt || g.compress.is_some() {
+            return Err(Error::Refused(
+                "--encrypt and --compress are client options; serve takes --require-encrypt and --no-compress".into(),
+            ));
+        }
         return crate::net::server::run(a, g.token_file.as_deref());
     }
+    let wishes = crate::net::auth::Wishes { encrypt: g.encrypt, compress: g.compress };
     let transfer = match &cli.command {
         Command::Copy(a) => Some(&a.t),
         Command::Sync(a) => Some(&a.t),
@@ -252,7 +273,8 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     if let Command::List(a) = &cli.command {
         if crate::net::url::is_url(&a.path) {
             // A fastsync:// listing (src/remote.rs).
-            let net = crate::remote::NetOptions::new(1, g.token_file.as_deref());
+            let net =
+                crate::remote::NetOptions { wishes, ..crate::remote::NetOptions::new(1, g.token_file.as_deref()) };
             return crate::remote::list(a, g.json, &net).or_else(crate::remote::Failure::into_exit);
         }
         let (selected, _, config) = select_engine(&settings, g.verbose)?;
@@ -296,7 +318,10 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     interrupt::install();
     let mut summary = if crate::remote::involved(&t.src, &t.dst) {
         // A fastsync:// side: a LAN transfer (src/remote.rs).
-        let net = crate::remote::NetOptions::new(t.streams.into(), g.token_file.as_deref());
+        let net = crate::remote::NetOptions {
+            wishes,
+            ..crate::remote::NetOptions::new(t.streams.into(), g.token_file.as_deref())
+        };
         match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {
             Ok(s) => s,
             Err(f) => return f.into_exit(),

@@ -44,7 +44,7 @@ use crate::error::exit;
 use crate::interrupt;
 use crate::list::{self, ListArgs};
 use crate::meta::Identity;
-use crate::net::auth::{self, Key};
+use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, GetError, ReqError};
 use crate::net::url::{self, Remote, join};
@@ -71,6 +71,8 @@ pub struct NetOptions {
     pub token_file: Option<PathBuf>,
     /// Connect, read and write timeout.
     pub timeout: Duration,
+    /// `--encrypt`, `--compress[=LEVEL]`.
+    pub wishes: Wishes,
 }
 
 impl NetOptions {
@@ -79,6 +81,7 @@ impl NetOptions {
             streams: streams.max(1),
             token_file: token_file.map(Path::to_path_buf),
             timeout: client::DEFAULT_TIMEOUT,
+            wishes: Wishes::default(),
         }
     }
 }
@@ -125,7 +128,7 @@ fn load_key(net: &NetOptions, url: &str) -> Result<Key, Failure> {
 }
 
 fn connect(addr: &str, key: &Key, net: &NetOptions) -> Result<Connection, Failure> {
-    client::connect(addr, key, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))
+    client::connect(addr, key, net.wishes, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))
 }
 
 fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -662,7 +665,8 @@ impl<'a> Push<'a> {
         let conns = if opts.dry_run {
             Vec::new()
         } else {
-            client::pool(&remote.addr, key, streams, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))?
+            client::pool(&remote.addr, key, net.wishes, streams, net.timeout)
+                .map_err(|e| Failure::Fatal(e.to_string()))?
         };
         let run = Run::new(opts, streams);
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
@@ -1764,7 +1768,8 @@ impl<'a> Pull<'a> {
         let conns = if opts.dry_run {
             Vec::new()
         } else {
-            client::pool(&remote.addr, key, streams, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))?
+            client::pool(&remote.addr, key, net.wishes, streams, net.timeout)
+                .map_err(|e| Failure::Fatal(e.to_string()))?
         };
         let run = Run::new(opts, streams);
         let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });

@@ -761,7 +761,7 @@ fn connections_over_max_clients_are_told_busy() {
     let srv = Server::start(dir.path(), &["--max-clients", "1"]);
     let mut first = srv.connect();
     let mut s = srv.raw();
-    wire::write_msg(&mut s, &Msg::Hello { version: wire::VERSION, nonce: [1; 32] }).unwrap();
+    wire::write_msg(&mut s, &Msg::Hello { version: wire::VERSION, nonce: [1; 32], flags: 0 }).unwrap();
     match wire::read_msg(&mut s).unwrap() {
         Msg::Error { code, message } => assert!(code == code::BUSY && message.contains("busy"), "{message}"),
         other => panic!("{other:?}"),
@@ -852,8 +852,8 @@ fn round_trip(m: &Msg) {
 #[test]
 fn random_and_mutated_frames_never_panic_the_decoder() {
     let seeds: Vec<Msg> = vec![
-        Msg::Hello { version: wire::VERSION, nonce: [7; 32] },
-        Msg::Challenge { version: wire::VERSION, nonce: [8; 32], read_only: true },
+        Msg::Hello { version: wire::VERSION, nonce: [7; 32], flags: 3 | (3 << 3) },
+        Msg::Challenge { version: wire::VERSION, nonce: [8; 32], read_only: true, flags: 1 },
         Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
         Msg::List { path: b"a/b".to_vec(), recursive: true },
         Msg::Entry(EntryMeta {

@@ -10,7 +10,8 @@ use std::io::{self, BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use super::auth::{self, AuthError, Key};
+use super::auth::{self, AuthError, Key, Wishes};
+use super::record::{Reader, Writer};
 use super::wire::{CHUNK_BYTES_MAX, EntryMeta, Msg, WireError, code, read_msg, write_msg};
 
 /// Read, write and connect timeout of every connection.
@@ -95,16 +96,21 @@ pub struct DataEnd {
 /// One authenticated connection.
 pub struct Connection {
     addr: String,
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    r: BufReader<Reader<TcpStream>>,
+    w: BufWriter<Writer<TcpStream>>,
     /// The server refuses writes.
     pub read_only: bool,
+    /// Every record after the handshake is sealed (`--encrypt`).
+    pub encrypted: bool,
+    /// Records may be compressed (`--compress`, and the server allows it).
+    pub compressed: bool,
     /// When the last request was sent.
     last_used: Instant,
 }
 
-/// Connect to `addr` (`host:port`) and authenticate with `key`.
-pub fn connect(addr: &str, key: &Key, timeout: Duration) -> Result<Connection, ConnectError> {
+/// Connect to `addr` (`host:port`), authenticate with `key`, and switch to the record layer when `wishes` asks for
+/// encryption or compression (and the server agrees; a server that does not agree to encrypt is refused).
+pub fn connect(addr: &str, key: &Key, wishes: Wishes, timeout: Duration) -> Result<Connection, ConnectError> {
     let fail = |cause: String| ConnectError::Connect { addr: addr.to_string(), cause };
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| fail(e.to_string()))?.collect();
     let mut last = None;
@@ -129,18 +135,33 @@ pub fn connect(addr: &str, key: &Key, timeout: Duration) -> Result<Connection, C
         s.set_write_timeout(Some(timeout))
     };
     setup(&stream).map_err(|e| fail(e.to_string()))?;
-    let read_only = auth::client(&mut stream, key).map_err(|e| match e {
+    let session = auth::client_with(&mut stream, key, wishes).map_err(|e| match e {
         AuthError::Wire(w) => ConnectError::Lost { addr: addr.to_string(), cause: describe_wire(&w, timeout) },
         other => ConnectError::Auth(other),
     })?;
-    let r = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(|e| fail(e.to_string()))?);
-    let w = BufWriter::with_capacity(256 << 10, stream);
-    Ok(Connection { addr: addr.to_string(), r, w, read_only, last_used: Instant::now() })
+    let reader = Reader::Plain(stream.try_clone().map_err(|e| fail(e.to_string()))?);
+    let reader = reader.upgrade(&session.recv).map_err(|e| fail(e.to_string()))?;
+    let writer = Writer::Plain(stream).upgrade(&session.send).map_err(|e| fail(e.to_string()))?;
+    Ok(Connection {
+        addr: addr.to_string(),
+        r: BufReader::with_capacity(256 << 10, reader),
+        w: BufWriter::with_capacity(256 << 10, writer),
+        read_only: session.read_only,
+        encrypted: session.encrypt,
+        compressed: session.compress.is_some(),
+        last_used: Instant::now(),
+    })
 }
 
 /// `n` connections to `addr`, all authenticated.
-pub fn pool(addr: &str, key: &Key, n: usize, timeout: Duration) -> Result<Vec<Connection>, ConnectError> {
-    (0..n).map(|_| connect(addr, key, timeout)).collect()
+pub fn pool(
+    addr: &str,
+    key: &Key,
+    wishes: Wishes,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Connection>, ConnectError> {
+    (0..n).map(|_| connect(addr, key, wishes, timeout)).collect()
 }
 
 fn describe_io(e: &io::Error, timeout: Duration) -> String {
@@ -172,7 +193,7 @@ impl Connection {
     }
 
     fn broken(&self, e: &WireError) -> ReqError {
-        let timeout = self.r.get_ref().read_timeout().ok().flatten().unwrap_or(DEFAULT_TIMEOUT);
+        let timeout = self.r.get_ref().get_ref().read_timeout().ok().flatten().unwrap_or(DEFAULT_TIMEOUT);
         ReqError::Broken(format!("connection to {} lost: {}", self.addr, describe_wire(e, timeout)))
     }
 

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::auth::{self, AuthError, Key};
+use super::auth::{self, AuthError, Key, Policy};
 use super::beneath::Root;
+use super::record::{Reader, Writer};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use crate::{Error, interrupt, stale};
 
@@ -49,8 +50,9 @@ pub const LONG_ABOUT: &str = "Serve ROOT to fastsync:// clients: `fastsync copy`
     Every connection must prove it knows the shared token (--token-file FILE or FASTSYNC_TOKEN, the same on both \
     hosts); the token itself never crosses the network. Clients never reach outside ROOT: `..`, absolute paths and \
     symlinks on the way are refused, and symlinks are never followed. Files appear under their final names only when \
-    complete. The traffic is not encrypted: listen on a trusted network only (the default is loopback), or tunnel it \
-    (e.g. ssh -L). Stops on SIGINT/SIGTERM, removing unfinished files.";
+    complete. Traffic is encrypted (ChaCha20-Poly1305, keys derived from the token) only for clients that ask for it \
+    with --encrypt: use --require-encrypt to refuse the others on an untrusted network. Clients may ask for zstd \
+    compression (--compress); --no-compress declines. Stops on SIGINT/SIGTERM, removing unfinished files.";
 
 /// `fastsync serve` flags.
 #[derive(Args, Debug)]
@@ -69,6 +71,12 @@ pub struct ServeArgs {
     /// Drop a connection that makes no progress for SECS seconds (an idle client included)
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub timeout: u64,
+    /// Refuse clients that do not ask for encryption (--encrypt); use it on any network you do not trust
+    #[arg(long)]
+    pub require_encrypt: bool,
+    /// Decline clients' --compress (their connections go uncompressed): saves this host's CPU
+    #[arg(long)]
+    pub no_compress: bool,
 }
 
 /// Run the server until SIGINT/SIGTERM; returns the exit code. The token comes from `token_file` (the global
@@ -95,6 +103,11 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
         root,
         key,
         read_only: args.read_only,
+        policy: Policy {
+            read_only: args.read_only,
+            require_encrypt: args.require_encrypt,
+            no_compress: args.no_compress,
+        },
         timeout: Duration::from_secs(args.timeout),
         max_clients: args.max_clients as usize,
         active: AtomicUsize::new(0),
@@ -114,11 +127,12 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
         .map_err(|e| Error::io("cannot start a thread for", &args.root, e))?;
 
     let ro = if args.read_only { " (read-only)" } else { "" };
-    eprintln!("fastsync: serving {} on {local}{ro}", args.root.display());
-    if !local.ip().is_loopback() {
+    let enc = if args.require_encrypt { " (encryption required)" } else { "" };
+    eprintln!("fastsync: serving {} on {local}{ro}{enc}", args.root.display());
+    if !local.ip().is_loopback() && !args.require_encrypt {
         eprintln!(
-            "fastsync: warning: the traffic is authenticated but not encrypted: serve only on a trusted network, or \
-             tunnel it"
+            "fastsync: warning: clients that do not ask for --encrypt are served in clear: use --require-encrypt on \
+             a network you do not trust"
         );
     }
     loop {
@@ -145,6 +159,7 @@ struct Shared {
     root: Root,
     key: Key,
     read_only: bool,
+    policy: Policy,
     timeout: Duration,
     max_clients: usize,
     active: AtomicUsize,
@@ -249,10 +264,10 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// Both directions of a connection, buffered.
+/// Both directions of a connection, buffered; bare frames, or records after the handshake when it agreed on them.
 struct Conn {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    r: BufReader<Reader<TcpStream>>,
+    w: BufWriter<Writer<TcpStream>>,
 }
 
 impl Read for Conn {
@@ -297,13 +312,29 @@ fn describe_wire(e: &WireError, timeout: Duration) -> String {
 
 fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
     let writer = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
-    let mut conn =
-        Conn { r: BufReader::with_capacity(64 << 10, stream), w: BufWriter::with_capacity(64 << 10, writer) };
-    if let Err(e) = auth::server(&mut conn, &shared.key, shared.read_only) {
-        return Err(match e {
-            AuthError::Wire(w) => format!("authentication: {}", describe_wire(&w, shared.timeout)),
-            e => e.to_string(),
-        });
+    let mut conn = Conn {
+        r: BufReader::with_capacity(64 << 10, Reader::Plain(stream)),
+        w: BufWriter::with_capacity(64 << 10, Writer::Plain(writer)),
+    };
+    let session = match auth::server_with(&mut conn, &shared.key, shared.policy) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(match e {
+                AuthError::Wire(w) => format!("authentication: {}", describe_wire(&w, shared.timeout)),
+                e => e.to_string(),
+            });
+        }
+    };
+    if session.records() {
+        // The client sends nothing after its proof until it has read AuthOk: nothing may be buffered in clear.
+        if !conn.r.buffer().is_empty() {
+            return Err("protocol error: bytes after the client's proof, before AuthOk; connection closed".into());
+        }
+        let Conn { r, w } = conn;
+        let r = r.into_inner().upgrade(&session.recv).map_err(|e| format!("connection: {e}"))?;
+        let w = w.into_inner().map_err(|e| format!("connection: {}", e.error()))?;
+        let w = w.upgrade(&session.send).map_err(|e| format!("connection: {e}"))?;
+        conn = Conn { r: BufReader::with_capacity(64 << 10, r), w: BufWriter::with_capacity(64 << 10, w) };
     }
     loop {
         let msg = match wire::read_msg(&mut conn) {

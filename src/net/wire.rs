@@ -58,21 +58,46 @@ pub mod code {
     pub const DIGEST: u16 = 9;
     pub const BUSY: u16 = 10;
     pub const IO: u16 = 11;
+    /// The server requires encryption (`serve --require-encrypt`) and the client did not ask for it.
+    pub const NEEDS_ENCRYPTION: u16 = 12;
+}
+
+/// `Hello.flags`: what the client asks for. Bits not named here must be 0.
+pub mod hello {
+    /// Seal every record after `AuthOk` (`--encrypt`).
+    pub const ENCRYPT: u8 = 1;
+    /// Compress records (`--compress`); the level goes in the bits from [`LEVEL_SHIFT`] up.
+    pub const COMPRESS: u8 = 2;
+    /// The zstd level (1..=19) sits in bits 3..=7 when [`COMPRESS`] is set (0 otherwise).
+    pub const LEVEL_SHIFT: u32 = 3;
+    /// Bits that must be 0.
+    pub const RESERVED: u8 = 4;
+}
+
+/// `Challenge.flags`: what the connection uses from `AuthOk` on, as the server decided. Bits not named here must be 0.
+pub mod challenge {
+    /// Records are sealed (the client asked for it).
+    pub const ENCRYPT: u8 = 1;
+    /// Records may be compressed (the client asked for it and the server allows it).
+    pub const COMPRESS: u8 = 2;
 }
 
 /// Every message of the protocol. See docs/PROTOCOL.md for who sends what when.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
-    /// Client, first frame on every connection: its version and its nonce.
+    /// Client, first frame on every connection: its version, its nonce, and what it asks for ([`hello`] flags).
     Hello {
         version: u16,
         nonce: [u8; 32],
+        flags: u8,
     },
-    /// Server: its version, its nonce, and whether it refuses writes.
+    /// Server: its version, its nonce, whether it refuses writes, and what the connection will use from `AuthOk` on
+    /// ([`challenge`] flags).
     Challenge {
         version: u16,
         nonce: [u8; 32],
         read_only: bool,
+        flags: u8,
     },
     /// Client: proof that it knows the token (see `auth`).
     Auth {
@@ -320,16 +345,18 @@ impl Msg {
     pub fn encode_body(&self) -> Vec<u8> {
         let mut o = Out(Vec::with_capacity(64));
         match self {
-            Msg::Hello { version, nonce } => {
+            Msg::Hello { version, nonce, flags } => {
                 o.u8(K_HELLO);
                 o.u16(*version);
                 o.arr(nonce);
+                o.u8(*flags);
             }
-            Msg::Challenge { version, nonce, read_only } => {
+            Msg::Challenge { version, nonce, read_only, flags } => {
                 o.u8(K_CHALLENGE);
                 o.u16(*version);
                 o.arr(nonce);
                 o.bool(*read_only);
+                o.u8(*flags);
             }
             Msg::Auth { mac } => {
                 o.u8(K_AUTH);
@@ -446,8 +473,8 @@ impl Msg {
     pub fn decode_body(body: &[u8]) -> Result<Msg, WireError> {
         let mut i = In { buf: body };
         let msg = match i.u8()? {
-            K_HELLO => Msg::Hello { version: i.u16()?, nonce: i.arr()? },
-            K_CHALLENGE => Msg::Challenge { version: i.u16()?, nonce: i.arr()?, read_only: i.bool()? },
+            K_HELLO => Msg::Hello { version: i.u16()?, nonce: i.arr()?, flags: i.u8()? },
+            K_CHALLENGE => Msg::Challenge { version: i.u16()?, nonce: i.arr()?, read_only: i.bool()?, flags: i.u8()? },
             K_AUTH => Msg::Auth { mac: i.arr()? },
             K_AUTH_OK => Msg::AuthOk { mac: i.arr()? },
             K_ERROR => Msg::Error { code: i.u16()?, message: i.text()? },
@@ -562,8 +589,8 @@ mod tests {
 
     fn all() -> Vec<Msg> {
         vec![
-            Msg::Hello { version: VERSION, nonce: [7; 32] },
-            Msg::Challenge { version: VERSION, nonce: [8; 32], read_only: true },
+            Msg::Hello { version: VERSION, nonce: [7; 32], flags: hello::ENCRYPT | hello::COMPRESS | (19 << 3) },
+            Msg::Challenge { version: VERSION, nonce: [8; 32], read_only: true, flags: challenge::ENCRYPT },
             Msg::Auth { mac: [1; 32] },
             Msg::AuthOk { mac: [2; 32] },
             Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
@@ -628,6 +655,10 @@ mod tests {
         assert!(Msg::decode_body(&body).is_err());
         assert!(Msg::decode_body(&[200]).is_err());
         assert!(Msg::decode_body(&[K_CHALLENGE, 1, 0]).is_err());
+        // A version-1 hello of before the flags (no flags byte) is refused, not misread.
+        let mut old = vec![K_HELLO, 1, 0];
+        old.extend_from_slice(&[7; 32]);
+        assert!(Msg::decode_body(&old).is_err());
     }
 
     #[test]

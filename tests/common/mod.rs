@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A real `fastsync serve` for the LAN tests.
+pub mod lan;
+
 /// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
 macro_rules! both_engines {
     ($($case:ident),* $(,)?) => {
