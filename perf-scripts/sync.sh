@@ -41,6 +41,8 @@ EOF
 }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=perf-scripts/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 TOOLS_ROOT="$SCRIPT_DIR/.tools"
 export PATH="$TOOLS_ROOT/bin:$PATH"
@@ -258,36 +260,6 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- 2. data sets (as local-copy.sh makes them)
 SMALL="$DATA/small-$SMALL_SHAPE"
 REAL="$DATA/real"
-
-make_small() {
-    if [[ -f $SMALL.ok ]]; then log "reusing $SMALL"; return; fi
-    rm -rf "$SMALL"
-    log "generating $SMALL (seeded, 1-64 KiB files)"
-    python3 - "$SMALL" "$SMALL_SHAPE" <<'PY'
-import os, random, sys
-root, shape = sys.argv[1], sys.argv[2]
-a, b, c = (int(x) for x in shape.split("x"))
-rng = random.Random(20240611)
-for i in range(a):
-    for j in range(b):
-        d = os.path.join(root, f"d{i:03d}", f"s{j:02d}")
-        os.makedirs(d)
-        for k in range(c):
-            with open(os.path.join(d, f"f{k:04d}.bin"), "wb") as f:
-                f.write(rng.randbytes(rng.randint(1024, 65536)))
-PY
-    touch "$SMALL.ok"
-}
-
-make_real() {
-    if [[ -f $REAL.ok ]]; then log "reusing $REAL"; return; fi
-    rm -rf "$REAL"
-    local sysroot
-    sysroot=$(cd "$REPO" && rustc --print sysroot)
-    log "copying the Rust toolchain $sysroot -> $REAL (cp -a)"
-    cp -a "$sysroot" "$REAL"
-    touch "$REAL.ok"
-}
 
 # Disk space: each tool's destination is a full copy of the set.
 check_space() {
