@@ -1348,6 +1348,69 @@ fn send_range(
     Ok(Ok(true))
 }
 
+/// Files up to this size are sent in one round trip (`PutBegin`, `PutData`, `PutEnd` pipelined) instead of three.
+const PIPELINED_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// What [`push_small`] did.
+enum Small {
+    Done,
+    Failed(String),
+    /// Too large, changed while read, or a retryable answer: use the step-by-step path.
+    StepByStep,
+}
+
+/// Send a small file in one round trip: read it whole, check that it did not change while read, then pipeline its
+/// three requests. Anything unusual (a damaged chunk, a file that changed) falls back to the step-by-step path, which
+/// retries; `Err` is a broken connection.
+fn push_small(conn: &mut Connection, cfg: &PushCfg, f: &PushFile, done: &Sender<Done>) -> Result<Small, String> {
+    use std::io::Read;
+    let Ok(fd) = open_src(&f.src, cfg.follow) else { return Ok(Small::StepByStep) };
+    let md = match fd.metadata() {
+        Ok(m) if m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX => m,
+        _ => return Ok(Small::StepByStep),
+    };
+    let mut bytes = Vec::with_capacity(md.size() as usize);
+    // One byte more than expected shows a file that grew.
+    if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()
+        || bytes.len() as u64 != md.size()
+        || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md))
+    {
+        return Ok(Small::StepByStep);
+    }
+    let id = next_id();
+    let len = bytes.len() as u64;
+    let mut msgs =
+        vec![crate::net::wire::Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
+    if !bytes.is_empty() {
+        msgs.push(crate::net::wire::Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
+    }
+    let (mtime_sec, mtime_nsec) = md_mtime(&md);
+    msgs.push(crate::net::wire::Msg::PutEnd {
+        id,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_sec,
+        mtime_nsec,
+        fsync: cfg.fsync,
+    });
+    match conn.pipeline_ok(&msgs) {
+        Ok(()) => {
+            let _ = done.send(Done::Bytes(len));
+            Ok(Small::Done)
+        }
+        Err((_, ReqError::Broken(m))) => Err(m),
+        // The server could not even create the temporary: the step-by-step path would fail the same way.
+        Err((0, ReqError::Server { message, .. })) => {
+            Ok(Small::Failed(format!("cannot write '{}': {message}", url_of(conn.addr(), &f.remote))))
+        }
+        Err((_, ReqError::Server { .. })) => {
+            abort(conn, id)?;
+            Ok(Small::StepByStep)
+        }
+    }
+}
+
 /// Send one file whole, retrying when it changes while it is read. `Ok(Ok(retries))`, `Ok(Err(line))` for a failure
 /// of this file, `Err` for a broken connection.
 fn push_whole(
@@ -1359,6 +1422,11 @@ fn push_whole(
 ) -> Result<Result<u8, String>, String> {
     let shown = url_of(conn.addr(), &f.remote);
     let mut attempt = first;
+    match push_small(conn, cfg, f, done)? {
+        Small::Done => return Ok(Ok(0)),
+        Small::Failed(line) => return Ok(Err(line)),
+        Small::StepByStep => {}
+    }
     loop {
         let fd = match open_src(&f.src, cfg.follow) {
             Ok(fd) => fd,

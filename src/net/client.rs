@@ -232,6 +232,35 @@ impl Connection {
         }
     }
 
+    /// Several requests answered by `Ok` or `Error`, sent back to back (one flush, so one record and one round trip)
+    /// and then their answers read in order. The first failure is returned with the index of its request; every
+    /// answer is read either way, so the connection stays in step.
+    pub fn pipeline_ok(&mut self, msgs: &[Msg]) -> Result<(), (usize, ReqError)> {
+        use std::io::Write;
+        self.last_used = Instant::now();
+        for (i, msg) in msgs.iter().enumerate() {
+            let body = msg.encode_body();
+            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
+            if let Err(e) = r {
+                return Err((i, self.broken(&crate::net::wire::WireError::Io(e))));
+            }
+        }
+        if let Err(e) = self.w.flush() {
+            return Err((0, self.broken(&crate::net::wire::WireError::Io(e))));
+        }
+        let mut first = None;
+        for i in 0..msgs.len() {
+            let failure = match self.recv() {
+                Ok(Msg::Ok) => continue,
+                Ok(Msg::Error { code, message }) => ReqError::Server { code, message },
+                Ok(other) => return Err((i, self.unexpected("Ok", &other))),
+                Err(e) => return Err((i, e)),
+            };
+            first.get_or_insert((i, failure));
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// Metadata of `path` itself (not followed when it is a symlink); `None` when it does not exist.
     pub fn stat(&mut self, path: &[u8]) -> Result<Option<EntryMeta>, ReqError> {
         self.send(&Msg::Stat { path: path.to_vec() })?;
