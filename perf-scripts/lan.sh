@@ -74,9 +74,6 @@ while (($#)); do
     shift
 done
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "rounds must be a positive integer: $ROUNDS"
 [[ $STREAMS =~ ^[1-9][0-9]*$ ]] || die "streams must be a positive integer: $STREAMS"
 [[ $BIG_MIB =~ ^[1-9][0-9]*$ ]] || die "FSB_BIG_MIB must be a positive integer: $BIG_MIB"
@@ -86,17 +83,7 @@ for s in ${SETS//,/ }; do [[ $s == big || $s == small ]] || die "unknown set: $s
 for t in ${TOOLS//,/ }; do [[ ,$ALL_TOOLS, == *,$t,* ]] || die "unknown tool: $t"; done
 [[ $(id -u) -eq 0 ]] || die "run as root (network namespaces, tc, drop_caches, a throwaway sshd)"
 
-STAMP=$(date +%Y-%m-%d-%H%M%S)
-LOGDIR="$RESULTS/tmp/lan-$STAMP"
-CSV="$RESULTS/lan-$STAMP.csv"
-REPORT="$RESULTS/lan-$STAMP.md"
-mkdir -p "$LOGDIR"
-META="$LOGDIR/meta.env"
-NOTES="$LOGDIR/notes.txt"
-: >"$META"
-: >"$NOTES"
-note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
-meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
+open_results lan
 [[ -n ${FSB_NOTE:-} ]] && note "$FSB_NOTE"
 
 # ---------------------------------------------------------------- 1. tools + build

@@ -1,5 +1,25 @@
-# lib.sh — what the perf scripts share: the data sets (sourced; the caller defines `log` and the variables
-# SMALL, SMALL_SHAPE, REAL and REPO).
+# lib.sh — what the perf scripts share: logging, the results files of a run, and the data sets (sourced; the data
+# set makers use the caller's SMALL, SMALL_SHAPE, REAL and REPO).
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# The files of one run of benchmark NAME under $RESULTS: sets STAMP, LOGDIR, CSV, REPORT, META and NOTES.
+open_results() {
+    STAMP=$(date +%Y-%m-%d-%H%M%S)
+    mkdir -p "$RESULTS"
+    LOGDIR="$RESULTS/tmp/$1-$STAMP"
+    mkdir -p "$LOGDIR"
+    CSV="$RESULTS/$1-$STAMP.csv"
+    REPORT="$RESULTS/$1-$STAMP.md"
+    META="$LOGDIR/meta.env"
+    NOTES="$LOGDIR/notes.txt"
+    : >"$META"
+    : >"$NOTES"
+}
+# A line for the report's notes (also logged), and a key=value fact about the run.
+note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
+meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
 
 # The small-files set: SMALL_SHAPE = DIRSxSUBDIRSxFILES seeded random files of 1-64 KiB, made once (SMALL.ok).
 make_small() {

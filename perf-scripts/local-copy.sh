@@ -85,9 +85,6 @@ while (($#)); do
     shift
 done
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "rounds must be a positive integer: $ROUNDS"
 [[ $BIG_GIB =~ ^[1-9][0-9]*$ ]] || die "FSB_BIG_GIB must be a positive integer: $BIG_GIB"
 [[ $FIO_GIB =~ ^[1-9][0-9]*$ ]] || die "FSB_FIO_GIB must be a positive integer: $FIO_GIB"
@@ -95,18 +92,7 @@ die() { log "error: $*"; exit 1; }
 for s in ${SETS//,/ }; do [[ $s == big || $s == small || $s == real ]] || die "unknown set: $s"; done
 for m in ${MODES//,/ }; do [[ $m == cold || $m == warm ]] || die "unknown mode: $m"; done
 
-STAMP=$(date +%Y-%m-%d-%H%M%S)
-mkdir -p "$RESULTS"
-LOGDIR="$RESULTS/tmp/local-copy-$STAMP"
-mkdir -p "$LOGDIR"
-CSV="$RESULTS/local-copy-$STAMP.csv"
-REPORT="$RESULTS/local-copy-$STAMP.md"
-META="$LOGDIR/meta.env"      # key=value facts for the report
-NOTES="$LOGDIR/notes.txt"    # one line per note for the report
-: >"$META"
-: >"$NOTES"
-note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
-meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
+open_results local-copy
 
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1

@@ -34,6 +34,8 @@ EOF
 }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=perf-scripts/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 TOOLS_ROOT="$SCRIPT_DIR/.tools"
 export PATH="$TOOLS_ROOT/bin:$PATH"
@@ -69,9 +71,6 @@ while (($#)); do
     shift
 done
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "rounds must be a positive integer: $ROUNDS"
 [[ $BIG_GIB =~ ^[1-9][0-9]*$ ]] || die "FSB_BIG_GIB must be a positive integer: $BIG_GIB"
 [[ $RESERVE_GIB =~ ^[0-9]+$ ]] || die "FSB_RESERVE_GIB must be an integer: $RESERVE_GIB"
@@ -93,18 +92,7 @@ WANT_TREE=0 WANT_BIG=0
 [[ ,$WORKLOADS, == *,tree-* ]] && WANT_TREE=1
 [[ ,$WORKLOADS, == *,big-copy,* ]] && WANT_BIG=1
 
-STAMP=$(date +%Y-%m-%d-%H%M%S)
-mkdir -p "$RESULTS"
-LOGDIR="$RESULTS/tmp/memory-$STAMP"
-mkdir -p "$LOGDIR"
-CSV="$RESULTS/memory-$STAMP.csv"
-REPORT="$RESULTS/memory-$STAMP.md"
-META="$LOGDIR/meta.env"
-NOTES="$LOGDIR/notes.txt"
-: >"$META"
-: >"$NOTES"
-note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
-meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
+open_results memory
 
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1

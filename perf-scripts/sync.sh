@@ -88,9 +88,6 @@ while (($#)); do
     shift
 done
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "rounds must be a positive integer: $ROUNDS"
 [[ $SMALL_SHAPE =~ ^[0-9]+x[0-9]+x[0-9]+$ ]] || die "FSB_SMALL_SHAPE must be AxBxC: $SMALL_SHAPE"
 [[ $TOUCH_PCT =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || die "--touch-pct must be a number: $TOUCH_PCT"
@@ -99,18 +96,7 @@ for c in ${SCENARIOS//,/ }; do [[ $c == noop || $c == touch || $c == checksum ]]
 [[ $COLD == none ]] && COLD=""
 for c in ${COLD//,/ }; do [[ $c == noop || $c == touch || $c == checksum ]] || die "unknown scenario in --cold: $c"; done
 
-STAMP=$(date +%Y-%m-%d-%H%M%S)
-mkdir -p "$RESULTS"
-LOGDIR="$RESULTS/tmp/sync-$STAMP"
-mkdir -p "$LOGDIR"
-CSV="$RESULTS/sync-$STAMP.csv"
-REPORT="$RESULTS/sync-$STAMP.md"
-META="$LOGDIR/meta.env"
-NOTES="$LOGDIR/notes.txt"
-: >"$META"
-: >"$NOTES"
-note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
-meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
+open_results sync
 
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1

@@ -90,10 +90,6 @@ impl Journal {
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Switch the locked descriptor to O_APPEND (reopening would lose the lock's guarantee between the two opens).

@@ -7,7 +7,7 @@
 //! way, even one planted after the check, fails the open instead of leading outside. The final component is then
 //! used with the `*at` syscalls and `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`, never through a path.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -117,11 +117,6 @@ impl Root {
         }
         Ok(Parent { dir: self.dir(&dir_path)?, name: Some(cname(last)?) })
     }
-}
-
-/// A wire path as an OS path relative to the root (for messages and for joining onto a local destination).
-pub fn rel_path(rel: &[u8]) -> &Path {
-    Path::new(OsStr::from_bytes(rel))
 }
 
 #[cfg(test)]
