@@ -122,6 +122,9 @@ pub enum Command {
     /// Serve a directory to fastsync:// clients (copy, sync and list from or to it over TCP)
     #[command(long_about = crate::net::server::LONG_ABOUT)]
     Serve(crate::net::server::ServeArgs),
+    /// Benchmark storage like fio (sequential/random I/O) or mdtest (metadata), on the engine that copies
+    #[command(long_about = crate::bench::LONG_ABOUT)]
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -241,7 +244,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let transfer = match &cli.command {
         Command::Copy(a) => Some(&a.t),
         Command::Sync(a) => Some(&a.t),
-        Command::Config | Command::List(_) => None,
+        Command::Config | Command::List(_) | Command::Bench(_) => None,
         Command::Serve(_) => None,
     };
     let overrides = Overrides {
@@ -279,6 +282,11 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         }
         let (selected, _, config) = select_engine(&settings, g.verbose)?;
         return crate::list::run(a, selected.engine.as_ref(), &config, g.json);
+    }
+    if let Command::Bench(a) = &cli.command {
+        let (selected, cores, _) = select_engine(&settings, g.verbose)?;
+        let threads = a.threads.map_or(cores, usize::from);
+        return crate::bench::run(a, selected.engine.as_ref(), threads, settings.memory_limit_bytes(), g.json, g.quiet);
     }
     let t = transfer.expect("a transfer command");
     let filter = filter_rules(sub.expect("subcommand matches"))?;

@@ -1156,7 +1156,7 @@ impl State {
         let f = self.files.get_mut(fid);
         match c.outcome {
             Outcome::FileDone | Outcome::RangeDoneFileDone => f.done_ok = true,
-            Outcome::RangeDone | Outcome::RangeAbandoned | Outcome::Hashed { .. } => {}
+            Outcome::RangeDone | Outcome::RangeAbandoned | Outcome::Hashed { .. } | Outcome::Bench(_) => {}
             Outcome::Failed(e) if e.op == Op::SourceChanged && f.attempt < SOURCE_ATTEMPTS_MAX => {
                 f.source_changed = true;
                 f.failed = true;

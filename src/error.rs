@@ -28,6 +28,9 @@ pub enum Error {
     /// The engine could not start or died.
     #[error("{0}")]
     Engine(#[from] EngineError),
+    /// A benchmark job failed (its message names the operation and the path).
+    #[error("{0}")]
+    Bench(String),
     /// The user forced an engine that cannot run here.
     #[error("--engine {engine}: {source}")]
     EngineForced { engine: &'static str, source: EngineError },

@@ -1,5 +1,6 @@
 //! fastsync: the CLI and the core that plans transfers and hands them to an engine (`uring/` or `fallback/`).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod copy;

@@ -24,6 +24,12 @@ pub enum Op {
     Interrupted,
     /// Reading a file to compute its digest.
     Hash,
+    /// `stat` of a file (the metadata benchmark).
+    Stat,
+    /// Removing a file (the metadata benchmark).
+    Remove,
+    /// A benchmark job could not run as asked.
+    Bench,
 }
 
 impl Op {
@@ -44,6 +50,9 @@ impl Op {
             Op::SourceChanged => "source changed while copying",
             Op::Interrupted => "interrupted before copying",
             Op::Hash => "cannot compute the checksum of",
+            Op::Stat => "cannot stat",
+            Op::Remove => "cannot remove",
+            Op::Bench => "cannot benchmark",
         }
     }
 }

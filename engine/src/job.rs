@@ -210,6 +210,8 @@ pub enum Job {
     File(FileJob),
     Range(RangeJob),
     Hash(HashJob),
+    /// A benchmark workload that takes the whole shard (see [`crate::bench`]).
+    Bench(crate::bench::BenchJob),
 }
 
 impl Job {
@@ -218,6 +220,7 @@ impl Job {
             Job::File(j) => j.tag,
             Job::Range(j) => j.tag,
             Job::Hash(j) => j.tag,
+            Job::Bench(j) => j.tag,
         }
     }
 
@@ -230,6 +233,7 @@ impl Job {
             Job::File(f) => Outcome::Failed(interrupted(&f.dst)),
             Job::Range(r) => r.file.complete_range(None, Err(interrupted(&r.file.dst))),
             Job::Hash(h) => Outcome::Failed(interrupted(&h.path)),
+            Job::Bench(b) => Outcome::Failed(interrupted(b.path())),
         };
         Completion { tag: self.tag(), bytes: 0, shard, outcome }
     }
@@ -248,6 +252,8 @@ pub enum Outcome {
     RangeAbandoned,
     /// A file was hashed: its BLAKE3 digest and its length.
     Hashed { digest: [u8; 32], bytes: u64 },
+    /// A benchmark job ran to its end.
+    Bench(Box<crate::bench::BenchReport>),
     /// The job failed; any temporary file was removed (a resumable file's is kept with its journal).
     Failed(JobError),
 }

@@ -19,6 +19,7 @@
 //!   a [`RangeJob::resume`] range is copied only if the destination's bytes differ from the source's (BLAKE3).
 //! - After [`Session::cancel`], jobs not yet started complete at once with [`Op::Interrupted`]; started ones finish.
 
+pub mod bench;
 pub mod blocking;
 pub mod error;
 pub mod finish;

@@ -8,6 +8,7 @@
 //! The engine honours the contract in [`fastsync_engine`]; it declines O_DIRECT ([`Capabilities::direct_io`] is
 //! false), so the planner never hands it a [`fastsync_engine::ChunkedFile`] with `direct` set.
 
+mod bench;
 mod shard;
 mod sys;
 

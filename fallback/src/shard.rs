@@ -43,6 +43,13 @@ impl Shard {
             Job::File(file) => self.run_file(file, &mut written_bytes),
             Job::Range(range) => self.run_range(range, &mut written_bytes),
             Job::Hash(hash) => self.run_hash(hash),
+            Job::Bench(bench) => match crate::bench::run(&self.arena, bench) {
+                Ok(report) => {
+                    written_bytes = report.write.bytes;
+                    Outcome::Bench(Box::new(report))
+                }
+                Err(e) => Outcome::Failed(e),
+            },
         };
         self.stats.jobs += 1;
         self.stats.bytes_written += written_bytes;

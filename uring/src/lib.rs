@@ -7,6 +7,8 @@
 //! into one `io_uring_enter` per turn.
 
 #[cfg(target_os = "linux")]
+mod bench;
+#[cfg(target_os = "linux")]
 mod probe;
 #[cfg(target_os = "linux")]
 mod shard;

@@ -152,6 +152,14 @@ impl Shard {
             // Admit jobs while we have buffer slots.
             while !self.free.is_empty() {
                 let Some(job) = ctx.next_job() else { break };
+                let job = match job {
+                    Job::Bench(bench) => {
+                        let completion = self.run_bench(&bench, ctx.index);
+                        ctx.complete(completion);
+                        continue;
+                    }
+                    job => job,
+                };
                 let slot = self.free.pop().expect("checked non-empty");
                 self.admit(slot, job);
                 if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
@@ -299,6 +307,7 @@ impl Shard {
                 self.tasks[slot] = Some(task);
                 self.read_next(slot);
             }
+            Job::Bench(_) => unreachable!("bench jobs run in `run_bench`, never as tasks"),
         }
     }
 
@@ -380,6 +389,7 @@ impl Shard {
         match &self.tasks[slot].as_ref().expect("live task").job {
             Job::Range(r) => r.file.direct,
             Job::File(_) | Job::Hash(_) => false,
+            Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         }
     }
 
@@ -391,6 +401,7 @@ impl Shard {
             _ if from_dst => Target::Fd(dst_raw(t)),
             Job::File(_) | Job::Hash(_) => Target::Fixed(slot as u32),
             Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
+            Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         };
         match (target, (slot < self.registered).then_some(slot as u16)) {
             (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
@@ -565,6 +576,28 @@ impl Shard {
         self.read_next(slot);
     }
 
+    /// Run a benchmark job on this shard's ring and buffers; it needs them all, so nothing else may be admitted.
+    fn run_bench(&mut self, job: &fastsync_engine::bench::BenchJob, shard: usize) -> Completion {
+        self.stats.jobs += 1;
+        let result = if self.free.len() != self.tasks.len() {
+            let e = io::Error::other("a benchmark needs a shard of its own, and this one has copy jobs admitted");
+            Err(JobError::new(Op::Bench, job.path(), e))
+        } else {
+            let lent = crate::bench::Lent {
+                ring: &mut self.ring,
+                arena: &self.arena,
+                registered: self.registered,
+                stats: &mut self.stats,
+            };
+            crate::bench::run(lent, job)
+        };
+        let (bytes, outcome) = match result {
+            Ok(report) => (report.write.bytes, Outcome::Bench(Box::new(report))),
+            Err(e) => (0, Outcome::Failed(e)),
+        };
+        Completion { tag: job.tag, bytes, shard, outcome }
+    }
+
     /// The task has no operation in flight: finish it (or clean up after its error), report it, free its slot.
     fn retire(&mut self, slot: usize, ctx: &ShardCtx) {
         let mut t = self.tasks[slot].take().expect("live task");
@@ -579,6 +612,7 @@ impl Shard {
                 (None, Some(h)) => Outcome::Hashed { digest: *h.finalize().as_bytes(), bytes: t.offset },
                 (None, None) => unreachable!("a hash task has a hasher"),
             },
+            Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         };
         ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
         self.free.push(slot);
@@ -609,6 +643,7 @@ fn job_src(job: &Job) -> &Path {
         Job::File(f) => &f.src,
         Job::Range(r) => &r.file.src,
         Job::Hash(h) => &h.path,
+        Job::Bench(b) => b.path(),
     }
 }
 
@@ -617,6 +652,7 @@ fn job_dst(job: &Job) -> &Path {
         Job::File(f) => &f.dst,
         Job::Range(r) => &r.file.dst,
         Job::Hash(h) => &h.path,
+        Job::Bench(b) => b.path(),
     }
 }
 
@@ -624,7 +660,7 @@ fn job_verify(job: &Job) -> bool {
     match job {
         Job::File(f) => f.finish.verify,
         Job::Range(r) => r.file.finish.verify,
-        Job::Hash(_) => false,
+        Job::Hash(_) | Job::Bench(_) => false,
     }
 }
 
@@ -632,7 +668,7 @@ fn dst_raw(t: &Task) -> RawFd {
     match &t.job {
         Job::Range(r) => r.file.dst_fd.as_raw_fd(),
         Job::File(_) => t.dst_fd.as_ref().expect("destination open").as_raw_fd(),
-        Job::Hash(_) => unreachable!("hash jobs do no ring I/O"),
+        Job::Hash(_) | Job::Bench(_) => unreachable!("hash and bench jobs write nothing through a task"),
     }
 }
 
