@@ -99,7 +99,8 @@ fn run_io(lent: Lent<'_>, spec: &IoSpec, job: &BenchJob) -> Result<BenchReport, 
     let mut report = BenchReport::default();
     let mut slots: Vec<Option<InFlight>> = vec![None; depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
-    let mut fsync_at: Option<Instant> = None;
+    // Submission times of the fsyncs in flight; IO_DRAIN makes them complete in order.
+    let mut fsyncs: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
     let mut issuing = true;
     let mut error: Option<JobError> = None;
     loop {
@@ -111,7 +112,7 @@ fn run_io(lent: Lent<'_>, spec: &IoSpec, job: &BenchJob) -> Result<BenchReport, 
                     // IO_DRAIN: starts after every earlier write completed, and holds back later ops until done.
                     let sqe = opcode::Fsync::new(types::Fixed(0)).build().flags(squeue::Flags::IO_DRAIN);
                     push(ring, stats, &sqe.user_data(FSYNC_UD));
-                    fsync_at = Some(now);
+                    fsyncs.push_back(now);
                 }
                 Some(op @ (IoOp::Read { offset } | IoOp::Write { offset })) => {
                     let slot = free.pop().expect("checked non-empty");
@@ -130,7 +131,7 @@ fn run_io(lent: Lent<'_>, spec: &IoSpec, job: &BenchJob) -> Result<BenchReport, 
                 }
             }
         }
-        if free.len() == depth && fsync_at.is_none() {
+        if free.len() == depth && fsyncs.is_empty() {
             break;
         }
         enter(ring, stats).map_err(|e| io_err(Op::Bench, e))?;
@@ -138,7 +139,7 @@ fn run_io(lent: Lent<'_>, spec: &IoSpec, job: &BenchJob) -> Result<BenchReport, 
             let (ud, res) = (cqe.user_data(), cqe.result());
             let done = Instant::now();
             if ud == FSYNC_UD {
-                let at = fsync_at.take().expect("one fsync in flight");
+                let at = fsyncs.pop_front().expect("an fsync in flight");
                 if res < 0 {
                     error.get_or_insert(io_err(Op::Fsync, io::Error::from_raw_os_error(-res)));
                     issuing = false;
