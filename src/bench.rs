@@ -577,10 +577,10 @@ fn spawn_ticker(
             let ops: u64 = lives.iter().map(|l| l.ops.load(Ordering::Relaxed)).sum();
             let bytes: u64 = lives.iter().map(|l| l.bytes.load(Ordering::Relaxed)).sum();
             let dt = (now - last_at).as_secs_f64();
-            let t = started.elapsed().as_secs();
-            let of = time_max.map(|m| format!("/{}s", m.as_secs())).unwrap_or_default();
+            let t = Duration::from_secs(started.elapsed().as_secs());
+            let of = time_max.map(|m| format!("/{:.1?}", m)).unwrap_or_default();
             eprint!(
-                "\r\x1b[K{label}: {:.1} MB/s, {:.0} IOPS [{t}s{of}]",
+                "\r\x1b[K{label}: {:.1} MB/s, {:.0} IOPS [{t:.1?}{of}]",
                 (bytes - last_bytes) as f64 / dt / 1e6,
                 (ops - last_ops) as f64 / dt
             );
@@ -744,7 +744,9 @@ fn print(a: &BenchArgs, phases: &[Phase], kind: EngineKind, threads: usize, iode
             a.time.map(|t| format!(", {:.0?}", t)).unwrap_or_else(|| format!(", {} per thread", human(a.size)))
         )
     };
-    let _ = writeln!(out, "fastsync bench: {what}; engine {}, {threads} threads x iodepth {iodepth}", kind.name());
+    let plural = if threads == 1 { "" } else { "s" };
+    let _ =
+        writeln!(out, "fastsync bench: {what}; engine {}, {threads} thread{plural} x iodepth {iodepth}", kind.name());
     let shared_cpu = a.files.is_none();
     for (i, p) in phases.iter().enumerate() {
         let lat = percentiles_us(&p.stats);

@@ -27,6 +27,7 @@ both_engines!(
     block_device_needs_explicit_flags,
     interrupt_stops_and_cleans_up,
     buffers_beyond_the_memory_limit_are_refused,
+    live_line_on_a_terminal,
 );
 
 fn bench(engine: Engine, path: &Path, extra: &[&str]) -> Output {
@@ -356,5 +357,33 @@ fn buffers_beyond_the_memory_limit_are_refused(engine: Engine) {
     let out = bench(engine, t.path(), &["--bs", "64M", "--threads", "8", "--memory-limit", "256M"]);
     out.assert_code(2);
     assert!(out.stderr_str().contains("memory limit"), "{}", out.stderr_str());
+    assert_left_nothing(t.path());
+}
+
+fn live_line_on_a_terminal(engine: Engine) {
+    let t = tmp();
+    // `script` gives the run a pseudo-terminal; without one (every other test) no live line is drawn.
+    let cmd = format!(
+        "{} --engine {} bench {} --rw randread --bs 4k --size 1M --threads 1 --time 2500ms",
+        bin().display(),
+        engine.name(),
+        t.path().display()
+    );
+    let Ok(out) = Command::new("script").args(["-qec", &cmd, "/dev/null"]).env("TERM", "xterm").output() else {
+        eprintln!("SKIP: util-linux `script` is not installed");
+        return;
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let live: Vec<&str> = text.split('\r').filter(|l| l.contains("randread: ") && l.contains(" IOPS [")).collect();
+    assert!(live.len() >= 2, "expected a live line each second: {text:?}");
+    assert!(text.contains("latency (us)"), "{text:?}");
+    let piped = bench(
+        engine,
+        t.path(),
+        &["--rw", "randread", "--bs", "4k", "--size", "1M", "--threads", "1", "--time", "1200ms"],
+    );
+    piped.assert_success();
+    assert!(!piped.stderr_str().contains("IOPS ["), "no live line without a terminal: {}", piped.stderr_str());
     assert_left_nothing(t.path());
 }
