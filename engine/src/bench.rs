@@ -242,6 +242,14 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
+
+    /// Fill `buf` with the next bytes of the sequence.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
 }
 
 /// The next op of an I/O job: where, and whether it reads. Shared by both engines so that they run the very same
@@ -340,11 +348,7 @@ impl IoPlan {
 /// Fill a write buffer with incompressible bytes (as fio does), so that compressing or deduplicating storage is
 /// measured on data that does not flatter it.
 pub fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut rng = Rng::new(seed);
-    for chunk in buf.chunks_mut(8) {
-        let v = rng.next_u64().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    Rng::new(seed).fill(buf);
 }
 
 #[cfg(test)]

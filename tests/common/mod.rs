@@ -313,37 +313,8 @@ pub fn with_slash(p: &Path) -> OsString {
 // Deterministic content
 // ---------------------------------------------------------------------------------------------------------------
 
-/// xorshift64* generator: deterministic, fast enough in debug builds.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-}
+/// xorshift64* generator: deterministic, fast enough in debug builds (the engine's, so that there is one).
+pub use fastsync_engine::bench::Rng;
 
 /// `len` pseudo-random bytes from `seed`.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
