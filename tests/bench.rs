@@ -28,6 +28,7 @@ both_engines!(
     interrupt_stops_and_cleans_up,
     buffers_beyond_the_memory_limit_are_refused,
     live_line_on_a_terminal,
+    io_error_ends_the_run_with_one_line,
 );
 
 fn bench(engine: Engine, path: &Path, extra: &[&str]) -> Output {
@@ -385,5 +386,34 @@ fn live_line_on_a_terminal(engine: Engine) {
     );
     piped.assert_success();
     assert!(!piped.stderr_str().contains("IOPS ["), "no live line without a terminal: {}", piped.stderr_str());
+    assert_left_nothing(t.path());
+}
+
+fn io_error_ends_the_run_with_one_line(engine: Engine) {
+    let t = tmp();
+    let child = Command::new(bin())
+        .args(["--engine", engine.name(), "bench"])
+        .arg(t.path())
+        .args(["--rw", "randread", "--bs", "4k", "--size", "1M", "--threads", "1", "--time", "60s"])
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let file = t.path().join("fastsync-bench/io.0");
+    let started = Instant::now();
+    while fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < 1 << 20 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Another process truncates the file under the running benchmark: its reads now come back short.
+    fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "the error did not end the run");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("fastsync: error reading '") && lines[0].contains("io.0"), "{stderr}");
     assert_left_nothing(t.path());
 }
