@@ -504,7 +504,8 @@ impl Stream {
                     }
                     Err(b) => {
                         if b.progressed {
-                            attempt = 0;
+                            // A new request was in flight when it broke: this was its first attempt.
+                            attempt = 1;
                         }
                         broke = Some(b.message);
                     }
@@ -3064,6 +3065,16 @@ mod tests {
         let r = ranges(1 << 30, 4).unwrap();
         assert!(r.iter().all(|(_, l)| *l <= RANGE_BYTES_MAX));
         assert_eq!(r.windows(2).filter(|w| w[0].0 + w[0].1 != w[1].0).count(), 0);
+    }
+
+    #[test]
+    fn io_timeouts_are_whole_seconds_within_bounds() {
+        assert_eq!(io_timeout_secs("5").ok(), Some(5));
+        assert_eq!(io_timeout_secs(" 60\n").ok(), Some(60));
+        assert_eq!(io_timeout_secs("86400").ok(), Some(IO_TIMEOUT_SECS_MAX));
+        for bad in ["", "0", "-1", "1.5", "86401", "1e3", "soon"] {
+            assert!(matches!(io_timeout_secs(bad), Err(Failure::Usage(m)) if m.contains(IO_TIMEOUT_ENV)), "{bad:?}");
+        }
     }
 
     #[test]
