@@ -1,0 +1,223 @@
+//! LAN transfers over a bad stream: a real `fastsync serve` behind a TCP proxy (tests/common/proxy.rs) that resets
+//! or stalls data connections once they have carried some bytes. A broken stream is dialled again and the request in
+//! flight retried, so the run still ends exact (BLAKE3 of both files, computed here); one that keeps breaking makes
+//! the run stop with one line naming the file, and nothing partial under a final name. The net transfers use no
+//! engine, so these cases run once, not on both engines.
+
+#[macro_use]
+#[allow(unused_macros)] // both_engines: these cases run no engine
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lan::*;
+use common::proxy::{Fault, Plan, Proxy};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+/// The size of the large file: four ranges of 12, 12, 12 and 4 MiB over four streams, and a ragged end.
+const BIG_BYTES: u64 = 40 * MIB + 12_345;
+/// The I/O timeout the cases run with (whole seconds, `FASTSYNC_IO_TIMEOUT`).
+const IO_TIMEOUT_SECS: &str = "1";
+
+fn once(fault: Fault, after_bytes: u64) -> Plan {
+    Plan { fault, after_bytes, times: 1 }
+}
+
+fn always(fault: Fault, after_bytes: u64) -> Plan {
+    Plan { fault, after_bytes, times: usize::MAX }
+}
+
+/// The warning lines, and the other lines, of stderr.
+fn split_stderr(out: &Output) -> (Vec<String>, Vec<String>) {
+    out.stderr_lines().into_iter().partition(|l| l.starts_with("fastsync: warning: "))
+}
+
+/// `copy --streams 4 SRC DST` with a short I/O timeout, timed.
+fn copy_via(c: &Case, src: impl AsRef<std::ffi::OsStr>, dst: impl AsRef<std::ffi::OsStr>) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = c
+        .cmd()
+        .args(["copy", "--streams", "4"])
+        .arg(src)
+        .arg(dst)
+        .env("FASTSYNC_IO_TIMEOUT", IO_TIMEOUT_SECS)
+        .timeout(Duration::from_secs(60))
+        .run();
+    (out, started.elapsed())
+}
+
+fn big_source(c: &Case) -> std::path::PathBuf {
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&big, 0xBAD5, BIG_BYTES);
+    set_times(&big, 1_500_000_000, 7);
+    big
+}
+
+/// The run succeeded with warnings only, each naming the server (the proxy) and the file, and saying what was done.
+fn assert_recovered(out: &Output, proxy: &Proxy, file: &str, cause: &str) {
+    out.assert_success();
+    let (warnings, others) = split_stderr(out);
+    out.check(others.is_empty(), "nothing but warnings on stderr");
+    out.check(!warnings.is_empty(), "the broken stream is reported");
+    for w in &warnings {
+        out.check(w.contains(&proxy.addr()), "a warning names the server");
+        out.check(w.contains(&proxy.url(file)), "a warning names the file");
+        out.check(w.contains("reconnected, trying again (attempt 2 of 3)"), "a warning says what happens next");
+    }
+    out.check(warnings.iter().any(|w| w.contains(cause)), &format!("a warning gives the cause ({cause})"));
+}
+
+#[test]
+fn a_stream_reset_mid_push_is_dialled_again_and_only_the_chunk_in_flight_is_sent_again() {
+    let c = Case::new();
+    let srv = c.serve();
+    // Inside the third 4 MiB chunk of a 12 MiB range: two chunks acknowledged, one in flight.
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 9 * MIB));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "in/big.bin", "lost");
+    let pushed = srv.root.join("in/big.bin");
+    assert_eq!(digest(&pushed), digest(&big));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 7));
+    assert_no_tmp(&srv.root);
+    // The cut chunk (at most 4 MiB) went again, not the 8 MiB acknowledged before it on that connection.
+    let extra = proxy.up_bytes() - BIG_BYTES;
+    assert!(extra < 5 * MIB, "{extra} bytes more than the file were sent: more than the chunk in flight");
+}
+
+#[test]
+fn a_stream_reset_mid_pull_resumes_at_the_first_byte_not_received() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0xBAD6, BIG_BYTES);
+    set_times(&big, 1_500_000_000, 7);
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB));
+    let dst = c.path("dst");
+    let (out, _) = copy_via(&c, proxy.url("big.bin"), &dst);
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "big.bin", "lost");
+    assert_eq!(digest(&dst), digest(&big));
+    assert_eq!(entry_of(&dst).mtime, (1_500_000_000, 7));
+    assert_no_tmp(&c.path(""));
+    // Only the 1 MiB chunk being received when it broke was fetched again, not the range from its start.
+    let extra = proxy.down_bytes() - BIG_BYTES;
+    assert!(extra < 2 * MIB, "{extra} bytes more than the file were received: more than the chunk in flight");
+}
+
+#[test]
+fn a_stalled_stream_is_detected_and_its_request_retried_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = big_source(&c);
+    for push in [true, false] {
+        let proxy = Proxy::start(&srv.addr(), once(Fault::Stall, 5 * MIB));
+        let (out, took) = if push {
+            copy_via(&c, &big, proxy.url("in/"))
+        } else {
+            copy_via(&c, proxy.url("in/big.bin"), c.path("back/"))
+        };
+        let what = if push { "push" } else { "pull" };
+        assert_eq!(proxy.faults(), 1, "{what}: one connection was stalled");
+        assert_recovered(&out, &proxy, "in/big.bin", "stalled: no progress for 1 s (timed out)");
+        assert!(took < Duration::from_secs(20), "{what}: the stall was noticed within the I/O timeout ({took:?})");
+        let copy = if push { srv.root.join("in/big.bin") } else { c.path("back/big.bin") };
+        assert_eq!(digest(&copy), digest(&big), "{what}");
+    }
+    assert_no_tmp(&c.path("back"));
+}
+
+#[test]
+fn a_tree_of_small_files_survives_a_reset_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    // Small files go whole, in one round trip each (push) or one Get each (pull).
+    for i in 0..240u64 {
+        let p = src.join(format!("d{}/f{i:03}.bin", i % 6));
+        mkdirs(p.parent().unwrap());
+        write_file(&p, &random_bytes(i, 40_000 + (i as usize * 97) % 9_000));
+        set_times(&p, 1_400_000_000 + i as i64, 11);
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
+    let (out, _) = copy_via(&c, &src, proxy.url("tree"));
+    assert_eq!(proxy.faults(), 1, "push: one connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+    assert_no_tmp(&srv.root);
+
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
+    let back = c.path("back");
+    let (out, _) = copy_via(&c, proxy.url("tree"), &back);
+    assert_eq!(proxy.faults(), 1, "pull: one connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    compare_trees(&src, &back, CompareOpts::default());
+    assert_no_tmp(&back);
+}
+
+/// Every data connection is broken before it has carried one whole chunk: no progress, so the run gives up with
+/// one line.
+fn assert_gives_up(out: &Output, proxy: &Proxy, file: &str, verb: &str) {
+    out.assert_code(1);
+    let (_, errors) = split_stderr(out);
+    assert_eq!(errors.len(), 1, "one error line: {:?}", out.stderr_lines());
+    let line = &errors[0];
+    let start = format!("fastsync: cannot {verb} '{}': connection to {} lost: ", proxy.url(file), proxy.addr());
+    assert!(line.starts_with(&start), "the line names the file and the cause: {line}");
+    assert!(line.ends_with("(gave up after 3 attempts on fresh connections)"), "{line}");
+}
+
+#[test]
+fn a_stream_that_keeps_breaking_ends_the_push_with_one_line_and_nothing_in_place() {
+    let c = Case::new();
+    let srv = c.serve();
+    let proxy = Proxy::start(&srv.addr(), always(Fault::Reset, MIB / 2));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, &big, proxy.url("in/"));
+    assert_gives_up(&out, &proxy, "in/big.bin", "write");
+    assert!(proxy.faults() >= 3, "the same request was tried three times");
+    assert!(!srv.root.join("in/big.bin").exists(), "nothing partial under the final name");
+}
+
+#[test]
+fn a_stream_that_keeps_breaking_ends_the_pull_with_one_line_and_nothing_in_place() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0xBAD7, BIG_BYTES);
+    let proxy = Proxy::start(&srv.addr(), always(Fault::Stall, MIB / 2));
+    let dst = c.path("dst");
+    mkdirs(&dst);
+    let (out, took) = copy_via(&c, proxy.url("big.bin"), &dst);
+    assert_gives_up(&out, &proxy, "big.bin", "read");
+    assert!(out.stderr_str().contains("stalled"), "{}", out.stderr_str());
+    assert!(took < Duration::from_secs(20), "three stalls of 1 s and the backoff: {took:?}");
+    assert!(!dst.join("big.bin").exists(), "nothing partial under the final name");
+    assert_no_tmp(&dst);
+}
+
+#[test]
+fn a_bad_io_timeout_is_a_usage_error() {
+    let c = Case::new();
+    mkdirs(&c.path("src"));
+    for bad in ["0", "-1", "1.5", "soon", "86401"] {
+        let out = c
+            .cmd()
+            .arg("copy")
+            .arg(c.path("src"))
+            .arg("fastsync://127.0.0.1:9/x")
+            .env("FASTSYNC_IO_TIMEOUT", bad)
+            .run();
+        out.assert_code(2);
+        let lines = out.stderr_lines();
+        assert!(lines.len() == 1 && lines[0].contains("FASTSYNC_IO_TIMEOUT"), "{bad}: {lines:?}");
+    }
+}
