@@ -17,8 +17,11 @@ use common::*;
 const MIB: u64 = 1 << 20;
 /// The size of the large file: four ranges of 12, 12, 12 and 4 MiB over four streams, and a ragged end.
 const BIG_BYTES: u64 = 40 * MIB + 12_345;
-/// The I/O timeout the cases run with (whole seconds, `FASTSYNC_IO_TIMEOUT`).
-const IO_TIMEOUT_SECS: &str = "1";
+/// The I/O timeout (`FASTSYNC_IO_TIMEOUT`, whole seconds) of the cases that stall a connection: short, but long
+/// enough that a busy debug build on two cores does not look stalled.
+const STALL_TIMEOUT_SECS: &str = "2";
+/// The I/O timeout of the cases that reset connections: only the resets may break anything there.
+const RESET_TIMEOUT_SECS: &str = "20";
 
 fn once(fault: Fault, after_bytes: u64) -> Plan {
     Plan { fault, after_bytes, times: 1 }
@@ -33,15 +36,22 @@ fn split_stderr(out: &Output) -> (Vec<String>, Vec<String>) {
     out.stderr_lines().into_iter().partition(|l| l.starts_with("fastsync: warning: "))
 }
 
-/// `copy --streams 4 SRC DST` with a short I/O timeout, timed.
-fn copy_via(c: &Case, src: impl AsRef<std::ffi::OsStr>, dst: impl AsRef<std::ffi::OsStr>) -> (Output, Duration) {
+/// `copy --streams 4 [EXTRA] SRC DST` with I/O timeout `timeout_secs`, timed.
+fn copy_via(
+    c: &Case,
+    timeout_secs: &str,
+    extra: &[&str],
+    src: impl AsRef<std::ffi::OsStr>,
+    dst: impl AsRef<std::ffi::OsStr>,
+) -> (Output, Duration) {
     let started = Instant::now();
     let out = c
         .cmd()
         .args(["copy", "--streams", "4"])
+        .args(extra)
         .arg(src)
         .arg(dst)
-        .env("FASTSYNC_IO_TIMEOUT", IO_TIMEOUT_SECS)
+        .env("FASTSYNC_IO_TIMEOUT", timeout_secs)
         .timeout(Duration::from_secs(60))
         .run();
     (out, started.elapsed())
@@ -76,7 +86,7 @@ fn a_stream_reset_mid_push_is_dialled_again_and_only_the_chunk_in_flight_is_sent
     // Inside the third 4 MiB chunk of a 12 MiB range: two chunks acknowledged, one in flight.
     let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 9 * MIB));
     let big = big_source(&c);
-    let (out, _) = copy_via(&c, &big, proxy.url("in/"));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &big, proxy.url("in/"));
     assert_eq!(proxy.faults(), 1, "one connection was reset");
     assert_recovered(&out, &proxy, "in/big.bin", "lost");
     let pushed = srv.root.join("in/big.bin");
@@ -95,9 +105,9 @@ fn a_stream_reset_mid_pull_resumes_at_the_first_byte_not_received() {
     let big = srv.root.join("big.bin");
     write_big_file(&big, 0xBAD6, BIG_BYTES);
     set_times(&big, 1_500_000_000, 7);
-    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB));
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB / 2));
     let dst = c.path("dst");
-    let (out, _) = copy_via(&c, proxy.url("big.bin"), &dst);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], proxy.url("big.bin"), &dst);
     assert_eq!(proxy.faults(), 1, "one connection was reset");
     assert_recovered(&out, &proxy, "big.bin", "lost");
     assert_eq!(digest(&dst), digest(&big));
@@ -109,6 +119,21 @@ fn a_stream_reset_mid_pull_resumes_at_the_first_byte_not_received() {
 }
 
 #[test]
+fn an_encrypted_stream_is_replaced_by_a_new_encrypted_one() {
+    let c = Case::new();
+    let srv = Server::start_with(&c.path("served"), &c.token, &["--require-encrypt"]);
+    // Smaller than the others (sealing is slow in a debug build): two ranges of 4 MiB, one reset inside one.
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB / 2));
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&big, 0xBAD8, 8 * MIB + 99);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--encrypt"], &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "in/big.bin", "lost");
+    assert_eq!(digest(&srv.root.join("in/big.bin")), digest(&big));
+}
+
+#[test]
 fn a_stalled_stream_is_detected_and_its_request_retried_both_ways() {
     let c = Case::new();
     let srv = c.serve();
@@ -116,13 +141,13 @@ fn a_stalled_stream_is_detected_and_its_request_retried_both_ways() {
     for push in [true, false] {
         let proxy = Proxy::start(&srv.addr(), once(Fault::Stall, 5 * MIB));
         let (out, took) = if push {
-            copy_via(&c, &big, proxy.url("in/"))
+            copy_via(&c, STALL_TIMEOUT_SECS, &[], &big, proxy.url("in/"))
         } else {
-            copy_via(&c, proxy.url("in/big.bin"), c.path("back/"))
+            copy_via(&c, STALL_TIMEOUT_SECS, &[], proxy.url("in/big.bin"), c.path("back/"))
         };
         let what = if push { "push" } else { "pull" };
         assert_eq!(proxy.faults(), 1, "{what}: one connection was stalled");
-        assert_recovered(&out, &proxy, "in/big.bin", "stalled: no progress for 1 s (timed out)");
+        assert_recovered(&out, &proxy, "in/big.bin", "stalled: no progress for 2 s (timed out)");
         assert!(took < Duration::from_secs(20), "{what}: the stall was noticed within the I/O timeout ({took:?})");
         let copy = if push { srv.root.join("in/big.bin") } else { c.path("back/big.bin") };
         assert_eq!(digest(&copy), digest(&big), "{what}");
@@ -144,7 +169,7 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
     }
     stamp_dir_times(&src, 1_200_000_000);
     let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
-    let (out, _) = copy_via(&c, &src, proxy.url("tree"));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &src, proxy.url("tree"));
     assert_eq!(proxy.faults(), 1, "push: one connection was reset");
     out.assert_success();
     let (warnings, others) = split_stderr(&out);
@@ -154,7 +179,7 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
 
     let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
     let back = c.path("back");
-    let (out, _) = copy_via(&c, proxy.url("tree"), &back);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], proxy.url("tree"), &back);
     assert_eq!(proxy.faults(), 1, "pull: one connection was reset");
     out.assert_success();
     let (warnings, others) = split_stderr(&out);
@@ -181,7 +206,7 @@ fn a_stream_that_keeps_breaking_ends_the_push_with_one_line_and_nothing_in_place
     let srv = c.serve();
     let proxy = Proxy::start(&srv.addr(), always(Fault::Reset, MIB / 2));
     let big = big_source(&c);
-    let (out, _) = copy_via(&c, &big, proxy.url("in/"));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &big, proxy.url("in/"));
     assert_gives_up(&out, &proxy, "in/big.bin", "write");
     assert!(proxy.faults() >= 3, "the same request was tried three times");
     assert!(!srv.root.join("in/big.bin").exists(), "nothing partial under the final name");
@@ -196,7 +221,8 @@ fn a_stream_that_keeps_breaking_ends_the_pull_with_one_line_and_nothing_in_place
     let proxy = Proxy::start(&srv.addr(), always(Fault::Stall, MIB / 2));
     let dst = c.path("dst");
     mkdirs(&dst);
-    let (out, took) = copy_via(&c, proxy.url("big.bin"), &dst);
+    // Every stream stalls anyway: a busy moment mistaken for a stall changes nothing, so the timeout can be 1 s.
+    let (out, took) = copy_via(&c, "1", &[], proxy.url("big.bin"), &dst);
     assert_gives_up(&out, &proxy, "big.bin", "read");
     assert!(out.stderr_str().contains("stalled"), "{}", out.stderr_str());
     assert!(took < Duration::from_secs(20), "three stalls of 1 s and the backoff: {took:?}");

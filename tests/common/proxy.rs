@@ -1,7 +1,7 @@
 //! A TCP proxy for the LAN robustness tests (tests/robust.rs): it forwards bytes between a client and a real
 //! `fastsync serve`, and breaks connections on purpose once they have carried a given number of bytes: it resets
-//! them (an RST to the client, a FIN to the server) or stalls them (stops forwarding in both directions and keeps
-//! both sockets open, so only a timeout can tell).
+//! them (an RST to the client, a FIN to the server, after a short pause in which the client can read what it was
+//! sent) or stalls them (stops forwarding in both directions and keeps both sockets open, so only a timeout can tell).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -32,6 +32,8 @@ pub struct Plan {
 
 /// How often a blocked pump looks at the flags.
 const TICK: Duration = Duration::from_millis(20);
+/// How long a connection to be reset is stalled first.
+const RESET_GRACE: Duration = Duration::from_millis(300);
 
 struct Shared {
     upstream: String,
@@ -206,6 +208,10 @@ fn pump(link: &Link, shared: &Shared, up: bool) {
         }
         match shared.plan.fault {
             Fault::Reset => {
+                // Give the client time to read what was forwarded: an RST makes its kernel drop unread bytes, and
+                // the test wants to see which bytes a client sends or asks for again, not the kernel's losses.
+                link.stalled.store(true, Ordering::SeqCst);
+                std::thread::sleep(RESET_GRACE);
                 link.dead.store(true, Ordering::SeqCst);
                 reset_on_close(&link.client);
                 let _ = link.server.shutdown(Shutdown::Both);
