@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::lan::*;
 use common::proxy::{Fault, Plan, Proxy};
 use common::*;
+use fastsync::net::wire::{self, Msg};
 
 const MIB: u64 = 1 << 20;
 /// The size of the large file: four ranges of 12, 12, 12 and 4 MiB over four streams, and a ragged end.
@@ -24,11 +25,27 @@ const STALL_TIMEOUT_SECS: &str = "2";
 const RESET_TIMEOUT_SECS: &str = "20";
 
 fn once(fault: Fault, after_bytes: u64) -> Plan {
-    Plan { fault, after_bytes, times: 1 }
+    Plan::new(fault, after_bytes, 1)
 }
 
 fn always(fault: Fault, after_bytes: u64) -> Plan {
-    Plan { fault, after_bytes, times: usize::MAX }
+    Plan::new(fault, after_bytes, usize::MAX)
+}
+
+/// The bytes of `msg` on the wire (a plain connection: a length prefix and the body).
+fn frame_bytes(msg: &Msg) -> u64 {
+    msg.encode_body().len() as u64 + 4
+}
+
+/// What a server sends during a plain handshake.
+fn handshake_down_bytes() -> u64 {
+    frame_bytes(&Msg::Challenge { version: wire::VERSION, nonce: [0; 32], read_only: false, flags: 0 })
+        + frame_bytes(&Msg::AuthOk { mac: [0; 32] })
+}
+
+/// Break only the first data connection (the control connection is dialled first), counting what the server sends.
+fn before_answer(down_bytes: u64) -> Plan {
+    Plan { only_connection: Some(2), down_only: true, ..once(Fault::Reset, down_bytes) }
 }
 
 /// The warning lines, and the other lines, of stderr.
@@ -36,7 +53,7 @@ fn split_stderr(out: &Output) -> (Vec<String>, Vec<String>) {
     out.stderr_lines().into_iter().partition(|l| l.starts_with("fastsync: warning: "))
 }
 
-/// `copy --streams 4 [EXTRA] SRC DST` with I/O timeout `timeout_secs`, timed.
+/// `copy [EXTRA] SRC DST` (four streams unless EXTRA says otherwise) with I/O timeout `timeout_secs`, timed.
 fn copy_via(
     c: &Case,
     timeout_secs: &str,
@@ -47,7 +64,7 @@ fn copy_via(
     let started = Instant::now();
     let out = c
         .cmd()
-        .args(["copy", "--streams", "4"])
+        .arg("copy")
         .args(extra)
         .arg(src)
         .arg(dst)
@@ -116,6 +133,50 @@ fn a_stream_reset_mid_pull_resumes_at_the_first_byte_not_received() {
     // Only the 1 MiB chunk being received when it broke was fetched again, not the range from its start.
     let extra = proxy.down_bytes() - BIG_BYTES;
     assert!(extra < 2 * MIB, "{extra} bytes more than the file were received: more than the chunk in flight");
+}
+
+#[test]
+fn a_push_whose_last_answer_is_lost_is_found_in_place_and_not_sent_again() {
+    let c = Case::new();
+    let srv = c.serve();
+    // One stream, two chunks (over 1 MiB: step by step); the reset comes after the server has renamed the file into
+    // place, before the client has its answer: the handshake, PutBegin's and both chunks' Ok got through.
+    let ok = frame_bytes(&Msg::Ok);
+    let proxy = Proxy::start(&srv.addr(), before_answer(handshake_down_bytes() + 3 * ok));
+    let size = 6 * MIB + 5;
+    let src = c.path("src/f.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&src, 0xBAD9, size);
+    set_times(&src, 1_500_000_000, 9);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], &src, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "the data connection was reset");
+    assert_recovered(&out, &proxy, "in/f.bin", "(its last step: metadata and rename)");
+    let pushed = srv.root.join("in/f.bin");
+    assert_eq!(digest(&pushed), digest(&src));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 9));
+    assert!(proxy.up_bytes() < size + MIB, "the file was sent again: {} bytes", proxy.up_bytes());
+    assert_no_tmp(&srv.root);
+}
+
+#[test]
+fn a_pull_that_lost_only_its_data_end_asks_only_for_the_end() {
+    let c = Case::new();
+    let srv = c.serve();
+    // One stream, one Get answered by three Data frames (1 MiB, 1 MiB, 7 bytes): all of them get through, then the
+    // reset, before DataEnd.
+    let data = |n: u64| frame_bytes(&Msg::Data { offset: 0, digest: [0; 32], bytes: vec![0; n as usize] });
+    let proxy = Proxy::start(&srv.addr(), before_answer(handshake_down_bytes() + 2 * data(MIB) + data(7)));
+    let size = 2 * MIB + 7;
+    let remote = srv.root.join("f.bin");
+    write_big_file(&remote, 0xBADA, size);
+    let dst = c.path("dst/f.bin");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], proxy.url("f.bin"), &dst);
+    assert_eq!(proxy.faults(), 1, "the data connection was reset");
+    assert_recovered(&out, &proxy, "f.bin", "lost");
+    assert_eq!(digest(&dst), digest(&remote));
+    let again = proxy.down_bytes() - size;
+    assert!(again < 64 << 10, "{again} bytes more than the file were received: data was fetched again");
+    assert_no_tmp(&c.path("dst"));
 }
 
 #[test]

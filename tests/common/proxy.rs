@@ -28,6 +28,17 @@ pub struct Plan {
     pub after_bytes: u64,
     /// How many connections are broken in all (the first ones to reach `after_bytes`); `usize::MAX`: every one.
     pub times: usize,
+    /// Only this connection (1-based, in the order they were accepted) may be broken.
+    pub only_connection: Option<usize>,
+    /// Count only the bytes from the server to the client (to cut just before a given answer).
+    pub down_only: bool,
+}
+
+impl Plan {
+    /// Break the first `times` connections that carry `after_bytes`, counting both directions.
+    pub fn new(fault: Fault, after_bytes: u64, times: usize) -> Plan {
+        Plan { fault, after_bytes, times, only_connection: None, down_only: false }
+    }
 }
 
 /// How often a blocked pump looks at the flags.
@@ -55,6 +66,8 @@ impl Shared {
 
 /// One proxied connection.
 struct Link {
+    /// 1-based, in accept order.
+    number: usize,
     client: TcpStream,
     server: TcpStream,
     bytes: AtomicU64,
@@ -136,20 +149,21 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             }
             Err(_) => return,
         };
-        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let number = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         let Ok(server) = TcpStream::connect(&shared.upstream) else { continue };
         let shared = shared.clone();
-        std::thread::spawn(move || proxy_connection(client, server, &shared));
+        std::thread::spawn(move || proxy_connection(number, client, server, &shared));
     }
 }
 
-fn proxy_connection(client: TcpStream, server: TcpStream, shared: &Arc<Shared>) {
+fn proxy_connection(number: usize, client: TcpStream, server: TcpStream, shared: &Arc<Shared>) {
     for s in [&client, &server] {
         s.set_nonblocking(false).unwrap();
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(TICK)).unwrap();
     }
     let link = Arc::new(Link {
+        number,
         client,
         server,
         bytes: AtomicU64::new(0),
@@ -194,10 +208,13 @@ fn pump(link: &Link, shared: &Shared, up: bool) {
                 return;
             }
         };
-        let before = link.bytes.fetch_add(n, Ordering::SeqCst);
-        let limit = shared.plan.after_bytes;
-        let fault = before + n > limit && !link.faulted.swap(true, Ordering::SeqCst) && shared.claim();
-        let forward = if fault { limit.saturating_sub(before).min(n) } else { n };
+        let plan = &shared.plan;
+        let counted = !(up && plan.down_only);
+        let eligible = counted && plan.only_connection.is_none_or(|k| k == link.number);
+        let before = if counted { link.bytes.fetch_add(n, Ordering::SeqCst) } else { 0 };
+        let fault =
+            eligible && before + n > plan.after_bytes && !link.faulted.swap(true, Ordering::SeqCst) && shared.claim();
+        let forward = if fault { plan.after_bytes.saturating_sub(before).min(n) } else { n };
         if (&*to).write_all(&buf[..forward as usize]).is_err() {
             link.dead.store(true, Ordering::SeqCst);
             return;
