@@ -20,7 +20,7 @@
 //!   filters, and itemizes like a local sync.
 //!
 //! A data stream whose connection breaks (reset, closed, or stalled: no progress for the I/O timeout, 60 s or
-//! `FASTSYNC_IO_TIMEOUT`) is dialled again and authenticated again ([`Stream`]), with a warning naming the server and
+//! `FASTSYNC_IO_TIMEOUT`) is dialled again and authenticated again (`Stream`), with a warning naming the server and
 //! the file, and the request in flight is sent again on the new connection: the chunk being pushed (the server's
 //! transfer table outlives connections, so chunks already acknowledged are not sent again), or the rest of the range
 //! being pulled (from the first byte not yet received and checked). Each request gets [`STREAM_ATTEMPTS_MAX`] attempts

@@ -1,11 +1,12 @@
 //! The client side of a `fastsync://` connection: connect, authenticate, and one helper per request.
 //!
-//! A [`Connection`] is strictly request/answer (one request in flight), so several connections ([`pool`]) carry a
-//! transfer in parallel. Every read and write has a timeout ([`DEFAULT_TIMEOUT`]), so a server that stops answering
-//! ends the run with an error instead of hanging it. A failed request says whether the connection can still be used:
-//! [`ReqError::Server`] (the server refused this one request and said why) or [`ReqError::Broken`] (closed, reset,
-//! stalled past the timeout or garbled: the connection is done, and the message names the server). A [`Dialer`] opens
-//! connections to one server again and again, so that a client can replace a connection that broke.
+//! A [`Connection`] is strictly request/answer (one request in flight), so several connections
+//! ([`Dialer::dial_n`]) carry a transfer in parallel. Every read and write has a timeout ([`DEFAULT_TIMEOUT`] unless
+//! the caller gives another), so a server that stops answering breaks the connection instead of hanging it. A failed
+//! request says whether the connection can still be used: [`ReqError::Server`] (the server refused this one request
+//! and said why) or [`ReqError::Broken`] (closed, reset, stalled past the timeout or garbled: the connection is done,
+//! and the message names the server). A [`Dialer`] opens connections to one server again and again, so that a client
+//! can replace a connection that broke.
 
 use std::io::{self, BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -188,17 +189,6 @@ impl Dialer {
     pub fn dial_n(&self, n: usize) -> Result<Vec<Connection>, ConnectError> {
         (0..n).map(|_| self.dial()).collect()
     }
-}
-
-/// `n` connections to `addr`, all authenticated.
-pub fn pool(
-    addr: &str,
-    key: &Key,
-    wishes: Wishes,
-    n: usize,
-    timeout: Duration,
-) -> Result<Vec<Connection>, ConnectError> {
-    (0..n).map(|_| connect(addr, key, wishes, timeout)).collect()
 }
 
 fn describe_io(e: &io::Error, timeout: Duration) -> String {
