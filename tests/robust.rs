@@ -180,6 +180,19 @@ fn a_pull_that_lost_only_its_data_end_asks_only_for_the_end() {
 }
 
 #[test]
+fn quiet_runs_do_not_warn_about_a_replaced_stream() {
+    let c = Case::new();
+    let srv = c.serve();
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["-q"], &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    out.assert_success();
+    out.check(out.stderr_lines().is_empty(), "-q: no warning");
+    assert_eq!(digest(&srv.root.join("in/big.bin")), digest(&big));
+}
+
+#[test]
 fn an_encrypted_stream_is_replaced_by_a_new_encrypted_one() {
     let c = Case::new();
     let srv = Server::start_with(&c.path("served"), &c.token, &["--require-encrypt"]);
