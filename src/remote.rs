@@ -19,9 +19,15 @@
 //! - `sync --delete` deletes only after every transfer succeeded, honours `--max-delete` (counting first) and the
 //!   filters, and itemizes like a local sync.
 //!
-//! A broken connection (server killed, network down, 60 s without an answer) stops the whole run with one line
-//! naming the server; temporaries are removed (pull) or abandoned to the server, which removes them (push), so
-//! nothing partial appears under a final name, and a rerun finishes the work.
+//! A data stream whose connection breaks (reset, closed, or stalled: no progress for the I/O timeout, 60 s or
+//! `FASTSYNC_IO_TIMEOUT`) is dialled again and authenticated again (`Stream`), with a warning naming the server and
+//! the file, and the request in flight is sent again on the new connection: the chunk being pushed (the server's
+//! transfer table outlives connections, so chunks already acknowledged are not sent again), or the rest of the range
+//! being pulled (from the first byte not yet received and checked). Each request gets [`STREAM_ATTEMPTS_MAX`] attempts
+//! with a short backoff between them; then the run stops with one line naming the file and the cause. The control
+//! connection (listings, directories, symlinks) is not dialled again: its loss, or a server that cannot be reached
+//! again, stops the whole run with one line naming the server; temporaries are removed (pull) or abandoned to the
+//! server, which removes them (push), so nothing partial appears under a final name, and a rerun finishes the work.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -46,7 +52,7 @@ use crate::list::{self, ListArgs};
 use crate::meta::Identity;
 use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
-use crate::net::client::{self, Connection, GetError, ReqError};
+use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
 use crate::progress::Progress;
@@ -63,13 +69,25 @@ const RANGE_BYTES_MAX: u64 = 32 << 20;
 const QUEUE_PER_STREAM: usize = 2;
 const CHUNK: u64 = CHUNK_BYTES_MAX as u64;
 
+/// A data request whose connection breaks is tried this many times in all, each retry on a freshly dialled and
+/// authenticated connection; a retry that made progress (a pull that received more bytes) starts the count again.
+pub const STREAM_ATTEMPTS_MAX: u32 = 3;
+/// The pause before the second attempt; it doubles before each further one.
+const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+
+/// The environment variable that sets the I/O timeout (whole seconds): a connection with no progress for that long
+/// counts as stalled. The default is [`client::DEFAULT_TIMEOUT`].
+pub const IO_TIMEOUT_ENV: &str = "FASTSYNC_IO_TIMEOUT";
+/// The largest I/O timeout accepted, in seconds (a day).
+const IO_TIMEOUT_SECS_MAX: u64 = 86_400;
+
 /// How to reach the server.
 #[derive(Clone, Debug)]
 pub struct NetOptions {
     /// Connections carrying file data (the control connection comes on top).
     pub streams: usize,
     pub token_file: Option<PathBuf>,
-    /// Connect, read and write timeout.
+    /// Connect, read and write timeout: a connection with no progress for this long is stalled.
     pub timeout: Duration,
     /// `--encrypt`, `--compress[=LEVEL]`.
     pub wishes: Wishes,
@@ -83,6 +101,25 @@ impl NetOptions {
             timeout: client::DEFAULT_TIMEOUT,
             wishes: Wishes::default(),
         }
+    }
+
+    /// These options with the I/O timeout of [`IO_TIMEOUT_ENV`] when it is set; a bad value is a usage error.
+    fn with_env(&self) -> Result<NetOptions, Failure> {
+        let mut net = self.clone();
+        if let Some(v) = std::env::var_os(IO_TIMEOUT_ENV) {
+            net.timeout = Duration::from_secs(io_timeout_secs(&v.to_string_lossy())?);
+        }
+        Ok(net)
+    }
+}
+
+/// Parse an I/O timeout: whole seconds from 1 to [`IO_TIMEOUT_SECS_MAX`].
+fn io_timeout_secs(text: &str) -> Result<u64, Failure> {
+    match text.trim().parse::<u64>() {
+        Ok(secs) if (1..=IO_TIMEOUT_SECS_MAX).contains(&secs) => Ok(secs),
+        _ => Err(Failure::Usage(format!(
+            "{IO_TIMEOUT_ENV} must be a whole number of seconds from 1 to {IO_TIMEOUT_SECS_MAX}, not '{text}'"
+        ))),
     }
 }
 
@@ -129,6 +166,10 @@ fn load_key(net: &NetOptions, url: &str) -> Result<Key, Failure> {
 
 fn connect(addr: &str, key: &Key, net: &NetOptions) -> Result<Connection, Failure> {
     client::connect(addr, key, net.wishes, net.timeout).map_err(|e| Failure::Fatal(e.to_string()))
+}
+
+fn dial(dialer: &Dialer) -> Result<Connection, Failure> {
+    dialer.dial().map_err(|e| Failure::Fatal(e.to_string()))
 }
 
 fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -194,12 +235,17 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
              digest on arrival)"
         );
     }
+    let net = &net.with_env()?;
     let remote = parse_url(if src_remote { src } else { dst })?;
     let shown = remote.display(b"");
     let key = load_key(net, &shown)?;
+    let dialer = Arc::new(Dialer::new(&remote.addr, key, net.wishes, net.timeout));
     let started = Instant::now();
-    let mut summary =
-        if dst_remote { Push::run(src, remote, opts, net, &key)? } else { Pull::run(remote, dst, opts, net, &key)? };
+    let mut summary = if dst_remote {
+        Push::run(src, remote, opts, net, dialer)?
+    } else {
+        Pull::run(remote, dst, opts, net, dialer)?
+    };
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -251,6 +297,13 @@ impl<'a> Run<'a> {
         self.summary.errors += 1;
         if self.summary.failures.len() < FAILURES_KEPT_MAX {
             self.summary.failures.push(msg);
+        }
+    }
+
+    /// A warning line (a stream that broke and was replaced); `-q` silences it.
+    fn warn(&mut self, msg: &str) {
+        if !self.opts.quiet {
+            self.progress.println(&format!("fastsync: warning: {msg}"));
         }
     }
 
@@ -326,33 +379,218 @@ enum Done {
     Bytes(u64),
     /// A file is finished: transferred (and how many times it was retried), or failed (the line to print).
     File { dir: Option<usize>, result: Result<u8, String> },
-    /// A connection broke: the run stops.
+    /// A stream broke and was replaced: the warning line (without `fastsync: warning: `).
+    Warn(String),
+    /// A stream gave up (or the server cannot be reached again): the run stops.
     Broken(String),
 }
 
-/// Worker threads, one connection each, fed by a bounded queue.
+/// Why a worker stopped working.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    /// A request failed [`STREAM_ATTEMPTS_MAX`] times on fresh connections: the run stops with this line.
+    #[error("{0}")]
+    GaveUp(String),
+    /// The run is stopping (another stream gave up, the control connection broke, or Ctrl-C).
+    #[error("the run was stopped")]
+    Stopped,
+}
+
+/// A request's connection broke under it (closed, reset, stalled past the I/O timeout, garbled).
+#[derive(Debug)]
+struct Broken {
+    /// Names the server and the cause.
+    message: String,
+    /// Something was received and kept before it broke (a pull), so the attempts are counted again.
+    progressed: bool,
+}
+
+impl Broken {
+    fn new(message: String) -> Broken {
+        Broken { message, progressed: false }
+    }
+}
+
+/// A request's result with a broken connection split off (the part [`Stream::retry`] handles).
+fn split<R>(r: Result<R, ReqError>) -> Result<Result<R, ReqError>, Broken> {
+    match r {
+        Err(ReqError::Broken(m)) => Err(Broken::new(m)),
+        r => Ok(r),
+    }
+}
+
+/// What a stream was doing, for its warnings and its last error line.
+struct Doing {
+    /// `sending 'URL' (the chunk at byte N)`.
+    what: String,
+    /// `cannot write 'URL'`.
+    failed: String,
+}
+
+impl Doing {
+    fn push(url: &str, part: &str) -> Doing {
+        Doing { what: format!("sending '{url}' ({part})"), failed: format!("cannot write '{url}'") }
+    }
+
+    fn pull(url: &str, part: &str) -> Doing {
+        Doing { what: format!("fetching '{url}' ({part})"), failed: format!("cannot read '{url}'") }
+    }
+}
+
+/// One data stream of a pool: a connection that is dialled again, with a fresh handshake, when it breaks.
+struct Stream {
+    /// 1-based, for messages.
+    number: usize,
+    dialer: Arc<Dialer>,
+    /// `None` after a break, until the next request dials again.
+    conn: Option<Connection>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Stream {
+    fn new(number: usize, conn: Connection, dialer: Arc<Dialer>, stop: Arc<AtomicBool>) -> Stream {
+        Stream { number, dialer, conn: Some(conn), stop }
+    }
+
+    fn addr(&self) -> &str {
+        self.dialer.addr()
+    }
+
+    /// Run `op` on the connection. When the connection breaks under it, the connection is dropped, and after a
+    /// short backoff a new one is dialled and `op` runs again on it (it is told the attempt number, from 1), up to
+    /// [`STREAM_ATTEMPTS_MAX`] attempts; a warning names the server and what was being done. A failed dial counts
+    /// as an attempt. `Err(GaveUp)` names what was being done and the last cause; `Err(Stopped)` when the run stops
+    /// meanwhile.
+    fn retry<R>(
+        &mut self,
+        doing: &Doing,
+        done: &Sender<Done>,
+        mut op: impl FnMut(&mut Connection, u32) -> Result<R, Broken>,
+    ) -> Result<R, StreamError> {
+        let mut attempt = 1;
+        // Why the last attempt failed: the request's connection broke, then (maybe) dialling again failed.
+        let mut broke: Option<String> = None;
+        let mut redial: Option<String> = None;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(StreamError::Stopped);
+            }
+            let conn = match self.conn.take() {
+                Some(c) => Some(c),
+                None => match self.dialer.dial() {
+                    Ok(c) => {
+                        if let Some(cause) = &broke {
+                            let n = self.number;
+                            let _ = done.send(Done::Warn(format!(
+                                "stream {n}: {cause}, while {}; reconnected, trying again (attempt {attempt} of \
+                                 {STREAM_ATTEMPTS_MAX})",
+                                doing.what
+                            )));
+                        }
+                        Some(c)
+                    }
+                    Err(e) => {
+                        redial = Some(e.to_string());
+                        None
+                    }
+                },
+            };
+            if let Some(mut conn) = conn {
+                redial = None;
+                match op(&mut conn, attempt) {
+                    Ok(r) => {
+                        self.conn = Some(conn);
+                        return Ok(r);
+                    }
+                    Err(b) => {
+                        if b.progressed {
+                            // A new request was in flight when it broke: this was its first attempt.
+                            attempt = 1;
+                        }
+                        broke = Some(b.message);
+                    }
+                }
+            }
+            if attempt >= STREAM_ATTEMPTS_MAX {
+                let cause = match (&broke, &redial) {
+                    (Some(b), Some(r)) => format!("{b}; reconnecting failed: {r}"),
+                    (Some(b), None) => b.clone(),
+                    (None, Some(r)) => r.clone(),
+                    (None, None) => "the connection broke".to_string(),
+                };
+                return Err(StreamError::GaveUp(format!(
+                    "{}: {cause} (gave up after {attempt} attempts on fresh connections)",
+                    doing.failed
+                )));
+            }
+            self.pause(RETRY_BACKOFF_FIRST * 2u32.saturating_pow(attempt.saturating_sub(1)));
+            attempt += 1;
+        }
+    }
+
+    /// Sleep for `d`, waking early when the run stops.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Run `op` once if the connection is up (cleaning up: a `PutAbort`); a break only drops the connection.
+    fn best_effort(&mut self, op: impl FnOnce(&mut Connection) -> Result<(), ReqError>) {
+        if let Some(conn) = self.conn.as_mut()
+            && let Err(ReqError::Broken(_)) = op(conn)
+        {
+            self.conn = None;
+        }
+    }
+
+    /// Keep an idle connection from being dropped by the server; one that broke meanwhile is dropped quietly (the
+    /// next request dials again).
+    fn keepalive(&mut self) {
+        if let Some(conn) = self.conn.as_mut()
+            && conn.keepalive().is_err()
+        {
+            self.conn = None;
+        }
+    }
+
+    fn bye(self) {
+        if let Some(conn) = self.conn {
+            conn.bye();
+        }
+    }
+}
+
+/// Worker threads, one stream each, fed by a bounded queue.
 struct Pool<T> {
     tx: Option<Sender<T>>,
     done: Receiver<Done>,
     handles: Vec<JoinHandle<()>>,
 }
 
-/// A worker's job: `Err` is a broken connection (the worker stops).
-type Work<T> = dyn Fn(&mut Connection, T, &Sender<Done>) -> Result<(), String> + Send + Sync;
+/// A worker's job: `Err` stops the worker (and the run).
+type Work<T> = dyn Fn(&mut Stream, T, &Sender<Done>) -> Result<(), StreamError> + Send + Sync;
 
 /// What the main thread hears while it waits: a completion, or `None` after [`client::KEEPALIVE`] of silence (time
 /// to keep its own connection alive).
 type OnEvent<'a> = &'a mut dyn FnMut(Option<Done>);
 
 impl<T: Send + 'static> Pool<T> {
-    fn start(conns: Vec<Connection>, stop: Arc<AtomicBool>, work: Arc<Work<T>>) -> Pool<T> {
+    fn start(conns: Vec<Connection>, dialer: &Arc<Dialer>, stop: Arc<AtomicBool>, work: Arc<Work<T>>) -> Pool<T> {
         let (tx, rx) = bounded::<T>(conns.len() * QUEUE_PER_STREAM);
         let (dtx, drx) = unbounded();
         let handles = conns
             .into_iter()
-            .map(|conn| {
+            .enumerate()
+            .map(|(i, conn)| {
+                let stream = Stream::new(i + 1, conn, dialer.clone(), stop.clone());
                 let (rx, dtx, stop, work) = (rx.clone(), dtx.clone(), stop.clone(), work.clone());
-                std::thread::spawn(move || worker(conn, &rx, &dtx, &stop, &*work))
+                std::thread::spawn(move || worker(stream, &rx, &dtx, &stop, &*work))
             })
             .collect();
         Pool { tx: Some(tx), done: drx, handles }
@@ -410,17 +648,13 @@ impl<T: Send + 'static> Pool<T> {
 }
 
 /// One worker: tasks until the queue closes; a connection left idle is kept alive.
-fn worker<T>(mut conn: Connection, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
+fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
     loop {
         let task = match rx.recv_timeout(client::KEEPALIVE) {
             Ok(t) => t,
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
-                if let Err(e) = conn.keepalive() {
-                    stop.store(true, Ordering::Release);
-                    let _ = done.send(Done::Broken(e.to_string()));
-                    return;
-                }
+                stream.keepalive();
                 continue;
             }
         };
@@ -428,13 +662,15 @@ fn worker<T>(mut conn: Connection, rx: &Receiver<T>, done: &Sender<Done>, stop: 
             // Dropped: a pulled file's temporary goes with it.
             continue;
         }
-        if let Err(m) = work(&mut conn, task, done) {
+        if let Err(e) = work(&mut stream, task, done) {
             stop.store(true, Ordering::Release);
-            let _ = done.send(Done::Broken(m));
+            if let StreamError::GaveUp(m) = e {
+                let _ = done.send(Done::Broken(m));
+            }
             return;
         }
     }
-    conn.bye();
+    stream.bye();
 }
 
 /// Directories with work in flight; each is finished (metadata set) once walked and with nothing pending inside.
@@ -598,7 +834,13 @@ fn stamp(md: &Metadata) -> (u64, i64, i64) {
 }
 
 impl<'a> Push<'a> {
-    fn run(src: &Path, remote: Remote, opts: &'a CopyOptions, net: &NetOptions, key: &Key) -> Result<Summary, Failure> {
+    fn run(
+        src: &Path,
+        remote: Remote,
+        opts: &'a CopyOptions,
+        net: &NetOptions,
+        dialer: Arc<Dialer>,
+    ) -> Result<Summary, Failure> {
         let lmd =
             fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.display())))?;
         // The root is followed when it is a symlink to a directory, or with -L (as for a local copy).
@@ -614,7 +856,7 @@ impl<'a> Push<'a> {
         } else {
             lmd
         };
-        let mut ctl = connect(&remote.addr, key, net)?;
+        let mut ctl = dial(&dialer)?;
         if ctl.read_only && !opts.dry_run {
             return Err(Failure::Fatal(format!(
                 "the server at {} is read-only (serve --read-only); nothing was written",
@@ -665,13 +907,12 @@ impl<'a> Push<'a> {
         let conns = if opts.dry_run {
             Vec::new()
         } else {
-            client::pool(&remote.addr, key, net.wishes, streams, net.timeout)
-                .map_err(|e| Failure::Fatal(e.to_string()))?
+            dialer.dial_n(streams).map_err(|e| Failure::Fatal(e.to_string()))?
         };
         let run = Run::new(opts, streams);
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
-        let work: Arc<Work<PushTask>> = Arc::new(move |conn, task, done| push_task(conn, &cfg, task, done));
-        let pool = Pool::start(conns, run.stop.clone(), work);
+        let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work);
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
         let mut push = Push {
             core: PushCore {
@@ -915,6 +1156,7 @@ impl PushCore<'_> {
                     self.file_done(dir, None);
                 }
             },
+            Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
         }
     }
@@ -1249,29 +1491,23 @@ impl PushCore<'_> {
 }
 
 /// One worker task of a push.
-fn push_task(conn: &mut Connection, cfg: &PushCfg, task: PushTask, done: &Sender<Done>) -> Result<(), String> {
+fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PushTask::Whole(f) => {
-            let result = push_whole(conn, cfg, &f, done, 1)?;
+            let result = push_whole(stream, cfg, &f, done, 1)?;
             let _ = done.send(Done::File { dir: f.dir, result });
         }
         PushTask::Range { big, offset, len } => {
             let failed = big.failure.lock().expect("not poisoned").is_some();
             if !failed {
-                match send_range(conn, &big.fd, big.id, offset, len, done) {
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => {
-                        // Shorter than when it was opened: the end-of-file check below says "changed".
-                    }
-                    Ok(Err(m)) => {
-                        let shown = url_of(conn.addr(), &big.file.remote);
-                        big.failure.lock().expect("not poisoned").get_or_insert(format!("cannot write '{shown}': {m}"));
-                    }
-                    Err(m) => return Err(m),
+                let url = url_of(stream.addr(), &big.file.remote);
+                // Ok(false), shorter than when it was opened: the end-of-file check below says "changed".
+                if let Err(m) = push_chunks(stream, &big.fd, big.id, offset, len, &url, done)? {
+                    big.failure.lock().expect("not poisoned").get_or_insert(format!("cannot write '{url}': {m}"));
                 }
             }
             if big.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                let result = finish_big_push(conn, cfg, &big, done)?;
+                let result = finish_big_push(stream, cfg, &big, done)?;
                 let _ = done.send(Done::File { dir: big.file.dir, result });
             }
         }
@@ -1279,37 +1515,93 @@ fn push_task(conn: &mut Connection, cfg: &PushCfg, task: PushTask, done: &Sender
     Ok(())
 }
 
+/// Send `[offset, offset + len)` of `fd` as chunks of transfer `id`, one chunk per [`send_range`] call: a chunk whose
+/// connection breaks is sent again on a new connection, and the chunks already acknowledged are not (the server's
+/// transfer table outlives connections). `Ok(Ok(false))`: the file ended early; `Ok(Err(cause))`: this file failed.
+fn push_chunks(
+    stream: &mut Stream,
+    fd: &File,
+    id: u64,
+    offset: u64,
+    len: u64,
+    url: &str,
+    done: &Sender<Done>,
+) -> Result<Result<bool, String>, StreamError> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(CHUNK);
+        let doing = Doing::push(url, &format!("the chunk at byte {at}"));
+        match stream.retry(&doing, done, |conn, _| send_range(conn, fd, id, at, n, done).map_err(Broken::new))? {
+            Ok(true) => at += n,
+            r => return Ok(r),
+        }
+    }
+    Ok(Ok(true))
+}
+
 /// The last range of a large file is done: end the transfer, or abort it (and send the file again, whole, when
 /// it changed meanwhile).
 fn finish_big_push(
-    conn: &mut Connection,
+    stream: &mut Stream,
     cfg: &PushCfg,
     big: &BigPush,
     done: &Sender<Done>,
-) -> Result<Result<u8, String>, String> {
-    let shown = url_of(conn.addr(), &big.file.remote);
+) -> Result<Result<u8, String>, StreamError> {
+    let url = url_of(stream.addr(), &big.file.remote);
     if let Some(m) = big.failure.lock().expect("not poisoned").take() {
-        abort(conn, big.id)?;
+        stream.best_effort(|c| c.put_abort(big.id));
         return Ok(Err(m));
     }
     let now = big.fd.metadata().map(|m| stamp(&m)).ok();
     if now != Some(big.stamp) {
-        abort(conn, big.id)?;
-        return Ok(push_whole(conn, cfg, &big.file, done, 2)?.map(|r| r + 1));
+        stream.best_effort(|c| c.put_abort(big.id));
+        return Ok(push_whole(stream, cfg, &big.file, done, 2)?.map(|r| r + 1));
     }
-    let md = &big.md;
-    match conn.put_end(big.id, md.mode() & 0o7777, md.uid(), md.gid(), md_mtime(md), cfg.fsync) {
-        Ok(()) => Ok(Ok(0)),
-        Err(ReqError::Broken(m)) => Err(m),
-        Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot write '{shown}': {message}"))),
+    match end_transfer(stream, big.id, &big.md, &big.file.remote, &url, cfg.fsync, done)? {
+        Ended::Done => Ok(Ok(0)),
+        Ended::Failed(m) => Ok(Err(m)),
+        Ended::Lost => Ok(push_whole(stream, cfg, &big.file, done, 2)?.map(|r| r + 1)),
     }
 }
 
-fn abort(conn: &mut Connection, id: u64) -> Result<(), String> {
-    match conn.put_abort(id) {
-        Err(ReqError::Broken(m)) => Err(m),
-        _ => Ok(()),
-    }
+/// How a `PutEnd` ended.
+enum Ended {
+    Done,
+    /// The server refused it: the failure line.
+    Failed(String),
+    /// Its connection broke before the answer, and on a new connection the server no longer knows the transfer while
+    /// the file is not in place: it must be sent again.
+    Lost,
+}
+
+/// `PutEnd` for transfer `id` of a file with metadata `md`, sent again on a new connection when its connection breaks.
+/// A retry answered "unknown transfer" means the first one may have been carried out: the file counts as done when
+/// the remote `path` has its size and mtime.
+fn end_transfer(
+    stream: &mut Stream,
+    id: u64,
+    md: &Metadata,
+    path: &[u8],
+    url: &str,
+    fsync: bool,
+    done: &Sender<Done>,
+) -> Result<Ended, StreamError> {
+    let doing = Doing::push(url, "its last step: metadata and rename");
+    let (mode, mtime) = (md.mode() & 0o7777, md_mtime(md));
+    stream.retry(&doing, done, |conn, attempt| match split(conn.put_end(id, mode, md.uid(), md.gid(), mtime, fsync))? {
+        Ok(()) => Ok(Ended::Done),
+        Err(ReqError::Server { code: code::NOT_FOUND, .. }) if attempt > 1 => match split(conn.stat(path))? {
+            Ok(Some(e)) if e.kind == EntryKind::File && e.size == md.size() && mtime_of(&e) == mtime => Ok(Ended::Done),
+            _ => Ok(Ended::Lost),
+        },
+        Err(e) => Ok(Ended::Failed(format!("{}: {e}", doing.failed))),
+    })
+}
+
+/// `PutAbort`, where a broken connection is the only failure that matters.
+fn abort(conn: &mut Connection, id: u64) -> Result<(), Broken> {
+    split(conn.put_abort(id)).map(drop)
 }
 
 /// Send `[offset, offset + len)` of `fd` as chunks of transfer `id`. `Ok(Ok(false))`: the file ended early.
@@ -1359,10 +1651,16 @@ enum Small {
     StepByStep,
 }
 
-/// Send a small file in one round trip: read it whole, check that it did not change while read, then pipeline its
-/// three requests. Anything unusual (a damaged chunk, a file that changed) falls back to the step-by-step path, which
-/// retries; `Err` is a broken connection.
-fn push_small(conn: &mut Connection, cfg: &PushCfg, f: &PushFile, done: &Sender<Done>) -> Result<Small, String> {
+/// Send a small file in one round trip as transfer `id`: read it whole, check that it did not change while read,
+/// then pipeline its three requests. Anything unusual (a damaged chunk, a file that changed) falls back to the
+/// step-by-step path, which retries.
+fn push_small(
+    conn: &mut Connection,
+    cfg: &PushCfg,
+    f: &PushFile,
+    done: &Sender<Done>,
+    id: u64,
+) -> Result<Small, Broken> {
     use std::io::Read;
     let Ok(fd) = open_src(&f.src, cfg.follow) else { return Ok(Small::StepByStep) };
     let md = match fd.metadata() {
@@ -1377,7 +1675,6 @@ fn push_small(conn: &mut Connection, cfg: &PushCfg, f: &PushFile, done: &Sender<
     {
         return Ok(Small::StepByStep);
     }
-    let id = next_id();
     let len = bytes.len() as u64;
     let mut msgs =
         vec![crate::net::wire::Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
@@ -1399,7 +1696,7 @@ fn push_small(conn: &mut Connection, cfg: &PushCfg, f: &PushFile, done: &Sender<
             let _ = done.send(Done::Bytes(len));
             Ok(Small::Done)
         }
-        Err((_, ReqError::Broken(m))) => Err(m),
+        Err((_, ReqError::Broken(m))) => Err(Broken::new(m)),
         // The server could not even create the temporary: the step-by-step path would fail the same way.
         Err((0, ReqError::Server { message, .. })) => {
             Ok(Small::Failed(format!("cannot write '{}': {message}", url_of(conn.addr(), &f.remote))))
@@ -1411,18 +1708,27 @@ fn push_small(conn: &mut Connection, cfg: &PushCfg, f: &PushFile, done: &Sender<
     }
 }
 
-/// Send one file whole, retrying when it changes while it is read. `Ok(Ok(retries))`, `Ok(Err(line))` for a failure
-/// of this file, `Err` for a broken connection.
+/// Send one file whole, retrying when it changes while it is read (and each request when its connection breaks).
+/// `Ok(Ok(retries))`, `Ok(Err(line))` for a failure of this file, `Err` when the stream gave up or the run stops.
 fn push_whole(
-    conn: &mut Connection,
+    stream: &mut Stream,
     cfg: &PushCfg,
     f: &PushFile,
     done: &Sender<Done>,
     first: u8,
-) -> Result<Result<u8, String>, String> {
-    let shown = url_of(conn.addr(), &f.remote);
+) -> Result<Result<u8, String>, StreamError> {
+    let url = url_of(stream.addr(), &f.remote);
     let mut attempt = first;
-    match push_small(conn, cfg, f, done)? {
+    let mut id = next_id();
+    let small = stream.retry(&Doing::push(&url, "the whole file in one round trip"), done, |conn, n| {
+        if n > 1 {
+            // The broken try may have left its transfer on the server.
+            abort(conn, id)?;
+            id = next_id();
+        }
+        push_small(conn, cfg, f, done, id)
+    })?;
+    match small {
         Small::Done => return Ok(Ok(0)),
         Small::Failed(line) => return Ok(Err(line)),
         Small::StepByStep => {}
@@ -1437,22 +1743,27 @@ fn push_whole(
             Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.display()))),
             Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.display()))),
         };
-        let id = next_id();
-        match conn.put_begin(id, &f.remote, md.size(), md.mode() & 0o7777) {
-            Ok(()) => {}
-            Err(ReqError::Broken(m)) => return Err(m),
-            Err(ReqError::Server { message, .. }) => return Ok(Err(format!("cannot write '{shown}': {message}"))),
+        let mut id = next_id();
+        let begun = stream.retry(&Doing::push(&url, "its first step: the temporary"), done, |conn, n| {
+            if n > 1 {
+                abort(conn, id)?;
+                id = next_id();
+            }
+            split(conn.put_begin(id, &f.remote, md.size(), md.mode() & 0o7777))
+        })?;
+        if let Err(e) = begun {
+            return Ok(Err(format!("cannot write '{url}': {e}")));
         }
-        let complete = match send_range(conn, &fd, id, 0, md.size(), done)? {
+        let complete = match push_chunks(stream, &fd, id, 0, md.size(), &url, done)? {
             Ok(c) => c,
             Err(m) => {
-                abort(conn, id)?;
-                return Ok(Err(format!("cannot write '{shown}': {m}")));
+                stream.best_effort(|c| c.put_abort(id));
+                return Ok(Err(format!("cannot write '{url}': {m}")));
             }
         };
         let changed = !complete || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md));
         if changed {
-            abort(conn, id)?;
+            stream.best_effort(|c| c.put_abort(id));
             if attempt < SOURCE_ATTEMPTS_MAX {
                 attempt += 1;
                 continue;
@@ -1463,11 +1774,16 @@ fn push_whole(
                 f.src.display()
             )));
         }
-        return match conn.put_end(id, md.mode() & 0o7777, md.uid(), md.gid(), md_mtime(&md), cfg.fsync) {
-            Ok(()) => Ok(Ok(attempt - first)),
-            Err(ReqError::Broken(m)) => Err(m),
-            Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot write '{shown}': {message}"))),
-        };
+        match end_transfer(stream, id, &md, &f.remote, &url, cfg.fsync, done)? {
+            Ended::Done => return Ok(Ok(attempt - first)),
+            Ended::Failed(m) => return Ok(Err(m)),
+            Ended::Lost if attempt < SOURCE_ATTEMPTS_MAX => attempt += 1,
+            Ended::Lost => {
+                return Ok(Err(format!(
+                    "cannot write '{url}': the server lost the transfer with its connection {SOURCE_ATTEMPTS_MAX} times"
+                )));
+            }
+        }
     }
 }
 
@@ -1777,8 +2093,14 @@ struct Parent {
 }
 
 impl<'a> Pull<'a> {
-    fn run(remote: Remote, dst: &Path, opts: &'a CopyOptions, net: &NetOptions, key: &Key) -> Result<Summary, Failure> {
-        let mut ctl = connect(&remote.addr, key, net)?;
+    fn run(
+        remote: Remote,
+        dst: &Path,
+        opts: &'a CopyOptions,
+        net: &NetOptions,
+        dialer: Arc<Dialer>,
+    ) -> Result<Summary, Failure> {
+        let mut ctl = dial(&dialer)?;
         let shown_root = remote.display(b"");
         let root = match ctl.stat(&remote.path) {
             Ok(Some(e)) => e,
@@ -1836,14 +2158,13 @@ impl<'a> Pull<'a> {
         let conns = if opts.dry_run {
             Vec::new()
         } else {
-            client::pool(&remote.addr, key, net.wishes, streams, net.timeout)
-                .map_err(|e| Failure::Fatal(e.to_string()))?
+            dialer.dial_n(streams).map_err(|e| Failure::Fatal(e.to_string()))?
         };
         let run = Run::new(opts, streams);
         let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });
         let wcfg = cfg.clone();
-        let work: Arc<Work<PullTask>> = Arc::new(move |conn, task, done| pull_task(conn, &wcfg, task, done));
-        let pool = Pool::start(conns, run.stop.clone(), work);
+        let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work);
         let mut pull = Pull {
             core: PullCore {
                 run,
@@ -2059,6 +2380,7 @@ impl PullCore<'_> {
                     self.file_done(dir, false);
                 }
             },
+            Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
         }
     }
@@ -2413,29 +2735,25 @@ fn remove_tree(
 }
 
 /// One worker task of a pull.
-fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender<Done>) -> Result<(), String> {
+fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PullTask::Whole(f) => {
-            let result = pull_whole(conn, cfg, &f, done, 1)?;
+            let result = pull_whole(stream, cfg, &f, done, 1)?;
             let _ = done.send(Done::File { dir: f.dir, result });
         }
         PullTask::Range { big, offset, len } => {
             if big.failure.lock().expect("not poisoned").is_none() {
                 let f = &big.file;
-                let mut sink = |at: u64, bytes: &[u8]| {
-                    big.tmp.file.write_all_at(bytes, at)?;
-                    let _ = done.send(Done::Bytes(bytes.len() as u64));
-                    Ok(())
-                };
-                let r = conn.get(&f.remote, offset, len, &mut sink);
-                let failure = match r {
+                let failure = match fetch(stream, f, &big.tmp.file, offset, len, done)? {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
                         None
                     }
-                    Ok(end) if end.received_to != (offset + len).min(end.size) => Some(short(conn, f, end.received_to)),
+                    Ok(end) if end.received_to != (offset + len).min(end.size) => {
+                        Some(short(stream.addr(), f, end.received_to))
+                    }
                     Ok(_) => None,
-                    Err(e) => Some(get_failure(conn, f, e)?),
+                    Err(e) => Some(get_failure(stream.addr(), f, e)),
                 };
                 if let Some(m) = failure {
                     big.failure.lock().expect("not poisoned").get_or_insert(m);
@@ -2448,7 +2766,7 @@ fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender
                     Some(m) => Err(m),
                     None if big.changed.load(Ordering::Acquire) => {
                         // Changed while the ranges were read: fetched again, whole, by this worker.
-                        refetch(conn, cfg, f, done)?
+                        refetch(stream, cfg, f, done)?
                     }
                     None => finish_pull(cfg, &big.tmp, f, &f.meta).map(|()| 0),
                 };
@@ -2459,15 +2777,55 @@ fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender
     Ok(())
 }
 
+/// `Get` `[offset, offset + len)` of `f` into `file`, each chunk written in place once its digest is checked. When
+/// the connection breaks, the rest of the range (from the first byte not yet received) is asked for again on a new
+/// connection: what was received and checked is not fetched again.
+fn fetch(
+    stream: &mut Stream,
+    f: &PullFile,
+    file: &File,
+    offset: u64,
+    len: u64,
+    done: &Sender<Done>,
+) -> Result<Result<client::DataEnd, GetError>, StreamError> {
+    let url = url_of(stream.addr(), &f.remote);
+    let end = offset.saturating_add(len);
+    let doing = Doing::pull(&url, &format!("bytes {offset}..{end}, resuming at the first byte not yet received"));
+    let next = std::cell::Cell::new(offset);
+    stream.retry(&doing, done, |conn, _| {
+        let from = next.get();
+        let mut sink = |at: u64, bytes: &[u8]| {
+            file.write_all_at(bytes, at)?;
+            next.set(at + bytes.len() as u64);
+            let _ = done.send(Done::Bytes(bytes.len() as u64));
+            Ok(())
+        };
+        match conn.get(&f.remote, from, end - from, &mut sink) {
+            Err(GetError::Req(ReqError::Broken(message))) => Err(Broken { message, progressed: next.get() > from }),
+            r => Ok(r),
+        }
+    })
+}
+
+/// The remote file's metadata again (a `Stat`, retried on a new connection when its connection breaks).
+fn stat_again(
+    stream: &mut Stream,
+    f: &PullFile,
+    done: &Sender<Done>,
+) -> Result<Result<Option<EntryMeta>, ReqError>, StreamError> {
+    let url = url_of(stream.addr(), &f.remote);
+    stream.retry(&Doing::pull(&url, "its metadata"), done, |conn, _| split(conn.stat(&f.remote)))
+}
+
 /// Stat the file again and fetch it whole (attempt 2 on).
 fn refetch(
-    conn: &mut Connection,
+    stream: &mut Stream,
     cfg: &PullCfg,
     f: &PullFile,
     done: &Sender<Done>,
-) -> Result<Result<u8, String>, String> {
-    let shown = url_of(conn.addr(), &f.remote);
-    match conn.stat(&f.remote) {
+) -> Result<Result<u8, String>, StreamError> {
+    let shown = url_of(stream.addr(), &f.remote);
+    match stat_again(stream, f, done)? {
         Ok(Some(m)) if m.kind == EntryKind::File => {
             let g = PullFile {
                 dir_fd: f.dir_fd.clone(),
@@ -2477,28 +2835,26 @@ fn refetch(
                 meta: EntryMeta { path: f.meta.path.clone(), ..m },
                 dir: f.dir,
             };
-            Ok(pull_whole(conn, cfg, &g, done, 2)?.map(|r| r + 1))
+            Ok(pull_whole(stream, cfg, &g, done, 2)?.map(|r| r + 1))
         }
         Ok(Some(_)) => Ok(Err(format!("'{shown}' is no longer a regular file; not copied"))),
         Ok(None) => Ok(Err(format!("cannot read '{shown}': it was removed while it was copied"))),
-        Err(ReqError::Broken(m)) => Err(m),
-        Err(ReqError::Server { message, .. }) => Ok(Err(format!("cannot stat '{shown}': {message}"))),
+        Err(e) => Ok(Err(format!("cannot stat '{shown}': {e}"))),
     }
 }
 
-fn short(conn: &Connection, f: &PullFile, got: u64) -> String {
-    format!("cannot read '{}': the server's data ended early (at byte {got})", url_of(conn.addr(), &f.remote))
+fn short(addr: &str, f: &PullFile, got: u64) -> String {
+    format!("cannot read '{}': the server's data ended early (at byte {got})", url_of(addr, &f.remote))
 }
 
-/// The failure line of a `Get`; `Err` for a broken connection.
-fn get_failure(conn: &Connection, f: &PullFile, e: GetError) -> Result<String, String> {
-    let shown = url_of(conn.addr(), &f.remote);
-    Ok(match e {
-        GetError::Req(ReqError::Broken(m)) => return Err(m),
-        GetError::Req(ReqError::Server { message, .. }) => format!("cannot read '{shown}': {message}"),
+/// The failure line of a `Get`.
+fn get_failure(addr: &str, f: &PullFile, e: GetError) -> String {
+    let shown = url_of(addr, &f.remote);
+    match e {
+        GetError::Req(e) => format!("cannot read '{shown}': {e}"),
         GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.display()),
         GetError::Corrupt(m) => format!("corrupt data from '{shown}': {m}; nothing was written"),
-    })
+    }
 }
 
 /// Set the metadata of a complete temporary and rename it into place.
@@ -2516,15 +2872,16 @@ fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) ->
     Ok(())
 }
 
-/// Fetch one file whole into a temporary, retrying when it changes while it is read.
+/// Fetch one file whole into a temporary, retrying when it changes while it is read (and resuming where it stopped
+/// when its connection breaks).
 fn pull_whole(
-    conn: &mut Connection,
+    stream: &mut Stream,
     cfg: &PullCfg,
     f: &PullFile,
     done: &Sender<Done>,
     first: u8,
-) -> Result<Result<u8, String>, String> {
-    let shown = url_of(conn.addr(), &f.remote);
+) -> Result<Result<u8, String>, StreamError> {
+    let shown = url_of(stream.addr(), &f.remote);
     let mut meta = f.meta.clone();
     let mut attempt = first;
     loop {
@@ -2532,18 +2889,13 @@ fn pull_whole(
             Ok(t) => t,
             Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
         };
-        let mut sink = |at: u64, bytes: &[u8]| {
-            tmp.file.write_all_at(bytes, at)?;
-            let _ = done.send(Done::Bytes(bytes.len() as u64));
-            Ok(())
-        };
-        let end = match conn.get(&f.remote, 0, meta.size, &mut sink) {
+        let end = match fetch(stream, f, &tmp.file, 0, meta.size, done)? {
             Ok(end) => end,
-            Err(e) => return Ok(Err(get_failure(conn, f, e)?)),
+            Err(e) => return Ok(Err(get_failure(stream.addr(), f, e))),
         };
         if (end.size, end.mtime) == (meta.size, mtime_of(&meta)) {
             if end.received_to != meta.size {
-                return Ok(Err(short(conn, f, end.received_to)));
+                return Ok(Err(short(stream.addr(), f, end.received_to)));
             }
             return Ok(finish_pull(cfg, &tmp, f, &meta).map(|()| attempt - first));
         }
@@ -2555,12 +2907,11 @@ fn pull_whole(
             )));
         }
         attempt += 1;
-        match conn.stat(&f.remote) {
+        match stat_again(stream, f, done)? {
             Ok(Some(m)) if m.kind == EntryKind::File => meta = EntryMeta { path: meta.path, ..m },
             Ok(Some(_)) => return Ok(Err(format!("'{shown}' is no longer a regular file; not copied"))),
             Ok(None) => return Ok(Err(format!("cannot read '{shown}': it was removed while it was copied"))),
-            Err(ReqError::Broken(m)) => return Err(m),
-            Err(ReqError::Server { message, .. }) => return Ok(Err(format!("cannot stat '{shown}': {message}"))),
+            Err(e) => return Ok(Err(format!("cannot stat '{shown}': {e}"))),
         }
     }
 }
@@ -2575,6 +2926,7 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
     if args.checksum {
         return Err(Failure::Usage("list --checksum is not supported for fastsync:// paths yet".into()));
     }
+    let net = &net.with_env()?;
     let remote = parse_url(&args.path)?;
     let shown = remote.display(b"");
     let key = load_key(net, &shown)?;
@@ -2713,6 +3065,16 @@ mod tests {
         let r = ranges(1 << 30, 4).unwrap();
         assert!(r.iter().all(|(_, l)| *l <= RANGE_BYTES_MAX));
         assert_eq!(r.windows(2).filter(|w| w[0].0 + w[0].1 != w[1].0).count(), 0);
+    }
+
+    #[test]
+    fn io_timeouts_are_whole_seconds_within_bounds() {
+        assert_eq!(io_timeout_secs("5").ok(), Some(5));
+        assert_eq!(io_timeout_secs(" 60\n").ok(), Some(60));
+        assert_eq!(io_timeout_secs("86400").ok(), Some(IO_TIMEOUT_SECS_MAX));
+        for bad in ["", "0", "-1", "1.5", "86401", "1e3", "soon"] {
+            assert!(matches!(io_timeout_secs(bad), Err(Failure::Usage(m)) if m.contains(IO_TIMEOUT_ENV)), "{bad:?}");
+        }
     }
 
     #[test]

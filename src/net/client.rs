@@ -1,10 +1,12 @@
 //! The client side of a `fastsync://` connection: connect, authenticate, and one helper per request.
 //!
-//! A [`Connection`] is strictly request/answer (one request in flight), so several connections ([`pool`]) carry a
-//! transfer in parallel. Every read and write has a timeout ([`DEFAULT_TIMEOUT`]), so a server that stops answering
-//! ends the run with an error instead of hanging it. A failed request says whether the connection can still be used:
-//! [`ReqError::Server`] (the server refused this one request and said why) or [`ReqError::Broken`] (closed, reset,
-//! timed out or garbled: the connection is done, and the message names the server).
+//! A [`Connection`] is strictly request/answer (one request in flight), so several connections
+//! ([`Dialer::dial_n`]) carry a transfer in parallel. Every read and write has a timeout ([`DEFAULT_TIMEOUT`] unless
+//! the caller gives another), so a server that stops answering breaks the connection instead of hanging it. A failed
+//! request says whether the connection can still be used: [`ReqError::Server`] (the server refused this one request
+//! and said why) or [`ReqError::Broken`] (closed, reset, stalled past the timeout or garbled: the connection is done,
+//! and the message names the server). A [`Dialer`] opens connections to one server again and again, so that a client
+//! can replace a connection that broke.
 
 use std::io::{self, BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -153,15 +155,40 @@ pub fn connect(addr: &str, key: &Key, wishes: Wishes, timeout: Duration) -> Resu
     })
 }
 
-/// `n` connections to `addr`, all authenticated.
-pub fn pool(
-    addr: &str,
-    key: &Key,
+/// How to open connections to one server, as often as needed: its address, the token's key, what to ask for in the
+/// handshake, and the timeout. A broken connection is replaced by dialling again (a fresh TCP connection and a fresh
+/// handshake: nothing of the old one is reused).
+pub struct Dialer {
+    addr: String,
+    key: Key,
     wishes: Wishes,
-    n: usize,
     timeout: Duration,
-) -> Result<Vec<Connection>, ConnectError> {
-    (0..n).map(|_| connect(addr, key, wishes, timeout)).collect()
+}
+
+impl Dialer {
+    pub fn new(addr: &str, key: Key, wishes: Wishes, timeout: Duration) -> Dialer {
+        Dialer { addr: addr.to_string(), key, wishes, timeout }
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The connect, read and write timeout of every connection.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A new authenticated connection.
+    pub fn dial(&self) -> Result<Connection, ConnectError> {
+        connect(&self.addr, &self.key, self.wishes, self.timeout)
+    }
+
+    /// `n` new authenticated connections.
+    pub fn dial_n(&self, n: usize) -> Result<Vec<Connection>, ConnectError> {
+        (0..n).map(|_| self.dial()).collect()
+    }
 }
 
 fn describe_io(e: &io::Error, timeout: Duration) -> String {
@@ -176,6 +203,10 @@ fn describe_io(e: &io::Error, timeout: Duration) -> String {
 
 fn describe_wire(e: &WireError, timeout: Duration) -> String {
     match e {
+        // Mid-conversation, a timeout means the peer stopped moving bytes: a stall.
+        WireError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            format!("stalled: no progress for {} s (timed out)", timeout.as_secs())
+        }
         WireError::Io(io) => describe_io(io, timeout),
         WireError::Malformed(m) => format!("protocol error: {m}"),
     }

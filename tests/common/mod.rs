@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 /// A real `fastsync serve` for the LAN tests.
 pub mod lan;
+/// A TCP proxy that resets or stalls connections on purpose (tests/robust.rs).
+pub mod proxy;
 
 /// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
 macro_rules! both_engines {
@@ -169,7 +171,17 @@ pub fn fastsync() -> Cmd {
 impl Cmd {
     pub fn new(program: impl AsRef<OsStr>) -> Cmd {
         let mut cmd = Command::new(program.as_ref());
-        for var in ["ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "FSYNC", "VERIFY", "DIRECT_IO", "CONFIG"] {
+        for var in [
+            "ENGINE",
+            "CORES",
+            "MEMORY_PROFILE",
+            "MEMORY_LIMIT",
+            "FSYNC",
+            "VERIFY",
+            "DIRECT_IO",
+            "CONFIG",
+            "IO_TIMEOUT",
+        ] {
             cmd.env_remove(format!("FASTSYNC_{var}"));
         }
         // No user's config file either: an absolute XDG directory without one means "no file". Run markers go to

@@ -1,0 +1,323 @@
+//! LAN transfers over a bad stream: a real `fastsync serve` behind a TCP proxy (tests/common/proxy.rs) that resets
+//! or stalls data connections once they have carried some bytes. A broken stream is dialled again and the request in
+//! flight retried, so the run still ends exact (BLAKE3 of both files, computed here); one that keeps breaking makes
+//! the run stop with one line naming the file, and nothing partial under a final name. The net transfers use no
+//! engine, so these cases run once, not on both engines.
+
+#[macro_use]
+#[allow(unused_macros)] // both_engines: these cases run no engine
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lan::*;
+use common::proxy::{Fault, Plan, Proxy};
+use common::*;
+use fastsync::net::wire::{self, Msg};
+
+const MIB: u64 = 1 << 20;
+/// The size of the large file: four ranges of 12, 12, 12 and 4 MiB over four streams, and a ragged end.
+const BIG_BYTES: u64 = 40 * MIB + 12_345;
+/// The I/O timeout (`FASTSYNC_IO_TIMEOUT`, whole seconds) of the cases that stall a connection: short, but long
+/// enough that a busy debug build on two cores does not look stalled.
+const STALL_TIMEOUT_SECS: &str = "2";
+/// The I/O timeout of the cases that reset connections: only the resets may break anything there.
+const RESET_TIMEOUT_SECS: &str = "20";
+
+fn once(fault: Fault, after_bytes: u64) -> Plan {
+    Plan::new(fault, after_bytes, 1)
+}
+
+fn always(fault: Fault, after_bytes: u64) -> Plan {
+    Plan::new(fault, after_bytes, usize::MAX)
+}
+
+/// The bytes of `msg` on the wire (a plain connection: a length prefix and the body).
+fn frame_bytes(msg: &Msg) -> u64 {
+    msg.encode_body().len() as u64 + 4
+}
+
+/// What a server sends during a plain handshake.
+fn handshake_down_bytes() -> u64 {
+    frame_bytes(&Msg::Challenge { version: wire::VERSION, nonce: [0; 32], read_only: false, flags: 0 })
+        + frame_bytes(&Msg::AuthOk { mac: [0; 32] })
+}
+
+/// Break only the first data connection (the control connection is dialled first), counting what the server sends.
+fn before_answer(down_bytes: u64) -> Plan {
+    Plan { only_connection: Some(2), down_only: true, ..once(Fault::Reset, down_bytes) }
+}
+
+/// The warning lines, and the other lines, of stderr.
+fn split_stderr(out: &Output) -> (Vec<String>, Vec<String>) {
+    out.stderr_lines().into_iter().partition(|l| l.starts_with("fastsync: warning: "))
+}
+
+/// `copy [EXTRA] SRC DST` (four streams unless EXTRA says otherwise) with I/O timeout `timeout_secs`, timed.
+fn copy_via(
+    c: &Case,
+    timeout_secs: &str,
+    extra: &[&str],
+    src: impl AsRef<std::ffi::OsStr>,
+    dst: impl AsRef<std::ffi::OsStr>,
+) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = c
+        .cmd()
+        .arg("copy")
+        .args(extra)
+        .arg(src)
+        .arg(dst)
+        .env("FASTSYNC_IO_TIMEOUT", timeout_secs)
+        .timeout(Duration::from_secs(60))
+        .run();
+    (out, started.elapsed())
+}
+
+fn big_source(c: &Case) -> std::path::PathBuf {
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&big, 0xBAD5, BIG_BYTES);
+    set_times(&big, 1_500_000_000, 7);
+    big
+}
+
+/// The run succeeded with warnings only, each naming the server (the proxy) and the file, and saying what was done.
+fn assert_recovered(out: &Output, proxy: &Proxy, file: &str, cause: &str) {
+    out.assert_success();
+    let (warnings, others) = split_stderr(out);
+    out.check(others.is_empty(), "nothing but warnings on stderr");
+    out.check(!warnings.is_empty(), "the broken stream is reported");
+    for w in &warnings {
+        out.check(w.contains(&proxy.addr()), "a warning names the server");
+        out.check(w.contains(&proxy.url(file)), "a warning names the file");
+        out.check(w.contains("reconnected, trying again (attempt 2 of 3)"), "a warning says what happens next");
+    }
+    out.check(warnings.iter().any(|w| w.contains(cause)), &format!("a warning gives the cause ({cause})"));
+}
+
+#[test]
+fn a_stream_reset_mid_push_is_dialled_again_and_only_the_chunk_in_flight_is_sent_again() {
+    let c = Case::new();
+    let srv = c.serve();
+    // Inside the third 4 MiB chunk of a 12 MiB range: two chunks acknowledged, one in flight.
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 9 * MIB));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "in/big.bin", "lost");
+    let pushed = srv.root.join("in/big.bin");
+    assert_eq!(digest(&pushed), digest(&big));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 7));
+    assert_no_tmp(&srv.root);
+    // The cut chunk (at most 4 MiB) went again, not the 8 MiB acknowledged before it on that connection.
+    let extra = proxy.up_bytes() - BIG_BYTES;
+    assert!(extra < 5 * MIB, "{extra} bytes more than the file were sent: more than the chunk in flight");
+}
+
+#[test]
+fn a_stream_reset_mid_pull_resumes_at_the_first_byte_not_received() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0xBAD6, BIG_BYTES);
+    set_times(&big, 1_500_000_000, 7);
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB / 2));
+    let dst = c.path("dst");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], proxy.url("big.bin"), &dst);
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "big.bin", "lost");
+    assert_eq!(digest(&dst), digest(&big));
+    assert_eq!(entry_of(&dst).mtime, (1_500_000_000, 7));
+    assert_no_tmp(&c.path(""));
+    // Only the 1 MiB chunk being received when it broke was fetched again, not the range from its start.
+    let extra = proxy.down_bytes() - BIG_BYTES;
+    assert!(extra < 2 * MIB, "{extra} bytes more than the file were received: more than the chunk in flight");
+}
+
+#[test]
+fn a_push_whose_last_answer_is_lost_is_found_in_place_and_not_sent_again() {
+    let c = Case::new();
+    let srv = c.serve();
+    // One stream, two chunks (over 1 MiB: step by step); the reset comes after the server has renamed the file into
+    // place, before the client has its answer: the handshake, PutBegin's and both chunks' Ok got through.
+    let ok = frame_bytes(&Msg::Ok);
+    let proxy = Proxy::start(&srv.addr(), before_answer(handshake_down_bytes() + 3 * ok));
+    let size = 6 * MIB + 5;
+    let src = c.path("src/f.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&src, 0xBAD9, size);
+    set_times(&src, 1_500_000_000, 9);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], &src, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "the data connection was reset");
+    assert_recovered(&out, &proxy, "in/f.bin", "(its last step: metadata and rename)");
+    let pushed = srv.root.join("in/f.bin");
+    assert_eq!(digest(&pushed), digest(&src));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 9));
+    assert!(proxy.up_bytes() < size + MIB, "the file was sent again: {} bytes", proxy.up_bytes());
+    assert_no_tmp(&srv.root);
+}
+
+#[test]
+fn a_pull_that_lost_only_its_data_end_asks_only_for_the_end() {
+    let c = Case::new();
+    let srv = c.serve();
+    // One stream, one Get answered by three Data frames (1 MiB, 1 MiB, 7 bytes): all of them get through, then the
+    // reset, before DataEnd.
+    let data = |n: u64| frame_bytes(&Msg::Data { offset: 0, digest: [0; 32], bytes: vec![0; n as usize] });
+    let proxy = Proxy::start(&srv.addr(), before_answer(handshake_down_bytes() + 2 * data(MIB) + data(7)));
+    let size = 2 * MIB + 7;
+    let remote = srv.root.join("f.bin");
+    write_big_file(&remote, 0xBADA, size);
+    let dst = c.path("dst/f.bin");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], proxy.url("f.bin"), &dst);
+    assert_eq!(proxy.faults(), 1, "the data connection was reset");
+    assert_recovered(&out, &proxy, "f.bin", "lost");
+    assert_eq!(digest(&dst), digest(&remote));
+    let again = proxy.down_bytes() - size;
+    assert!(again < 64 << 10, "{again} bytes more than the file were received: data was fetched again");
+    assert_no_tmp(&c.path("dst"));
+}
+
+#[test]
+fn quiet_runs_do_not_warn_about_a_replaced_stream() {
+    let c = Case::new();
+    let srv = c.serve();
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["-q"], &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    out.assert_success();
+    out.check(out.stderr_lines().is_empty(), "-q: no warning");
+    assert_eq!(digest(&srv.root.join("in/big.bin")), digest(&big));
+}
+
+#[test]
+fn an_encrypted_stream_is_replaced_by_a_new_encrypted_one() {
+    let c = Case::new();
+    let srv = Server::start_with(&c.path("served"), &c.token, &["--require-encrypt"]);
+    // Smaller than the others (sealing is slow in a debug build): two ranges of 4 MiB, one reset inside one.
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 3 * MIB / 2));
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&big, 0xBAD8, 8 * MIB + 99);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--encrypt"], &big, proxy.url("in/"));
+    assert_eq!(proxy.faults(), 1, "one connection was reset");
+    assert_recovered(&out, &proxy, "in/big.bin", "lost");
+    assert_eq!(digest(&srv.root.join("in/big.bin")), digest(&big));
+}
+
+#[test]
+fn a_stalled_stream_is_detected_and_its_request_retried_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = big_source(&c);
+    for push in [true, false] {
+        let proxy = Proxy::start(&srv.addr(), once(Fault::Stall, 5 * MIB));
+        let (out, took) = if push {
+            copy_via(&c, STALL_TIMEOUT_SECS, &[], &big, proxy.url("in/"))
+        } else {
+            copy_via(&c, STALL_TIMEOUT_SECS, &[], proxy.url("in/big.bin"), c.path("back/"))
+        };
+        let what = if push { "push" } else { "pull" };
+        assert_eq!(proxy.faults(), 1, "{what}: one connection was stalled");
+        assert_recovered(&out, &proxy, "in/big.bin", "stalled: no progress for 2 s (timed out)");
+        assert!(took < Duration::from_secs(20), "{what}: the stall was noticed within the I/O timeout ({took:?})");
+        let copy = if push { srv.root.join("in/big.bin") } else { c.path("back/big.bin") };
+        assert_eq!(digest(&copy), digest(&big), "{what}");
+    }
+    assert_no_tmp(&c.path("back"));
+}
+
+#[test]
+fn a_tree_of_small_files_survives_a_reset_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    // Small files go whole, in one round trip each (push) or one Get each (pull).
+    for i in 0..240u64 {
+        let p = src.join(format!("d{}/f{i:03}.bin", i % 6));
+        mkdirs(p.parent().unwrap());
+        write_file(&p, &random_bytes(i, 40_000 + (i as usize * 97) % 9_000));
+        set_times(&p, 1_400_000_000 + i as i64, 11);
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &src, proxy.url("tree"));
+    assert_eq!(proxy.faults(), 1, "push: one connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+    assert_no_tmp(&srv.root);
+
+    let proxy = Proxy::start(&srv.addr(), once(Fault::Reset, 2 * MIB));
+    let back = c.path("back");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], proxy.url("tree"), &back);
+    assert_eq!(proxy.faults(), 1, "pull: one connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    compare_trees(&src, &back, CompareOpts::default());
+    assert_no_tmp(&back);
+}
+
+/// Every data connection is broken before it has carried one whole chunk: no progress, so the run gives up with
+/// one line.
+fn assert_gives_up(out: &Output, proxy: &Proxy, file: &str, verb: &str) {
+    out.assert_code(1);
+    let (_, errors) = split_stderr(out);
+    assert_eq!(errors.len(), 1, "one error line: {:?}", out.stderr_lines());
+    let line = &errors[0];
+    let start = format!("fastsync: cannot {verb} '{}': connection to {} lost: ", proxy.url(file), proxy.addr());
+    assert!(line.starts_with(&start), "the line names the file and the cause: {line}");
+    assert!(line.ends_with("(gave up after 3 attempts on fresh connections)"), "{line}");
+}
+
+#[test]
+fn a_stream_that_keeps_breaking_ends_the_push_with_one_line_and_nothing_in_place() {
+    let c = Case::new();
+    let srv = c.serve();
+    let proxy = Proxy::start(&srv.addr(), always(Fault::Reset, MIB / 2));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &big, proxy.url("in/"));
+    assert_gives_up(&out, &proxy, "in/big.bin", "write");
+    assert!(proxy.faults() >= 3, "the same request was tried three times");
+    assert!(!srv.root.join("in/big.bin").exists(), "nothing partial under the final name");
+}
+
+#[test]
+fn a_stream_that_keeps_breaking_ends_the_pull_with_one_line_and_nothing_in_place() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0xBAD7, BIG_BYTES);
+    let proxy = Proxy::start(&srv.addr(), always(Fault::Stall, MIB / 2));
+    let dst = c.path("dst");
+    mkdirs(&dst);
+    // Every stream stalls anyway: a busy moment mistaken for a stall changes nothing, so the timeout can be 1 s.
+    let (out, took) = copy_via(&c, "1", &[], proxy.url("big.bin"), &dst);
+    assert_gives_up(&out, &proxy, "big.bin", "read");
+    assert!(out.stderr_str().contains("stalled"), "{}", out.stderr_str());
+    assert!(took < Duration::from_secs(20), "three stalls of 1 s and the backoff: {took:?}");
+    assert!(!dst.join("big.bin").exists(), "nothing partial under the final name");
+    assert_no_tmp(&dst);
+}
+
+#[test]
+fn a_bad_io_timeout_is_a_usage_error() {
+    let c = Case::new();
+    mkdirs(&c.path("src"));
+    for bad in ["0", "-1", "1.5", "soon", "86401"] {
+        let out = c
+            .cmd()
+            .arg("copy")
+            .arg(c.path("src"))
+            .arg("fastsync://127.0.0.1:9/x")
+            .env("FASTSYNC_IO_TIMEOUT", bad)
+            .run();
+        out.assert_code(2);
+        let lines = out.stderr_lines();
+        assert!(lines.len() == 1 && lines[0].contains("FASTSYNC_IO_TIMEOUT"), "{bad}: {lines:?}");
+    }
+}
