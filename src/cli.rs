@@ -167,10 +167,11 @@ pub struct TransferArgs {
     /// Print one line per change: copy, update, mkdir, attrs, delete, and the path
     #[arg(short = 'i', long)]
     pub itemize_changes: bool,
-    /// fastsync:// transfers: TCP connections carrying file data in parallel, plus one for listings and
-    /// directories (fixed: not yet chosen from the bandwidth-delay product)
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub streams: u16,
+    /// fastsync:// transfers: N TCP connections carrying file data in parallel (plus one for listings and
+    /// directories). Default: 4 to start with, then as many as the measured bandwidth-delay product needs (up to
+    /// 32; -v shows each change)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -326,9 +327,12 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     interrupt::install();
     let mut summary = if crate::remote::involved(&t.src, &t.dst) {
         // A fastsync:// side: a LAN transfer (src/remote.rs).
+        let streams = t.streams.map_or(crate::net::streams::STREAMS_MIN, usize::from);
         let net = crate::remote::NetOptions {
             wishes,
-            ..crate::remote::NetOptions::new(t.streams.into(), g.token_file.as_deref())
+            adaptive: t.streams.is_none(),
+            verbose: g.verbose > 0,
+            ..crate::remote::NetOptions::new(streams, g.token_file.as_deref())
         };
         match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {
             Ok(s) => s,

@@ -37,7 +37,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,6 +53,7 @@ use crate::meta::Identity;
 use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
+use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
 use crate::progress::Progress;
@@ -68,6 +69,8 @@ const RANGE_BYTES_MAX: u64 = 32 << 20;
 /// Tasks queued per connection (bounds memory: a task is a file or a range, never its data).
 const QUEUE_PER_STREAM: usize = 2;
 const CHUNK: u64 = CHUNK_BYTES_MAX as u64;
+/// How often an adaptive pool's monitor samples its streams.
+const STREAMS_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// A data request whose connection breaks is tried this many times in all, each retry on a freshly dialled and
 /// authenticated connection; a retry that made progress (a pull that received more bytes) starts the count again.
@@ -91,6 +94,10 @@ pub struct NetOptions {
     pub timeout: Duration,
     /// `--encrypt`, `--compress[=LEVEL]`.
     pub wishes: Wishes,
+    /// `streams` is where to start, and the number follows the measured bandwidth-delay product (no `--streams`).
+    pub adaptive: bool,
+    /// `-v`: say when and why the number of streams changes.
+    pub verbose: bool,
 }
 
 impl NetOptions {
@@ -100,6 +107,8 @@ impl NetOptions {
             token_file: token_file.map(Path::to_path_buf),
             timeout: client::DEFAULT_TIMEOUT,
             wishes: Wishes::default(),
+            adaptive: false,
+            verbose: false,
         }
     }
 
@@ -268,6 +277,8 @@ struct Run<'a> {
     /// Tells the workers to drop what is queued.
     stop: Arc<AtomicBool>,
     id: Identity,
+    /// `-v`: show the pool's notes.
+    verbose: bool,
 }
 
 /// At most this many failures are kept for the summary (all are printed and counted).
@@ -289,6 +300,7 @@ impl<'a> Run<'a> {
             interrupted: None,
             stop: Arc::new(AtomicBool::new(false)),
             id: Identity::current(),
+            verbose: false,
         }
     }
 
@@ -297,6 +309,13 @@ impl<'a> Run<'a> {
         self.summary.errors += 1;
         if self.summary.failures.len() < FAILURES_KEPT_MAX {
             self.summary.failures.push(msg);
+        }
+    }
+
+    /// A line shown with `-v` (how the number of streams changes).
+    fn note(&mut self, msg: &str) {
+        if self.verbose && !self.opts.quiet {
+            self.progress.println(&format!("fastsync: {msg}"));
         }
     }
 
@@ -383,6 +402,8 @@ enum Done {
     Warn(String),
     /// A stream gave up (or the server cannot be reached again): the run stops.
     Broken(String),
+    /// What the pool's monitor decided (shown with `-v`).
+    Note(String),
 }
 
 /// Why a worker stopped working.
@@ -445,11 +466,27 @@ struct Stream {
     /// `None` after a break, until the next request dials again.
     conn: Option<Connection>,
     stop: Arc<AtomicBool>,
+    /// Where the pool's monitor finds this stream's socket.
+    scaler: Arc<Scaler>,
 }
 
 impl Stream {
-    fn new(number: usize, conn: Connection, dialer: Arc<Dialer>, stop: Arc<AtomicBool>) -> Stream {
-        Stream { number, dialer, conn: Some(conn), stop }
+    fn new(
+        number: usize,
+        conn: Option<Connection>,
+        dialer: Arc<Dialer>,
+        stop: Arc<AtomicBool>,
+        scaler: Arc<Scaler>,
+    ) -> Stream {
+        let mut s = Stream { number, dialer, conn: None, stop, scaler };
+        s.set_conn(conn);
+        s
+    }
+
+    /// Install (or drop) the connection, and tell the monitor which socket it is.
+    fn set_conn(&mut self, conn: Option<Connection>) {
+        self.scaler.publish(self.number, conn.as_ref().map_or(-1, Connection::raw_fd));
+        self.conn = conn;
     }
 
     fn addr(&self) -> &str {
@@ -479,6 +516,7 @@ impl Stream {
                 Some(c) => Some(c),
                 None => match self.dialer.dial() {
                     Ok(c) => {
+                        self.scaler.publish(self.number, c.raw_fd());
                         if let Some(cause) = &broke {
                             let n = self.number;
                             let _ = done.send(Done::Warn(format!(
@@ -503,6 +541,7 @@ impl Stream {
                         return Ok(r);
                     }
                     Err(b) => {
+                        self.scaler.publish(self.number, -1);
                         if b.progressed {
                             // A new request was in flight when it broke: this was its first attempt.
                             attempt = 1;
@@ -545,7 +584,7 @@ impl Stream {
         if let Some(conn) = self.conn.as_mut()
             && let Err(ReqError::Broken(_)) = op(conn)
         {
-            self.conn = None;
+            self.set_conn(None);
         }
     }
 
@@ -555,22 +594,26 @@ impl Stream {
         if let Some(conn) = self.conn.as_mut()
             && conn.keepalive().is_err()
         {
-            self.conn = None;
+            self.set_conn(None);
         }
     }
 
-    fn bye(self) {
-        if let Some(conn) = self.conn {
+    fn bye(mut self) {
+        self.scaler.publish(self.number, -1);
+        if let Some(conn) = self.conn.take() {
             conn.bye();
         }
     }
 }
 
-/// Worker threads, one stream each, fed by a bounded queue.
+/// Worker threads, one stream each, fed by a bounded queue; with adaptive streams, a monitor thread adds and retires
+/// workers as [`StreamPolicy`] decides.
 struct Pool<T> {
     tx: Option<Sender<T>>,
     done: Receiver<Done>,
-    handles: Vec<JoinHandle<()>>,
+    handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    scaler: Arc<Scaler>,
+    monitor: Option<JoinHandle<()>>,
 }
 
 /// A worker's job: `Err` stops the worker (and the run).
@@ -580,20 +623,100 @@ type Work<T> = dyn Fn(&mut Stream, T, &Sender<Done>) -> Result<(), StreamError> 
 /// to keep its own connection alive).
 type OnEvent<'a> = &'a mut dyn FnMut(Option<Done>);
 
+/// How many streams a pool should run, and what its monitor sees of them. Streams are numbered from 1; stream `n`
+/// runs while `n <= target`.
+struct Scaler {
+    target: AtomicUsize,
+    /// The most streams that ran at once.
+    peak: AtomicUsize,
+    /// Stream `n`'s socket at index `n - 1` (-1: none), read by the monitor for `TCP_INFO`.
+    fds: Vec<AtomicI32>,
+    /// Stream `n`'s worker is running.
+    alive: Vec<AtomicBool>,
+    /// No more streams than this (the server refused one more connection).
+    cap: AtomicUsize,
+    /// Every task is queued: the monitor no longer adds streams (and stops with the last worker).
+    finished: AtomicBool,
+}
+
+impl Scaler {
+    fn new(initial: usize, slots: usize) -> Scaler {
+        Scaler {
+            target: AtomicUsize::new(initial),
+            peak: AtomicUsize::new(initial),
+            fds: (0..slots).map(|_| AtomicI32::new(-1)).collect(),
+            alive: (0..slots).map(|_| AtomicBool::new(false)).collect(),
+            cap: AtomicUsize::new(slots),
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    fn target(&self) -> usize {
+        self.target.load(Ordering::Acquire)
+    }
+
+    /// How many streams a large file's ranges should feed: all the pool may grow to.
+    fn split_for(&self) -> usize {
+        self.fds.len()
+    }
+
+    fn publish(&self, number: usize, fd: RawFd) {
+        if let Some(slot) = self.fds.get(number - 1) {
+            slot.store(fd, Ordering::Release);
+        }
+    }
+}
+
+/// Everything needed to start one more worker.
+struct Spawner<T> {
+    rx: Receiver<T>,
+    dtx: Sender<Done>,
+    stop: Arc<AtomicBool>,
+    work: Arc<Work<T>>,
+    dialer: Arc<Dialer>,
+    scaler: Arc<Scaler>,
+    handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl<T: Send + 'static> Spawner<T> {
+    /// Start stream `number`'s worker: on `conn`, or on a connection it dials first (a stream added by the monitor).
+    fn spawn(&self, number: usize, conn: Option<Connection>) {
+        self.scaler.alive[number - 1].store(true, Ordering::Release);
+        let stream = Stream::new(number, conn, self.dialer.clone(), self.stop.clone(), self.scaler.clone());
+        let (rx, dtx, stop, work, scaler) =
+            (self.rx.clone(), self.dtx.clone(), self.stop.clone(), self.work.clone(), self.scaler.clone());
+        let handle = std::thread::spawn(move || {
+            worker(stream, &rx, &dtx, &stop, &*work);
+            scaler.alive[number - 1].store(false, Ordering::Release);
+        });
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+}
+
 impl<T: Send + 'static> Pool<T> {
-    fn start(conns: Vec<Connection>, dialer: &Arc<Dialer>, stop: Arc<AtomicBool>, work: Arc<Work<T>>) -> Pool<T> {
-        let (tx, rx) = bounded::<T>(conns.len() * QUEUE_PER_STREAM);
+    /// Workers on `conns`; with `adaptive`, a monitor that follows the bandwidth-delay product (`verbose`: it says
+    /// what it does).
+    fn start(
+        conns: Vec<Connection>,
+        dialer: &Arc<Dialer>,
+        stop: Arc<AtomicBool>,
+        work: Arc<Work<T>>,
+        adaptive: bool,
+    ) -> Pool<T> {
+        let initial = conns.len();
+        let slots = if adaptive { STREAMS_MAX.max(initial) } else { initial.max(1) };
+        let scaler = Arc::new(Scaler::new(initial, slots));
+        // Tasks are files and ranges, never their data: the queue holds a few per stream the pool may run.
+        let (tx, rx) = bounded::<T>(slots * QUEUE_PER_STREAM);
         let (dtx, drx) = unbounded();
-        let handles = conns
-            .into_iter()
-            .enumerate()
-            .map(|(i, conn)| {
-                let stream = Stream::new(i + 1, conn, dialer.clone(), stop.clone());
-                let (rx, dtx, stop, work) = (rx.clone(), dtx.clone(), stop.clone(), work.clone());
-                std::thread::spawn(move || worker(stream, &rx, &dtx, &stop, &*work))
-            })
-            .collect();
-        Pool { tx: Some(tx), done: drx, handles }
+        let handles = Arc::new(Mutex::new(Vec::new()));
+        let spawner = Spawner { rx, dtx, stop, work, dialer: dialer.clone(), scaler: scaler.clone(), handles };
+        for (i, conn) in conns.into_iter().enumerate() {
+            spawner.spawn(i + 1, Some(conn));
+        }
+        let handles = spawner.handles.clone();
+        let monitor = (adaptive && initial > 0).then(|| std::thread::spawn(move || monitor(&spawner, initial)));
+        Pool { tx: Some(tx), done: drx, handles, scaler, monitor }
     }
 
     /// Queue `task`, handling completions while the queue is full. False when the workers are gone.
@@ -631,9 +754,12 @@ impl<T: Send + 'static> Pool<T> {
         }
     }
 
-    /// No more tasks: wait for the workers, handling their last completions.
-    fn finish(&mut self, on: OnEvent<'_>) {
+    /// No more tasks: wait for the workers, handling their last completions. Returns the most streams that ran at
+    /// once.
+    fn finish(&mut self, on: OnEvent<'_>) -> usize {
         self.tx = None;
+        self.scaler.finished.store(true, Ordering::Release);
+        // The channel disconnects once every worker and the monitor (which stops after the last worker) are gone.
         loop {
             match self.done.recv_timeout(client::KEEPALIVE) {
                 Ok(d) => on(Some(d)),
@@ -641,16 +767,112 @@ impl<T: Send + 'static> Pool<T> {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        for h in self.handles.drain(..) {
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
             let _ = h.join();
+        }
+        self.scaler.peak.load(Ordering::Acquire)
+    }
+}
+
+/// The adaptive pool's monitor: every second, sample every stream's `TCP_INFO`, let [`StreamPolicy`] choose the
+/// number of streams, start the workers that are missing (retired ones notice the lower target themselves).
+fn monitor<T: Send + 'static>(sp: &Spawner<T>, initial: usize) {
+    let scaler = &sp.scaler;
+    let mut policy = StreamPolicy::new(initial.min(STREAMS_MIN), scaler.fds.len(), CHUNK);
+    let started = Instant::now();
+    let mut last: Vec<(RawFd, TcpStats)> = vec![(-1, TcpStats::default()); scaler.fds.len()];
+    let mut total = Sample::default();
+    // The RTT as the application sees it, end to end: a proxy, a tunnel or a load balancer on the way hides the
+    // path's length from the kernel's RTT of our own sockets. A spare connection sends a tiny request each sample.
+    let mut pinger = sp.dialer.dial().ok();
+    loop {
+        let until = Instant::now() + STREAMS_SAMPLE_EVERY;
+        while Instant::now() < until {
+            let working = scaler.alive.iter().any(|a| a.load(Ordering::Acquire));
+            if !working || sp.stop.load(Ordering::Acquire) {
+                // Every worker is gone (the queue closed, or the run stopped): so is the monitor, and with it its
+                // sender of completions, so that the pool's channel can close.
+                if let Some(conn) = pinger {
+                    conn.bye();
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut rtt = Duration::ZERO;
+        for (i, slot) in scaler.fds.iter().enumerate() {
+            let fd = slot.load(Ordering::Acquire);
+            let Some(now) = (fd >= 0).then(|| tcp_stats(fd)).flatten() else { continue };
+            // A new connection on this stream counts from zero.
+            let before = if last[i].0 == fd { last[i].1 } else { TcpStats::default() };
+            total.bytes += now.bytes.saturating_sub(before.bytes);
+            total.segments_sent += now.segments_sent.saturating_sub(before.segments_sent);
+            total.segments_retransmitted += now.segments_retransmitted.saturating_sub(before.segments_retransmitted);
+            rtt = rtt.max(now.rtt);
+            last[i] = (fd, now);
+        }
+        if let Some(conn) = pinger.as_mut() {
+            let sent = Instant::now();
+            match conn.stat(b"") {
+                Ok(_) => rtt = rtt.max(sent.elapsed()),
+                Err(_) => pinger = None,
+            }
+        }
+        total.at_secs = started.elapsed().as_secs_f64();
+        total.rtt = rtt;
+        let before = scaler.target();
+        let wanted = policy.observe(total).min(scaler.cap.load(Ordering::Acquire));
+        if wanted == before || (wanted > before && scaler.finished.load(Ordering::Acquire) && sp.rx.is_empty()) {
+            // No change, or growth when every task is taken: new streams would find nothing to do.
+            continue;
+        }
+        let bdp = policy.bdp_bytes().unwrap_or(0.0);
+        let _ = sp.dtx.send(Done::Note(format!(
+            "streams: {before} -> {wanted} (RTT {:.1} ms, {:.0} MB/s, bandwidth-delay product {:.1} MB)",
+            rtt.as_secs_f64() * 1e3,
+            policy_throughput(&policy) / 1e6,
+            bdp / 1e6
+        )));
+        scaler.target.store(wanted, Ordering::Release);
+        scaler.peak.fetch_max(wanted, Ordering::AcqRel);
+        for number in 1..=wanted {
+            if !scaler.alive[number - 1].load(Ordering::Acquire) {
+                sp.spawn(number, None);
+            }
         }
     }
 }
 
-/// One worker: tasks until the queue closes; a connection left idle is kept alive.
+fn policy_throughput(p: &StreamPolicy) -> f64 {
+    p.throughput_bytes_per_s().unwrap_or(0.0)
+}
+
+/// One worker: tasks until the queue closes or the pool no longer wants this stream; a connection left idle is
+/// kept alive. A stream the monitor added dials first, and when the server takes no more connections it retires
+/// and caps the pool below itself.
 fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
+    if stream.conn.is_none() {
+        match stream.dialer.dial() {
+            Ok(c) => stream.set_conn(Some(c)),
+            Err(e) => {
+                let n = stream.number;
+                stream.scaler.cap.fetch_min(n - 1, Ordering::AcqRel);
+                stream.scaler.target.fetch_min(n - 1, Ordering::AcqRel);
+                let _ = done.send(Done::Note(format!("streams: cannot open stream {n} ({e}); staying at {}", n - 1)));
+                return;
+            }
+        }
+    }
     loop {
-        let task = match rx.recv_timeout(client::KEEPALIVE) {
+        if stream.number > stream.scaler.target() {
+            // The pool shrank: this stream retires between tasks.
+            break;
+        }
+        let task = match rx.recv_timeout(STREAMS_SAMPLE_EVERY.min(client::KEEPALIVE)) {
             Ok(t) => t,
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
@@ -810,7 +1032,8 @@ struct PushCore<'a> {
     dirs: Dirs<RemoteDir>,
     deletes: Vec<RemoteDelete>,
     look_dst: bool,
-    streams: usize,
+    /// Streams the pool runs now (ranges of large files are cut for them).
+    streams: Arc<Scaler>,
 }
 
 struct Push<'a> {
@@ -909,10 +1132,11 @@ impl<'a> Push<'a> {
         } else {
             dialer.dial_n(streams).map_err(|e| Failure::Fatal(e.to_string()))?
         };
-        let run = Run::new(opts, streams);
+        let mut run = Run::new(opts, streams);
+        run.verbose = net.verbose;
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
         let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
-        let pool = Pool::start(conns, &dialer, run.stop.clone(), work);
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive);
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
         let mut push = Push {
             core: PushCore {
@@ -923,7 +1147,7 @@ impl<'a> Push<'a> {
                 dirs: Dirs::new(),
                 deletes: Vec::new(),
                 look_dst,
-                streams,
+                streams: pool.scaler.clone(),
             },
             pool,
         };
@@ -937,7 +1161,7 @@ impl<'a> Push<'a> {
             }
         }
         let Push { mut core, mut pool } = push;
-        pool.finish(&mut |d| core.on_event(d));
+        core.run.summary.streams = pool.finish(&mut |d| core.on_event(d));
         if md.is_dir() && core.run.may_delete() {
             core.delete_pass();
         }
@@ -1055,7 +1279,7 @@ impl<'a> Push<'a> {
         c.run.progress.add_total(md.size());
         c.dirs.add(dir);
         let file = PushFile { src: src.to_path_buf(), remote, dir };
-        if ranges(md.size(), c.streams).is_none() {
+        if ranges(md.size(), c.streams.split_for()).is_none() {
             let core = &mut self.core;
             self.pool.send(PushTask::Whole(file), &mut |d| core.on_event(d));
             return;
@@ -1073,7 +1297,7 @@ impl<'a> Push<'a> {
                 return c.file_done(dir, None);
             }
         };
-        let parts = ranges(omd.size(), c.streams).unwrap_or_else(|| vec![(0, omd.size())]);
+        let parts = ranges(omd.size(), c.streams.split_for()).unwrap_or_else(|| vec![(0, omd.size())]);
         let id = next_id();
         if let Err(e) = c.ctl.put_begin(id, &file.remote, omd.size(), omd.mode() & 0o7777) {
             let shown = url_of(&c.addr, &file.remote);
@@ -1158,6 +1382,7 @@ impl PushCore<'_> {
             },
             Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
+            Done::Note(m) => self.run.note(&m),
         }
     }
 
@@ -2077,7 +2302,8 @@ struct PullCore<'a> {
     dirs: Dirs<LocalDir>,
     deletes: Vec<LocalDelete>,
     cfg: Arc<PullCfg>,
-    streams: usize,
+    /// Streams the pool runs now (ranges of large files are cut for them).
+    streams: Arc<Scaler>,
 }
 
 struct Pull<'a> {
@@ -2160,11 +2386,12 @@ impl<'a> Pull<'a> {
         } else {
             dialer.dial_n(streams).map_err(|e| Failure::Fatal(e.to_string()))?
         };
-        let run = Run::new(opts, streams);
+        let mut run = Run::new(opts, streams);
+        run.verbose = net.verbose;
         let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });
         let wcfg = cfg.clone();
         let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
-        let pool = Pool::start(conns, &dialer, run.stop.clone(), work);
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive);
         let mut pull = Pull {
             core: PullCore {
                 run,
@@ -2174,7 +2401,7 @@ impl<'a> Pull<'a> {
                 dirs: Dirs::new(),
                 deletes: Vec::new(),
                 cfg,
-                streams,
+                streams: pool.scaler.clone(),
             },
             pool,
         };
@@ -2188,7 +2415,7 @@ impl<'a> Pull<'a> {
             pull.entry_in(&parent, &name, &name, e, Some(remote.path.clone()));
         }
         let Pull { mut core, mut pool } = pull;
-        pool.finish(&mut |d| core.on_event(d));
+        core.run.summary.streams = pool.finish(&mut |d| core.on_event(d));
         if core.run.may_delete() {
             core.delete_pass(&target);
         }
@@ -2326,7 +2553,7 @@ impl<'a> Pull<'a> {
         let Some(dir_fd) = parent.fd.clone() else { return };
         c.run.progress.add_total(e.size);
         c.dirs.add(parent.node);
-        let parts = ranges(e.size, c.streams);
+        let parts = ranges(e.size, c.streams.split_for());
         let file = PullFile { dir_fd, name: cname, remote, shown, meta: e, dir: parent.node };
         let Some(parts) = parts else {
             let core = &mut self.core;
@@ -2382,6 +2609,7 @@ impl PullCore<'_> {
             },
             Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
+            Done::Note(m) => self.run.note(&m),
         }
     }
 

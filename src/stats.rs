@@ -9,6 +9,8 @@ pub struct Summary {
     pub command: &'static str,
     pub engine: &'static str,
     pub cores: usize,
+    /// fastsync:// transfers: the most data streams (TCP connections) that ran at once.
+    pub streams: usize,
     /// Nothing was changed: the counts say what would have been done.
     pub dry_run: bool,
     /// Files copied (or, in a dry run, that would be).
@@ -115,6 +117,9 @@ impl Summary {
             self.seconds,
             self.gb_per_s()
         )?;
+        if self.streams > 0 {
+            return writeln!(out, "engine: {}  streams: {} (the most at once)", self.engine, self.streams);
+        }
         writeln!(
             out,
             "engine: {}  cores: {}  engine syscalls: {}  steals: {}",

@@ -263,7 +263,22 @@ run_scenario() { # name
   rm -rf "$dst" "$pulled"
 }
 
-SCENARIOS=${NETNS_SCENARIOS:-plain tbf loss1 loss5}
+# Adaptive streams (no --streams) behind a 50 mbit bottleneck with a deep queue: the queue makes the RTT longer, but
+# the bandwidth-delay product stays below what 4 streams hold, so the pool stays at 4 (a growth it tries is undone,
+# as more streams move no more bytes through the bottleneck); the data arrive exact.
+run_adaptive() {
+  local remote=adaptive/tree dst="$SERVED/adaptive/tree" notes
+  client -v copy --json "$SRC" "$URL/$remote"
+  check_exact "adaptive push" "$WORK/src.listing" "$dst"
+  notes=$(grep -o 'streams: [0-9]* -> [0-9]*' "$WORK/client.out" | tr '\n' ';' || true)
+  [[ -z $notes || $notes == *'-> 4;' ]] || fail "adaptive: the streams should end at 4 behind the bottleneck: '$notes'"
+  [[ $LAST_JSON =~ \"streams\":([0-9]+), ]] || fail "adaptive: no streams count in the summary: $LAST_JSON"
+  ((BASH_REMATCH[1] <= 8)) || fail "adaptive: grew to ${BASH_REMATCH[1]} streams behind a 50 mbit bottleneck"
+  log "adaptive: push ${CLIENT_SECS}s, streams changes: '${notes}', at most ${BASH_REMATCH[1]}"
+  rm -rf "$dst"
+}
+
+SCENARIOS=${NETNS_SCENARIOS:-plain tbf loss1 loss5 adaptive}
 for s in $SCENARIOS; do
   link_reset
   case $s in
@@ -271,6 +286,12 @@ for s in $SCENARIOS; do
     tbf) link_tbf 50mbit ;;
     loss1) link_loss 1 ;;
     loss5) link_loss 5 ;;
+    adaptive)
+      ip netns exec "$NS_A" tc qdisc add dev "$IF_A" root tbf rate 50mbit burst 64kb latency 400ms
+      ip netns exec "$NS_B" tc qdisc add dev "$IF_B" root tbf rate 50mbit burst 64kb latency 400ms
+      run_adaptive
+      continue
+      ;;
     *) fail "unknown scenario $s" ;;
   esac
   run_scenario "$s"

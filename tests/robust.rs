@@ -321,3 +321,44 @@ fn a_bad_io_timeout_is_a_usage_error() {
         assert!(lines.len() == 1 && lines[0].contains("FASTSYNC_IO_TIMEOUT"), "{bad}: {lines:?}");
     }
 }
+
+/// The `streams: A -> B` notes of a `-v` run, in order.
+fn stream_changes(out: &Output) -> Vec<(usize, usize)> {
+    out.stderr_lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix("fastsync: streams: "))
+        .filter_map(|rest| {
+            let (a, rest) = rest.split_once(" -> ")?;
+            let b = rest.split(' ').next()?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn adaptive_streams_grow_on_a_long_path_and_stay_fixed_when_asked() {
+    let c = Case::new();
+    let srv = c.serve();
+    // 40 ms each way per 64 KiB: every connection carries at most ~1.6 MB/s, and the RTT seen end to end is 80 ms or
+    // more: a long path where more streams move more bytes.
+    let proxy = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(40)));
+    let big = big_source(&c);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["-v", "--json"], &big, proxy.url("adaptive/"));
+    out.assert_success();
+    let changes = stream_changes(&out);
+    out.check(changes.first() == Some(&(4, 8)), &format!("the pool first doubles from 4 to 8: {changes:?}"));
+    let peak = json_summary(&out)["streams"].as_u64().unwrap();
+    out.check(peak >= 8, &format!("the summary says at most {peak} streams"));
+    assert!(proxy.connections() > 8, "the control connection and 8 streams: {} connections", proxy.connections());
+    assert_eq!(digest(&srv.root.join("adaptive/big.bin")), digest(&big));
+    assert_no_tmp(&srv.root);
+
+    // With --streams the number is fixed: no changes, whatever the path (20 MiB: a few seconds of samples).
+    let fixed = c.path("fixed.bin");
+    write_big_file(&fixed, 0xF1, 20 * MIB);
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["-v", "--json", "--streams", "4"], &fixed, proxy.url("fixed/"));
+    out.assert_success();
+    out.check(stream_changes(&out).is_empty(), "no changes with --streams");
+    assert_eq!(json_summary(&out)["streams"].as_u64(), Some(4));
+    assert_eq!(digest(&srv.root.join("fixed/fixed.bin")), digest(&fixed));
+}

@@ -241,6 +241,12 @@ impl Connection {
     }
 
     /// Send a cheap request when the connection has been idle for [`KEEPALIVE`].
+    /// The socket's descriptor (for `TCP_INFO`; never read from or written to outside this connection).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.r.get_ref().get_ref().as_raw_fd()
+    }
+
     pub fn keepalive(&mut self) -> Result<(), ReqError> {
         if self.last_used.elapsed() < KEEPALIVE {
             return Ok(());

@@ -6,5 +6,6 @@ pub mod beneath;
 pub mod client;
 pub mod record;
 pub mod server;
+pub mod streams;
 pub mod url;
 pub mod wire;

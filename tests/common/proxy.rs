@@ -32,12 +32,20 @@ pub struct Plan {
     pub only_connection: Option<usize>,
     /// Count only the bytes from the server to the client (to cut just before a given answer).
     pub down_only: bool,
+    /// Hold every read (at most 64 KiB) this long before forwarding it, each direction: a long path whose
+    /// connections each carry at most 64 KiB per delay, as a window-limited TCP connection over a long RTT does.
+    pub delay: Option<Duration>,
 }
 
 impl Plan {
     /// Break the first `times` connections that carry `after_bytes`, counting both directions.
     pub fn new(fault: Fault, after_bytes: u64, times: usize) -> Plan {
-        Plan { fault, after_bytes, times, only_connection: None, down_only: false }
+        Plan { fault, after_bytes, times, only_connection: None, down_only: false, delay: None }
+    }
+
+    /// Break nothing; delay every read by `delay` before forwarding it.
+    pub fn long_path(delay: Duration) -> Plan {
+        Plan { delay: Some(delay), ..Plan::new(Fault::Reset, u64::MAX, 0) }
     }
 }
 
@@ -209,6 +217,9 @@ fn pump(link: &Link, shared: &Shared, up: bool) {
             }
         };
         let plan = &shared.plan;
+        if let Some(d) = plan.delay {
+            std::thread::sleep(d);
+        }
         let counted = !(up && plan.down_only);
         let eligible = counted && plan.only_connection.is_none_or(|k| k == link.number);
         let before = if counted { link.bytes.fetch_add(n, Ordering::SeqCst) } else { 0 };
