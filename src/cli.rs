@@ -232,14 +232,18 @@ fn clap_exit(e: clap::Error) -> i32 {
 
 fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let g = &cli.global;
-    // `serve` needs no engine nor settings.
+    // `serve` needs no engine; of the settings, only the memory limit.
     if let Command::Serve(a) = &cli.command {
         if g.encrypt || g.compress.is_some() {
             return Err(Error::Refused(
                 "--encrypt and --compress are client options; serve takes --require-encrypt and --no-compress".into(),
             ));
         }
-        return crate::net::server::run(a, g.token_file.as_deref());
+        let overrides =
+            Overrides { memory_profile: g.memory_profile, memory_limit: g.memory_limit, ..Overrides::default() };
+        let settings = Settings::load(g.config.as_deref(), &|k| std::env::var_os(k), &overrides)
+            .map_err(|e| Error::Refused(e.to_string()))?;
+        return crate::net::server::run(a, g.token_file.as_deref(), settings.memory_limit_bytes());
     }
     let wishes = crate::net::auth::Wishes { encrypt: g.encrypt, compress: g.compress };
     let transfer = match &cli.command {

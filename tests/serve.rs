@@ -921,3 +921,51 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
     body.extend(std::iter::repeat_n(0xff, wire::TEXT_BYTES_MAX));
     check_frame(&body);
 }
+
+/// The server's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn the_memory_limit_caps_connections_and_bounds_the_servers_memory() {
+    let dir = tmp();
+    // 40 MiB at ~12 MiB per connection: 3 connections, although --max-clients allows 64.
+    let srv = Server::start(dir.path(), &["--memory-limit", "40M"]);
+    srv.wait_log(&["at most 3 connections at once", "memory limit (40 MiB)"]);
+    let held: Vec<Client> = (0..3).map(|_| srv.connect()).collect();
+    let mut s = srv.raw();
+    let r = auth::client(&mut s, &Key::from_token(TOKEN.as_bytes()));
+    assert!(matches!(&r, Err(AuthError::Refused(m)) if m.contains("busy")), "{r:?}");
+    for c in held {
+        c.bye();
+    }
+    // A push over 2 data streams and the control connection: the server's memory stays under its limit while it
+    // receives 96 MiB (TCP's flow control holds the client back; nothing queues up in the server).
+    let src = tmp();
+    let big = src.path().join("big.bin");
+    write_big_file(&big, 0x5E7, 96 << 20);
+    let token = src.path().join("token");
+    fs::write(&token, TOKEN).unwrap();
+    let started = Instant::now();
+    let out = loop {
+        let out = fastsync()
+            .args(["--token-file"])
+            .arg(&token)
+            .args(["copy", "--streams", "2"])
+            .arg(&big)
+            .arg(format!("fastsync://{}/in/", srv.addr))
+            .run();
+        // The connections closed above may take a moment to leave the server's count.
+        if out.code == Some(0) || started.elapsed() > Duration::from_secs(10) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    out.assert_success();
+    assert_eq!(digest(&dir.path().join("in/big.bin")), digest(&big));
+    let peak = peak_rss_bytes(srv.child.id());
+    assert!(peak < 40 << 20, "the server peaked at {} MiB with a 40 MiB limit", peak >> 20);
+}

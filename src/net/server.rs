@@ -81,7 +81,7 @@ pub struct ServeArgs {
 
 /// Run the server until SIGINT/SIGTERM; returns the exit code. The token comes from `token_file` (the global
 /// `--token-file`), else `FASTSYNC_TOKEN`.
-pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
+pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64) -> Result<i32, Error> {
     let token = auth::load_token(token_file, std::env::var_os("FASTSYNC_TOKEN"))
         .map_err(Error::Refused)?
         .ok_or_else(|| Error::Refused("serve needs a shared token: --token-file FILE or FASTSYNC_TOKEN".into()))?;
@@ -109,7 +109,7 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
             no_compress: args.no_compress,
         },
         timeout: Duration::from_secs(args.timeout),
-        max_clients: args.max_clients as usize,
+        max_clients: clients_max(args.max_clients as usize, memory_limit_bytes),
         active: AtomicUsize::new(0),
         turning_away: AtomicUsize::new(0),
         transfers: Transfers::new(TRANSFERS_MAX),
@@ -129,6 +129,15 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
     let ro = if args.read_only { " (read-only)" } else { "" };
     let enc = if args.require_encrypt { " (encryption required)" } else { "" };
     eprintln!("fastsync: serving {} on {local}{ro}{enc}", args.root.display());
+    if shared.max_clients < args.max_clients as usize {
+        eprintln!(
+            "fastsync: at most {} connections at once: the memory limit ({} MiB) allows {} MiB per connection; raise \
+             --memory-limit (or --memory-profile) for more",
+            shared.max_clients,
+            memory_limit_bytes >> 20,
+            CONNECTION_BYTES_MAX >> 20
+        );
+    }
     if !local.ip().is_loopback() && !args.require_encrypt {
         eprintln!(
             "fastsync: warning: clients that do not ask for --encrypt are served in clear: use --require-encrypt on \
@@ -152,6 +161,16 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>) -> Result<i32, Error> {
             }
         }
     }
+}
+
+/// The most memory one connection holds: a frame being read, the record layer's buffer (decrypted or
+/// decompressed), and the answer being written, each at most [`wire::FRAME_BYTES_MAX`]. TCP's flow control is the
+/// backpressure: a connection reads its next frame only when the last one is written to disk.
+const CONNECTION_BYTES_MAX: u64 = 3 * wire::FRAME_BYTES_MAX as u64;
+
+/// Connections served at once: `--max-clients`, or fewer when the memory limit cannot hold that many.
+fn clients_max(max_clients: usize, memory_limit_bytes: u64) -> usize {
+    max_clients.min((memory_limit_bytes / CONNECTION_BYTES_MAX).max(1) as usize)
 }
 
 /// State shared by every connection.
@@ -234,7 +253,8 @@ fn turn_away(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let max = shared.max_clients;
     let me = Arc::clone(shared);
     let spawned = std::thread::Builder::new().name(format!("busy {peer}")).spawn(move || {
-        let message = format!("server busy: {max} clients connected (--max-clients {max}); try again later");
+        let message =
+            format!("server busy: {max} connections at once (--max-clients, or the memory limit); try again later");
         let _ = wire::write_msg(&mut stream, &Msg::Error { code: code::BUSY, message });
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
