@@ -336,6 +336,9 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
             wishes,
             adaptive: t.streams.is_none(),
             verbose: g.verbose > 0,
+            // Each connection holds up to ~12 MiB of buffers: the memory limit bounds how far the pool may grow.
+            streams_max: (settings.memory_limit_bytes() / crate::net::server::CONNECTION_BYTES_MAX)
+                .clamp(streams as u64, crate::net::streams::STREAMS_MAX as u64) as usize,
             ..crate::remote::NetOptions::new(streams, g.token_file.as_deref())
         };
         match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {

@@ -98,6 +98,8 @@ pub struct NetOptions {
     pub adaptive: bool,
     /// `-v`: say when and why the number of streams changes.
     pub verbose: bool,
+    /// The most streams an adaptive pool may grow to (the memory limit's share).
+    pub streams_max: usize,
 }
 
 impl NetOptions {
@@ -109,6 +111,7 @@ impl NetOptions {
             wishes: Wishes::default(),
             adaptive: false,
             verbose: false,
+            streams_max: STREAMS_MAX,
         }
     }
 
@@ -694,17 +697,17 @@ impl<T: Send + 'static> Spawner<T> {
 }
 
 impl<T: Send + 'static> Pool<T> {
-    /// Workers on `conns`; with `adaptive`, a monitor that follows the bandwidth-delay product (`verbose`: it says
-    /// what it does).
+    /// Workers on `conns`; with `adaptive` (the most streams), a monitor that follows the bandwidth-delay product.
     fn start(
         conns: Vec<Connection>,
         dialer: &Arc<Dialer>,
         stop: Arc<AtomicBool>,
         work: Arc<Work<T>>,
-        adaptive: bool,
+        adaptive: Option<usize>,
     ) -> Pool<T> {
         let initial = conns.len();
-        let slots = if adaptive { STREAMS_MAX.max(initial) } else { initial.max(1) };
+        // Adaptive: as many slots as the pool may grow to.
+        let slots = adaptive.map_or(initial, |max| max.max(initial)).max(1);
         let scaler = Arc::new(Scaler::new(initial, slots));
         // Tasks are files and ranges, never their data: the queue holds a few per stream the pool may run.
         let (tx, rx) = bounded::<T>(slots * QUEUE_PER_STREAM);
@@ -715,7 +718,8 @@ impl<T: Send + 'static> Pool<T> {
             spawner.spawn(i + 1, Some(conn));
         }
         let handles = spawner.handles.clone();
-        let monitor = (adaptive && initial > 0).then(|| std::thread::spawn(move || monitor(&spawner, initial)));
+        let monitor =
+            (adaptive.is_some() && initial > 0).then(|| std::thread::spawn(move || monitor(&spawner, initial)));
         Pool { tx: Some(tx), done: drx, handles, scaler, monitor }
     }
 
@@ -1136,7 +1140,7 @@ impl<'a> Push<'a> {
         run.verbose = net.verbose;
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
         let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
-        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive);
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
         let mut push = Push {
             core: PushCore {
@@ -2391,7 +2395,7 @@ impl<'a> Pull<'a> {
         let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });
         let wcfg = cfg.clone();
         let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
-        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive);
+        let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let mut pull = Pull {
             core: PullCore {
                 run,

@@ -166,7 +166,7 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64)
 /// The most memory one connection holds: a frame being read, the record layer's buffer (decrypted or
 /// decompressed), and the answer being written, each at most [`wire::FRAME_BYTES_MAX`]. TCP's flow control is the
 /// backpressure: a connection reads its next frame only when the last one is written to disk.
-const CONNECTION_BYTES_MAX: u64 = 3 * wire::FRAME_BYTES_MAX as u64;
+pub const CONNECTION_BYTES_MAX: u64 = 3 * wire::FRAME_BYTES_MAX as u64;
 
 /// Connections served at once: `--max-clients`, or fewer when the memory limit cannot hold that many.
 fn clients_max(max_clients: usize, memory_limit_bytes: u64) -> usize {
