@@ -199,7 +199,7 @@ impl Kind {
 }
 
 /// A line's digest column.
-enum Digest {
+pub(crate) enum Digest {
     /// Not a regular file, or no `--checksum`.
     NotHashed,
     /// The engine has the job.
@@ -397,13 +397,14 @@ impl<W: Write> Lister<W> {
     }
 }
 
-/// One entry's line (newline included), without a digest column: shared with remote listings (`src/remote.rs`).
-pub(crate) fn entry_line(e: &Entry, human: bool, json: bool) -> Vec<u8> {
+/// One entry's line (newline included), with a digest column when `digest` is given (`--checksum`): shared with
+/// remote listings (`src/remote.rs`).
+pub(crate) fn entry_line(e: &Entry, human: bool, json: bool, digest: Option<&Digest>) -> Vec<u8> {
     let mut line = Vec::with_capacity(128);
     if json {
-        json_line(&mut line, e, &Digest::NotHashed);
+        json_line(&mut line, e, digest.unwrap_or(&Digest::NotHashed));
     } else {
-        text_line(&mut line, e, human, None);
+        text_line(&mut line, e, human, digest);
     }
     line.push(b'\n');
     line

@@ -60,7 +60,7 @@ use crate::progress::Progress;
 use crate::slab::Slab;
 use crate::stale;
 use crate::stats::Summary;
-use crate::sync::{self, Change, Compare, Facts, Itemizer, SyncOptions, Verdict};
+use crate::sync::{self, Change, Facts, Itemizer, SyncOptions, Verdict};
 
 /// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
 const SOURCE_ATTEMPTS_MAX: u8 = 3;
@@ -211,6 +211,39 @@ fn next_id() -> u64 {
     base.wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Why two copies of a file could not be compared by digest.
+enum Compared {
+    /// One line naming the file and the cause; the run goes on.
+    Failed(String),
+    /// The connection broke: the run stops.
+    Broken(String),
+}
+
+/// BLAKE3 of a local file opened for `sync --checksum`.
+fn hash_local(file: io::Result<File>) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(file?)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Whether the local file (`here`, its digest or why it could not be read) and the server's (`there`) hold the same
+/// bytes.
+fn same_content(
+    mine: io::Result<[u8; 32]>,
+    theirs: Result<([u8; 32], u64), ReqError>,
+    here: &str,
+    there: &str,
+) -> Result<bool, Compared> {
+    let mine = mine.map_err(|e| Compared::Failed(format!("cannot compute the checksum of '{here}': {e}")))?;
+    match theirs {
+        Ok((digest, _)) => Ok(digest == mine),
+        Err(ReqError::Broken(m)) => Err(Compared::Broken(m)),
+        Err(ReqError::Server { message, .. }) => {
+            Err(Compared::Failed(format!("cannot compute the checksum of '{there}': {message}")))
+        }
+    }
+}
+
 /// The ranges of a file of `size` bytes spread over `streams` connections, or `None` when it goes whole.
 fn ranges(size: u64, streams: usize) -> Option<Vec<(u64, u64)>> {
     if size <= CHUNK || streams < 2 {
@@ -228,9 +261,6 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
         return Err(Failure::Usage(
             "copying from one fastsync:// URL to another is not supported; run fastsync on one of the hosts".into(),
         ));
-    }
-    if opts.sync.as_ref().is_some_and(|s| s.compare == Compare::Checksum) {
-        return Err(Failure::Usage("--checksum is not supported for fastsync:// paths yet".into()));
     }
     if opts.hard_links {
         return Err(Failure::Usage("-H/--hard-links is not supported for fastsync:// paths yet".into()));
@@ -1271,7 +1301,18 @@ impl<'a> Push<'a> {
                     c.run.summary.unchanged += 1;
                     return;
                 }
-                Verdict::Transfer | Verdict::CompareDigests => {}
+                Verdict::CompareDigests => {
+                    // --checksum: the server hashes its copy (the control connection is free between listings).
+                    let local = hash_local(open_src(src, c.run.opts.dereference));
+                    let theirs = c.ctl.hash(&remote, 0, u64::MAX);
+                    match same_content(local, theirs, &src.display().to_string(), &url_of(&c.addr, &remote)) {
+                        Ok(true) => return c.unchanged(rel, &remote, md, t),
+                        Ok(false) => {}
+                        Err(Compared::Failed(m)) => return c.run.fail(m),
+                        Err(Compared::Broken(m)) => return c.run.broken(m),
+                    }
+                }
+                Verdict::Transfer => {}
             }
         }
         c.run.item(if twin.is_some() { Change::Update } else { Change::Copy }, rel, false);
@@ -2308,6 +2349,9 @@ struct PullCore<'a> {
     cfg: Arc<PullCfg>,
     /// Streams the pool runs now (ranges of large files are cut for them).
     streams: Arc<Scaler>,
+    dialer: Arc<Dialer>,
+    /// `sync --checksum`: the connection that asks for digests, dialled when first needed.
+    hash_conn: Option<Connection>,
 }
 
 struct Pull<'a> {
@@ -2406,6 +2450,8 @@ impl<'a> Pull<'a> {
                 deletes: Vec::new(),
                 cfg,
                 streams: pool.scaler.clone(),
+                dialer: dialer.clone(),
+                hash_conn: None,
             },
             pool,
         };
@@ -2420,6 +2466,9 @@ impl<'a> Pull<'a> {
         }
         let Pull { mut core, mut pool } = pull;
         core.run.summary.streams = pool.finish(&mut |d| core.on_event(d));
+        if let Some(conn) = core.hash_conn.take() {
+            conn.bye();
+        }
         if core.run.may_delete() {
             core.delete_pass(&target);
         }
@@ -2545,7 +2594,22 @@ impl<'a> Pull<'a> {
                     c.run.summary.unchanged += 1;
                     return;
                 }
-                Verdict::Transfer | Verdict::CompareDigests => {}
+                Verdict::CompareDigests => {
+                    // --checksum: the control connection is streaming the listing; a second one asks for digests.
+                    let fd = parent.fd.as_ref().map(|fd| fd.as_raw_fd()).unwrap_or(libc::AT_FDCWD);
+                    let local = hash_local(at::open_file(fd, &cname));
+                    let theirs = match c.hasher() {
+                        Ok(conn) => conn.hash(&remote, 0, u64::MAX),
+                        Err(m) => return c.run.broken(m),
+                    };
+                    match same_content(local, theirs, &shown.display().to_string(), &url_of(&c.addr, &remote)) {
+                        Ok(true) => return c.unchanged(parent, &cname, rel, &shown, &e, st),
+                        Ok(false) => {}
+                        Err(Compared::Failed(m)) => return c.run.fail(m),
+                        Err(Compared::Broken(m)) => return c.run.broken(m),
+                    }
+                }
+                Verdict::Transfer => {}
             }
         }
         c.run.item(if existing.is_some() { Change::Update } else { Change::Copy }, rel, false);
@@ -2800,6 +2864,14 @@ impl PullCore<'_> {
     }
 
     /// A local file that is already right: fix its permissions, owner and mtime if they differ.
+    /// The connection for digests (`sync --checksum`), dialled on first use.
+    fn hasher(&mut self) -> Result<&mut Connection, String> {
+        if self.hash_conn.is_none() {
+            self.hash_conn = Some(self.dialer.dial().map_err(|e| e.to_string())?);
+        }
+        Ok(self.hash_conn.as_mut().expect("just dialled"))
+    }
+
     fn unchanged(&mut self, parent: &Parent, name: &CStr, rel: &[u8], shown: &Path, e: &EntryMeta, st: &libc::stat) {
         self.run.summary.unchanged += 1;
         let id = self.cfg.id;
@@ -3155,9 +3227,6 @@ fn pull_whole(
 /// `fastsync list fastsync://host/path`: the same lines as a local listing, one directory's entries at a time
 /// (each directory is listed on its own and sorted by name, so the order is the local one whatever the server's).
 pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failure> {
-    if args.checksum {
-        return Err(Failure::Usage("list --checksum is not supported for fastsync:// paths yet".into()));
-    }
     let net = &net.with_env()?;
     let remote = parse_url(&args.path)?;
     let shown = remote.display(b"");
@@ -3177,6 +3246,9 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
         out: BufWriter::with_capacity(64 << 10, io::stdout().lock()),
         human: args.human_readable,
         json,
+        checksum: args.checksum,
+        base: remote.path.clone(),
+        single: root.kind != EntryKind::Dir,
         errors: 0,
     };
     let r = l.run(&remote.path, root, args.recursive);
@@ -3203,6 +3275,12 @@ struct RemoteLister<'c, W: Write> {
     out: W,
     human: bool,
     json: bool,
+    /// `--checksum`: the server hashes each regular file (between listings the connection is free).
+    checksum: bool,
+    /// Wire path listed (a file's path on the server is this joined with its relative path).
+    base: Vec<u8>,
+    /// The listed path is a file, not a directory.
+    single: bool,
     errors: u64,
 }
 
@@ -3278,7 +3356,29 @@ impl<W: Write> RemoteLister<'_, W> {
             mtime_nsec: i64::from(e.mtime_nsec),
             target: (e.kind == EntryKind::Symlink).then(|| url::os_path(&e.target).to_path_buf()),
         };
-        self.out.write_all(&list::entry_line(&entry, self.human, self.json)).map_err(Halt::Write)
+        let mut failed = None;
+        let digest = self.checksum.then(|| match e.kind {
+            EntryKind::File => {
+                // A listed file is the listed path itself; a directory's entries lie beneath it.
+                let path = if self.single { self.base.clone() } else { join(&self.base, rel) };
+                match self.conn.hash(&path, 0, u64::MAX) {
+                    Ok((d, _)) => Ok(list::Digest::Done(d)),
+                    Err(ReqError::Broken(m)) => Err(Halt::Broken(m)),
+                    Err(ReqError::Server { message, .. }) => {
+                        failed =
+                            Some(format!("cannot compute the checksum of '{}': {message}", url_of(&self.addr, &path)));
+                        Ok(list::Digest::Failed(message))
+                    }
+                }
+            }
+            _ => Ok(list::Digest::NotHashed),
+        });
+        let digest = digest.transpose()?;
+        self.out.write_all(&list::entry_line(&entry, self.human, self.json, digest.as_ref())).map_err(Halt::Write)?;
+        if let Some(m) = failed {
+            self.error(&m)?;
+        }
+        Ok(())
     }
 }
 

@@ -160,8 +160,84 @@ fn list_a_remote_directory_like_a_local_one() {
     assert_eq!(file.stdout_str(), fastsync().args(["list", "--json"]).arg(remote.join("a.txt")).run().stdout_str());
     let missing = c.cmd().arg("list").arg(srv.url("nope")).run();
     missing.assert_code(1);
-    let checksum = c.cmd().args(["list", "--checksum"]).arg(srv.url("tree")).run();
-    checksum.assert_code(2);
+    // --checksum: the server hashes; the lines are those of a local listing, and a digest is BLAKE3 of the bytes.
+    for flags in [&["--checksum"][..], &["--checksum", "-R"], &["--checksum", "-R", "--json"]] {
+        let local = fastsync().arg("list").args(flags).arg(&remote).run();
+        local.assert_success();
+        let net = c.cmd().arg("list").args(flags).arg(srv.url("tree")).run();
+        net.assert_success();
+        assert_eq!(net.stdout_str(), local.stdout_str(), "list {flags:?}");
+    }
+    let one = c.cmd().args(["list", "--checksum"]).arg(srv.url("tree/a.txt")).run();
+    one.assert_success();
+    let want = blake3::hash(&fs::read(remote.join("a.txt")).unwrap()).to_hex().to_string();
+    assert!(one.stdout_str().contains(&format!(" {want} a.txt")), "{}", one.stdout_str());
+    // An unreadable file: a '?' in its column, one error line naming it, exit 1, the rest listed.
+    chmod(&remote.join("b.bin"), 0o000);
+    if fs::read(remote.join("b.bin")).is_err() {
+        let out = c.cmd().args(["list", "--checksum"]).arg(srv.url("tree")).run();
+        out.assert_code(1);
+        assert!(out.stdout_str().lines().any(|l| l.contains(" ? ") && l.ends_with("b.bin")), "{}", out.stdout_str());
+        let lines = out.stderr_lines();
+        assert!(lines.len() == 1 && lines[0].contains("cannot compute the checksum of") && lines[0].contains("b.bin"));
+    }
+    chmod(&remote.join("b.bin"), 0o755);
+}
+
+/// Rewrite `path` with other bytes of the same length, keeping its mtime: only a checksum can tell.
+fn same_size_other_bytes(path: &Path) {
+    let md = fs::metadata(path).unwrap();
+    let mut data = fs::read(path).unwrap();
+    for b in data.iter_mut() {
+        *b = !*b;
+    }
+    fs::write(path, &data).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    set_times(path, md.mtime(), md.mtime_nsec());
+}
+
+#[test]
+fn sync_checksum_compares_digests_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    tree_with_empty_dirs(&src);
+    let remote = srv.root.join("tree");
+    c.cmd().arg("copy").arg(&src).arg(srv.url("tree")).run().assert_success();
+    // Push: a remote file with other bytes but the same size and mtime, and one with the same bytes but another mtime.
+    same_size_other_bytes(&remote.join("sub/c.txt"));
+    set_times(&remote.join("a.txt"), 1_000_000_000, 0);
+    let plain = c.cmd().args(["sync", "-i"]).arg(&src).arg(srv.url("tree")).run();
+    plain.assert_success();
+    assert!(!plain.stdout_str().contains("sub/c.txt"), "size+mtime cannot see it: {}", plain.stdout_str());
+    assert_ne!(digest(&remote.join("sub/c.txt")), digest(&src.join("sub/c.txt")));
+    set_times(&remote.join("a.txt"), 1_000_000_000, 0);
+    let out = c.cmd().args(["sync", "-i", "--checksum", "--json"]).arg(&src).arg(srv.url("tree")).run();
+    out.assert_success();
+    let items = out.stdout_str();
+    assert!(items.contains(r#""item":"update","path":"sub/c.txt""#), "{items}");
+    assert!(items.contains(r#""item":"attrs","path":"a.txt""#), "same bytes: only the mtime is fixed: {items}");
+    assert_eq!(json_summary(&out)["files"].as_u64(), Some(1));
+    compare_trees(&src, &remote, CompareOpts::default());
+    // Pull: the same, the other way.
+    let dst = c.path("dst");
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(&dst).run().assert_success();
+    same_size_other_bytes(&dst.join("sub/deep/d.bin"));
+    set_times(&dst.join("b.bin"), 1_000_000_000, 0);
+    let out = c.cmd().args(["sync", "-i", "--checksum", "--json"]).arg(srv.url("tree")).arg(&dst).run();
+    out.assert_success();
+    let items = out.stdout_str();
+    assert!(items.contains(r#""item":"update","path":"sub/deep/d.bin""#), "{items}");
+    assert!(items.contains(r#""item":"attrs","path":"b.bin""#), "{items}");
+    assert_eq!(json_summary(&out)["files"].as_u64(), Some(1));
+    compare_trees(&remote, &dst, CompareOpts::default());
+    // Nothing differs now: a --checksum sync changes nothing either way.
+    let url: std::ffi::OsString = srv.url("tree").into();
+    for (from, to) in [(src.into_os_string(), url.clone()), (url, dst.into_os_string())] {
+        let out = c.cmd().args(["sync", "--checksum", "--json"]).arg(&from).arg(&to).run();
+        out.assert_success();
+        assert_eq!(json_summary(&out)["files"].as_u64(), Some(0));
+    }
 }
 
 #[test]

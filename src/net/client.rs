@@ -309,6 +309,17 @@ impl Connection {
         }
     }
 
+    /// BLAKE3 of `[offset, offset + len)` of file `path` on the server (to its end when shorter), and the bytes it
+    /// covered.
+    pub fn hash(&mut self, path: &[u8], offset: u64, len: u64) -> Result<([u8; 32], u64), ReqError> {
+        self.send(&Msg::Hash { path: path.to_vec(), offset, len })?;
+        match self.recv()? {
+            Msg::Hashed { digest, bytes } => Ok((digest, bytes)),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Hashed", &other)),
+        }
+    }
+
     /// Start listing `path`; the entries are read from the returned stream (the connection is busy until it ends).
     pub fn list(&mut self, path: &[u8], recursive: bool) -> Result<ListStream<'_>, ReqError> {
         self.send(&Msg::List { path: path.to_vec(), recursive })?;

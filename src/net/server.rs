@@ -459,6 +459,7 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         Msg::List { path, recursive } => return list(shared, conn, &path, recursive),
         Msg::Get { path, offset, len } => return get(shared, conn, &path, offset, len),
         Msg::Stat { path } => stat(shared, &path).map(Msg::Entry),
+        Msg::Hash { path, offset, len } => hash(shared, &path, offset, len),
         Msg::PutBegin { id, path, size, mode: _ } => put_begin(shared, id, &path, size).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
@@ -802,6 +803,25 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// BLAKE3 of `[offset, offset + len)` of a regular file beneath the root (to its end when it is shorter).
+fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64) -> Result<Msg, Fail> {
+    let file = open_regular(shared, rel)?;
+    let end = offset.saturating_add(len);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; GET_CHUNK_BYTES];
+    let mut pos = offset;
+    while pos < end {
+        let want = (end - pos).min(buf.len() as u64) as usize;
+        let n = read_full_at(&file, &mut buf[..want], pos).map_err(|e| Fail::io("cannot read", rel, e))?;
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+        if n < want {
+            break;
+        }
+    }
+    Ok(Msg::Hashed { digest: *hasher.finalize().as_bytes(), bytes: pos - offset })
 }
 
 fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> Result<(), WireError> {

@@ -123,6 +123,18 @@ pub enum Msg {
     Stat {
         path: Vec<u8>,
     },
+    /// BLAKE3 of `[offset, offset + len)` of file `path` (to its end when shorter): `sync --checksum`,
+    /// `list --checksum`. Answered by `Hashed` or `Error`.
+    Hash {
+        path: Vec<u8>,
+        offset: u64,
+        len: u64,
+    },
+    /// The digest of the bytes a `Hash` covered, and how many there were.
+    Hashed {
+        digest: [u8; 32],
+        bytes: u64,
+    },
     /// Read `[offset, offset + len)` of file `path`. Answered by `Data`* `DataEnd`, or `Error`.
     Get {
         path: Vec<u8>,
@@ -221,6 +233,8 @@ const K_LIST: u8 = 10;
 const K_ENTRY: u8 = 11;
 const K_LIST_END: u8 = 12;
 const K_STAT: u8 = 13;
+const K_HASH: u8 = 14;
+const K_HASHED: u8 = 15;
 const K_GET: u8 = 20;
 const K_DATA: u8 = 21;
 const K_DATA_END: u8 = 22;
@@ -395,6 +409,17 @@ impl Msg {
                 o.u8(K_STAT);
                 o.bytes(path);
             }
+            Msg::Hash { path, offset, len } => {
+                o.u8(K_HASH);
+                o.bytes(path);
+                o.u64(*offset);
+                o.u64(*len);
+            }
+            Msg::Hashed { digest, bytes } => {
+                o.u8(K_HASHED);
+                o.arr(digest);
+                o.u64(*bytes);
+            }
             Msg::Get { path, offset, len } => {
                 o.u8(K_GET);
                 o.bytes(path);
@@ -493,6 +518,8 @@ impl Msg {
             }),
             K_LIST_END => Msg::ListEnd,
             K_STAT => Msg::Stat { path: i.path()? },
+            K_HASH => Msg::Hash { path: i.path()?, offset: i.u64()?, len: i.u64()? },
+            K_HASHED => Msg::Hashed { digest: i.arr()?, bytes: i.u64()? },
             K_GET => Msg::Get { path: i.path()?, offset: i.u64()?, len: i.u64()? },
             K_DATA => Msg::Data { offset: i.u64()?, digest: i.arr()?, bytes: i.bytes(CHUNK_BYTES_MAX, "chunk")? },
             K_DATA_END => Msg::DataEnd { size: i.u64()?, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? },
@@ -609,6 +636,8 @@ mod tests {
             }),
             Msg::ListEnd,
             Msg::Stat { path: vec![] },
+            Msg::Hash { path: b"f".to_vec(), offset: 0, len: u64::MAX },
+            Msg::Hashed { digest: [5; 32], bytes: 12 },
             Msg::Get { path: b"f".to_vec(), offset: 3, len: 9 },
             Msg::Data { offset: 1 << 40, digest: [3; 32], bytes: vec![9; 1000] },
             Msg::DataEnd { size: 10, mtime_sec: 1, mtime_nsec: 2 },
