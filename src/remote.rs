@@ -61,6 +61,8 @@ use crate::slab::Slab;
 use crate::stale;
 use crate::stats::Summary;
 use crate::sync::{self, Change, Facts, Itemizer, SyncOptions, Verdict};
+use fastsync_engine::Timestamp;
+use fastsync_engine::journal::{Journal, Opened, SourceId};
 
 /// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
 const SOURCE_ATTEMPTS_MAX: u8 = 3;
@@ -2116,6 +2118,15 @@ mod at {
         Ok(File::from(fd))
     }
 
+    /// Open (`create`: or create) the resumable temporary `name` in `dir` for reading and writing (a symlink there
+    /// fails).
+    pub fn open_part(dir: RawFd, name: &CStr, create: bool) -> io::Result<File> {
+        let flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC | if create { libc::O_CREAT } else { 0 };
+        // SAFETY: valid descriptor and C string.
+        let fd = own(unsafe { libc::openat(dir, name.as_ptr(), flags, 0o600 as libc::c_uint) })?;
+        Ok(File::from(fd))
+    }
+
     /// Open regular file `name` in `dir` to change its metadata (a symlink there fails).
     pub fn open_file(dir: RawFd, name: &CStr) -> io::Result<File> {
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -2245,19 +2256,69 @@ fn tmp_name(name: &CStr) -> CString {
     CString::new(tmp.as_os_str().as_bytes()).expect("no NUL in a name")
 }
 
-/// A temporary file beside its final name; removed when dropped unless it was renamed into place.
+/// A temporary file beside its final name; removed when dropped unless it was renamed into place, or it is a
+/// resumable part kept for the next run.
 struct TempFile {
     dir: Arc<OwnedFd>,
     name: CString,
     file: File,
     committed: AtomicBool,
+    /// Left in place when dropped uncommitted (a resumable part after an interruption or a lost server).
+    keep: AtomicBool,
+}
+
+/// A resumable large file of a pull: its stable temporary, its journal, and the ranges an earlier run recorded.
+struct Resumable {
+    tmp: TempFile,
+    journal: Journal,
+    recorded: HashSet<(u64, u64)>,
 }
 
 impl TempFile {
     fn create(dir: &Arc<OwnedFd>, final_name: &CStr) -> io::Result<TempFile> {
         let name = tmp_name(final_name);
         let file = at::create_new(dir.as_raw_fd(), &name)?;
-        Ok(TempFile { dir: dir.clone(), name, file, committed: AtomicBool::new(false) })
+        Ok(TempFile { dir: dir.clone(), name, file, committed: AtomicBool::new(false), keep: AtomicBool::new(false) })
+    }
+
+    /// The resumable temporary (`.NAME.fstmp-part`) and journal (`.NAME.fstmp-journal`) of a large file, as for a
+    /// local copy: what an earlier, interrupted run of the same remote file (same size and mtime) recorded is kept;
+    /// otherwise both start empty. `None` when another run holds the journal or it cannot be used here: the caller
+    /// falls back to a private temporary.
+    fn resumable(dir: &Arc<OwnedFd>, final_name: &CStr, meta: &EntryMeta) -> io::Result<Option<Resumable>> {
+        if !cfg!(target_os = "linux") {
+            return Ok(None);
+        }
+        let final_path = Path::new(OsStr::from_bytes(final_name.to_bytes()));
+        let base = |p: PathBuf| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a name");
+        let (part, journal) = (base(stale::part(final_path)), base(stale::journal(final_path)));
+        // The journal is opened by path through the directory's descriptor: it stays beneath the destination.
+        let at_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let jpath = at_dir.join(OsStr::from_bytes(journal.to_bytes()));
+        let mtime = Timestamp { sec: meta.mtime_sec, nsec: i64::from(meta.mtime_nsec) };
+        let source = SourceId { size: meta.size, mtime, ino: 0 };
+        let (journal, recorded) = match Journal::open(&jpath, source, CHUNK) {
+            Ok(Opened::Resume(j, rec)) => (j, rec.ranges),
+            Ok(Opened::Fresh(j)) => (j, Vec::new()),
+            Ok(Opened::Busy) | Err(_) => return Ok(None),
+        };
+        let file = match (recorded.is_empty(), at::open_part(dir.as_raw_fd(), &part, false)) {
+            (false, Ok(f)) => f,
+            _ => {
+                let f = at::open_part(dir.as_raw_fd(), &part, true)?;
+                f.set_len(0)?;
+                f
+            }
+        };
+        file.set_len(meta.size)?;
+        let tmp = TempFile {
+            dir: dir.clone(),
+            name: part,
+            file,
+            committed: AtomicBool::new(false),
+            keep: AtomicBool::new(true),
+        };
+        Ok(Some(Resumable { tmp, journal, recorded: recorded.into_iter().collect() }))
     }
 
     fn commit(&self, final_name: &CStr) -> io::Result<()> {
@@ -2269,7 +2330,7 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.committed.load(Ordering::Acquire) {
+        if !self.committed.load(Ordering::Acquire) && !self.keep.load(Ordering::Acquire) {
             let _ = at::unlink(self.dir.as_raw_fd(), &self.name, false);
         }
     }
@@ -2289,9 +2350,22 @@ struct PullFile {
 struct BigPull {
     file: PullFile,
     tmp: TempFile,
+    /// Resumable: the journal, and the ranges an earlier run recorded (compared by digest before they are reused).
+    journal: Option<Journal>,
+    recorded: HashSet<(u64, u64)>,
     ranges_left: AtomicUsize,
     failure: Mutex<Option<String>>,
     changed: AtomicBool,
+}
+
+impl BigPull {
+    /// The file failed for good, or changed: its temporary and journal are of no use to a later run.
+    fn discard(&self) {
+        self.tmp.keep.store(false, Ordering::Release);
+        if let Some(j) = &self.journal {
+            j.remove();
+        }
+    }
 }
 
 enum PullTask {
@@ -2628,7 +2702,12 @@ impl<'a> Pull<'a> {
             self.pool.send(PullTask::Whole(file), &mut |d| core.on_event(d));
             return;
         };
-        let tmp = match TempFile::create(&file.dir_fd, &file.name) {
+        let created = match TempFile::resumable(&file.dir_fd, &file.name, &file.meta) {
+            Ok(Some(r)) => Ok((r.tmp, Some(r.journal), r.recorded)),
+            Ok(None) => TempFile::create(&file.dir_fd, &file.name).map(|t| (t, None, HashSet::new())),
+            Err(e) => Err(e),
+        };
+        let (tmp, journal, recorded) = match created {
             Ok(t) => t,
             Err(err) => {
                 c.run.fail(format!("cannot create '{}': {err}", file.shown.display()));
@@ -2638,6 +2717,8 @@ impl<'a> Pull<'a> {
         let big = Arc::new(BigPull {
             file,
             tmp,
+            journal,
+            recorded,
             ranges_left: AtomicUsize::new(parts.len()),
             failure: Mutex::new(None),
             changed: AtomicBool::new(false),
@@ -3046,8 +3127,12 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
             let _ = done.send(Done::File { dir: f.dir, result });
         }
         PullTask::Range { big, offset, len } => {
-            if big.failure.lock().expect("not poisoned").is_none() {
-                let f = &big.file;
+            let f = &big.file;
+            // A range an interrupted run recorded is reused when the server's bytes still hash the same.
+            let reused = big.failure.lock().expect("not poisoned").is_none()
+                && big.recorded.contains(&(offset, len))
+                && same_range(stream, f, &big.tmp.file, offset, len, done)?;
+            if !reused && big.failure.lock().expect("not poisoned").is_none() {
                 let failure = match fetch(stream, f, &big.tmp.file, offset, len, done)? {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
@@ -3056,7 +3141,13 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                     Ok(end) if end.received_to != (offset + len).min(end.size) => {
                         Some(short(stream.addr(), f, end.received_to))
                     }
-                    Ok(_) => None,
+                    Ok(_) => {
+                        if let Some(j) = &big.journal {
+                            // Best effort: a range missing from the journal is only fetched again by the next run.
+                            let _ = j.record(offset, len);
+                        }
+                        None
+                    }
                     Err(e) => Some(get_failure(stream.addr(), f, e)),
                 };
                 if let Some(m) = failure {
@@ -3064,15 +3155,28 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                 }
             }
             if big.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                let f = &big.file;
                 let failure = big.failure.lock().expect("not poisoned").take();
                 let result = match failure {
-                    Some(m) => Err(m),
+                    Some(m) => {
+                        big.discard();
+                        Err(m)
+                    }
                     None if big.changed.load(Ordering::Acquire) => {
                         // Changed while the ranges were read: fetched again, whole, by this worker.
+                        big.discard();
                         refetch(stream, cfg, f, done)?
                     }
-                    None => finish_pull(cfg, &big.tmp, f, &f.meta).map(|()| 0),
+                    None => {
+                        let r = finish_pull(cfg, &big.tmp, f, &f.meta).map(|()| 0);
+                        if r.is_ok() {
+                            if let Some(j) = &big.journal {
+                                j.remove();
+                            }
+                        } else {
+                            big.discard();
+                        }
+                        r
+                    }
                 };
                 let _ = done.send(Done::File { dir: f.dir, result });
             }
@@ -3109,6 +3213,33 @@ fn fetch(
             r => Ok(r),
         }
     })
+}
+
+/// Whether `[offset, offset + len)` of the local temporary holds what the server's file holds there (BLAKE3 of
+/// both; a local read error means "no": the range is fetched again).
+fn same_range(
+    stream: &mut Stream,
+    f: &PullFile,
+    file: &File,
+    offset: u64,
+    len: u64,
+    done: &Sender<Done>,
+) -> Result<bool, StreamError> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK_BYTES_MAX.min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = buf.len().min((offset + len - at) as usize);
+        if file.read_exact_at(&mut buf[..n], at).is_err() {
+            return Ok(false);
+        }
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    let url = url_of(stream.addr(), &f.remote);
+    let doing = Doing::pull(&url, &format!("the digest of bytes {offset}..{}", offset + len));
+    let theirs = stream.retry(&doing, done, |conn, _| split(conn.hash(&f.remote, offset, len)))?;
+    Ok(matches!(theirs, Ok((d, n)) if n == len && d == *h.finalize().as_bytes()))
 }
 
 /// The remote file's metadata again (a `Stat`, retried on a new connection when its connection breaks).

@@ -8,6 +8,7 @@
 #[allow(unused_macros)] // both_engines: these cases run no engine
 mod common;
 
+use std::fs;
 use std::time::{Duration, Instant};
 
 use common::lan::*;
@@ -361,4 +362,46 @@ fn adaptive_streams_grow_on_a_long_path_and_stay_fixed_when_asked() {
     out.check(stream_changes(&out).is_empty(), "no changes with --streams");
     assert_eq!(json_summary(&out)["streams"].as_u64(), Some(4));
     assert_eq!(digest(&srv.root.join("fixed/fixed.bin")), digest(&fixed));
+}
+
+#[test]
+fn a_pull_killed_mid_file_resumes_from_the_ranges_it_finished() {
+    let c = Case::new();
+    let srv = c.serve();
+    let size = 64 * MIB;
+    let big = srv.root.join("big.bin");
+    write_big_file(&big, 0x7E5, size);
+    set_times(&big, 1_500_000_000, 9);
+    let out_dir = c.path("out");
+    mkdirs(&out_dir);
+    let (part, journal) = (out_dir.join(".big.bin.fstmp-part"), out_dir.join(".big.bin.fstmp-journal"));
+    // A slow path, so that the run can be killed with some 4 MiB ranges done and others not.
+    let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
+    let mut child = c
+        .cmd()
+        .arg("copy")
+        .arg(slow.url("big.bin"))
+        .arg(&out_dir)
+        .env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS)
+        .spawn_quiet();
+    let records = || fs::read_to_string(&journal).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
+    let started = Instant::now();
+    while records() < 4 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let done_before = records();
+    assert!(done_before >= 4, "the journal recorded {done_before} ranges before the kill");
+    assert!(part.exists() && !out_dir.join("big.bin").exists(), "a killed pull leaves its part, not the file");
+    // The rerun reuses the recorded ranges (their digests match the server's) and fetches only the rest.
+    let counting = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], counting.url("big.bin"), &out_dir);
+    out.assert_success();
+    assert_eq!(digest(&out_dir.join("big.bin")), digest(&big));
+    assert_eq!(entry_of(&out_dir.join("big.bin")).mtime, (1_500_000_000, 9));
+    assert!(!part.exists() && !journal.exists(), "the part and its journal are gone once the file is complete");
+    let fetched = counting.down_bytes();
+    let saved = done_before as u64 * 4 * MIB;
+    assert!(fetched < size - saved + MIB, "fetched {fetched} bytes again although {saved} were resumed");
 }

@@ -61,7 +61,15 @@ pub enum Opened {
 impl Journal {
     /// Open (or create) the journal at `path` for a copy of `source` in chunks of `chunk_bytes`, taking its lock.
     pub fn open(path: &Path, source: SourceId, chunk_bytes: u64) -> io::Result<Opened> {
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        // O_NOFOLLOW: a symlink planted under the journal's name is refused, never written through.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         // Not truncated: an earlier run's records are read first (and the file is emptied only if they are unusable).
         // SAFETY: plain syscall on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

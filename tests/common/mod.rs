@@ -220,6 +220,11 @@ impl Cmd {
         self
     }
 
+    /// Starts the command in the background (stdin, stdout and stderr on /dev/null), for a test that interrupts it.
+    pub fn spawn_quiet(mut self) -> std::process::Child {
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start fastsync")
+    }
+
     /// Runs to completion (stdin is /dev/null, stdout and stderr are pipes, so not a TTY). Kills the process and
     /// panics if it runs longer than the timeout. Panics if stderr shows a Rust panic or a backtrace hint.
     pub fn run(mut self) -> Output {
