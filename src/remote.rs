@@ -29,7 +29,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,6 +49,7 @@ use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, GetError, ReqError};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
+use crate::net::zerocopy::{self, PutError};
 use crate::progress::Progress;
 use crate::slab::Slab;
 use crate::stale;
@@ -1325,20 +1326,14 @@ fn send_range(
     let mut at = offset;
     while at < end {
         let n = (end - at).min(CHUNK) as usize;
-        let mut buf = vec![0u8; n];
-        let got = match client::read_at_full(fd, &mut buf, at) {
+        // Read and sent through a buffer, or hashed from the page cache and sent with sendfile (FASTSYNC_ZEROCOPY).
+        let got = match zerocopy::put_chunk(conn, id, at, fd, n) {
+            Ok(0) => return Ok(Ok(false)),
             Ok(k) => k,
-            Err(e) => return Ok(Err(format!("read error: {e}"))),
+            Err(PutError::Read(e)) => return Ok(Err(format!("read error: {e}"))),
+            Err(PutError::Req(ReqError::Broken(m))) => return Err(m),
+            Err(PutError::Req(ReqError::Server { message, .. })) => return Ok(Err(message)),
         };
-        if got == 0 {
-            return Ok(Ok(false));
-        }
-        buf.truncate(got);
-        match conn.put_data(id, at, buf) {
-            Ok(()) => {}
-            Err(ReqError::Broken(m)) => return Err(m),
-            Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
-        }
         let _ = done.send(Done::Bytes(got as u64));
         at += got as u64;
         if got < n {
@@ -1524,7 +1519,8 @@ mod at {
 
     /// Create `name` in `dir`, which must not exist (no symlink is followed).
     pub fn create_new(dir: RawFd, name: &CStr) -> io::Result<File> {
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // Read-write: the zero-copy path reads spliced chunks back to check their digests.
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid descriptor and C string.
         let fd = own(unsafe { libc::openat(dir, name.as_ptr(), flags, 0o600 as libc::c_uint) })?;
         Ok(File::from(fd))
@@ -2422,12 +2418,10 @@ fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender
         PullTask::Range { big, offset, len } => {
             if big.failure.lock().expect("not poisoned").is_none() {
                 let f = &big.file;
-                let mut sink = |at: u64, bytes: &[u8]| {
-                    big.tmp.file.write_all_at(bytes, at)?;
-                    let _ = done.send(Done::Bytes(bytes.len() as u64));
-                    Ok(())
+                let mut on_bytes = |n: u64| {
+                    let _ = done.send(Done::Bytes(n));
                 };
-                let r = conn.get(&f.remote, offset, len, &mut sink);
+                let r = zerocopy::get_into_file(conn, &f.remote, offset, len, &big.tmp.file, &mut on_bytes);
                 let failure = match r {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
@@ -2532,12 +2526,10 @@ fn pull_whole(
             Ok(t) => t,
             Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
         };
-        let mut sink = |at: u64, bytes: &[u8]| {
-            tmp.file.write_all_at(bytes, at)?;
-            let _ = done.send(Done::Bytes(bytes.len() as u64));
-            Ok(())
+        let mut on_bytes = |n: u64| {
+            let _ = done.send(Done::Bytes(n));
         };
-        let end = match conn.get(&f.remote, 0, meta.size, &mut sink) {
+        let end = match zerocopy::get_into_file(conn, &f.remote, 0, meta.size, &tmp.file, &mut on_bytes) {
             Ok(end) => end,
             Err(e) => return Ok(Err(get_failure(conn, f, e)?)),
         };

@@ -394,6 +394,16 @@ impl Connection {
         self.expect_ok(&Msg::Delete { path: path.to_vec() })
     }
 
+    /// The buffered halves of a connection whose frames travel bare (`None` with records), for the zero-copy data
+    /// path ([`super::zerocopy`]), which moves payloads between their socket and files. Counts as using it.
+    pub fn plain_parts(&mut self) -> Option<(&mut BufReader<Reader<TcpStream>>, &mut BufWriter<Writer<TcpStream>>)> {
+        if self.r.get_ref().plain().is_none() || self.w.get_ref().plain().is_none() {
+            return None;
+        }
+        self.last_used = Instant::now();
+        Some((&mut self.r, &mut self.w))
+    }
+
     /// Say goodbye (best effort: the server may already be gone).
     pub fn bye(mut self) {
         let _ = write_msg(&mut self.w, &Msg::Bye);

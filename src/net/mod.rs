@@ -8,3 +8,4 @@ pub mod record;
 pub mod server;
 pub mod url;
 pub mod wire;
+pub mod zerocopy;
