@@ -2422,6 +2422,7 @@ fn pull_task(conn: &mut Connection, cfg: &PullCfg, task: PullTask, done: &Sender
                     let _ = done.send(Done::Bytes(n));
                 };
                 let r = zerocopy::get_into_file(conn, &f.remote, offset, len, &big.tmp.file, &mut on_bytes);
+                let r = corrupt_or_changed(conn, &f.remote, &f.meta, r);
                 let failure = match r {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
@@ -2480,6 +2481,25 @@ fn refetch(
     }
 }
 
+/// A chunk with a wrong digest from a file that changed since it was listed is a change (as `DataEnd` would show),
+/// not corruption: a server sending with sendfile hashes the bytes before it sends them, so a write in between
+/// arrives as a wrong digest. Returns the file's size and mtime now, for the caller's change check.
+fn corrupt_or_changed(
+    conn: &mut Connection,
+    remote: &[u8],
+    meta: &EntryMeta,
+    r: Result<client::DataEnd, GetError>,
+) -> Result<client::DataEnd, GetError> {
+    let Err(GetError::Corrupt(why)) = r else { return r };
+    match conn.stat(remote) {
+        Ok(Some(now)) if now.kind == EntryKind::File && (now.size, mtime_of(&now)) != (meta.size, mtime_of(meta)) => {
+            Ok(client::DataEnd { size: now.size, mtime: mtime_of(&now), received_to: 0 })
+        }
+        Err(e @ ReqError::Broken(_)) => Err(GetError::Req(e)),
+        _ => Err(GetError::Corrupt(why)),
+    }
+}
+
 fn short(conn: &Connection, f: &PullFile, got: u64) -> String {
     format!("cannot read '{}': the server's data ended early (at byte {got})", url_of(conn.addr(), &f.remote))
 }
@@ -2529,7 +2549,8 @@ fn pull_whole(
         let mut on_bytes = |n: u64| {
             let _ = done.send(Done::Bytes(n));
         };
-        let end = match zerocopy::get_into_file(conn, &f.remote, 0, meta.size, &tmp.file, &mut on_bytes) {
+        let r = zerocopy::get_into_file(conn, &f.remote, 0, meta.size, &tmp.file, &mut on_bytes);
+        let end = match corrupt_or_changed(conn, &f.remote, &meta, r) {
             Ok(end) => end,
             Err(e) => return Ok(Err(get_failure(conn, f, e)?)),
         };
