@@ -13,7 +13,9 @@ Usage: perf-scripts/lan.sh [options]          (as root: namespaces, tc, drop_cac
   --quick              smoke test: 512 MiB big file, 2,000 small files, 2 rounds
   --links LIST         loopback,veth                                   (default: both)
   --sets LIST          big,small                                       (default: both)
-  --tools LIST         iperf3,nc,rsyncd,rsync-ssh,fastsync-push,fastsync-pull (default: all)
+  --tools LIST         iperf3,nc,rsyncd,rsync-ssh,fastsync-push,fastsync-pull (default: all);
+                       fastsync-push@MODE, fastsync-pull@MODE run both sides with FASTSYNC_ZEROCOPY=MODE
+                       (off, sendfile, splice, both), so data paths alternate within one run
   --rounds N           rounds per link and set                          (default: 3)
   --streams N          TCP streams for fastsync (--streams) and iperf3 (-P) (default: 4)
   --rate RATE          tc tbf rate of the veth link, both directions    (default: 1gbit)
@@ -129,7 +131,7 @@ for t in ${TOOLS//,/ }; do
         rsync-ssh)
             if command -v rsync >/dev/null && [[ -x /usr/sbin/sshd ]] && command -v ssh >/dev/null; then TOOL_LIST+=(rsync-ssh)
             else note "rsync over ssh skipped: rsync, sshd or ssh missing"; fi ;;
-        fastsync-push | fastsync-pull)
+        fastsync-push | fastsync-pull | fastsync-push@* | fastsync-pull@*)
             if [[ -x $FASTSYNC ]]; then TOOL_LIST+=("$t"); else note "$t: $FASTSYNC not built, skipped"; fi ;;
     esac
 done
@@ -354,6 +356,11 @@ Host fs-lan
 EOF
 }
 
+# fastsync-push@MODE / fastsync-pull@MODE: FASTSYNC_ZEROCOPY=MODE for client and server (one word, for env)
+zc_env() { # tool
+    if [[ $1 == *@* ]]; then echo "FASTSYNC_ZEROCOPY=${1#*@}"; else echo "-u" "FASTSYNC_ZEROCOPY"; fi
+}
+
 # start the server side of TOOL under GNU time, in the server namespace; wait until it listens
 start_server() { # tool dst_dir log
     local tool=$1 dst=$2 lg=$3 port
@@ -365,7 +372,7 @@ start_server() { # tool dst_dir log
             cmd=(rsync --daemon --no-detach --address="$SRV_IP" --port="$port" --config="$LOGDIR/rsyncd.conf" --log-file=/dev/null) ;;
         rsync-ssh) port=$PORT_SSH; cmd=(/usr/sbin/sshd -D -e -f "$SSHD/sshd_config") ;;
         fastsync-*) port=$PORT_FS
-            cmd=(env -u FASTSYNC_TOKEN "$FASTSYNC" serve "$WORK" --listen "$SRV_IP:$port" --token-file "$TOKEN") ;;
+            cmd=(env -u FASTSYNC_TOKEN $(zc_env "$tool") "$FASTSYNC" serve "$WORK" --listen "$SRV_IP:$port" --token-file "$TOKEN") ;;
     esac
     "${SRV_EXEC[@]}" /usr/bin/time -f '%e %U %S %M' -o "$LOGDIR/time.srv" "${cmd[@]}" </dev/null >"$lg" 2>&1 &
     SRV_TPID=$!
@@ -396,11 +403,11 @@ client_cmd() { # tool set dst_dir(abs)
         rsync-ssh)
             if [[ $kind == file ]]; then CMD=(rsync -a -e "ssh -F $SSHD/ssh_config" "$src" "fs-lan:$dst/")
             else CMD=(rsync -a -e "ssh -F $SSHD/ssh_config" "$src/" "fs-lan:$dst/"); fi ;;
-        fastsync-push)
-            CMD=(env -u FASTSYNC_TOKEN "$FASTSYNC" copy --json --streams "$STREAMS" --token-file "$TOKEN" "$src"
+        fastsync-push | fastsync-push@*)
+            CMD=(env -u FASTSYNC_TOKEN $(zc_env "$tool") "$FASTSYNC" copy --json --streams "$STREAMS" --token-file "$TOKEN" "$src"
                 "fastsync://$SRV_IP:$PORT_FS/$rel$name") ;;
-        fastsync-pull)
-            CMD=(env -u FASTSYNC_TOKEN "$FASTSYNC" copy --json --streams "$STREAMS" --token-file "$TOKEN"
+        fastsync-pull | fastsync-pull@*)
+            CMD=(env -u FASTSYNC_TOKEN $(zc_env "$tool") "$FASTSYNC" copy --json --streams "$STREAMS" --token-file "$TOKEN"
                 "fastsync://$SRV_IP:$PORT_FS/${src#"$WORK"/}" "$dst$name") ;;
     esac
 }

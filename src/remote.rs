@@ -56,6 +56,7 @@ use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
+use crate::net::zerocopy::{self, PutError};
 use crate::progress::Progress;
 use crate::slab::Slab;
 use crate::stale;
@@ -1889,20 +1890,14 @@ fn send_range(
     let mut at = offset;
     while at < end {
         let n = (end - at).min(CHUNK) as usize;
-        let mut buf = vec![0u8; n];
-        let got = match client::read_at_full(fd, &mut buf, at) {
+        // Read and sent through a buffer, or hashed from the page cache and sent with sendfile (FASTSYNC_ZEROCOPY).
+        let got = match zerocopy::put_chunk(conn, id, at, fd, n) {
+            Ok(0) => return Ok(Ok(false)),
             Ok(k) => k,
-            Err(e) => return Ok(Err(format!("read error: {e}"))),
+            Err(PutError::Read(e)) => return Ok(Err(format!("read error: {e}"))),
+            Err(PutError::Req(ReqError::Broken(m))) => return Err(m),
+            Err(PutError::Req(ReqError::Server { message, .. })) => return Ok(Err(message)),
         };
-        if got == 0 {
-            return Ok(Ok(false));
-        }
-        buf.truncate(got);
-        match conn.put_data(id, at, buf) {
-            Ok(()) => {}
-            Err(ReqError::Broken(m)) => return Err(m),
-            Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
-        }
         let _ = done.send(Done::Bytes(got as u64));
         at += got as u64;
         if got < n {
@@ -2112,7 +2107,8 @@ mod at {
 
     /// Create `name` in `dir`, which must not exist (no symlink is followed).
     pub fn create_new(dir: RawFd, name: &CStr) -> io::Result<File> {
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // Read-write: the zero-copy path reads spliced chunks back to check their digests.
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid descriptor and C string.
         let fd = own(unsafe { libc::openat(dir, name.as_ptr(), flags, 0o600 as libc::c_uint) })?;
         Ok(File::from(fd))
@@ -3133,7 +3129,7 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                 && big.recorded.contains(&(offset, len))
                 && same_range(stream, f, &big.tmp.file, offset, len, done)?;
             if !reused && big.failure.lock().expect("not poisoned").is_none() {
-                let failure = match fetch(stream, f, &big.tmp.file, offset, len, done)? {
+                let failure = match fetch(stream, f, &f.meta, &big.tmp.file, offset, len, done)? {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
                         None
@@ -3191,6 +3187,7 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
 fn fetch(
     stream: &mut Stream,
     f: &PullFile,
+    meta: &EntryMeta,
     file: &File,
     offset: u64,
     len: u64,
@@ -3202,13 +3199,13 @@ fn fetch(
     let next = std::cell::Cell::new(offset);
     stream.retry(&doing, done, |conn, _| {
         let from = next.get();
-        let mut sink = |at: u64, bytes: &[u8]| {
-            file.write_all_at(bytes, at)?;
-            next.set(at + bytes.len() as u64);
-            let _ = done.send(Done::Bytes(bytes.len() as u64));
-            Ok(())
+        // Each chunk is handed over once its digest is checked and it is written (in order, from `from`).
+        let mut on_bytes = |n: u64| {
+            next.set(next.get() + n);
+            let _ = done.send(Done::Bytes(n));
         };
-        match conn.get(&f.remote, from, end - from, &mut sink) {
+        let r = zerocopy::get_into_file(conn, &f.remote, from, end - from, file, &mut on_bytes);
+        match corrupt_or_changed(conn, &f.remote, meta, r) {
             Err(GetError::Req(ReqError::Broken(message))) => Err(Broken { message, progressed: next.get() > from }),
             r => Ok(r),
         }
@@ -3278,6 +3275,25 @@ fn refetch(
     }
 }
 
+/// A chunk with a wrong digest from a file that changed since it was listed is a change (as `DataEnd` would show),
+/// not corruption: a server sending with sendfile hashes the bytes before it sends them, so a write in between
+/// arrives as a wrong digest. Returns the file's size and mtime now, for the caller's change check.
+fn corrupt_or_changed(
+    conn: &mut Connection,
+    remote: &[u8],
+    meta: &EntryMeta,
+    r: Result<client::DataEnd, GetError>,
+) -> Result<client::DataEnd, GetError> {
+    let Err(GetError::Corrupt(why)) = r else { return r };
+    match conn.stat(remote) {
+        Ok(Some(now)) if now.kind == EntryKind::File && (now.size, mtime_of(&now)) != (meta.size, mtime_of(meta)) => {
+            Ok(client::DataEnd { size: now.size, mtime: mtime_of(&now), received_to: 0 })
+        }
+        Err(e @ ReqError::Broken(_)) => Err(GetError::Req(e)),
+        _ => Err(GetError::Corrupt(why)),
+    }
+}
+
 fn short(addr: &str, f: &PullFile, got: u64) -> String {
     format!("cannot read '{}': the server's data ended early (at byte {got})", url_of(addr, &f.remote))
 }
@@ -3324,7 +3340,7 @@ fn pull_whole(
             Ok(t) => t,
             Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
         };
-        let end = match fetch(stream, f, &tmp.file, 0, meta.size, done)? {
+        let end = match fetch(stream, f, &meta, &tmp.file, 0, meta.size, done)? {
             Ok(end) => end,
             Err(e) => return Ok(Err(get_failure(stream.addr(), f, e))),
         };

@@ -95,6 +95,9 @@ pub struct DataEnd {
     pub received_to: u64,
 }
 
+/// The buffered reading and writing halves of a connection without a record layer.
+pub type PlainParts<'a> = (&'a mut BufReader<Reader<TcpStream>>, &'a mut BufWriter<Writer<TcpStream>>);
+
 /// One authenticated connection.
 pub struct Connection {
     addr: String,
@@ -440,6 +443,16 @@ impl Connection {
 
     pub fn delete(&mut self, path: &[u8]) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Delete { path: path.to_vec() })
+    }
+
+    /// The buffered halves of a connection whose frames travel bare (`None` with records), for the zero-copy data
+    /// path ([`super::zerocopy`]), which moves payloads between their socket and files. Counts as using it.
+    pub fn plain_parts(&mut self) -> Option<PlainParts<'_>> {
+        if self.r.get_ref().plain().is_none() || self.w.get_ref().plain().is_none() {
+            return None;
+        }
+        self.last_used = Instant::now();
+        Some((&mut self.r, &mut self.w))
     }
 
     /// Say goodbye (best effort: the server may already be gone).

@@ -9,3 +9,4 @@ pub mod server;
 pub mod streams;
 pub mod url;
 pub mod wire;
+pub mod zerocopy;

@@ -329,6 +329,15 @@ impl<R: Read> Reader<R> {
             Reader::Records(r) => r.get_ref(),
         }
     }
+
+    /// The stream itself when frames travel bare (no `--encrypt`, no `--compress`): the zero-copy data path may then
+    /// move payloads between it and files without passing them through this reader.
+    pub fn plain(&self) -> Option<&R> {
+        match self {
+            Reader::Plain(r) => Some(r),
+            Reader::Records(_) => None,
+        }
+    }
 }
 
 impl<W: Write> Writer<W> {
@@ -339,6 +348,14 @@ impl<W: Write> Writer<W> {
                 Ok(Writer::Records(Box::new(RecordWriter::new(w, dir)?)))
             }
             other => Ok(other),
+        }
+    }
+
+    /// The stream itself when frames travel bare (see [`Reader::plain`]).
+    pub fn plain(&self) -> Option<&W> {
+        match self {
+            Writer::Plain(w) => Some(w),
+            Writer::Records(_) => None,
         }
     }
 }

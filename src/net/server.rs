@@ -28,6 +28,7 @@ use super::auth::{self, AuthError, Key, Policy};
 use super::beneath::Root;
 use super::record::{Reader, Writer};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
+use super::zerocopy::{self, SpliceError};
 use crate::{Error, interrupt, stale};
 
 /// Transfers registered at once (all connections together); `PutBegin` beyond it evicts an abandoned one or is
@@ -357,8 +358,10 @@ fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
         conn = Conn { r: BufReader::with_capacity(64 << 10, r), w: BufWriter::with_capacity(64 << 10, w) };
     }
     loop {
-        let msg = match wire::read_msg(&mut conn) {
-            Ok(m) => m,
+        let msg = match next_request(shared, &mut conn) {
+            Ok(Some(m)) => m,
+            // A PutData served on the zero-copy path.
+            Ok(None) => continue,
             // A client that hangs up between requests is done, not broken.
             Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(WireError::Malformed(m)) => {
@@ -832,8 +835,27 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> R
     let end = offset.saturating_add(len);
     let mut pos = offset;
     let mut buf = Vec::new();
+    let from_file = zerocopy::mode().sends_from_file() && conn.w.get_ref().plain().is_some();
     while pos < end {
         let want = (end - pos).min(GET_CHUNK_BYTES as u64) as usize;
+        if from_file {
+            // The digest from the page cache, the payload straight from it with sendfile (net/zerocopy.rs).
+            let n = match zerocopy::hash_range(&file, pos, want) {
+                Ok((_, 0)) => break,
+                Ok((digest, n)) => {
+                    conn.w.flush()?;
+                    let sock = conn.w.get_ref().plain().expect("plain");
+                    zerocopy::send_head_and_file(sock, &wire::data_head(pos, &digest, n), &file, pos, n)?;
+                    n
+                }
+                Err(e) => return send_fail(conn, Fail::io("cannot read", rel, e)),
+            };
+            pos += n as u64;
+            if n < want {
+                break;
+            }
+            continue;
+        }
         buf.resize(want, 0);
         let n = match read_full_at(&file, &mut buf, pos) {
             Ok(n) => n,
@@ -893,6 +915,8 @@ impl Transfer {
 struct Received {
     ranges: BTreeMap<u64, u64>,
     bytes: u64,
+    /// Ranges being spliced into the file right now, not yet checked (zero-copy path): `[start, end)`.
+    pending: Vec<(u64, u64)>,
 }
 
 impl Received {
@@ -917,6 +941,42 @@ impl Received {
         self.ranges.insert(s, e);
         self.bytes += e - s;
         Ok(())
+    }
+
+    /// Reserve `[start, end)` for a splice straight into the file, which writes before the digest is checked: only
+    /// when no byte of it has been received or is being spliced (a damaged chunk must never land on counted bytes).
+    fn reserve(&mut self, start: u64, end: u64) -> bool {
+        let counted = self.ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start);
+        let spliced = self.pending.iter().any(|&(s, e)| s < end && start < e);
+        if counted || spliced || start >= end {
+            return false;
+        }
+        self.pending.push((start, end));
+        true
+    }
+
+    /// End the reservation of `[start, end)`.
+    fn release(&mut self, start: u64, end: u64) {
+        self.pending.retain(|&r| r != (start, end));
+    }
+
+    /// Forget `[start, end)`: a spliced chunk failed its digest, and a copy of the same bytes counted meanwhile by
+    /// the ordinary path may have been overwritten. The client, told `DIGEST`, sends the range again.
+    fn remove(&mut self, start: u64, end: u64) {
+        let hit: Vec<(u64, u64)> =
+            self.ranges.range(..end).rev().take_while(|&(_, &e)| e > start).map(|(&a, &b)| (a, b)).collect();
+        for (a, b) in hit {
+            self.ranges.remove(&a);
+            self.bytes -= b - a;
+            if a < start {
+                self.ranges.insert(a, start);
+                self.bytes += start - a;
+            }
+            if b > end {
+                self.ranges.insert(end, b);
+                self.bytes += b - end;
+            }
+        }
     }
 }
 
@@ -1072,8 +1132,9 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
         return Err(Fail::new(code::BUSY, why));
     }
+    // Read-write: the zero-copy path reads spliced chunks back to check their digests.
     let (tmp, fd) = create_temporary(shared, p.dir.as_raw_fd(), &name, |dir, tmp| {
-        open_at(dir, tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+        open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
     })
     .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
     let t = Arc::new(Transfer {
@@ -1093,6 +1154,88 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
     }
     map.insert(id, Slot { t, last_used: Instant::now(), inflight: 0 });
     Ok(())
+}
+
+/// Read the next request. On the zero-copy path (`FASTSYNC_ZEROCOPY` splice or both, plain connection) a `PutData`
+/// is served here, its payload spliced from the socket into the file, and `None` is returned.
+fn next_request(shared: &Shared, conn: &mut Conn) -> Result<Option<Msg>, WireError> {
+    if !zerocopy::mode().splices_into_file() || conn.r.get_ref().plain().is_none() {
+        return wire::read_msg(conn).map(Some);
+    }
+    let mut head = [0u8; wire::PUT_DATA_HEAD_BYTES];
+    conn.r.read_exact(&mut head[..4])?;
+    let frame = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    // Checked before anything else is read, as `read_msg` does.
+    if frame == 0 || frame > wire::FRAME_BYTES_MAX {
+        let why = format!("frame of {frame} bytes (the limit is {})", wire::FRAME_BYTES_MAX);
+        return Err(WireError::Malformed(why));
+    }
+    conn.r.read_exact(&mut head[4..5])?;
+    if head[4] != wire::KIND_PUT_DATA || frame < wire::PUT_DATA_HEAD_BYTES - 4 {
+        let mut body = vec![0u8; frame];
+        body[0] = head[4];
+        conn.r.read_exact(&mut body[1..])?;
+        return Msg::decode_body(&body).map(Some);
+    }
+    conn.r.read_exact(&mut head[5..])?;
+    let h = wire::parse_data_head(&head)?;
+    put_data_spliced(shared, conn, h)
+}
+
+/// Serve a `PutData` whose head was read: splice its payload into the temporary when its range is free (see
+/// [`Received::reserve`]), check the digest by reading it back, and answer. Anything unusual (read-only server,
+/// unknown transfer, range out of bounds or already received) reads the payload into memory and returns the request
+/// for the ordinary path, which answers it.
+fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Result<Option<Msg>, WireError> {
+    let id = h.id.expect("a PutData head");
+    let (start, len) = (h.offset, h.len);
+    let lease = (!shared.read_only).then(|| shared.transfers.lease(id).ok()).flatten();
+    let reserved = lease.as_ref().and_then(|l| {
+        let end = start.checked_add(len as u64).filter(|&e| e <= l.t.size)?;
+        let ok = l.t.received.lock().unwrap_or_else(|e| e.into_inner()).reserve(start, end);
+        ok.then_some(end)
+    });
+    let (Some(lease), Some(end)) = (lease, reserved) else {
+        let mut bytes = vec![0u8; len];
+        conn.r.read_exact(&mut bytes)?;
+        return Ok(Some(Msg::PutData { id, offset: start, digest: h.digest, bytes }));
+    };
+    let t = &lease.t;
+    let checked = match zerocopy::recv_into_file(&mut conn.r, &t.file, start, len) {
+        Ok(()) => match zerocopy::range_matches(&t.file, start, len, &h.digest) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let why =
+                    format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
+                Err(Fail::new(code::DIGEST, why))
+            }
+            Err(e) => Err(Fail::io("cannot read back", &t.rel, e)),
+        },
+        Err(SpliceError::File { cause, .. }) => Err(Fail::io("cannot write", &t.rel, cause)),
+        Err(SpliceError::Socket(e)) => {
+            t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
+            return Err(WireError::Io(e));
+        }
+    };
+    let reply = {
+        let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
+        received.release(start, end);
+        match checked {
+            Ok(()) => received.add(start, end).map_err(|()| {
+                Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel)))
+            }),
+            Err(f) => {
+                received.remove(start, end);
+                Err(f)
+            }
+        }
+    };
+    drop(lease);
+    match reply {
+        Ok(()) => wire::write_msg(conn, &Msg::Ok)?,
+        Err(f) => send_fail(conn, f)?,
+    }
+    Ok(None)
 }
 
 fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u8]) -> Result<(), Fail> {
@@ -1321,6 +1464,24 @@ mod tests {
         assert_eq!((r.bytes, r.ranges.len()), (50, 1));
         r.add(7, 7).unwrap();
         assert_eq!(r.bytes, 50);
+    }
+
+    #[test]
+    fn spliced_ranges_are_reserved_and_a_failed_one_is_forgotten() {
+        let mut r = Received::default();
+        r.add(0, 10).unwrap();
+        assert!(!r.reserve(5, 15), "overlaps received bytes");
+        assert!(r.reserve(10, 20), "touching is fine");
+        assert!(!r.reserve(15, 25), "overlaps a splice in progress");
+        r.release(10, 20);
+        assert!(r.reserve(15, 25));
+        r.release(15, 25);
+        r.add(10, 30).unwrap();
+        r.remove(12, 18);
+        assert_eq!(r.bytes, 24);
+        assert_eq!(r.ranges.iter().map(|(&a, &b)| (a, b)).collect::<Vec<_>>(), vec![(0, 12), (18, 30)]);
+        r.remove(0, 40);
+        assert_eq!((r.bytes, r.ranges.len()), (0, 0));
     }
 
     #[test]

@@ -571,6 +571,77 @@ pub fn write_msg(w: &mut impl Write, msg: &Msg) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Bytes of a `Data` frame before its payload: length prefix, kind, offset, digest, payload length.
+pub const DATA_HEAD_BYTES: usize = 4 + 1 + 8 + 32 + 4;
+/// Bytes of a `PutData` frame before its payload: as [`DATA_HEAD_BYTES`], plus the transfer id.
+pub const PUT_DATA_HEAD_BYTES: usize = DATA_HEAD_BYTES + 8;
+/// The kind byte of a `Data` frame.
+pub const KIND_DATA: u8 = K_DATA;
+/// The kind byte of a `PutData` frame.
+pub const KIND_PUT_DATA: u8 = K_PUT_DATA;
+
+/// The bytes [`write_msg`] sends before the payload of `Data{offset, digest, bytes}` with `len` bytes: the
+/// zero-copy path (`net::zerocopy`) sends these, then the payload straight from the file.
+pub fn data_head(offset: u64, digest: &[u8; 32], len: usize) -> [u8; DATA_HEAD_BYTES] {
+    debug_assert!(len <= CHUNK_BYTES_MAX);
+    let mut h = [0u8; DATA_HEAD_BYTES];
+    h[..4].copy_from_slice(&((DATA_HEAD_BYTES - 4 + len) as u32).to_le_bytes());
+    h[4] = K_DATA;
+    h[5..13].copy_from_slice(&offset.to_le_bytes());
+    h[13..45].copy_from_slice(digest);
+    h[45..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// As [`data_head`], for `PutData{id, offset, digest, bytes}`.
+pub fn put_data_head(id: u64, offset: u64, digest: &[u8; 32], len: usize) -> [u8; PUT_DATA_HEAD_BYTES] {
+    debug_assert!(len <= CHUNK_BYTES_MAX);
+    let mut h = [0u8; PUT_DATA_HEAD_BYTES];
+    h[..4].copy_from_slice(&((PUT_DATA_HEAD_BYTES - 4 + len) as u32).to_le_bytes());
+    h[4] = K_PUT_DATA;
+    h[5..13].copy_from_slice(&id.to_le_bytes());
+    h[13..21].copy_from_slice(&offset.to_le_bytes());
+    h[21..53].copy_from_slice(digest);
+    h[53..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// The fields of a `Data` (`id` is `None`) or `PutData` frame, read without its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    pub id: Option<u64>,
+    pub offset: u64,
+    pub digest: [u8; 32],
+    /// Payload bytes that follow.
+    pub len: usize,
+}
+
+/// Parse `head` (the first [`DATA_HEAD_BYTES`] or [`PUT_DATA_HEAD_BYTES`] bytes of a frame, as its kind says),
+/// checking what [`read_msg`] would: the frame length, the payload cap, and that the payload fills the frame.
+pub fn parse_data_head(head: &[u8]) -> Result<DataHead, WireError> {
+    let frame = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    if frame == 0 || frame > FRAME_BYTES_MAX {
+        return Err(bad(format!("frame of {frame} bytes (the limit is {FRAME_BYTES_MAX})")));
+    }
+    let (id, rest) = match head[4] {
+        K_DATA if head.len() == DATA_HEAD_BYTES => (None, &head[5..]),
+        K_PUT_DATA if head.len() == PUT_DATA_HEAD_BYTES => {
+            (Some(u64::from_le_bytes(head[5..13].try_into().expect("8 bytes"))), &head[13..])
+        }
+        k => return Err(bad(format!("kind {k} with a head of {} bytes is not a data frame", head.len()))),
+    };
+    let offset = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+    let digest: [u8; 32] = rest[8..40].try_into().expect("32 bytes");
+    let len = u32::from_le_bytes(rest[40..44].try_into().expect("4 bytes")) as usize;
+    if len > CHUNK_BYTES_MAX {
+        return Err(bad(format!("chunk of {len} bytes (the limit is {CHUNK_BYTES_MAX})")));
+    }
+    if frame != head.len() - 4 + len {
+        return Err(bad(format!("a frame of {frame} bytes holds a chunk of {len} bytes")));
+    }
+    Ok(DataHead { id, offset, digest, len })
+}
+
 /// Read one frame and decode it. The length is checked against [`FRAME_BYTES_MAX`] before anything is allocated.
 pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
     let mut len = [0u8; 4];
@@ -613,6 +684,33 @@ pub fn safe_components(path: &[u8]) -> Result<Vec<&[u8]>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_heads_are_the_start_of_the_encoded_frames() {
+        let bytes = vec![7u8; 1000];
+        for msg in [
+            Msg::Data { offset: 1 << 40, digest: [3; 32], bytes: bytes.clone() },
+            Msg::PutData { id: 42, offset: 9, digest: [4; 32], bytes: bytes.clone() },
+        ] {
+            let mut frame = Vec::new();
+            write_msg(&mut frame, &msg).unwrap();
+            let head: Vec<u8> = match &msg {
+                Msg::Data { offset, digest, .. } => data_head(*offset, digest, bytes.len()).to_vec(),
+                Msg::PutData { id, offset, digest, .. } => put_data_head(*id, *offset, digest, bytes.len()).to_vec(),
+                _ => unreachable!(),
+            };
+            assert_eq!(&frame[..head.len()], &head[..]);
+            assert_eq!(&frame[head.len()..], &bytes[..]);
+            let h = parse_data_head(&head).unwrap();
+            assert_eq!(h.len, bytes.len());
+        }
+        let mut bad_len = data_head(0, &[0; 32], 10);
+        bad_len[..4].copy_from_slice(&100u32.to_le_bytes());
+        assert!(parse_data_head(&bad_len).is_err());
+        let mut too_big = data_head(0, &[0; 32], 10);
+        too_big[45..].copy_from_slice(&((CHUNK_BYTES_MAX + 1) as u32).to_le_bytes());
+        assert!(parse_data_head(&too_big).is_err());
+    }
 
     fn all() -> Vec<Msg> {
         vec![

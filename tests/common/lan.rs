@@ -25,9 +25,15 @@ impl Server {
     }
 
     pub fn start_with(root: &Path, token_file: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(root, token_file, extra, &[])
+    }
+
+    /// As [`Server::start_with`], with `env` set in the server's environment.
+    pub fn start_with_env(root: &Path, token_file: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         fs::create_dir_all(root).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("serve").arg(root).args(["--listen", "127.0.0.1:0", "--token-file"]).arg(token_file).args(extra);
+        cmd.envs(env.iter().copied());
         for var in ["TOKEN", "ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "CONFIG"] {
             cmd.env_remove(format!("FASTSYNC_{var}"));
         }
