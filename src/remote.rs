@@ -1011,6 +1011,8 @@ struct BigPush {
     file: PushFile,
     fd: File,
     id: u64,
+    /// The server holds ranges of an earlier run: each range is offered by digest (`PutCheck`) before it is sent.
+    check_first: bool,
     /// (size, mtime) when it was opened: the source changed if they differ at the end.
     stamp: (u64, i64, i64),
     md: Metadata,
@@ -1347,15 +1349,20 @@ impl<'a> Push<'a> {
         };
         let parts = ranges(omd.size(), c.streams.split_for()).unwrap_or_else(|| vec![(0, omd.size())]);
         let id = next_id();
-        if let Err(e) = c.ctl.put_begin(id, &file.remote, omd.size(), omd.mode() & 0o7777) {
-            let shown = url_of(&c.addr, &file.remote);
-            c.run.req_failed(e, |m| format!("cannot write '{shown}': {m}"));
-            return c.file_done(dir, None);
-        }
+        // Resumable: what an interrupted run of this file left on the server is checked range by range.
+        let recorded = match c.ctl.put_resume(id, &file.remote, omd.size(), omd.mode() & 0o7777, md_mtime(&omd)) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let shown = url_of(&c.addr, &file.remote);
+                c.run.req_failed(e, |m| format!("cannot write '{shown}': {m}"));
+                return c.file_done(dir, None);
+            }
+        };
         let big = Arc::new(BigPush {
             file,
             fd,
             id,
+            check_first: recorded > 0,
             stamp: stamp(&omd),
             md: omd,
             ranges_left: AtomicUsize::new(parts.len()),
@@ -1772,7 +1779,8 @@ fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<D
         }
         PushTask::Range { big, offset, len } => {
             let failed = big.failure.lock().expect("not poisoned").is_some();
-            if !failed {
+            let held = !failed && big.check_first && server_holds(stream, &big, offset, len, done)?;
+            if !failed && !held {
                 let url = url_of(stream.addr(), &big.file.remote);
                 // Ok(false), shorter than when it was opened: the end-of-file check below says "changed".
                 if let Err(m) = push_chunks(stream, &big.fd, big.id, offset, len, &url, done)? {
@@ -1811,6 +1819,33 @@ fn push_chunks(
         }
     }
     Ok(Ok(true))
+}
+
+/// Whether the server already holds `[offset, offset + len)` of a resumed large file (the same BLAKE3 as the local
+/// bytes); it then counts as sent. A local read error means "no": the range is sent.
+fn server_holds(
+    stream: &mut Stream,
+    big: &BigPush,
+    offset: u64,
+    len: u64,
+    done: &Sender<Done>,
+) -> Result<bool, StreamError> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK_BYTES_MAX.min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = buf.len().min((offset + len - at) as usize);
+        if big.fd.read_exact_at(&mut buf[..n], at).is_err() {
+            return Ok(false);
+        }
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    let digest = *h.finalize().as_bytes();
+    let url = url_of(stream.addr(), &big.file.remote);
+    let doing = Doing::push(&url, &format!("the digest of bytes {offset}..{}", offset + len));
+    let held = stream.retry(&doing, done, |conn, _| split(conn.put_check(big.id, offset, len, digest)))?;
+    Ok(matches!(held, Ok(true)))
 }
 
 /// The last range of a large file is done: end the transfer, or abort it (and send the file again, whole, when

@@ -409,3 +409,40 @@ fn a_pull_killed_mid_file_resumes_from_the_ranges_it_finished() {
     let saved = done_before as u64 * 4 * MIB;
     assert!(fetched < size - saved + MIB, "fetched {fetched} bytes again although {saved} were resumed");
 }
+
+#[test]
+fn a_push_killed_mid_file_resumes_from_the_chunks_the_server_recorded() {
+    let c = Case::new();
+    let srv = c.serve();
+    let size = 64 * MIB;
+    let src = c.path("src");
+    mkdirs(&src);
+    let big = src.join("big.bin");
+    write_big_file(&big, 0x9E5, size);
+    set_times(&big, 1_500_000_000, 11);
+    let journal = srv.root.join("in/.big.bin.fstmp-journal");
+    let part = srv.root.join("in/.big.bin.fstmp-part");
+    let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
+    let mut child =
+        c.cmd().arg("copy").arg(&big).arg(slow.url("in/")).env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS).spawn_quiet();
+    let records = || fs::read_to_string(&journal).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
+    let started = Instant::now();
+    while records() < 4 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let done_before = records();
+    assert!(done_before >= 4, "the server recorded {done_before} chunks before the kill");
+    // The rerun offers each range by digest; the server keeps the chunks it recorded, and only the rest is sent.
+    let counting = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &big, counting.url("in/"));
+    out.assert_success();
+    let pushed = srv.root.join("in/big.bin");
+    assert_eq!(digest(&pushed), digest(&big));
+    assert_eq!(entry_of(&pushed).mtime, (1_500_000_000, 11));
+    assert!(!part.exists() && !journal.exists(), "the server's part and journal are gone once the file is complete");
+    let sent = counting.up_bytes();
+    let saved = done_before as u64 * 4 * MIB;
+    assert!(sent < size - saved + 2 * MIB, "sent {sent} bytes again although {saved} were recorded");
+}

@@ -379,6 +379,36 @@ impl Connection {
         }
     }
 
+    /// `PutResume`: the server opens (or creates) the resumable temporary of `path`; returns how many bytes an
+    /// earlier run left recorded.
+    pub fn put_resume(
+        &mut self,
+        id: u64,
+        path: &[u8],
+        size: u64,
+        mode: u32,
+        mtime: (i64, u32),
+    ) -> Result<u64, ReqError> {
+        let (mtime_sec, mtime_nsec) = mtime;
+        self.send(&Msg::PutResume { id, path: path.to_vec(), size, mode, mtime_sec, mtime_nsec })?;
+        match self.recv()? {
+            Msg::Resumed { recorded_bytes } => Ok(recorded_bytes),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Resumed", &other)),
+        }
+    }
+
+    /// `PutCheck`: whether the server already holds `[offset, offset + len)` of transfer `id` with this digest (it
+    /// then counts as received).
+    pub fn put_check(&mut self, id: u64, offset: u64, len: u64, digest: [u8; 32]) -> Result<bool, ReqError> {
+        self.send(&Msg::PutCheck { id, offset, len, digest })?;
+        match self.recv()? {
+            Msg::Ok => Ok(true),
+            Msg::Error { .. } => Ok(false),
+            other => Err(self.unexpected("Ok", &other)),
+        }
+    }
+
     /// `PutBegin`: the server creates a temporary for `path`.
     pub fn put_begin(&mut self, id: u64, path: &[u8], size: u64, mode: u32) -> Result<(), ReqError> {
         self.expect_ok(&Msg::PutBegin { id, path: path.to_vec(), size, mode })

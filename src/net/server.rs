@@ -30,6 +30,8 @@ use super::record::{Reader, Writer};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use super::zerocopy::{self, SpliceError};
 use crate::{Error, interrupt, stale};
+use fastsync_engine::Timestamp;
+use fastsync_engine::journal::{Journal, Opened, SourceId};
 
 /// Transfers registered at once (all connections together); `PutBegin` beyond it evicts an abandoned one or is
 /// answered `BUSY`.
@@ -427,6 +429,8 @@ fn is_write(msg: &Msg) -> bool {
     matches!(
         msg,
         Msg::PutBegin { .. }
+            | Msg::PutResume { .. }
+            | Msg::PutCheck { .. }
             | Msg::PutData { .. }
             | Msg::PutEnd { .. }
             | Msg::PutAbort { .. }
@@ -464,6 +468,11 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         Msg::Stat { path } => stat(shared, &path).map(Msg::Entry),
         Msg::Hash { path, offset, len } => hash(shared, &path, offset, len),
         Msg::PutBegin { id, path, size, mode: _ } => put_begin(shared, id, &path, size).map(|()| Msg::Ok),
+        Msg::PutResume { id, path, size, mode: _, mtime_sec, mtime_nsec } => {
+            put_resume(shared, id, &path, size, (mtime_sec, mtime_nsec))
+                .map(|recorded_bytes| Msg::Resumed { recorded_bytes })
+        }
+        Msg::PutCheck { id, offset, len, digest } => put_check(shared, id, offset, len, &digest).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
             put_end(shared, id, Finish { mode, uid, gid, mtime: (mtime_sec, mtime_nsec), fsync }).map(|()| Msg::Ok)
@@ -901,11 +910,34 @@ struct Transfer {
     file: File,
     size: u64,
     received: Mutex<Received>,
+    /// A resumable transfer (`PutResume`): the journal of the chunks written, and what an earlier run recorded
+    /// (offered to `PutCheck`).
+    journal: Option<Journal>,
+    recorded: Mutex<Received>,
 }
 
 impl Transfer {
+    /// The transfer is over without a file: its temporary (and journal) go.
     fn remove_temporary(&self) {
         let _ = unlink_at(self.dir.as_raw_fd(), &self.tmp, 0);
+        if let Some(j) = &self.journal {
+            j.remove();
+        }
+    }
+
+    /// The client went away (idle, evicted, or the server stops): a resumable temporary stays for its next run.
+    fn abandon(&self) {
+        if self.journal.is_none() {
+            self.remove_temporary();
+        }
+    }
+
+    /// A chunk was written and checked: a resumable transfer records it.
+    fn written(&self, offset: u64, len: u64) {
+        if let Some(j) = &self.journal {
+            // Best effort: a chunk missing from the journal is only sent again by the next run.
+            let _ = j.record(offset, len);
+        }
     }
 }
 
@@ -1043,7 +1075,7 @@ impl Transfers {
             .collect();
         for id in &old {
             if let Some(slot) = map.remove(id) {
-                slot.t.remove_temporary();
+                slot.t.abandon();
             }
         }
         old.len()
@@ -1067,7 +1099,7 @@ impl Transfers {
             .map(|(&id, _)| id);
         match victim.and_then(|id| map.remove(&id)) {
             Some(slot) => {
-                slot.t.remove_temporary();
+                slot.t.abandon();
                 true
             }
             None => false,
@@ -1085,7 +1117,7 @@ impl Transfers {
         let mut map = self.lock();
         let n = map.len();
         for (_, slot) in map.drain() {
-            slot.t.remove_temporary();
+            slot.t.abandon();
         }
         n
     }
@@ -1145,6 +1177,8 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         file: File::from(fd),
         size,
         received: Mutex::new(Received::default()),
+        journal: None,
+        recorded: Mutex::new(Received::default()),
     });
     let mut map = shared.transfers.lock();
     if map.contains_key(&id) {
@@ -1221,9 +1255,12 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
         let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
         received.release(start, end);
         match checked {
-            Ok(()) => received.add(start, end).map_err(|()| {
-                Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel)))
-            }),
+            Ok(()) => {
+                t.written(start, end - start);
+                received.add(start, end).map_err(|()| {
+                    Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel)))
+                })
+            }
             Err(f) => {
                 received.remove(start, end);
                 Err(f)
@@ -1236,6 +1273,123 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
         Err(f) => send_fail(conn, f)?,
     }
     Ok(None)
+}
+
+/// `PutResume`: as `PutBegin`, into the stable `.NAME.fstmp-part` with its journal `.NAME.fstmp-journal` (the
+/// local engine's format, opened through the directory's descriptor and never through a symlink). An earlier run's
+/// records of the same source (size and mtime) are kept for `PutCheck`; returns how many bytes they cover. When
+/// another connection holds the journal, or it cannot be used, the transfer is an ordinary one (0 recorded).
+fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)) -> Result<u64, Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create", rel, e))?;
+    let Some(name) = p.name else {
+        return Err(Fail::new(code::IO, "cannot write a file over the served root"));
+    };
+    if is_dir_at(p.dir.as_raw_fd(), &name) {
+        return Err(Fail::new(code::IO, format!("cannot write file '{}': a directory is in the way", show(rel))));
+    }
+    if shared.transfers.lock().contains_key(&id) {
+        return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
+    }
+    {
+        // An earlier run of this file whose client went away without a word still holds the journal: it is over.
+        let mut map = shared.transfers.lock();
+        let gone: Vec<u64> = map
+            .iter()
+            .filter(|(_, s)| s.inflight == 0 && s.t.journal.is_some() && s.t.rel == rel)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(slot) = map.remove(&id) {
+                slot.t.abandon();
+            }
+        }
+    }
+    let final_path = Path::new(OsStr::from_bytes(name.to_bytes()));
+    let cname = |p: PathBuf| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a name");
+    let (part, journal_name) = (cname(stale::part(final_path)), cname(stale::journal(final_path)));
+    let jpath =
+        PathBuf::from(format!("/proc/self/fd/{}", p.dir.as_raw_fd())).join(OsStr::from_bytes(journal_name.to_bytes()));
+    let source = SourceId { size, mtime: Timestamp { sec: mtime.0, nsec: i64::from(mtime.1) }, ino: 0 };
+    let (journal, ranges) = match Journal::open(&jpath, source, wire::CHUNK_BYTES_MAX as u64) {
+        Ok(Opened::Resume(j, rec)) => (j, rec.ranges),
+        Ok(Opened::Fresh(j)) => (j, Vec::new()),
+        Ok(Opened::Busy) | Err(_) => return put_begin(shared, id, rel, size).map(|()| 0),
+    };
+    let dir = p.dir.as_raw_fd();
+    let reopened = if ranges.is_empty() { None } else { open_at(dir, &part, libc::O_RDWR, 0o600).ok() };
+    let resumed = reopened.is_some();
+    let fd = match reopened {
+        Some(fd) => fd,
+        None => {
+            let fd = open_at(dir, &part, libc::O_RDWR | libc::O_CREAT, 0o600)
+                .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
+            File::from(fd).set_len(0).map_err(|e| Fail::io("cannot write", rel, e))?;
+            open_at(dir, &part, libc::O_RDWR, 0o600)
+                .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?
+        }
+    };
+    let mut recorded = Received::default();
+    if resumed {
+        for (offset, len) in &ranges {
+            // Past RANGES_MAX separate ranges, the rest is simply sent again.
+            let _ = recorded.add(*offset, offset + len);
+        }
+    }
+    let recorded_bytes = recorded.bytes;
+    if !shared.transfers.make_room(Instant::now(), shared.timeout) {
+        let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
+        return Err(Fail::new(code::BUSY, why));
+    }
+    let t = Arc::new(Transfer {
+        rel: rel.to_vec(),
+        dir: p.dir,
+        name,
+        tmp: part,
+        file: File::from(fd),
+        size,
+        received: Mutex::new(Received::default()),
+        journal: Some(journal),
+        recorded: Mutex::new(recorded),
+    });
+    let mut map = shared.transfers.lock();
+    if map.contains_key(&id) {
+        return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
+    }
+    map.insert(id, Slot { t, last_used: Instant::now(), inflight: 0 });
+    Ok(recorded_bytes)
+}
+
+/// `PutCheck`: `[offset, offset + len)` of a resumable transfer counts as received when an earlier run recorded all
+/// of it and the temporary's bytes there hash to `digest`.
+fn put_check(shared: &Shared, id: u64, offset: u64, len: u64, digest: &[u8; 32]) -> Result<(), Fail> {
+    let lease = shared.transfers.lease(id)?;
+    let t = &lease.t;
+    let end = offset.checked_add(len).filter(|&e| e <= t.size && len > 0);
+    let Some(end) = end else { return Err(Fail::new(code::PROTOCOL, "PutCheck outside the file")) };
+    let covered = {
+        let rec = t.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        rec.ranges.range(..=offset).next_back().is_some_and(|(_, &e)| e >= end)
+    };
+    if !covered {
+        return Err(Fail::new(code::NOT_FOUND, "not recorded by an earlier run"));
+    }
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; GET_CHUNK_BYTES];
+    let mut at = offset;
+    while at < end {
+        let n = buf.len().min((end - at) as usize);
+        t.file.read_exact_at(&mut buf[..n], at).map_err(|e| Fail::io("cannot read", &t.rel, e))?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    if h.finalize() != blake3::Hash::from_bytes(*digest) {
+        return Err(Fail::new(code::DIGEST, "the bytes recorded differ"));
+    }
+    t.received
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(offset, end)
+        .map_err(|()| Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel))))
 }
 
 fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u8]) -> Result<(), Fail> {
@@ -1255,6 +1409,7 @@ fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u
         return Err(Fail::new(code::DIGEST, why));
     }
     t.file.write_all_at(bytes, offset).map_err(|e| Fail::io("cannot write", &t.rel, e))?;
+    t.written(offset, end - offset);
     let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
     received
         .add(offset, end)
@@ -1287,8 +1442,10 @@ fn put_end(shared: &Shared, id: u64, f: Finish) -> Result<(), Fail> {
         map.remove(&id).expect("present").t
     };
     let result = finish(&t, &f);
-    if result.is_err() {
-        t.remove_temporary();
+    match (&result, &t.journal) {
+        (Err(_), _) => t.remove_temporary(),
+        (Ok(()), Some(j)) => j.remove(),
+        (Ok(()), None) => {}
     }
     result
 }
@@ -1509,6 +1666,8 @@ mod tests {
             file: File::from(fd),
             size: 1,
             received: Mutex::default(),
+            journal: None,
+            recorded: Mutex::default(),
         })
     }
 

@@ -178,6 +178,29 @@ pub enum Msg {
         mtime_nsec: u32,
         fsync: bool,
     },
+    /// Like `PutBegin` for a large file that may have been partly sent by an interrupted run: the server writes it to
+    /// the stable `.NAME.fstmp-part` beside a journal of the chunks written, kept when the client goes away without
+    /// `PutAbort`. The source's `mtime` identifies it (with `size`). Answered by `Resumed` or `Error`.
+    PutResume {
+        id: u64,
+        path: Vec<u8>,
+        size: u64,
+        mode: u32,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+    },
+    /// How many bytes of a `PutResume` an earlier run left recorded (0: nothing to check, send everything).
+    Resumed {
+        recorded_bytes: u64,
+    },
+    /// Whether the server already holds `[offset, offset + len)` of transfer `id` (recorded by an earlier run, and
+    /// its BLAKE3 is `digest`): `Ok` (the range counts as received), or `Error` (send it).
+    PutCheck {
+        id: u64,
+        offset: u64,
+        len: u64,
+        digest: [u8; 32],
+    },
     /// Give up transfer `id`: its temporary is removed.
     PutAbort {
         id: u64,
@@ -242,6 +265,9 @@ const K_PUT_BEGIN: u8 = 30;
 const K_PUT_DATA: u8 = 31;
 const K_PUT_END: u8 = 32;
 const K_PUT_ABORT: u8 = 33;
+const K_PUT_RESUME: u8 = 34;
+const K_RESUMED: u8 = 35;
+const K_PUT_CHECK: u8 = 36;
 const K_MKDIR: u8 = 40;
 const K_SET_META: u8 = 41;
 const K_SYMLINK: u8 = 42;
@@ -466,6 +492,26 @@ impl Msg {
                 o.u8(K_PUT_ABORT);
                 o.u64(*id);
             }
+            Msg::PutResume { id, path, size, mode, mtime_sec, mtime_nsec } => {
+                o.u8(K_PUT_RESUME);
+                o.u64(*id);
+                o.bytes(path);
+                o.u64(*size);
+                o.u32(*mode);
+                o.i64(*mtime_sec);
+                o.u32(*mtime_nsec);
+            }
+            Msg::Resumed { recorded_bytes } => {
+                o.u8(K_RESUMED);
+                o.u64(*recorded_bytes);
+            }
+            Msg::PutCheck { id, offset, len, digest } => {
+                o.u8(K_PUT_CHECK);
+                o.u64(*id);
+                o.u64(*offset);
+                o.u64(*len);
+                o.arr(digest);
+            }
             Msg::Mkdir { path, mode } => {
                 o.u8(K_MKDIR);
                 o.bytes(path);
@@ -540,6 +586,16 @@ impl Msg {
                 fsync: i.bool()?,
             },
             K_PUT_ABORT => Msg::PutAbort { id: i.u64()? },
+            K_PUT_RESUME => Msg::PutResume {
+                id: i.u64()?,
+                path: i.path()?,
+                size: i.u64()?,
+                mode: i.u32()? & 0o7777,
+                mtime_sec: i.i64()?,
+                mtime_nsec: i.nsec()?,
+            },
+            K_RESUMED => Msg::Resumed { recorded_bytes: i.u64()? },
+            K_PUT_CHECK => Msg::PutCheck { id: i.u64()?, offset: i.u64()?, len: i.u64()?, digest: i.arr()? },
             K_MKDIR => Msg::Mkdir { path: i.path()?, mode: i.u32()? & 0o7777 },
             K_SET_META => {
                 Msg::SetMeta { path: i.path()?, mode: i.u32()? & 0o7777, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? }
@@ -743,6 +799,16 @@ mod tests {
             Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
             Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
             Msg::PutAbort { id: 42 },
+            Msg::PutResume {
+                id: 43,
+                path: b"d/big".to_vec(),
+                size: 1 << 33,
+                mode: 0o640,
+                mtime_sec: 9,
+                mtime_nsec: 10,
+            },
+            Msg::Resumed { recorded_bytes: 1 << 30 },
+            Msg::PutCheck { id: 43, offset: 4 << 20, len: 4 << 20, digest: [6; 32] },
             Msg::Mkdir { path: b"d".to_vec(), mode: 0o755 },
             Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, mtime_sec: 1, mtime_nsec: 0 },
             Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), mtime_sec: 1, mtime_nsec: 1 },
