@@ -149,8 +149,11 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64)
     }
     loop {
         if let Some(signal) = interrupt::received() {
-            let removed = shared.transfers.abort_all();
-            eprintln!("fastsync: interrupted; stopped serving ({removed} unfinished transfer(s) removed)");
+            let (removed, kept) = shared.transfers.abort_all();
+            eprintln!(
+                "fastsync: interrupted; stopped serving ({removed} unfinished transfer(s) removed, {kept} kept for \
+                 their clients to resume)"
+            );
             return Ok(interrupt::exit_code(signal));
         }
         match listener.accept() {
@@ -1113,13 +1116,15 @@ impl Transfers {
         }
     }
 
-    fn abort_all(&self) -> usize {
+    /// The server stops: ordinary temporaries are removed, resumable ones kept. Returns (removed, kept).
+    fn abort_all(&self) -> (usize, usize) {
         let mut map = self.lock();
-        let n = map.len();
+        let kept = map.values().filter(|s| s.t.journal.is_some()).count();
+        let removed = map.len() - kept;
         for (_, slot) in map.drain() {
             slot.t.abandon();
         }
-        n
+        (removed, kept)
     }
 }
 
@@ -1693,7 +1698,7 @@ mod tests {
         let later = t0 + TRANSFER_IDLE_EXPIRY + Duration::from_secs(60);
         assert_eq!(table.expire(later, TRANSFER_IDLE_EXPIRY), CAP - 2);
         assert_eq!(table.lock().len(), 1);
-        assert_eq!(table.abort_all(), 1);
+        assert_eq!(table.abort_all(), (1, 0));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
