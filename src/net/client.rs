@@ -93,6 +93,9 @@ pub struct DataEnd {
     pub received_to: u64,
 }
 
+/// A connection's buffered reading and writing halves ([`Connection::plain_parts`]).
+pub type PlainParts<'a> = (&'a mut BufReader<Reader<TcpStream>>, &'a mut BufWriter<Writer<TcpStream>>);
+
 /// One authenticated connection.
 pub struct Connection {
     addr: String,
@@ -396,7 +399,7 @@ impl Connection {
 
     /// The buffered halves of a connection whose frames travel bare (`None` with records), for the zero-copy data
     /// path ([`super::zerocopy`]), which moves payloads between their socket and files. Counts as using it.
-    pub fn plain_parts(&mut self) -> Option<(&mut BufReader<Reader<TcpStream>>, &mut BufWriter<Writer<TcpStream>>)> {
+    pub fn plain_parts(&mut self) -> Option<PlainParts<'_>> {
         if self.r.get_ref().plain().is_none() || self.w.get_ref().plain().is_none() {
             return None;
         }
