@@ -82,7 +82,9 @@ done
 [[ $SMALL_SHAPE =~ ^[0-9]+x[0-9]+x[0-9]+$ ]] || die "FSB_SMALL_SHAPE must be AxBxC: $SMALL_SHAPE"
 for l in ${LINKS//,/ }; do [[ $l == loopback || $l == veth ]] || die "unknown link: $l"; done
 for s in ${SETS//,/ }; do [[ $s == big || $s == small ]] || die "unknown set: $s"; done
-for t in ${TOOLS//,/ }; do [[ ,$ALL_TOOLS, == *,$t,* ]] || die "unknown tool: $t"; done
+for t in ${TOOLS//,/ }; do
+    [[ ,$ALL_TOOLS, == *,$t,* || $t =~ ^fastsync-(push|pull)@(off|sendfile|splice|both)$ ]] || die "unknown tool: $t"
+done
 [[ $(id -u) -eq 0 ]] || die "run as root (network namespaces, tc, drop_caches, a throwaway sshd)"
 
 open_results lan

@@ -95,7 +95,7 @@ pub struct DataEnd {
     pub received_to: u64,
 }
 
-/// The buffered reading and writing halves of a connection without a record layer.
+/// A connection's buffered reading and writing halves ([`Connection::plain_parts`]).
 pub type PlainParts<'a> = (&'a mut BufReader<Reader<TcpStream>>, &'a mut BufWriter<Writer<TcpStream>>);
 
 /// One authenticated connection.
