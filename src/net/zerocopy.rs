@@ -53,9 +53,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The default when `FASTSYNC_ZEROCOPY` is unset: the receiving splice cut the push receiver's CPU by half or
-    /// more, sendfile the chunk buffers (README, "LAN transfers", has the measurements).
-    pub const DEFAULT: Mode = Mode::Both;
+    /// The default when `FASTSYNC_ZEROCOPY` is unset: `sendfile` (no chunk buffers on the sender). The receiving
+    /// splice cuts the push receiver's CPU by half or more (README, "LAN transfers", has the measurements) but is
+    /// opt-in: a splice stalled mid-chunk holds its transfer until the server's `--timeout`, so a stream replaced
+    /// after a stall cannot end its file meanwhile (tests/robust.rs shows it).
+    pub const DEFAULT: Mode = Mode::Sendfile;
 
     pub fn parse(s: &str) -> Option<Mode> {
         match s.trim().to_ascii_lowercase().as_str() {
