@@ -155,12 +155,26 @@ meta load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 FSB_FILES="$WORK/fastsync-bench"
 FIO_META="$WORK/fio-meta"
+# fastsync's metadata runs get their own parent, made afresh for each run as fio's is: ext4 places new directories
+# (and so their files' inodes) by the parent, and on a journal-less ext4 creating inodes next to ones deleted in the
+# last seconds to minutes is much slower (recently_deleted(): perf shows ~45% of create time there), so reusing
+# fastsync-bench/meta.N while fio got a new parent would compare block groups, not tools.
+FSB_META="$WORK/fastsync-meta"
+# A directory this script made (marked), made afresh, and removed: nothing else in DIR is touched.
+fresh_dir() {
+    own_rm "$1"
+    [[ ! -e $1 ]] || die "$1 exists and was not made by bench.sh; move it away or choose another DIR"
+    mkdir -p "$1"
+    : >"$1/.bench-sh"
+}
+own_rm() { [[ ! -e $1/.bench-sh ]] || rm -rf "$1"; }
 cleanup() {
     local rc=$?
     if [[ ${FSB_KEEP:-0} != 1 ]]; then
         # fastsync's own files (marked by it) and fio's metadata directory; nothing else in DIR.
         [[ ! -e $FSB_FILES/.fastsync-bench ]] || rm -rf "$FSB_FILES"
-        rm -rf "$FIO_META"
+        own_rm "$FIO_META"
+        own_rm "$FSB_META"
         rmdir "$WORK" 2>/dev/null || true
     fi
     exit "$rc"
@@ -303,8 +317,8 @@ run_meta() { # workload round order tool
     out="$LOGDIR/$wl.r$r.$tool"
     drop_caches
     if [[ $tool == fio ]]; then
-        rm -rf "$FIO_META"
-        for ((i = 0; i < THREADS; i++)); do mkdir -p "$FIO_META/meta.$i"; done
+        fresh_dir "$FIO_META"
+        for ((i = 0; i < THREADS; i++)); do mkdir "$FIO_META/meta.$i"; done
         # filecreate: open(O_CREAT|O_RDWR) + close per file (only the open is in its latency); run again on the
         # existing files it is open + close (fastsync's read phase with --file-size 0). filestat: lstat;
         # filedelete: unlink. filesize=0 is refused by fio: 4k with bs=4k gives one (fake) I/O per file, and no
@@ -332,16 +346,16 @@ run_meta() { # workload round order tool
             DEV1=$(dev_stat)
             rows "$wl" "$r" "$o" fio "$out.$phase.json" "$out.$phase.time" "$phase"
         done
-        rm -rf "$FIO_META"
+        own_rm "$FIO_META"
     else
         local se=fallback
         [[ $wl == meta-uring ]] && se=uring
-        # --keep: without it the run would also remove the kept io.N files of the I/O workloads (its delete phase
-        # removes the metadata files either way).
+        fresh_dir "$FSB_META"
         DEV0=$(dev_stat)
         /usr/bin/time -o "$out.time" -f "$TIMEFMT" "$FASTSYNC" bench --engine "$se" --files "$FILES" \
-            --threads "$THREADS" --keep --json "$WORK" >"$out.json" 2>"$out.err" || true
+            --threads "$THREADS" --json "$FSB_META" >"$out.json" 2>"$out.err" || true
         DEV1=$(dev_stat)
+        own_rm "$FSB_META"
         rows "$wl" "$r" "$o" fastsync "$out.json" "$out.time"
     fi
 }
@@ -444,7 +458,10 @@ w("- Metadata: fio runs four jobs one after the other, each `--nrfiles=N/THREADS
   "untimed), so the unlinks free data blocks (p50 ~100 µs instead of ~7 µs); with fio's default `file_service_type=roundrobin` its "
   "time per file grows with nrfiles (it searches the file list for the next file to open): ~4,000 files/s at 10,000 files per job, "
   "mostly fio's own CPU. fastsync: "
-  "`fastsync bench --files N --threads THREADS` (one directory per thread), phases create, stat, read (= open + close), delete. "
+  "`fastsync bench --files N --threads THREADS DIR/fastsync-meta` (one directory per thread), phases create, stat, read (= open + close), delete. "
+  "Each run, of either tool, gets a new parent directory (`DIR/fio-meta`, `DIR/fastsync-meta`), removed afterwards: this ext4 has no "
+  "journal, and creating inodes next to ones deleted in the last seconds to minutes is much slower there (`recently_deleted()`), so "
+  "a reused directory would compare block groups, not tools. "
   "Before each metadata run (both tools): `sync; echo 3 > /proc/sys/vm/drop_caches`.")
 w("- Latency: fastsync from submission to completion of each op; fio `lat` (submission + completion) for the I/O engines. "
   "The file engines record only the open/stat/unlink call in `clat` (not the close), fastsync the open + close: compare "
