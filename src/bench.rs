@@ -186,7 +186,7 @@ impl Cpu {
 
 /// Where the run does its I/O: files it owns, or a device.
 enum Target {
-    Files { dir: PathBuf, created_dir: bool },
+    Files { dir: PathBuf },
     Device { path: PathBuf },
 }
 
@@ -240,7 +240,7 @@ pub fn run(
         let _ = session.finish();
         phases
     })();
-    let cleanup = if a.keep { Ok(()) } else { cleanup(&target, threads) };
+    let cleanup = if a.keep { Ok(()) } else { cleanup(&target, threads, a.files.is_some()) };
     let phases = outcome?;
     cleanup?;
     print(a, &phases, kind, threads, iodepth, json);
@@ -316,11 +316,10 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
         )));
     }
     let dir = a.path.join(WORK_DIR);
-    let created_dir = match std::fs::create_dir(&dir) {
+    match std::fs::create_dir(&dir) {
         Ok(()) => {
             std::fs::write(dir.join(MARKER), b"fastsync bench files; safe to delete\n")
                 .map_err(|e| Error::io("cannot create", dir.join(MARKER), e))?;
-            true
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             if !dir.join(MARKER).exists() {
@@ -330,11 +329,10 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
                     dir.display()
                 )));
             }
-            false
         }
         Err(e) => return Err(Error::io("cannot create", &dir, e)),
-    };
-    let target = Target::Files { dir: dir.clone(), created_dir };
+    }
+    let target = Target::Files { dir: dir.clone() };
     let prepared = (|| {
         if meta {
             let files = a.files.unwrap_or(0);
@@ -368,7 +366,7 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
         Ok(()) => Ok(target),
         Err(e) => {
             if !a.keep {
-                let _ = cleanup(&target, threads);
+                let _ = cleanup(&target, threads, meta);
             }
             Err(e)
         }
@@ -477,21 +475,27 @@ fn invalidate(path: &Path, direct: bool) {
     }
 }
 
-fn cleanup(target: &Target, threads: usize) -> Result<(), Error> {
-    let Target::Files { dir, created_dir } = target else { return Ok(()) };
+/// Remove what this run's workload used (the metadata directories, or the I/O files; a kept file of the other
+/// workload stays), then the work directory once nothing but its marker is left.
+fn cleanup(target: &Target, threads: usize, meta: bool) -> Result<(), Error> {
+    let Target::Files { dir, .. } = target else { return Ok(()) };
     for i in 0..threads {
+        if meta {
+            let d = dir.join(format!("meta.{i}"));
+            if d.exists() {
+                std::fs::remove_dir_all(&d).map_err(|e| Error::io("cannot remove", &d, e))?;
+            }
+            continue;
+        }
         let f = io_file(dir, i);
         match std::fs::remove_file(&f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("cannot remove", &f, e)),
         }
-        let d = dir.join(format!("meta.{i}"));
-        if d.exists() {
-            std::fs::remove_dir_all(&d).map_err(|e| Error::io("cannot remove", &d, e))?;
-        }
     }
-    if *created_dir || std::fs::read_dir(dir).map(|d| d.count() <= 1).unwrap_or(false) {
+    let only_marker = std::fs::read_dir(dir).map(|d| d.flatten().all(|e| e.file_name() == MARKER)).unwrap_or(false);
+    if only_marker {
         let _ = std::fs::remove_file(dir.join(MARKER));
         std::fs::remove_dir(dir).map_err(|e| Error::io("cannot remove", dir, e))?;
     }

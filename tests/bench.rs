@@ -205,6 +205,12 @@ fn metadata_phases_count_every_file(engine: Engine) {
     assert_eq!(u(&phase(&r, "read")["bytes"]), 301 * 4096);
     assert_eq!(u(&phase(&r, "stat")["bytes"]), 0);
     assert_left_nothing(t.path());
+    // A metadata run leaves alone the I/O files that an earlier run kept.
+    bench_json(engine, t.path(), &["--rw", "write", "--size", "64k", "--bs", "4k", "--threads", "1", "--keep"]);
+    bench_json(engine, t.path(), &["--files", "20", "--threads", "1"]);
+    assert!(t.path().join("fastsync-bench/io.0").exists(), "the kept I/O file was removed by a metadata run");
+    bench_json(engine, t.path(), &["--rw", "read", "--size", "64k", "--bs", "4k", "--threads", "1"]);
+    assert_left_nothing(t.path());
     // Human output names every phase.
     let out = bench(engine, t.path(), &["--files", "50", "--threads", "1"]);
     out.assert_success();
