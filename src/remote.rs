@@ -1821,6 +1821,20 @@ fn push_chunks(
     Ok(Ok(true))
 }
 
+/// BLAKE3 of `[offset, offset + len)` of a local file (all of it must be there).
+fn hash_range(file: &File, offset: u64, len: u64) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK_BYTES_MAX.min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = buf.len().min((offset + len - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
 /// Whether the server already holds `[offset, offset + len)` of a resumed large file (the same BLAKE3 as the local
 /// bytes); it then counts as sent. A local read error means "no": the range is sent.
 fn server_holds(
@@ -1830,18 +1844,7 @@ fn server_holds(
     len: u64,
     done: &Sender<Done>,
 ) -> Result<bool, StreamError> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK_BYTES_MAX.min(len as usize)];
-    let mut at = offset;
-    while at < offset + len {
-        let n = buf.len().min((offset + len - at) as usize);
-        if big.fd.read_exact_at(&mut buf[..n], at).is_err() {
-            return Ok(false);
-        }
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    let digest = *h.finalize().as_bytes();
+    let Ok(digest) = hash_range(&big.fd, offset, len) else { return Ok(false) };
     let url = url_of(stream.addr(), &big.file.remote);
     let doing = Doing::push(&url, &format!("the digest of bytes {offset}..{}", offset + len));
     let held = stream.retry(&doing, done, |conn, _| split(conn.put_check(big.id, offset, len, digest)))?;
@@ -3257,21 +3260,11 @@ fn same_range(
     len: u64,
     done: &Sender<Done>,
 ) -> Result<bool, StreamError> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK_BYTES_MAX.min(len as usize)];
-    let mut at = offset;
-    while at < offset + len {
-        let n = buf.len().min((offset + len - at) as usize);
-        if file.read_exact_at(&mut buf[..n], at).is_err() {
-            return Ok(false);
-        }
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
+    let Ok(mine) = hash_range(file, offset, len) else { return Ok(false) };
     let url = url_of(stream.addr(), &f.remote);
     let doing = Doing::pull(&url, &format!("the digest of bytes {offset}..{}", offset + len));
     let theirs = stream.retry(&doing, done, |conn, _| split(conn.hash(&f.remote, offset, len)))?;
-    Ok(matches!(theirs, Ok((d, n)) if n == len && d == *h.finalize().as_bytes()))
+    Ok(matches!(theirs, Ok((d, n)) if n == len && d == mine))
 }
 
 /// The remote file's metadata again (a `Stat`, retried on a new connection when its connection breaks).

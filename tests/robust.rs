@@ -368,6 +368,19 @@ fn adaptive_streams_grow_on_a_long_path_and_stay_fixed_when_asked() {
     assert_eq!(digest(&srv.root.join("fixed/fixed.bin")), digest(&fixed));
 }
 
+/// SIGKILL `child` once the resume journal at `journal` holds `n` records (or after a minute); returns how many
+/// it held then.
+fn kill_once_recorded(mut child: std::process::Child, journal: &std::path::Path, n: usize) -> usize {
+    let records = || fs::read_to_string(journal).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
+    let started = Instant::now();
+    while records() < n && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    records()
+}
+
 #[test]
 fn a_pull_killed_mid_file_resumes_from_the_ranges_it_finished() {
     let c = Case::new();
@@ -381,21 +394,14 @@ fn a_pull_killed_mid_file_resumes_from_the_ranges_it_finished() {
     let (part, journal) = (out_dir.join(".big.bin.fstmp-part"), out_dir.join(".big.bin.fstmp-journal"));
     // A slow path, so that the run can be killed with some 4 MiB ranges done and others not.
     let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
-    let mut child = c
+    let child = c
         .cmd()
         .arg("copy")
         .arg(slow.url("big.bin"))
         .arg(&out_dir)
         .env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS)
         .spawn_quiet();
-    let records = || fs::read_to_string(&journal).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
-    let started = Instant::now();
-    while records() < 4 && started.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    let _ = child.wait();
-    let done_before = records();
+    let done_before = kill_once_recorded(child, &journal, 4);
     assert!(done_before >= 4, "the journal recorded {done_before} ranges before the kill");
     assert!(part.exists() && !out_dir.join("big.bin").exists(), "a killed pull leaves its part, not the file");
     // The rerun reuses the recorded ranges (their digests match the server's) and fetches only the rest.
@@ -425,14 +431,7 @@ fn a_push_killed_mid_file_resumes_from_the_chunks_the_server_recorded() {
     let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
     let mut child =
         c.cmd().arg("copy").arg(&big).arg(slow.url("in/")).env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS).spawn_quiet();
-    let records = || fs::read_to_string(&journal).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
-    let started = Instant::now();
-    while records() < 4 && started.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    let _ = child.wait();
-    let done_before = records();
+    let done_before = kill_once_recorded(child, &journal, 4);
     assert!(done_before >= 4, "the server recorded {done_before} chunks before the kill");
     // The rerun offers each range by digest; the server keeps the chunks it recorded, and only the rest is sent.
     let counting = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));

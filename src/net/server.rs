@@ -1154,7 +1154,9 @@ fn is_dir_at(dir: RawFd, name: &CStr) -> bool {
     lstat_at(dir, name).is_ok_and(|st| kind_of(&st) == EntryKind::Dir)
 }
 
-fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail> {
+/// Where a new transfer `id` of `rel` writes: the directory (opened beneath the root) and the final name. Refused
+/// over the root itself, over a directory, and for an id already in use.
+fn new_transfer_target(shared: &Shared, id: u64, rel: &[u8]) -> Result<(OwnedFd, CString), Fail> {
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create", rel, e))?;
     let Some(name) = p.name else {
         return Err(Fail::new(code::IO, "cannot write a file over the served root"));
@@ -1165,18 +1167,23 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
     if shared.transfers.lock().contains_key(&id) {
         return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
     }
+    Ok((p.dir, name))
+}
+
+fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail> {
+    let (dir, name) = new_transfer_target(shared, id, rel)?;
     if !shared.transfers.make_room(Instant::now(), shared.timeout) {
         let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
         return Err(Fail::new(code::BUSY, why));
     }
     // Read-write: the zero-copy path reads spliced chunks back to check their digests.
-    let (tmp, fd) = create_temporary(shared, p.dir.as_raw_fd(), &name, |dir, tmp| {
+    let (tmp, fd) = create_temporary(shared, dir.as_raw_fd(), &name, |dir, tmp| {
         open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
     })
     .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
     let t = Arc::new(Transfer {
         rel: rel.to_vec(),
-        dir: p.dir,
+        dir,
         name,
         tmp,
         file: File::from(fd),
@@ -1285,16 +1292,7 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
 /// records of the same source (size and mtime) are kept for `PutCheck`; returns how many bytes they cover. When
 /// another connection holds the journal, or it cannot be used, the transfer is an ordinary one (0 recorded).
 fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)) -> Result<u64, Fail> {
-    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create", rel, e))?;
-    let Some(name) = p.name else {
-        return Err(Fail::new(code::IO, "cannot write a file over the served root"));
-    };
-    if is_dir_at(p.dir.as_raw_fd(), &name) {
-        return Err(Fail::new(code::IO, format!("cannot write file '{}': a directory is in the way", show(rel))));
-    }
-    if shared.transfers.lock().contains_key(&id) {
-        return Err(Fail::new(code::PROTOCOL, format!("transfer {id:#x} is already in progress")));
-    }
+    let (dir, name) = new_transfer_target(shared, id, rel)?;
     {
         // An earlier run of this file whose client went away without a word still holds the journal: it is over.
         let mut map = shared.transfers.lock();
@@ -1313,23 +1311,23 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
     let cname = |p: PathBuf| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a name");
     let (part, journal_name) = (cname(stale::part(final_path)), cname(stale::journal(final_path)));
     let jpath =
-        PathBuf::from(format!("/proc/self/fd/{}", p.dir.as_raw_fd())).join(OsStr::from_bytes(journal_name.to_bytes()));
+        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(OsStr::from_bytes(journal_name.to_bytes()));
     let source = SourceId { size, mtime: Timestamp { sec: mtime.0, nsec: i64::from(mtime.1) }, ino: 0 };
     let (journal, ranges) = match Journal::open(&jpath, source, wire::CHUNK_BYTES_MAX as u64) {
         Ok(Opened::Resume(j, rec)) => (j, rec.ranges),
         Ok(Opened::Fresh(j)) => (j, Vec::new()),
         Ok(Opened::Busy) | Err(_) => return put_begin(shared, id, rel, size).map(|()| 0),
     };
-    let dir = p.dir.as_raw_fd();
-    let reopened = if ranges.is_empty() { None } else { open_at(dir, &part, libc::O_RDWR, 0o600).ok() };
+    let dir_fd = dir.as_raw_fd();
+    let reopened = if ranges.is_empty() { None } else { open_at(dir_fd, &part, libc::O_RDWR, 0o600).ok() };
     let resumed = reopened.is_some();
     let fd = match reopened {
         Some(fd) => fd,
         None => {
-            let fd = open_at(dir, &part, libc::O_RDWR | libc::O_CREAT, 0o600)
+            let fd = open_at(dir_fd, &part, libc::O_RDWR | libc::O_CREAT, 0o600)
                 .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
             File::from(fd).set_len(0).map_err(|e| Fail::io("cannot write", rel, e))?;
-            open_at(dir, &part, libc::O_RDWR, 0o600)
+            open_at(dir_fd, &part, libc::O_RDWR, 0o600)
                 .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?
         }
     };
@@ -1347,7 +1345,7 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
     }
     let t = Arc::new(Transfer {
         rel: rel.to_vec(),
-        dir: p.dir,
+        dir,
         name,
         tmp: part,
         file: File::from(fd),
