@@ -429,7 +429,7 @@ fn a_push_killed_mid_file_resumes_from_the_chunks_the_server_recorded() {
     let journal = srv.root.join("in/.big.bin.fstmp-journal");
     let part = srv.root.join("in/.big.bin.fstmp-part");
     let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
-    let mut child =
+    let child =
         c.cmd().arg("copy").arg(&big).arg(slow.url("in/")).env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS).spawn_quiet();
     let done_before = kill_once_recorded(child, &journal, 4);
     assert!(done_before >= 4, "the server recorded {done_before} chunks before the kill");
