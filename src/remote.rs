@@ -1031,10 +1031,11 @@ struct PushCfg {
     fsync: bool,
 }
 
-/// A remote directory to finish: its wire path and the source's permissions and mtime.
+/// A remote directory to finish: its wire path and the source's owner, permissions and mtime.
 struct RemoteDir {
     remote: Vec<u8>,
     mode: u32,
+    owner: (u32, u32),
     mtime: (i64, u32),
     apply: bool,
 }
@@ -1043,6 +1044,7 @@ struct RemoteDir {
 struct RemoteDelete {
     rel: Vec<u8>,
     mode: u32,
+    owner: (u32, u32),
     mtime: (i64, u32),
     names: Vec<(Vec<u8>, EntryKind)>,
 }
@@ -1054,6 +1056,7 @@ struct PushFrame {
     rel: Vec<u8>,
     node: usize,
     mode: u32,
+    owner: (u32, u32),
     mtime: (i64, u32),
     /// The remote twin's entries not yet matched by a source entry (`None`: not listed).
     remote: Option<HashMap<Vec<u8>, EntryMeta>>,
@@ -1456,7 +1459,7 @@ impl PushCore<'_> {
             if !d.apply || self.run.fatal.is_some() {
                 continue;
             }
-            if let Err(e) = self.ctl.set_meta(&d.remote, d.mode, d.mtime) {
+            if let Err(e) = self.ctl.set_meta(&d.remote, d.mode, d.owner, d.mtime) {
                 let shown = self.url(&d.remote);
                 self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
             }
@@ -1542,8 +1545,8 @@ impl PushCore<'_> {
                 return None;
             }
         };
-        let (mode, mtime) = (md.mode() & 0o7777, md_mtime(md));
-        let node = self.dirs.open(parent, RemoteDir { remote, mode, mtime, apply: !self.run.opts.dry_run });
+        let (mode, owner, mtime) = (md.mode() & 0o7777, (md.uid(), md.gid()), md_mtime(md));
+        let node = self.dirs.open(parent, RemoteDir { remote, mode, owner, mtime, apply: !self.run.opts.dry_run });
         self.run.summary.directories += 1;
         Some(PushFrame {
             iter,
@@ -1551,6 +1554,7 @@ impl PushCore<'_> {
             rel: rel.to_vec(),
             node,
             mode,
+            owner,
             mtime,
             remote: listing,
             fresh,
@@ -1573,7 +1577,8 @@ impl PushCore<'_> {
                 .collect();
             if !names.is_empty() {
                 names.sort_by(|a, b| a.0.cmp(&b.0));
-                self.deletes.push(RemoteDelete { rel: frame.rel.clone(), mode: frame.mode, mtime: frame.mtime, names });
+                let (rel, mode, owner, mtime) = (frame.rel.clone(), frame.mode, frame.owner, frame.mtime);
+                self.deletes.push(RemoteDelete { rel, mode, owner, mtime, names });
             }
         }
         let mut finished = Vec::new();
@@ -1623,7 +1628,7 @@ impl PushCore<'_> {
             self.run.summary.symlinks += 1;
             return;
         }
-        match self.ctl.symlink(remote, target, md_mtime(md)) {
+        match self.ctl.symlink(remote, target, (md.uid(), md.gid()), md_mtime(md)) {
             Ok(()) => self.run.summary.symlinks += 1,
             Err(e) => {
                 let shown = self.url(remote);
@@ -1643,7 +1648,7 @@ impl PushCore<'_> {
         if self.run.opts.dry_run {
             return;
         }
-        match self.ctl.set_meta(remote, mode, md_mtime(md)) {
+        match self.ctl.set_meta(remote, mode, (md.uid(), md.gid()), md_mtime(md)) {
             Ok(()) => self.run.summary.attrs_updated += 1,
             Err(e) => {
                 let shown = self.url(remote);
@@ -1762,7 +1767,7 @@ impl PushCore<'_> {
             if !self.run.opts.dry_run {
                 // The deletions changed the directory's mtime: give it back the source's.
                 let path = join(&self.target, &rec.rel);
-                if let Err(ReqError::Broken(m)) = self.ctl.set_meta(&path, rec.mode, rec.mtime) {
+                if let Err(ReqError::Broken(m)) = self.ctl.set_meta(&path, rec.mode, rec.owner, rec.mtime) {
                     return self.run.broken(m);
                 }
             }

@@ -24,6 +24,14 @@ fn tree_with_empty_dirs(root: &Path) {
     chmod(&root.join("sub/deep/d.bin"), 0o600);
     chmod(&root.join("b.bin"), 0o755);
     set_times(&root.join("sub/empty_file"), 1_300_000_500, 42);
+    // Owners other than the runner's on a directory, a symlink and a file, where the tests may give them away:
+    // compare_trees checks owners, so a push or pull that drops one fails.
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        lchown(&root.join("sub/empty"), 4321, 8765);
+        lchown(&root.join("link_to_a"), 4322, 8766);
+        lchown(&root.join("b.bin"), 4323, 8767);
+    }
     stamp_dir_times(root, 1_200_000_000);
 }
 

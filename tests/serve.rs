@@ -234,10 +234,26 @@ fn put_data(id: u64, offset: u64, bytes: &[u8]) -> Msg {
     Msg::PutData { id, offset, digest: *blake3::hash(bytes).as_bytes(), bytes: bytes.to_vec() }
 }
 
-fn put_end(id: u64, mode: u32, mtime: (i64, u32)) -> Msg {
+fn me() -> (u32, u32) {
     // SAFETY: no preconditions.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+fn put_end(id: u64, mode: u32, mtime: (i64, u32)) -> Msg {
+    let (uid, gid) = me();
     Msg::PutEnd { id, mode, uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1, fsync: true }
+}
+
+/// `SetMeta` keeping the server's own owner.
+fn set_meta(path: &str, mode: u32, mtime: (i64, u32)) -> Msg {
+    let (uid, gid) = me();
+    Msg::SetMeta { path: path.into(), mode, uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1 }
+}
+
+/// `Symlink` owned by the server's own user.
+fn symlink(path: &str, target: &str, mtime: (i64, u32)) -> Msg {
+    let (uid, gid) = me();
+    Msg::Symlink { path: path.into(), target: target.into(), uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1 }
 }
 
 /// Put a whole file through one connection.
@@ -564,18 +580,30 @@ fn mkdir_set_meta_symlink_and_delete() {
     assert_eq!(c.refused(&Msg::Mkdir { path: "f".into(), mode: 0o755 }).0, code::IO);
     assert_eq!(c.refused(&Msg::Mkdir { path: "no/d".into(), mode: 0o755 }).0, code::NOT_FOUND);
 
-    c.ok(&Msg::SetMeta { path: "d".into(), mode: 0o750, mtime_sec: 1_234_567_890, mtime_nsec: 42 });
+    c.ok(&set_meta("d", 0o750, (1_234_567_890, 42)));
     assert_eq!((mode_of(&root.join("d")), mtime_of(&root.join("d"))), (0o750, (1_234_567_890, 42)));
-    c.ok(&Msg::SetMeta { path: "f".into(), mode: 0o604, mtime_sec: 7, mtime_nsec: 8 });
+    c.ok(&set_meta("f", 0o604, (7, 8)));
     assert_eq!((mode_of(&root.join("f")), mtime_of(&root.join("f"))), (0o604, (7, 8)));
 
-    c.ok(&Msg::Symlink { path: "d/l".into(), target: "../anywhere".into(), mtime_sec: 99, mtime_nsec: 1 });
+    c.ok(&symlink("d/l", "../anywhere", (99, 1)));
     assert_eq!(fs::read_link(root.join("d/l")).unwrap(), Path::new("../anywhere"));
     assert_eq!(mtime_of(&root.join("d/l")), (99, 1));
-    c.ok(&Msg::Symlink { path: "d/l".into(), target: "f".into(), mtime_sec: 100, mtime_nsec: 0 });
+    c.ok(&symlink("d/l", "f", (100, 0)));
     assert_eq!(fs::read_link(root.join("d/l")).unwrap(), Path::new("f"));
+    // Owners: given away where the server may (root), kept otherwise (EPERM is not an error), never followed.
+    let (uid, gid) = me();
+    let other = (4321, 8765);
+    let want = if uid == 0 { other } else { (uid, gid) };
+    let (uid_o, gid_o) = other;
+    c.ok(&Msg::Symlink { path: "d/o".into(), target: "f".into(), uid: uid_o, gid: gid_o, mtime_sec: 3, mtime_nsec: 4 });
+    c.ok(&Msg::SetMeta { path: "d".into(), mode: 0o750, uid: uid_o, gid: gid_o, mtime_sec: 1, mtime_nsec: 2 });
+    let owner = |p: &Path| fs::symlink_metadata(p).map(|m| (m.uid(), m.gid())).unwrap();
+    assert_eq!((owner(&root.join("d")), owner(&root.join("d/o"))), (want, want));
+    assert_eq!(owner(&root.join("f")), (uid, gid), "the link's target keeps its owner");
+    assert_eq!((mode_of(&root.join("d")), mtime_of(&root.join("d")), mtime_of(&root.join("d/o"))), (0o750, (1, 2), (3, 4)));
+    c.ok(&Msg::Delete { path: "d/o".into() });
     assert_eq!(
-        c.refused(&Msg::Symlink { path: "d".into(), target: "x".into(), mtime_sec: 0, mtime_nsec: 0 }).0,
+        c.refused(&symlink("d", "x", (0, 0))).0,
         code::IO
     );
     assert_no_tmp(&root);
@@ -643,9 +671,9 @@ fn paths_that_leave_the_root_are_refused_and_nothing_outside_is_touched() {
         assert_eq!(c.refused(&put).0, code::PATH_ESCAPES, "put {p}");
         assert_eq!(c.refused(&Msg::Mkdir { path: p.into(), mode: 0o777 }).0, code::PATH_ESCAPES, "mkdir {p}");
         assert_eq!(c.refused(&Msg::Delete { path: p.into() }).0, code::PATH_ESCAPES, "delete {p}");
-        let sym = Msg::Symlink { path: p.into(), target: "x".into(), mtime_sec: 0, mtime_nsec: 0 };
+        let sym = symlink(p, "x", (0, 0));
         assert_eq!(c.refused(&sym).0, code::PATH_ESCAPES, "symlink {p}");
-        let meta = Msg::SetMeta { path: p.into(), mode: 0o777, mtime_sec: 5, mtime_nsec: 0 };
+        let meta = set_meta(p, 0o777, (5, 0));
         assert_eq!(c.refused(&meta).0, code::PATH_ESCAPES, "set meta {p}");
     }
     for p in ["../outside", "out/sub"] {
@@ -658,13 +686,13 @@ fn paths_that_leave_the_root_are_refused_and_nothing_outside_is_touched() {
     let one = c.list("out", true).unwrap();
     assert_eq!((one.len(), one[0].kind), (1, EntryKind::Symlink));
     // Metadata on a symlink: its own times only, never its target's mode.
-    c.ok(&Msg::SetMeta { path: "sec".into(), mode: 0o777, mtime_sec: 5, mtime_nsec: 0 });
+    c.ok(&set_meta("sec", 0o777, (5, 0)));
     assert_eq!(mtime_of(&root.join("sec")), (5, 0));
     // Replacing or deleting a link replaces or deletes the link.
     put_file(&mut c, 10, "sec", b"mine", 0o644, (1, 0)).unwrap();
     c.ok(&Msg::Delete { path: "out".into() });
     assert!(!root.join("out").exists());
-    c.ok(&Msg::Symlink { path: "rel".into(), target: "elsewhere".into(), mtime_sec: 0, mtime_nsec: 0 });
+    c.ok(&symlink("rel", "elsewhere", (0, 0)));
 
     assert_eq!(snapshot(&outside), before, "something outside the root changed");
     assert_eq!(snapshot(&outside.join("sub")), Vec::new());
@@ -689,8 +717,8 @@ fn a_read_only_server_refuses_every_write() {
         put_end(1, 0o644, (0, 0)),
         Msg::PutAbort { id: 1 },
         Msg::Mkdir { path: "d2".into(), mode: 0o755 },
-        Msg::SetMeta { path: "f".into(), mode: 0o777, mtime_sec: 0, mtime_nsec: 0 },
-        Msg::Symlink { path: "l".into(), target: "f".into(), mtime_sec: 0, mtime_nsec: 0 },
+        set_meta("f", 0o777, (0, 0)),
+        symlink("l", "f", (0, 0)),
         Msg::Delete { path: "f".into() },
         Msg::Delete { path: "d".into() },
     ];
@@ -880,8 +908,8 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
         Msg::PutBegin { id: 42, path: b"d/f".to_vec(), size: 100, mode: 0o644 },
         Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
         Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
-        Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), mtime_sec: 1, mtime_nsec: 1 },
-        Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, mtime_sec: 1, mtime_nsec: 0 },
+        Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), uid: 1, gid: 2, mtime_sec: 1, mtime_nsec: 1 },
+        Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, uid: 3, gid: 4, mtime_sec: 1, mtime_nsec: 0 },
         Msg::Bye,
     ];
     let frames: Vec<Vec<u8>> = seeds

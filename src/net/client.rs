@@ -458,14 +458,19 @@ impl Connection {
         self.expect_ok(&Msg::Mkdir { path: path.to_vec(), mode })
     }
 
-    pub fn set_meta(&mut self, path: &[u8], mode: u32, mtime: (i64, u32)) -> Result<(), ReqError> {
-        self.expect_ok(&Msg::SetMeta { path: path.to_vec(), mode, mtime_sec: mtime.0, mtime_nsec: mtime.1 })
+    /// `SetMeta`: owner `(uid, gid)` where the server may, permission bits and mtime of `path`.
+    pub fn set_meta(&mut self, path: &[u8], mode: u32, owner: (u32, u32), mtime: (i64, u32)) -> Result<(), ReqError> {
+        let (uid, gid) = owner;
+        self.expect_ok(&Msg::SetMeta { path: path.to_vec(), mode, uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1 })
     }
 
-    pub fn symlink(&mut self, path: &[u8], target: &[u8], mtime: (i64, u32)) -> Result<(), ReqError> {
+    /// `Symlink`: create or replace `path`, owned by `owner` where the server may.
+    pub fn symlink(&mut self, path: &[u8], target: &[u8], owner: (u32, u32), mtime: (i64, u32)) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Symlink {
             path: path.to_vec(),
             target: target.to_vec(),
+            uid: owner.0,
+            gid: owner.1,
             mtime_sec: mtime.0,
             mtime_nsec: mtime.1,
         })

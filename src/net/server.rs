@@ -485,11 +485,11 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
             Ok(Msg::Ok)
         }
         Msg::Mkdir { path, mode } => mkdir(shared, &path, mode).map(|()| Msg::Ok),
-        Msg::SetMeta { path, mode, mtime_sec, mtime_nsec } => {
-            set_meta(shared, &path, mode, (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
+        Msg::SetMeta { path, mode, uid, gid, mtime_sec, mtime_nsec } => {
+            set_meta(shared, &path, mode, (uid, gid), (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
         }
-        Msg::Symlink { path, target, mtime_sec, mtime_nsec } => {
-            symlink(shared, &path, &target, (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
+        Msg::Symlink { path, target, uid, gid, mtime_sec, mtime_nsec } => {
+            symlink(shared, &path, &target, (uid, gid), (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
         }
         Msg::Delete { path } => delete(shared, &path).map(|()| Msg::Ok),
         other => {
@@ -1457,15 +1457,8 @@ fn finish(t: &Transfer, f: &Finish) -> Result<(), Fail> {
     let fd = t.file.as_raw_fd();
     let rel = &t.rel;
     t.file.set_len(t.size).map_err(|e| Fail::io("cannot write", rel, e))?;
-    // Owner first: chown clears set-id bits, which the chmod then sets. Not being allowed to give files away
-    // (not root) is expected.
-    // SAFETY: valid descriptor.
-    if unsafe { libc::fchown(fd, f.uid, f.gid) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EPERM) {
-            return Err(Fail::io("cannot set owner of", rel, e));
-        }
-    }
+    // Owner first: chown clears set-id bits, which the chmod then sets. AT_EMPTY_PATH: the descriptor itself.
+    chown_at(fd, c"", (f.uid, f.gid), libc::AT_EMPTY_PATH, rel)?;
     // SAFETY: valid descriptor.
     cvt(unsafe { libc::fchmod(fd, (f.mode & 0o7777) as libc::mode_t) })
         .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
@@ -1511,16 +1504,31 @@ fn mkdir(shared: &Shared, rel: &[u8], mode: u32) -> Result<(), Fail> {
     }
 }
 
-fn set_meta(shared: &Shared, rel: &[u8], mode: u32, mtime: (i64, u32)) -> Result<(), Fail> {
+/// Give `name` in `dir` (or `dir` itself, with `AT_EMPTY_PATH` and an empty name) to `owner`, never following a
+/// symlink. Not being allowed to give entries away (a server that is not root) is expected: the owner stays the
+/// server's, as with `rsync` run by an ordinary user.
+fn chown_at(dir: RawFd, name: &CStr, owner: (u32, u32), flags: libc::c_int, rel: &[u8]) -> Result<(), Fail> {
+    // SAFETY: valid descriptor and C string.
+    match cvt(unsafe { libc::fchownat(dir, name.as_ptr(), owner.0, owner.1, flags | libc::AT_SYMLINK_NOFOLLOW) }) {
+        Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Fail::io("cannot set owner of", rel, e)),
+        _ => Ok(()),
+    }
+}
+
+fn set_meta(shared: &Shared, rel: &[u8], mode: u32, owner: (u32, u32), mtime: (i64, u32)) -> Result<(), Fail> {
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
     let mode = (mode & 0o7777) as libc::mode_t;
     let Some(name) = &p.name else {
-        // The root itself.
+        // The root itself. Owner first: chown clears set-id bits, which the chmod then sets.
+        chown_at(p.raw(), c"", owner, libc::AT_EMPTY_PATH, rel)?;
         // SAFETY: valid descriptor.
         cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
         return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));
     };
     let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+    if (st.st_uid, st.st_gid) != owner {
+        chown_at(p.raw(), name, owner, 0, rel)?;
+    }
     if kind_of(&st) != EntryKind::Symlink {
         // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
         // stat, the call fails instead of changing what it points to.
@@ -1530,7 +1538,7 @@ fn set_meta(shared: &Shared, rel: &[u8], mode: u32, mtime: (i64, u32)) -> Result
     set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))
 }
 
-fn symlink(shared: &Shared, rel: &[u8], target: &[u8], mtime: (i64, u32)) -> Result<(), Fail> {
+fn symlink(shared: &Shared, rel: &[u8], target: &[u8], owner: (u32, u32), mtime: (i64, u32)) -> Result<(), Fail> {
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create symlink", rel, e))?;
     let Some(name) = &p.name else {
         return Err(Fail::new(code::IO, "cannot replace the served root with a symlink"));
@@ -1542,8 +1550,8 @@ fn symlink(shared: &Shared, rel: &[u8], target: &[u8], mtime: (i64, u32)) -> Res
         cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, tmp.as_ptr()) }).map(drop)
     })
     .map_err(|e| Fail::io("cannot create symlink", rel, e))?;
-    let placed = set_mtime_at(p.raw(), &tmp, mtime)
-        .map_err(|e| Fail::io("cannot set times on", rel, e))
+    let placed = chown_at(p.raw(), &tmp, owner, 0, rel)
+        .and_then(|()| set_mtime_at(p.raw(), &tmp, mtime).map_err(|e| Fail::io("cannot set times on", rel, e)))
         .and_then(|()| rename_into_place(p.raw(), &tmp, name, rel));
     if placed.is_err() {
         let _ = unlink_at(p.raw(), &tmp, 0);

@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build; a peer with another version is refused with a clear error.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame body (kind + fields): one data chunk plus headroom for its header.
 pub const FRAME_BYTES_MAX: usize = CHUNK_BYTES_MAX + 64 * 1024;
 /// Largest data chunk in one frame.
@@ -210,17 +210,23 @@ pub enum Msg {
         path: Vec<u8>,
         mode: u32,
     },
-    /// Set a directory's (or file's) permission bits and mtime; symlinks: mtime only. `Ok`/`Error`.
+    /// Set a directory's (or file's) owner (where the server may), permission bits and mtime; symlinks: owner and
+    /// mtime only. `Ok`/`Error`.
     SetMeta {
         path: Vec<u8>,
         mode: u32,
+        uid: u32,
+        gid: u32,
         mtime_sec: i64,
         mtime_nsec: u32,
     },
-    /// Create (or replace) symlink `path` pointing to `target`. `Ok`/`Error`.
+    /// Create (or replace) symlink `path` pointing to `target`, owned by `uid:gid` where the server may.
+    /// `Ok`/`Error`.
     Symlink {
         path: Vec<u8>,
         target: Vec<u8>,
+        uid: u32,
+        gid: u32,
         mtime_sec: i64,
         mtime_nsec: u32,
     },
@@ -517,17 +523,21 @@ impl Msg {
                 o.bytes(path);
                 o.u32(*mode);
             }
-            Msg::SetMeta { path, mode, mtime_sec, mtime_nsec } => {
+            Msg::SetMeta { path, mode, uid, gid, mtime_sec, mtime_nsec } => {
                 o.u8(K_SET_META);
                 o.bytes(path);
                 o.u32(*mode);
+                o.u32(*uid);
+                o.u32(*gid);
                 o.i64(*mtime_sec);
                 o.u32(*mtime_nsec);
             }
-            Msg::Symlink { path, target, mtime_sec, mtime_nsec } => {
+            Msg::Symlink { path, target, uid, gid, mtime_sec, mtime_nsec } => {
                 o.u8(K_SYMLINK);
                 o.bytes(path);
                 o.bytes(target);
+                o.u32(*uid);
+                o.u32(*gid);
                 o.i64(*mtime_sec);
                 o.u32(*mtime_nsec);
             }
@@ -597,12 +607,19 @@ impl Msg {
             K_RESUMED => Msg::Resumed { recorded_bytes: i.u64()? },
             K_PUT_CHECK => Msg::PutCheck { id: i.u64()?, offset: i.u64()?, len: i.u64()?, digest: i.arr()? },
             K_MKDIR => Msg::Mkdir { path: i.path()?, mode: i.u32()? & 0o7777 },
-            K_SET_META => {
-                Msg::SetMeta { path: i.path()?, mode: i.u32()? & 0o7777, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? }
-            }
+            K_SET_META => Msg::SetMeta {
+                path: i.path()?,
+                mode: i.u32()? & 0o7777,
+                uid: i.u32()?,
+                gid: i.u32()?,
+                mtime_sec: i.i64()?,
+                mtime_nsec: i.nsec()?,
+            },
             K_SYMLINK => Msg::Symlink {
                 path: i.path()?,
                 target: i.bytes(PATH_BYTES_MAX, "symlink target")?,
+                uid: i.u32()?,
+                gid: i.u32()?,
                 mtime_sec: i.i64()?,
                 mtime_nsec: i.nsec()?,
             },
@@ -810,8 +827,8 @@ mod tests {
             Msg::Resumed { recorded_bytes: 1 << 30 },
             Msg::PutCheck { id: 43, offset: 4 << 20, len: 4 << 20, digest: [6; 32] },
             Msg::Mkdir { path: b"d".to_vec(), mode: 0o755 },
-            Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, mtime_sec: 1, mtime_nsec: 0 },
-            Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), mtime_sec: 1, mtime_nsec: 1 },
+            Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, uid: 5, gid: 6, mtime_sec: 1, mtime_nsec: 0 },
+            Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), uid: 7, gid: 8, mtime_sec: 1, mtime_nsec: 1 },
             Msg::Delete { path: b"old".to_vec() },
             Msg::Bye,
         ]
