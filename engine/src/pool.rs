@@ -1,16 +1,20 @@
 //! Page-aligned buffer memory: one arena per shard, cut into equal slots (one slot = one I/O block in flight).
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
 /// Alignment of every slot: enough for O_DIRECT on any common device and for page-granular registration.
 pub const ALIGN_BYTES: usize = 4096;
 
+/// Size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
 /// A fixed-size, page-aligned allocation divided into `slots` blocks of `block_bytes`. Allocated once at shard
 /// start and never grown: the shard's memory bound.
 pub struct AlignedArena {
     ptr: NonNull<u8>,
-    layout: Layout,
+    len_bytes: usize,
+    /// The whole mapping (the arena plus the slack cut off for alignment is unmapped at once in `drop`).
+    map: (*mut libc::c_void, usize),
     block_bytes: usize,
     slots: usize,
 }
@@ -20,15 +24,44 @@ pub struct AlignedArena {
 unsafe impl Send for AlignedArena {}
 
 impl AlignedArena {
-    /// Allocate `slots` blocks of `block_bytes` (a multiple of [`ALIGN_BYTES`]).
+    /// Allocate `slots` blocks of `block_bytes` (a multiple of [`ALIGN_BYTES`]): zeroed, faulted in lazily.
+    ///
+    /// An arena of 2 MiB or more starts on a 2 MiB boundary and asks for transparent huge pages
+    /// (`MADV_HUGEPAGE`, honoured when THP is `madvise` or `always`). This matters for direct I/O from registered
+    /// buffers: the kernel hands a fixed buffer to the block layer as one segment per physically contiguous run,
+    /// so a 1 MiB read into 4 KiB pages is up to 256 segments (a virtio disk caps a request at `max_segments`,
+    /// often 254, and pays per descriptor), while in huge pages it is one. Measured on this project's virtio disk:
+    /// sequential 1 MiB x qd32 direct reads went from 0.85 to 2.1 GB/s (docs/DESIGN.md, "Buffer memory").
     pub fn new(block_bytes: usize, slots: usize) -> Self {
         assert!(block_bytes > 0 && block_bytes.is_multiple_of(ALIGN_BYTES), "block size must be page-aligned");
         assert!(slots > 0, "an arena needs at least one slot");
-        let layout = Layout::from_size_align(block_bytes * slots, ALIGN_BYTES).expect("arena layout");
-        // SAFETY: layout has non-zero size.
-        let ptr =
-            NonNull::new(unsafe { alloc_zeroed(layout) }).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedArena { ptr, layout, block_bytes, slots }
+        let len_bytes = block_bytes.checked_mul(slots).expect("arena size overflows usize");
+        let align = if len_bytes >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { ALIGN_BYTES };
+        let map_bytes = len_bytes + (align - ALIGN_BYTES);
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            let layout = std::alloc::Layout::from_size_align(len_bytes, align).expect("arena layout");
+            std::alloc::handle_alloc_error(layout);
+        }
+        let start = (map as usize).next_multiple_of(align);
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE_BYTES {
+            // Advice only: without THP the arena is ordinary pages, which is correct, only slower for direct I/O.
+            // SAFETY: the range lies inside the mapping just made.
+            unsafe { libc::madvise(start as *mut libc::c_void, len_bytes, libc::MADV_HUGEPAGE) };
+        }
+        let ptr = NonNull::new(start as *mut u8).expect("mmap returned a non-null address");
+        AlignedArena { ptr, len_bytes, map: (map, map_bytes), block_bytes, slots }
     }
 
     pub fn block_bytes(&self) -> usize {
@@ -58,14 +91,14 @@ impl AlignedArena {
 
     /// The whole arena as (address, length), for buffer registration.
     pub fn as_raw(&self) -> (*mut u8, usize) {
-        (self.ptr.as_ptr(), self.layout.size())
+        (self.ptr.as_ptr(), self.len_bytes)
     }
 }
 
 impl Drop for AlignedArena {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: the mapping made in `new`; every borrow of a slot ended with the arena's owner.
+        unsafe { libc::munmap(self.map.0, self.map.1) };
     }
 }
 
@@ -83,5 +116,15 @@ mod tests {
         // SAFETY: no I/O in flight in a test.
         unsafe { a.slot_mut(2)[8191] = 7 };
         assert_eq!(a.as_raw().1, 3 * 8192);
+    }
+
+    #[test]
+    fn large_arenas_start_on_a_huge_page_and_are_zeroed() {
+        let a = AlignedArena::new(1 << 20, 5);
+        assert_eq!(a.slot_ptr(0) as usize % HUGE_PAGE_BYTES, 0);
+        // SAFETY: no I/O in flight in a test.
+        let last = unsafe { a.slot_mut(4) };
+        assert!(last.iter().all(|&b| b == 0));
+        last[(1 << 20) - 1] = 1;
     }
 }
