@@ -26,18 +26,24 @@ unsafe impl Send for AlignedArena {}
 impl AlignedArena {
     /// Allocate `slots` blocks of `block_bytes` (a multiple of [`ALIGN_BYTES`]): zeroed, faulted in lazily.
     ///
-    /// An arena of 2 MiB or more starts on a 2 MiB boundary and asks for transparent huge pages
-    /// (`MADV_HUGEPAGE`, honoured when THP is `madvise` or `always`). This matters for direct I/O from registered
-    /// buffers: the kernel hands a fixed buffer to the block layer as one segment per physically contiguous run,
-    /// so a 1 MiB read into 4 KiB pages is up to 256 segments (a virtio disk caps a request at `max_segments`,
-    /// often 254, and pays per descriptor), while in huge pages it is one. Measured on this project's virtio disk:
-    /// sequential 1 MiB x qd32 direct reads went from 0.85 to 2.1 GB/s (docs/DESIGN.md, "Buffer memory").
+    /// An arena of 1 MiB or more starts on a 2 MiB boundary, is rounded up to whole 2 MiB, and asks for
+    /// transparent huge pages (`MADV_HUGEPAGE`, honoured when THP is `madvise` or `always`). This matters for direct
+    /// I/O: the kernel hands a buffer to the block layer as one segment per physically contiguous run, so a 1 MiB
+    /// read into 4 KiB pages is up to 256 segments (a virtio disk caps a request at `max_segments`, often 254, and
+    /// pays per descriptor), while in huge pages it is one. Measured on this project's virtio disk: sequential
+    /// 1 MiB x qd32 direct reads went from 0.85 to 2.7 GB/s (docs/DESIGN.md, "Buffer memory").
     pub fn new(block_bytes: usize, slots: usize) -> Self {
         assert!(block_bytes > 0 && block_bytes.is_multiple_of(ALIGN_BYTES), "block size must be page-aligned");
         assert!(slots > 0, "an arena needs at least one slot");
         let len_bytes = block_bytes.checked_mul(slots).expect("arena size overflows usize");
-        let align = if len_bytes >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { ALIGN_BYTES };
-        let map_bytes = len_bytes + (align - ALIGN_BYTES);
+        // From 1 MiB up (one direct-I/O block), whole huge pages: a 1 MiB arena costs 2 MiB once touched.
+        let huge = len_bytes >= HUGE_PAGE_BYTES / 2;
+        let (align, used_bytes) = if huge {
+            (HUGE_PAGE_BYTES, len_bytes.next_multiple_of(HUGE_PAGE_BYTES))
+        } else {
+            (ALIGN_BYTES, len_bytes)
+        };
+        let map_bytes = used_bytes + (align - ALIGN_BYTES);
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let map = unsafe {
             libc::mmap(
@@ -55,10 +61,10 @@ impl AlignedArena {
         }
         let start = (map as usize).next_multiple_of(align);
         #[cfg(target_os = "linux")]
-        if align == HUGE_PAGE_BYTES {
+        if huge {
             // Advice only: without THP the arena is ordinary pages, which is correct, only slower for direct I/O.
             // SAFETY: the range lies inside the mapping just made.
-            unsafe { libc::madvise(start as *mut libc::c_void, len_bytes, libc::MADV_HUGEPAGE) };
+            unsafe { libc::madvise(start as *mut libc::c_void, used_bytes, libc::MADV_HUGEPAGE) };
         }
         let ptr = NonNull::new(start as *mut u8).expect("mmap returned a non-null address");
         AlignedArena { ptr, len_bytes, map: (map, map_bytes), block_bytes, slots }

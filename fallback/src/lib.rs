@@ -5,8 +5,10 @@
 //! (`FICLONE`) for whole files, else `copy_file_range`, falling back to `pread`/`pwrite` wherever those are refused.
 //! Finishing (metadata, fsync, rename) is [`fastsync_engine::finish_file`], shared with the io_uring engine.
 //!
-//! The engine honours the contract in [`fastsync_engine`]; it declines O_DIRECT ([`Capabilities::direct_io`] is
-//! false), so the planner never hands it a [`fastsync_engine::ChunkedFile`] with `direct` set.
+//! The engine honours the contract in [`fastsync_engine`]. On Linux it takes O_DIRECT ranges
+//! ([`Capabilities::direct_io`]): aligned blocks through the arena with `pread`/`pwrite`, one at a time per shard
+//! thread; elsewhere it declines them, so the planner never hands it a [`fastsync_engine::ChunkedFile`] with
+//! `direct` set.
 
 mod bench;
 mod shard;
@@ -34,7 +36,7 @@ impl Engine for FallbackEngine {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { direct_io: false }
+        Capabilities { direct_io: cfg!(target_os = "linux") }
     }
 
     fn start(&self, config: &EngineConfig) -> Result<Session, EngineError> {

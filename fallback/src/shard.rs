@@ -14,6 +14,9 @@ use fastsync_engine::{
 use crate::sys;
 use fastsync_engine::offload::{Offload, offload_file, offload_range};
 
+/// The I/O alignment O_DIRECT needs on every device we expect (buffers are page-aligned slots of the arena).
+const DIRECT_ALIGN_BYTES: usize = 4096;
+
 /// The names one copy deals with, for errors: where bytes come from, the file written, the name users asked for.
 struct Names<'a> {
     src: &'a Path,
@@ -139,6 +142,11 @@ impl Shard {
         let names = Names { src: &file.src, dst: &file.dst };
         let verify = file.finish.verify;
         let end = job.offset + job.len;
+        if file.direct {
+            // O_DIRECT descriptors: aligned blocks through the arena (the kernel's copy would go through the page
+            // cache, or refuse them).
+            return self.copy_blocks_direct(src, dst, &names, job.offset, end, verify, written_bytes);
+        }
         let start = if verify {
             job.offset
         } else {
@@ -148,6 +156,57 @@ impl Shard {
             }
         };
         self.copy_blocks(src, dst, &names, start, Some(end), verify, written_bytes)
+    }
+
+    /// Copy `[start, end)` between descriptors opened with O_DIRECT, one block at a time through slot 0: offsets
+    /// and lengths are multiples of 4 KiB (the ranges start on block boundaries; the file's last block is read and
+    /// written whole, zero-padded, and the size is fixed by the truncate when the file is finished). With `verify`,
+    /// each block is read back and compared by BLAKE3 like [`Self::copy_blocks`].
+    #[allow(clippy::too_many_arguments)]
+    fn copy_blocks_direct(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        names: &Names<'_>,
+        start: u64,
+        end: u64,
+        verify: bool,
+        written_bytes: &mut u64,
+    ) -> Result<(), JobError> {
+        let block_bytes = self.arena.block_bytes();
+        // SAFETY: the shard runs one job at a time with blocking syscalls: nothing else touches slot 0 meanwhile.
+        let slot = unsafe { self.arena.slot_mut(0) };
+        let calls = &mut self.stats.syscalls;
+        let mut offset = start;
+        while offset < end {
+            let want_bytes = (end - offset).min(block_bytes as u64) as usize;
+            let io_bytes = want_bytes.next_multiple_of(DIRECT_ALIGN_BYTES).min(block_bytes);
+            let block = &mut slot[..io_bytes];
+            let read_bytes =
+                sys::pread_full(src, block, offset, calls).map_err(|e| JobError::new(Op::Read, names.src, e))?;
+            if read_bytes < want_bytes {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copying");
+                return Err(JobError::new(Op::SourceChanged, names.src, e));
+            }
+            // Past the source's end (the padding of the last block): zeros, cut off by the final truncate.
+            block[want_bytes..].fill(0);
+            let source_hash = verify.then(|| blake3::hash(&block[..want_bytes]));
+            sys::pwrite_all(dst, block, offset, calls).map_err(|e| JobError::new(Op::Write, names.dst, e))?;
+            *written_bytes += want_bytes as u64;
+            if let Some(source_hash) = source_hash {
+                let back_bytes =
+                    sys::pread_full(dst, block, offset, calls).map_err(|e| JobError::new(Op::Verify, names.dst, e))?;
+                if back_bytes < want_bytes || blake3::hash(&block[..want_bytes]) != source_hash {
+                    let e = io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("destination differs from source (BLAKE3 mismatch at offset {offset})"),
+                    );
+                    return Err(JobError::new(Op::Verify, names.dst, e));
+                }
+            }
+            offset += want_bytes as u64;
+        }
+        Ok(())
     }
 
     /// Copy `[start, end)`, or from `start` to end of file when `end` is `None`, one block at a time through slot 0.
