@@ -148,10 +148,13 @@ pub struct TransferArgs {
     /// Read every destination block back and compare its BLAKE3 digest with the source's [config: verify]
     #[arg(long)]
     pub verify: bool,
-    /// Copy files of 64 MiB and more with O_DIRECT (uring engine): no page-cache copies, far less CPU
-    /// [config: direct_io]
-    #[arg(long)]
+    /// Copy files of 64 MiB and more with O_DIRECT (uring engine; the default): no page-cache copies, far less
+    /// CPU [config: direct_io]
+    #[arg(long, overrides_with = "no_direct_io")]
     pub direct_io: bool,
+    /// Copy every file through the page cache (as cp and rsync do) [config: direct_io = false]
+    #[arg(long, overrides_with = "direct_io")]
+    pub no_direct_io: bool,
     /// Exclude entries matching GLOB (rsync rules; repeatable; order matters with --include)
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
@@ -259,7 +262,11 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         memory_limit: g.memory_limit,
         fsync: transfer.is_some_and(|t| t.fsync),
         verify: transfer.is_some_and(|t| t.verify),
-        direct_io: transfer.is_some_and(|t| t.direct_io),
+        direct_io: transfer.and_then(|t| match (t.direct_io, t.no_direct_io) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }),
     };
     let settings = Settings::load(g.config.as_deref(), &|k| std::env::var_os(k), &overrides)
         .map_err(|e| Error::Refused(e.to_string()))?;

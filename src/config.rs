@@ -167,7 +167,8 @@ pub struct Overrides {
     pub memory_limit: Option<u64>,
     pub fsync: bool,
     pub verify: bool,
-    pub direct_io: bool,
+    /// `--direct-io` (Some(true)) or `--no-direct-io` (Some(false)).
+    pub direct_io: Option<bool>,
 }
 
 /// A configuration that cannot be used. Each message is one line naming the file or variable, the key and what is
@@ -211,7 +212,7 @@ impl Settings {
             memory_limit: Setting::default_of(None),
             fsync: Setting::default_of(false),
             verify: Setting::default_of(false),
-            direct_io: Setting::default_of(false),
+            direct_io: Setting::default_of(true),
         }
     }
 
@@ -451,14 +452,15 @@ impl Settings {
             }
             self.memory_limit.set(Some(v), Source::Flag("--memory-limit"));
         }
-        for (given, slot, flag) in [
-            (flags.fsync, &mut self.fsync, "--fsync"),
-            (flags.verify, &mut self.verify, "--verify"),
-            (flags.direct_io, &mut self.direct_io, "--direct-io"),
-        ] {
+        for (given, slot, flag) in
+            [(flags.fsync, &mut self.fsync, "--fsync"), (flags.verify, &mut self.verify, "--verify")]
+        {
             if given {
                 slot.set(true, Source::Flag(flag));
             }
+        }
+        if let Some(on) = flags.direct_io {
+            self.direct_io.set(on, Source::Flag(if on { "--direct-io" } else { "--no-direct-io" }));
         }
         Ok(())
     }
@@ -646,7 +648,7 @@ mod tests {
         assert_eq!(s.cores.value, None);
         assert_eq!(s.memory_profile.value, MemoryProfile::Default);
         assert_eq!(s.memory_limit.value, None);
-        assert!(!s.fsync.value && !s.verify.value && !s.direct_io.value);
+        assert!(!s.fsync.value && !s.verify.value && s.direct_io.value);
         for source in [
             &s.engine.source,
             &s.cores.source,
@@ -694,7 +696,7 @@ mod tests {
         );
         assert_eq!((s.memory_limit.value, &s.memory_limit.source), (Some(GIB), &Source::Flag("--memory-limit")));
         // Nowhere.
-        assert_eq!((s.direct_io.value, &s.direct_io.source), (false, &Source::Default));
+        assert_eq!((s.direct_io.value, &s.direct_io.source), (true, &Source::Default));
 
         // Each layer alone over the default, for every key.
         let env_all = [
@@ -704,7 +706,7 @@ mod tests {
             ("FASTSYNC_MEMORY_LIMIT", "5G"),
             ("FASTSYNC_FSYNC", "1"),
             ("FASTSYNC_VERIFY", "TRUE"),
-            ("FASTSYNC_DIRECT_IO", "yes"),
+            ("FASTSYNC_DIRECT_IO", "no"),
         ];
         let s = load_with(Some(&file), &env_all, &Overrides::default()).unwrap();
         assert_eq!((s.engine.value, &s.engine.source), (EngineChoice::Uring, &Source::Env("FASTSYNC_ENGINE")));
@@ -714,14 +716,14 @@ mod tests {
             (Some(5 * GIB), &Source::Env("FASTSYNC_MEMORY_LIMIT"))
         );
         assert_eq!(s.fsync.source, Source::Env("FASTSYNC_FSYNC"));
-        assert_eq!((s.direct_io.value, &s.direct_io.source), (true, &Source::Env("FASTSYNC_DIRECT_IO")));
+        assert_eq!((s.direct_io.value, &s.direct_io.source), (false, &Source::Env("FASTSYNC_DIRECT_IO")));
 
         let flags = Overrides {
             engine: Some(EngineChoice::Auto),
             cores: Some(9),
             fsync: true,
             verify: true,
-            direct_io: true,
+            direct_io: Some(true),
             ..Default::default()
         };
         let s = load_with(Some(&file), &env_all, &flags).unwrap();
@@ -729,7 +731,10 @@ mod tests {
         assert_eq!((s.cores.value, &s.cores.source), (Some(9), &Source::Flag("--cores")));
         assert_eq!(s.fsync.source, Source::Flag("--fsync"));
         assert_eq!(s.verify.source, Source::Flag("--verify"));
-        assert_eq!(s.direct_io.source, Source::Flag("--direct-io"));
+        assert_eq!((s.direct_io.value, &s.direct_io.source), (true, &Source::Flag("--direct-io")));
+        let off = Overrides { direct_io: Some(false), ..Default::default() };
+        let s = load_with(Some(&file), &env_all, &off).unwrap();
+        assert_eq!((s.direct_io.value, &s.direct_io.source), (false, &Source::Flag("--no-direct-io")));
     }
 
     #[test]
@@ -1114,7 +1119,7 @@ mod tests {
              memory_limit   = \"1GiB\"           # limit of memory_profile (default)\n\
              fsync          = false            # default\n\
              verify         = false            # default\n\
-             direct_io      = false            # default\n"
+             direct_io      = true             # default\n"
         );
     }
 
@@ -1143,7 +1148,7 @@ mod tests {
         assert_eq!(again.cores.value, Some(16));
         assert_eq!(again.memory_profile.value, MemoryProfile::High);
         assert_eq!(again.memory_limit.value, Some(4 * GIB));
-        assert!(again.fsync.value && again.verify.value && !again.direct_io.value);
+        assert!(again.fsync.value && again.verify.value && again.direct_io.value);
     }
 
     #[test]
@@ -1164,7 +1169,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "config.toml", "cores = 3\n");
-        let flags = Overrides { memory_limit: Some(2 * GIB), direct_io: true, ..Default::default() };
+        let flags = Overrides { memory_limit: Some(2 * GIB), direct_io: Some(true), ..Default::default() };
         let env = [("FASTSYNC_MEMORY_PROFILE", "max-throughput")];
         let s = load_with(Some(&file), &env, &flags).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();

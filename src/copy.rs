@@ -35,10 +35,10 @@ use crate::stale;
 use crate::stats::Summary;
 use crate::sync::{self, Change, DeletePass, Facts, Itemizer, SyncOptions, Verdict};
 
-/// With `--direct-io`, files at least this large are copied with O_DIRECT on engines that support it: the device
-/// moves the bytes straight to and from the registered buffers (no page-cache copies, about a tenth of the CPU) and
-/// the user's page cache is left alone. Off by default: where the page cache is faster than the device (or the
-/// "device" is a VM disk cached by its host), buffered copies finish sooner.
+/// Files at least this large are copied with O_DIRECT on engines that support it (unless `--no-direct-io`): the
+/// device moves the bytes straight to and from the registered, huge-page buffers (no page-cache copies, a fiftieth
+/// of the CPU) and the user's page cache is left alone. Measured (README, Performance): a 4 GiB copy 3.5x faster
+/// than through the page cache, cold or warm. Smaller files stay buffered: their open/close dominates.
 const DIRECT_FILE_BYTES_MIN: u64 = 64 << 20;
 
 /// At most this many failures are kept for the summary (all are printed and counted).

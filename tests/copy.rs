@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ both_engines!(
     full_disk_fails_cleanly,
     direct_io_exact,
     direct_io_verify_exact,
+    buffered_io_exact,
     chunk_boundaries,
     many_small_files,
     deep_nesting,
@@ -520,9 +521,10 @@ fn huge_file(e: Engine) {
     assert_no_tmp(t.path());
 }
 
-/// `--direct-io`: large files go through O_DIRECT on the uring engine (aligned blocks, the unaligned tail written
-/// whole and cut by truncate); the fallback engine declines it and must still copy exactly. Sizes straddle the 64 MiB
-/// threshold and end off a 4 KiB boundary.
+/// Direct I/O (the default, or `--direct-io`): large files go through O_DIRECT on both engines (aligned blocks, the
+/// unaligned tail written whole and cut by truncate; io_uring READ_FIXED/WRITE_FIXED, or pread/pwrite), so the
+/// destination's pages are not left in the page cache; with `--no-direct-io` they go through it. Both copy exactly.
+/// Sizes straddle the 64 MiB threshold and end off a 4 KiB boundary.
 fn direct_io_copies(e: Engine, extra: &[&str]) {
     let t = tmp();
     let src = t.path().join("src");
@@ -532,9 +534,17 @@ fn direct_io_copies(e: Engine, extra: &[&str]) {
         write_big_file(&src.join(format!("f{i}")), 700 + i as u64, *len);
     }
     let dst = t.path().join("dst");
-    let mut args = vec!["--direct-io"];
-    args.extend_from_slice(extra);
-    copy_ok(e, &args, &src, &dst);
+    copy_ok(e, extra, &src, &dst);
+    // Before anything reads the copies back: the largest one went around the page cache or through it. (The
+    // filesystem may not take O_DIRECT, as tmpfs before Linux 6.6: the copy then falls back to buffered I/O.)
+    let direct = !extra.contains(&"--no-direct-io");
+    let cached = cached_fraction(&dst.join("f2"));
+    let fs_direct = fs_takes_o_direct(t.path());
+    if direct && fs_direct {
+        assert!(cached < 0.05, "{e:?} {extra:?}: {:.0}% of the O_DIRECT copy is in the page cache", cached * 100.0);
+    } else if !direct {
+        assert!(cached > 0.95, "{e:?} {extra:?}: only {:.0}% of a buffered copy is in the page cache", cached * 100.0);
+    }
     for (i, len) in sizes.iter().enumerate() {
         let d = dst.join(format!("f{i}"));
         assert_eq!(fs::metadata(&d).unwrap().len(), *len, "size of f{i}");
@@ -544,12 +554,25 @@ fn direct_io_copies(e: Engine, extra: &[&str]) {
     assert_no_tmp(t.path());
 }
 
+/// Whether files in `dir` can be opened with O_DIRECT.
+fn fs_takes_o_direct(dir: &Path) -> bool {
+    let probe = dir.join("o_direct_probe");
+    fs::write(&probe, b"").unwrap();
+    let ok = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+    fs::remove_file(probe).unwrap();
+    ok
+}
+
 fn direct_io_exact(e: Engine) {
     direct_io_copies(e, &[]);
 }
 
 fn direct_io_verify_exact(e: Engine) {
-    direct_io_copies(e, &["--verify"]);
+    direct_io_copies(e, &["--direct-io", "--verify"]);
+}
+
+fn buffered_io_exact(e: Engine) {
+    direct_io_copies(e, &["--no-direct-io"]);
 }
 
 fn chunk_boundaries(e: Engine) {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -343,6 +344,27 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// Writes a large file of `len` bytes with random-looking content cheaply: one random 1 MiB block is generated, and
 /// every 4 KiB page written gets its own file offset and the seed stamped into its first 16 bytes, so misplaced,
 /// duplicated or dropped chunks change the content.
+/// The fraction of `path`'s pages in the page cache (mincore on a read-only mapping, which reads nothing).
+pub fn cached_fraction(path: &Path) -> f64 {
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    if len == 0 {
+        return 0.0;
+    }
+    // SAFETY: a fresh shared read-only mapping of an open file, unmapped below; mincore writes one byte per page
+    // into a vector of that many bytes.
+    unsafe {
+        let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(map, libc::MAP_FAILED, "mmap {}", path.display());
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        let rc = libc::mincore(map, len, vec.as_mut_ptr());
+        libc::munmap(map, len);
+        assert_eq!(rc, 0, "mincore {}", path.display());
+        vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64
+    }
+}
+
 pub fn write_big_file(path: &Path, seed: u64, len: u64) {
     const BLOCK: usize = 1 << 20;
     let base = random_bytes(seed, BLOCK);
