@@ -57,7 +57,7 @@ impl Summary {
         if self.seconds > 0.0 { self.bytes as f64 / self.seconds / 1e9 } else { 0.0 }
     }
 
-    /// One JSON object on one line.
+    /// One JSON object on one line, with the rates and the process's resources so far.
     pub fn to_json(&self) -> String {
         #[derive(Serialize)]
         struct WithRate<'a> {
@@ -65,10 +65,23 @@ impl Summary {
             s: &'a Summary,
             gb_per_s: f64,
             files_per_s: f64,
+            cpu_user_seconds: f64,
+            cpu_system_seconds: f64,
+            peak_rss_bytes: u64,
         }
         let files_per_s = if self.seconds > 0.0 { self.files as f64 / self.seconds } else { 0.0 };
-        serde_json::to_string(&WithRate { s: self, gb_per_s: self.gb_per_s(), files_per_s })
-            .expect("summary serializes")
+        let r = Resources::now();
+        let (cpu_user_seconds, cpu_system_seconds, peak_rss_bytes) =
+            (r.user_seconds, r.system_seconds, r.peak_rss_bytes);
+        let with = WithRate {
+            s: self,
+            gb_per_s: self.gb_per_s(),
+            files_per_s,
+            cpu_user_seconds,
+            cpu_system_seconds,
+            peak_rss_bytes,
+        };
+        serde_json::to_string(&with).expect("summary serializes")
     }
 
     /// One line saying what a `sync` did (printed on stderr unless `-q`): a no-op sync says that nothing was
@@ -118,14 +131,54 @@ impl Summary {
             self.gb_per_s()
         )?;
         if self.streams > 0 {
-            return writeln!(out, "engine: {}  streams: {} (the most at once)", self.engine, self.streams);
+            writeln!(out, "engine: {}  streams: {} (the most at once)", self.engine, self.streams)?;
+        } else {
+            writeln!(
+                out,
+                "engine: {}  cores: {}  engine syscalls: {}  steals: {}",
+                self.engine, self.cores, self.engine_syscalls, self.engine_steals
+            )?;
         }
+        let r = Resources::now();
         writeln!(
             out,
-            "engine: {}  cores: {}  engine syscalls: {}  steals: {}",
-            self.engine, self.cores, self.engine_syscalls, self.engine_steals
+            "cpu: {:.2} s user, {:.2} s system  peak memory: {}",
+            r.user_seconds,
+            r.system_seconds,
+            human_bytes(r.peak_rss_bytes)
         )
     }
+}
+
+/// What the process has used so far: CPU time of every thread (user, system) and its peak resident memory.
+pub struct Resources {
+    pub user_seconds: f64,
+    pub system_seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+impl Resources {
+    pub fn now() -> Resources {
+        // SAFETY: a zeroed rusage is a valid out-parameter.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer; RUSAGE_SELF cannot fail.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Resources {
+            user_seconds: secs(ru.ru_utime),
+            system_seconds: secs(ru.ru_stime),
+            peak_rss_bytes: peak_rss_bytes().unwrap_or(ru.ru_maxrss.max(0) as u64 * 1024),
+        }
+    }
+}
+
+/// `VmHWM` of /proc/self/status: the peak of this program's own memory. (`ru_maxrss` can be higher: a process
+/// started with vfork, as `posix_spawn` does, inherits its parent's peak at `exec`.)
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kib * 1024)
 }
 
 /// Binary-prefixed size, as `ls -h` prints it.
@@ -163,5 +216,8 @@ mod tests {
         assert_eq!(v["files"], 4);
         assert_eq!(v["gb_per_s"], 1.0);
         assert_eq!(v["files_per_s"], 2.0);
+        let rss = v["peak_rss_bytes"].as_u64().unwrap();
+        assert!(rss > 100 << 10 && rss < 1 << 40, "{rss}");
+        assert!(v["cpu_user_seconds"].as_f64().unwrap() + v["cpu_system_seconds"].as_f64().unwrap() > 0.0);
     }
 }
