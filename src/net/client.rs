@@ -465,7 +465,13 @@ impl Connection {
     }
 
     /// `Symlink`: create or replace `path`, owned by `owner` where the server may.
-    pub fn symlink(&mut self, path: &[u8], target: &[u8], owner: (u32, u32), mtime: (i64, u32)) -> Result<(), ReqError> {
+    pub fn symlink(
+        &mut self,
+        path: &[u8],
+        target: &[u8],
+        owner: (u32, u32),
+        mtime: (i64, u32),
+    ) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Symlink {
             path: path.to_vec(),
             target: target.to_vec(),
