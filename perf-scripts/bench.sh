@@ -177,7 +177,7 @@ fresh_dir() {
 own_rm() { [[ ! -e $1/.bench-sh ]] || rm -rf "$1"; }
 cleanup() {
     local rc=$?
-    [[ -z $HUGEPAGES_BEFORE ]] || echo "$HUGEPAGES_BEFORE" >/proc/sys/vm/nr_hugepages
+    hugepages_restore
     if [[ ${FSB_KEEP:-0} != 1 ]]; then
         # fastsync's own files (marked by it) and fio's metadata directory; nothing else in DIR.
         [[ ! -e $FSB_FILES/.fastsync-bench ]] || rm -rf "$FSB_FILES"
@@ -187,7 +187,6 @@ cleanup() {
     fi
     exit "$rc"
 }
-HUGEPAGES_BEFORE=
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- fio's buffer memory
@@ -197,22 +196,9 @@ trap cleanup EXIT
 # reserved for this run and given back at exit.
 if [[ $FIO_MEM != malloc ]]; then
     # Per thread: iodepth x bs of the largest workload (32 x 1 MiB = 16 huge pages) plus one for alignment.
-    pages=$((THREADS * 17 + 2))
-    if ((IS_ROOT)) && [[ -w /proc/sys/vm/nr_hugepages ]]; then
-        HUGEPAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
-        echo $((HUGEPAGES_BEFORE + pages)) >/proc/sys/vm/nr_hugepages
-        got=$(($(cat /proc/sys/vm/nr_hugepages) - HUGEPAGES_BEFORE))
-        if ((got >= pages)); then
-            FIO_MEM=shmhuge
-        else
-            [[ $FIO_MEM == auto ]] || die "could reserve only $got of $pages huge pages for fio (--fio-mem malloc runs without)"
-            FIO_MEM=malloc
-        fi
-    else
-        [[ $FIO_MEM == auto ]] || die "--fio-mem shmhuge needs root to reserve huge pages (vm.nr_hugepages)"
-        FIO_MEM=malloc
-    fi
-    [[ $FIO_MEM == shmhuge ]] || note "fio runs with malloc'd buffers (4 KiB pages): no huge pages could be reserved, so fio's 1 MiB direct I/Os reach the device in more segments than fastsync's"
+    want=$FIO_MEM
+    hugepages_for_fio $((THREADS * 17 + 2))
+    [[ $want == auto || $FIO_MEM == "$want" ]] || die "--fio-mem shmhuge: no huge pages could be reserved (root only; --fio-mem malloc runs without)"
 fi
 meta fio_mem "$FIO_MEM"
 

@@ -21,6 +21,24 @@ open_results() {
 note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
 meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
 
+# Huge pages for fio's buffers (fio --mem=shmhuge), like fastsync's THP-backed arena: without them fio's 1 MiB
+# direct I/Os leave its 4 KiB pages as up to 256 segments, and fio measures its buffers rather than the disk.
+# hugepages_for_fio PAGES: reserves PAGES more (vm.nr_hugepages, root only) and sets FIO_MEM to shmhuge, else to
+# malloc (with a note); hugepages_restore (call it from the EXIT trap) gives them back.
+HUGEPAGES_BEFORE=
+hugepages_for_fio() {
+    FIO_MEM=malloc
+    if [[ $(id -u) -eq 0 && -w /proc/sys/vm/nr_hugepages ]]; then
+        HUGEPAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+        echo $((HUGEPAGES_BEFORE + $1)) >/proc/sys/vm/nr_hugepages
+        (($(cat /proc/sys/vm/nr_hugepages) - HUGEPAGES_BEFORE >= $1)) && FIO_MEM=shmhuge
+    fi
+    [[ $FIO_MEM == shmhuge ]] || note "fio runs with malloc'd buffers (4 KiB pages): no $1 huge pages could be reserved, so fio's 1 MiB direct I/Os reach the device in more segments than fastsync's"
+}
+hugepages_restore() {
+    [[ -z $HUGEPAGES_BEFORE ]] || echo "$HUGEPAGES_BEFORE" >/proc/sys/vm/nr_hugepages
+}
+
 # The small-files set: SMALL_SHAPE = DIRSxSUBDIRSxFILES seeded random files of 1-64 KiB, made once (SMALL.ok).
 make_small() {
     if [[ -f $SMALL.ok ]]; then log "reusing $SMALL"; return; fi

@@ -210,6 +210,7 @@ meta tools "${TOOL_LIST[*]}"
 cleanup() {
     local rc=$?
     rm -rf "$OUT" "$WORK"/fio-*.tmp 2>/dev/null || true
+    hugepages_restore
     # manifests are large (tens of MB for the real set); logs and fio JSON stay
     rm -f "$LOGDIR"/*.manifest "$LOGDIR"/*.meta "$LOGDIR/time.tmp" 2>/dev/null || true
     if [[ ${FSB_KEEP:-0} != 1 ]]; then
@@ -307,7 +308,11 @@ run_fio() { # tag
                 --direct=1 --ioengine=io_uring --iodepth=32 --output=/dev/null
         fi
     fi
-    local common=(--bs=1M --size="${FIO_GIB}G" --direct=1 --ioengine=io_uring --iodepth=32)
+    # Two jobs of 32 x 1 MiB buffers: 2 x 17 huge pages (lib.sh), reserved once.
+    [[ -n ${FIO_MEM:-} ]] || hugepages_for_fio 36
+    # Registered huge-page buffers and batched submission, as fastsync's shards use them (see bench.sh).
+    local common=(--bs=1M --size="${FIO_GIB}G" --direct=1 --ioengine=io_uring --iodepth=32 --fixedbufs=1
+        --mem="$FIO_MEM" --iodepth_batch_submit=32 --iodepth_batch_complete_min=1 --iodepth_batch_complete_max=32)
     local kind
     # rw: one read job and one new-file write job at once; exitall stops both
     #     when the first finishes, so both rates are measured under the
@@ -320,7 +325,7 @@ run_fio() { # tag
         local jobs=()
         [[ $kind == w ]] || jobs+=(--name=read --filename="$rfile" --rw=read "${common[@]}")
         [[ $kind == r ]] || jobs+=(--name=write --filename="$wfile" --rw=write "${common[@]}")
-        log "fio ($tag, $kind): sequential $(case $kind in rw) echo "read + write at once" ;; r) echo read ;; w) echo write ;; esac), ${FIO_GIB} GiB, 1 MiB, O_DIRECT, io_uring QD32"
+        log "fio ($tag, $kind): sequential $(case $kind in rw) echo "read + write at once" ;; r) echo read ;; w) echo write ;; esac), ${FIO_GIB} GiB, 1 MiB, O_DIRECT, io_uring QD32, fixedbufs, mem=$FIO_MEM"
         if fio --output-format=json --output="$LOGDIR/fio-$tag-$kind.json" --exitall "${jobs[@]}" \
             >"$LOGDIR/fio-$tag-$kind.log" 2>&1; then
             FIO_RUNS=$((FIO_RUNS + 1))
