@@ -1395,7 +1395,8 @@ struct Opened2 {
 /// Open the source and the temporary destination of a chunked file. The temporary is the stable `.NAME.fstmp-part`
 /// with its journal (resuming an earlier run's work when the journal describes this very source), or, when another
 /// live run holds that journal, a private name. O_DIRECT is tried when asked and dropped where the filesystem
-/// refuses it (EINVAL, e.g. tmpfs).
+/// refuses it (EINVAL, e.g. tmpfs); a source that is already in the page cache is read through it even then (only
+/// the destination is written directly): memory is faster than the device, which then only has to write.
 #[allow(clippy::too_many_arguments)]
 fn open_pair(
     src: &Path,
@@ -1419,6 +1420,9 @@ fn open_pair(
     };
     let opened_md = fstat(&src_fd).map_err(|e| format!("cannot stat '{}': {e}", src.display()))?;
     let size = opened_md.st_size as u64;
+    if direct && mostly_cached(&src_fd, size) {
+        clear_o_direct(&src_fd).map_err(|e| format!("cannot open '{}': {e}", src.display()))?;
+    }
     // The walk's mtime, not the open file's: a file that changed since the walk is caught by the stamp check.
     let id = SourceId { size, mtime: Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() }, ino: opened_md.st_ino };
     let journal_path = stale::journal(dst);
@@ -1461,6 +1465,45 @@ fn open_pair(
         return Err(format!("cannot create '{}': {e}", dst.display()));
     }
     Ok(Opened2 { src_fd, dst_fd, tmp, direct, journal, recorded, size })
+}
+
+/// Whether nearly all of the first `size` bytes of `fd` are in the page cache, judged from 64 pages spread evenly
+/// over them (`mincore` on a read-only mapping, which reads nothing and costs microseconds for any size).
+fn mostly_cached(fd: &OwnedFd, size: u64) -> bool {
+    const SAMPLES: usize = 64;
+    const PAGE_BYTES: usize = 4096;
+    let Ok(len) = usize::try_from(size) else { return false };
+    if !cfg!(target_os = "linux") || len < PAGE_BYTES {
+        return false;
+    }
+    // SAFETY: a fresh shared read-only mapping of a descriptor we hold, unmapped below; nothing is read through it.
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+    if map == libc::MAP_FAILED {
+        return false;
+    }
+    let mut cached = 0;
+    for i in 0..SAMPLES {
+        let offset = (len / SAMPLES * i) / PAGE_BYTES * PAGE_BYTES;
+        let mut resident = 0u8;
+        // SAFETY: one page inside the mapping; one byte of output for it.
+        let page = unsafe { map.cast::<u8>().add(offset) };
+        if unsafe { libc::mincore(page.cast(), 1, &mut resident) } == 0 && resident & 1 == 1 {
+            cached += 1;
+        }
+    }
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, len) };
+    cached * 10 >= SAMPLES * 9
+}
+
+/// Read `fd` through the page cache from now on (Linux lets `F_SETFL` change O_DIRECT).
+fn clear_o_direct(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !O_DIRECT) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {

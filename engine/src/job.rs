@@ -96,7 +96,9 @@ pub struct ChunkedFile {
     pub dst: PathBuf,
     /// Size of the source when it was opened; the destination was truncated to it.
     pub size: u64,
-    /// Both descriptors were opened with O_DIRECT: I/O must be block-aligned and the size fixed at the end.
+    /// The destination was opened with O_DIRECT (and the source too, unless it was already in the page cache):
+    /// I/O is done in 4 KiB-aligned lengths (a read past the end of a buffered source just stops short) and the size
+    /// is fixed at the end.
     pub direct: bool,
     pub finish: FinishSpec,
     /// Ranges not yet completed.
