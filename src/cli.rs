@@ -246,7 +246,12 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
             Overrides { memory_profile: g.memory_profile, memory_limit: g.memory_limit, ..Overrides::default() };
         let settings = Settings::load(g.config.as_deref(), &|k| std::env::var_os(k), &overrides)
             .map_err(|e| Error::Refused(e.to_string()))?;
-        return crate::net::server::run(a, g.token_file.as_deref(), settings.memory_limit_bytes());
+        return crate::net::server::run(
+            a,
+            g.token_file.as_deref(),
+            settings.memory_limit_bytes(),
+            settings.direct_io.value,
+        );
     }
     let wishes = crate::net::auth::Wishes { encrypt: g.encrypt, compress: g.compress };
     let transfer = match &cli.command {

@@ -53,6 +53,7 @@ use crate::meta::Identity;
 use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
+use crate::net::direct::DirectFile;
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
@@ -2301,6 +2302,8 @@ struct TempFile {
     dir: Arc<OwnedFd>,
     name: CString,
     file: File,
+    /// An O_DIRECT descriptor on `file`, for a large file ([`DirectFile`]).
+    direct: Option<DirectFile>,
     committed: AtomicBool,
     /// Left in place when dropped uncommitted (a resumable part after an interruption or a lost server).
     keep: AtomicBool,
@@ -2317,7 +2320,14 @@ impl TempFile {
     fn create(dir: &Arc<OwnedFd>, final_name: &CStr) -> io::Result<TempFile> {
         let name = tmp_name(final_name);
         let file = at::create_new(dir.as_raw_fd(), &name)?;
-        Ok(TempFile { dir: dir.clone(), name, file, committed: AtomicBool::new(false), keep: AtomicBool::new(false) })
+        let (committed, keep) = (AtomicBool::new(false), AtomicBool::new(false));
+        Ok(TempFile { dir: dir.clone(), name, file, direct: None, committed, keep })
+    }
+
+    /// Received chunks of a file of `size` bytes go through O_DIRECT when `on` and the file is large enough.
+    fn direct_for(mut self, size: u64, on: bool) -> TempFile {
+        self.direct = if on { DirectFile::open(&self.file, size) } else { None };
+        self
     }
 
     /// The resumable temporary (`.NAME.fstmp-part`) and journal (`.NAME.fstmp-journal`) of a large file, as for a
@@ -2354,6 +2364,7 @@ impl TempFile {
             dir: dir.clone(),
             name: part,
             file,
+            direct: None,
             committed: AtomicBool::new(false),
             keep: AtomicBool::new(true),
         };
@@ -2414,6 +2425,8 @@ enum PullTask {
 
 struct PullCfg {
     fsync: bool,
+    /// Large files are written with O_DIRECT.
+    direct_io: bool,
     id: Identity,
 }
 
@@ -2549,7 +2562,7 @@ impl<'a> Pull<'a> {
         };
         let mut run = Run::new(opts, streams);
         run.verbose = net.verbose;
-        let cfg = Arc::new(PullCfg { fsync: opts.fsync, id: run.id });
+        let cfg = Arc::new(PullCfg { fsync: opts.fsync, direct_io: opts.direct_io, id: run.id });
         let wcfg = cfg.clone();
         let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
@@ -2747,7 +2760,7 @@ impl<'a> Pull<'a> {
             Err(e) => Err(e),
         };
         let (tmp, journal, recorded) = match created {
-            Ok(t) => t,
+            Ok((t, j, r)) => (t.direct_for(file.meta.size, c.run.opts.direct_io), j, r),
             Err(err) => {
                 c.run.fail(format!("cannot create '{}': {err}", file.shown.display()));
                 return c.file_done(file.dir, false);
@@ -3172,7 +3185,7 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                 && big.recorded.contains(&(offset, len))
                 && same_range(stream, f, &big.tmp.file, offset, len, done)?;
             if !reused && big.failure.lock().expect("not poisoned").is_none() {
-                let failure = match fetch(stream, f, &f.meta, &big.tmp.file, offset, len, done)? {
+                let failure = match fetch(stream, f, &f.meta, &big.tmp, offset, len, done)? {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
                         None
@@ -3224,14 +3237,14 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
     Ok(())
 }
 
-/// `Get` `[offset, offset + len)` of `f` into `file`, each chunk written in place once its digest is checked. When
+/// `Get` `[offset, offset + len)` of `f` into `tmp`, each chunk written in place once its digest is checked. When
 /// the connection breaks, the rest of the range (from the first byte not yet received) is asked for again on a new
 /// connection: what was received and checked is not fetched again.
 fn fetch(
     stream: &mut Stream,
     f: &PullFile,
     meta: &EntryMeta,
-    file: &File,
+    tmp: &TempFile,
     offset: u64,
     len: u64,
     done: &Sender<Done>,
@@ -3247,7 +3260,8 @@ fn fetch(
             next.set(next.get() + n);
             let _ = done.send(Done::Bytes(n));
         };
-        let r = zerocopy::get_into_file(conn, &f.remote, from, end - from, file, &mut on_bytes);
+        let r =
+            zerocopy::get_into_file(conn, &f.remote, from, end - from, &tmp.file, tmp.direct.as_ref(), &mut on_bytes);
         match corrupt_or_changed(conn, &f.remote, meta, r) {
             Err(GetError::Req(ReqError::Broken(message))) => Err(Broken { message, progressed: next.get() > from }),
             r => Ok(r),
@@ -3370,10 +3384,10 @@ fn pull_whole(
     let mut attempt = first;
     loop {
         let tmp = match TempFile::create(&f.dir_fd, &f.name) {
-            Ok(t) => t,
+            Ok(t) => t.direct_for(meta.size, cfg.direct_io),
             Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
         };
-        let end = match fetch(stream, f, &meta, &tmp.file, 0, meta.size, done)? {
+        let end = match fetch(stream, f, &meta, &tmp, 0, meta.size, done)? {
             Ok(end) => end,
             Err(e) => return Ok(Err(get_failure(stream.addr(), f, e))),
         };

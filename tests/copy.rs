@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -552,15 +552,6 @@ fn direct_io_copies(e: Engine, extra: &[&str]) {
     }
     compare_trees(&src, &dst, CompareOpts::default());
     assert_no_tmp(t.path());
-}
-
-/// Whether files in `dir` can be opened with O_DIRECT.
-fn fs_takes_o_direct(dir: &Path) -> bool {
-    let probe = dir.join("o_direct_probe");
-    fs::write(&probe, b"").unwrap();
-    let ok = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
-    fs::remove_file(probe).unwrap();
-    ok
 }
 
 fn direct_io_exact(e: Engine) {

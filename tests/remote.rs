@@ -90,6 +90,37 @@ fn a_large_file_goes_both_ways_over_four_streams() {
     assert_no_tmp(&srv.root);
 }
 
+/// Files of 64 MiB and more are received with O_DIRECT on both sides (a chunk's aligned part directly, a ragged end
+/// through the page cache): exact, and not left in the page cache; `--no-direct-io` receives through it.
+#[test]
+fn large_files_are_received_around_the_page_cache() {
+    let c = Case::new();
+    let srv = c.serve();
+    let big = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&big, 0xD1, (70 << 20) + 4097);
+    c.cmd().args(["copy", "--streams", "3"]).arg(&big).arg(srv.url("in/")).run().assert_success();
+    let pushed = srv.root.join("in/big.bin");
+    let direct = fs_takes_o_direct(&srv.root);
+    let pushed_cached = cached_fraction(&pushed);
+    let back = c.path("back/big.bin");
+    c.cmd().args(["copy", "--streams", "3"]).arg(srv.url("in/big.bin")).arg(&back).run().assert_success();
+    let pulled_cached = cached_fraction(&back);
+    let buffered = c.path("buffered/big.bin");
+    c.cmd().args(["copy", "--no-direct-io"]).arg(srv.url("in/big.bin")).arg(&buffered).run().assert_success();
+    let buffered_cached = cached_fraction(&buffered);
+    if direct {
+        assert!(pushed_cached < 0.05, "{:.0}% of the pushed file is cached", pushed_cached * 100.0);
+        assert!(pulled_cached < 0.05, "{:.0}% of the pulled file is cached", pulled_cached * 100.0);
+    }
+    assert!(buffered_cached > 0.95, "--no-direct-io: only {:.0}% cached", buffered_cached * 100.0);
+    for f in [&pushed, &back, &buffered] {
+        assert_eq!(digest(f), digest(&big), "{}", f.display());
+    }
+    assert_no_tmp(&c.path("back"));
+    assert_no_tmp(&srv.root);
+}
+
 #[test]
 fn sync_push_twice_transfers_nothing_the_second_time() {
     let c = Case::new();

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod beneath;
 pub mod client;
+pub mod direct;
 pub mod record;
 pub mod server;
 pub mod streams;

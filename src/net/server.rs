@@ -26,6 +26,7 @@ use clap::Args;
 
 use super::auth::{self, AuthError, Key, Policy};
 use super::beneath::Root;
+use super::direct::{self, DirectFile};
 use super::record::{Reader, Writer};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use super::zerocopy::{self, SpliceError};
@@ -84,7 +85,13 @@ pub struct ServeArgs {
 
 /// Run the server until SIGINT/SIGTERM; returns the exit code. The token comes from `token_file` (the global
 /// `--token-file`), else `FASTSYNC_TOKEN`.
-pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64) -> Result<i32, Error> {
+/// `direct_io`: large pushed files are written with O_DIRECT (the `direct_io` setting).
+pub fn run(
+    args: &ServeArgs,
+    token_file: Option<&Path>,
+    memory_limit_bytes: u64,
+    direct_io: bool,
+) -> Result<i32, Error> {
     let token = auth::load_token(token_file, std::env::var_os("FASTSYNC_TOKEN"))
         .map_err(Error::Refused)?
         .ok_or_else(|| Error::Refused("serve needs a shared token: --token-file FILE or FASTSYNC_TOKEN".into()))?;
@@ -117,6 +124,7 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64)
         turning_away: AtomicUsize::new(0),
         transfers: Transfers::new(TRANSFERS_MAX),
         seq: AtomicU64::new(0),
+        direct_io,
     });
     let janitor = Arc::clone(&shared);
     std::thread::Builder::new()
@@ -170,9 +178,10 @@ pub fn run(args: &ServeArgs, token_file: Option<&Path>, memory_limit_bytes: u64)
 }
 
 /// The most memory one connection holds: a frame being read, the record layer's buffer (decrypted or
-/// decompressed), and the answer being written, each at most [`wire::FRAME_BYTES_MAX`]. TCP's flow control is the
+/// decompressed), and the answer being written, each at most [`wire::FRAME_BYTES_MAX`], and the aligned buffer of
+/// its direct writes ([`direct::BUFFER_BYTES`]). TCP's flow control is the
 /// backpressure: a connection reads its next frame only when the last one is written to disk.
-pub const CONNECTION_BYTES_MAX: u64 = 3 * wire::FRAME_BYTES_MAX as u64;
+pub const CONNECTION_BYTES_MAX: u64 = 3 * wire::FRAME_BYTES_MAX as u64 + direct::BUFFER_BYTES;
 
 /// Connections served at once: `--max-clients`, or fewer when the memory limit cannot hold that many.
 fn clients_max(max_clients: usize, memory_limit_bytes: u64) -> usize {
@@ -192,6 +201,8 @@ struct Shared {
     transfers: Transfers,
     /// Numbers the temporaries of this process (`.NAME.fstmp-PID-N`).
     seq: AtomicU64,
+    /// Large pushed files are written with O_DIRECT ([`DirectFile`]).
+    direct_io: bool,
 }
 
 fn wait_readable(fd: RawFd, timeout_ms: i32) {
@@ -911,6 +922,8 @@ struct Transfer {
     name: CString,
     tmp: CString,
     file: File,
+    /// An O_DIRECT descriptor on `file` for a large file ([`DirectFile`]).
+    direct: Option<DirectFile>,
     size: u64,
     received: Mutex<Received>,
     /// A resumable transfer (`PutResume`): the journal of the chunks written, and what an earlier run recorded
@@ -1181,12 +1194,14 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
     })
     .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
+    let file = File::from(fd);
     let t = Arc::new(Transfer {
         rel: rel.to_vec(),
         dir,
         name,
         tmp,
-        file: File::from(fd),
+        direct: if shared.direct_io { DirectFile::open(&file, size) } else { None },
+        file,
         size,
         received: Mutex::new(Received::default()),
         journal: None,
@@ -1343,12 +1358,14 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
         let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
         return Err(Fail::new(code::BUSY, why));
     }
+    let file = File::from(fd);
     let t = Arc::new(Transfer {
         rel: rel.to_vec(),
         dir,
         name,
         tmp: part,
-        file: File::from(fd),
+        direct: if shared.direct_io { DirectFile::open(&file, size) } else { None },
+        file,
         size,
         received: Mutex::new(Received::default()),
         journal: Some(journal),
@@ -1411,7 +1428,11 @@ fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u
         let why = format!("chunk at offset {offset} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
         return Err(Fail::new(code::DIGEST, why));
     }
-    t.file.write_all_at(bytes, offset).map_err(|e| Fail::io("cannot write", &t.rel, e))?;
+    match &t.direct {
+        Some(direct) => direct.write_at(&t.file, bytes, offset),
+        None => t.file.write_all_at(bytes, offset),
+    }
+    .map_err(|e| Fail::io("cannot write", &t.rel, e))?;
     t.written(offset, end - offset);
     let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
     received
@@ -1675,6 +1696,7 @@ mod tests {
             name,
             tmp,
             file: File::from(fd),
+            direct: None,
             size: 1,
             received: Mutex::default(),
             journal: None,

@@ -30,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
 use super::client::{self, Connection, DataEnd, GetError, ReqError};
+use super::direct::DirectFile;
 use super::record::Reader;
 use super::wire::{self, FRAME_BYTES_MAX, Msg, code};
 
@@ -407,18 +408,23 @@ pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: 
 
 /// Read `[offset, offset + len)` of remote `path` into `file` at the same offsets, calling `on_bytes` for every
 /// chunk that arrived with a matching digest. Splices on a plain connection when [`mode`] says so; otherwise the
-/// ordinary [`Connection::get`]. The errors are [`Connection::get`]'s, and so is keeping the connection in step.
+/// ordinary [`Connection::get`], writing through `direct` when given. The errors are [`Connection::get`]'s, and so
+/// is keeping the connection in step.
 pub fn get_into_file(
     conn: &mut Connection,
     path: &[u8],
     offset: u64,
     len: u64,
     file: &File,
+    direct: Option<&DirectFile>,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<DataEnd, GetError> {
     if !mode().splices_into_file() || conn.plain_parts().is_none() {
         let mut sink = |at: u64, bytes: &[u8]| {
-            file.write_all_at(bytes, at)?;
+            match direct {
+                Some(d) => d.write_at(file, bytes, at)?,
+                None => file.write_all_at(bytes, at)?,
+            }
             on_bytes(bytes.len() as u64);
             Ok(())
         };

@@ -344,6 +344,16 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// Writes a large file of `len` bytes with random-looking content cheaply: one random 1 MiB block is generated, and
 /// every 4 KiB page written gets its own file offset and the seed stamped into its first 16 bytes, so misplaced,
 /// duplicated or dropped chunks change the content.
+/// Whether files in `dir` can be opened with O_DIRECT.
+pub fn fs_takes_o_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("o_direct_probe");
+    fs::write(&probe, b"").unwrap();
+    let ok = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+    fs::remove_file(probe).unwrap();
+    ok
+}
+
 /// The fraction of `path`'s pages in the page cache (mincore on a read-only mapping, which reads nothing).
 pub fn cached_fraction(path: &Path) -> f64 {
     let f = File::open(path).unwrap();
