@@ -82,9 +82,9 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// Buffer memory the session allocates, all shards together.
+    /// Buffer memory the session allocates, all shards together (arenas in whole huge pages).
     pub fn buffer_bytes(&self) -> usize {
-        self.shards * self.slots_per_shard * self.block_bytes
+        self.shards * AlignedArena::footprint_bytes(self.block_bytes, self.slots_per_shard)
     }
 }
 

@@ -36,13 +36,9 @@ impl AlignedArena {
         assert!(block_bytes > 0 && block_bytes.is_multiple_of(ALIGN_BYTES), "block size must be page-aligned");
         assert!(slots > 0, "an arena needs at least one slot");
         let len_bytes = block_bytes.checked_mul(slots).expect("arena size overflows usize");
-        // From 1 MiB up (one direct-I/O block), whole huge pages: a 1 MiB arena costs 2 MiB once touched.
+        let used_bytes = Self::footprint_bytes(block_bytes, slots);
         let huge = len_bytes >= HUGE_PAGE_BYTES / 2;
-        let (align, used_bytes) = if huge {
-            (HUGE_PAGE_BYTES, len_bytes.next_multiple_of(HUGE_PAGE_BYTES))
-        } else {
-            (ALIGN_BYTES, len_bytes)
-        };
+        let align = if huge { HUGE_PAGE_BYTES } else { ALIGN_BYTES };
         let map_bytes = used_bytes + (align - ALIGN_BYTES);
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let map = unsafe {
@@ -68,6 +64,13 @@ impl AlignedArena {
         }
         let ptr = NonNull::new(start as *mut u8).expect("mmap returned a non-null address");
         AlignedArena { ptr, len_bytes, map: (map, map_bytes), block_bytes, slots }
+    }
+
+    /// The memory an arena of `slots` blocks of `block_bytes` occupies once touched: from 1 MiB up (one direct-I/O
+    /// block) whole huge pages, so a 1 MiB arena costs 2 MiB.
+    pub fn footprint_bytes(block_bytes: usize, slots: usize) -> usize {
+        let len_bytes = block_bytes.saturating_mul(slots);
+        if len_bytes >= HUGE_PAGE_BYTES / 2 { len_bytes.next_multiple_of(HUGE_PAGE_BYTES) } else { len_bytes }
     }
 
     pub fn block_bytes(&self) -> usize {
