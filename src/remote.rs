@@ -54,6 +54,7 @@ use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
 use crate::net::direct::DirectFile;
+use crate::net::sparse;
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
@@ -1921,7 +1922,8 @@ fn abort(conn: &mut Connection, id: u64) -> Result<(), Broken> {
     split(conn.put_abort(id)).map(drop)
 }
 
-/// Send `[offset, offset + len)` of `fd` as chunks of transfer `id`. `Ok(Ok(false))`: the file ended early.
+/// Send `[offset, offset + len)` of `fd` as chunks of transfer `id`, the holes of a sparse file as `PutHole`.
+/// `Ok(Ok(false))`: the file ended early.
 fn send_range(
     conn: &mut Connection,
     fd: &File,
@@ -1932,8 +1934,21 @@ fn send_range(
 ) -> Result<Result<bool, String>, String> {
     let end = offset + len;
     let mut at = offset;
+    let sparse_size = fd.metadata().ok().filter(|m| sparse::looks_sparse(m.blocks(), m.size())).map(|m| m.size());
     while at < end {
-        let n = (end - at).min(CHUNK) as usize;
+        if let Some(hole_end) = sparse_size.and_then(|size| sparse::hole_at(fd, at, end, size)) {
+            match conn.put_hole(id, at, hole_end - at) {
+                Ok(()) => {}
+                Err(ReqError::Broken(m)) => return Err(m),
+                Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
+            }
+            let _ = done.send(Done::Bytes(hole_end - at));
+            at = hole_end;
+            continue;
+        }
+        // A chunk of a sparse file stops where the next hole starts.
+        let data_end = sparse_size.map_or(end, |size| sparse::data_end(fd, at, end, size).max(at + 1));
+        let n = (data_end - at).min(CHUNK) as usize;
         // Read and sent through a buffer, or hashed from the page cache and sent with sendfile (FASTSYNC_ZEROCOPY).
         let got = match zerocopy::put_chunk(conn, id, at, fd, n) {
             Ok(0) => return Ok(Ok(false)),

@@ -121,6 +121,66 @@ fn large_files_are_received_around_the_page_cache() {
     assert_no_tmp(&srv.root);
 }
 
+/// A sparse file: `data` MiB-blocks at the given MiB offsets in a file of `size_mib` MiB, the rest holes.
+fn write_sparse(path: &Path, size_mib: u64, data: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).unwrap();
+    for (i, &at) in data.iter().enumerate() {
+        f.write_all_at(&random_bytes(0x5A + i as u64, 1 << 20), at << 20).unwrap();
+    }
+    f.set_len(size_mib << 20).unwrap();
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Holes cross the wire as `Hole`/`PutHole` messages and stay holes, both ways, over several streams, through the
+/// ordinary and the zero-copy paths, for a small and a large (O_DIRECT) sparse file.
+#[test]
+fn sparse_files_keep_their_holes_both_ways() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    mkdirs(&src);
+    write_sparse(&src.join("small.img"), 20, &[0, 9]);
+    write_sparse(&src.join("large.img"), 96, &[1, 40, 95]);
+    if allocated_bytes(&src.join("large.img")) >= 96 << 20 {
+        eprintln!("skipped: this filesystem does not keep holes");
+        return;
+    }
+    c.cmd().args(["copy", "--streams", "3"]).arg(&src).arg(srv.url("in")).run().assert_success();
+    for (name, data_mib) in [("small.img", 2), ("large.img", 3)] {
+        let pushed = srv.root.join("in").join(name);
+        assert_same_bytes(&src.join(name), &pushed);
+        let alloc = allocated_bytes(&pushed);
+        assert!(
+            alloc <= (data_mib + 1) << 20,
+            "pushed {name}: {} KiB allocated for {data_mib} MiB of data",
+            alloc >> 10
+        );
+    }
+    for (dir, zerocopy) in [("back", "sendfile"), ("back-spliced", "both")] {
+        let out = c
+            .cmd()
+            .env("FASTSYNC_ZEROCOPY", zerocopy)
+            .args(["copy", "--streams", "3"])
+            .arg(srv.url("in"))
+            .arg(c.path(dir))
+            .run();
+        out.assert_success();
+        for (name, data_mib) in [("small.img", 2), ("large.img", 3)] {
+            let back = c.path(dir).join(name);
+            assert_same_bytes(&src.join(name), &back);
+            let alloc = allocated_bytes(&back);
+            assert!(alloc <= (data_mib + 1) << 20, "{dir}/{name}: {} KiB allocated for {data_mib} MiB", alloc >> 10);
+        }
+        assert_no_tmp(&c.path(dir));
+    }
+    assert_no_tmp(&srv.root);
+}
+
 #[test]
 fn sync_push_twice_transfers_nothing_the_second_time() {
     let c = Case::new();

@@ -329,7 +329,8 @@ impl Connection {
         Ok(ListStream { conn: self, done: false })
     }
 
-    /// Read `[offset, offset + len)` of `path`, handing each chunk (digest checked, offsets in order) to `sink`.
+    /// Read `[offset, offset + len)` of `path`, handing each chunk (digest checked, offsets in order) to `sink` and
+    /// each hole of a sparse file (`Hole`: offset, length) to `hole`.
     /// On a local failure or a corrupt chunk the rest of the answer is read and dropped, so the connection stays
     /// usable; chunks out of order or outside the range break it (at most `len` bytes are ever read).
     pub fn get(
@@ -338,6 +339,7 @@ impl Connection {
         offset: u64,
         len: u64,
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
     ) -> Result<DataEnd, GetError> {
         self.send(&Msg::Get { path: path.to_vec(), offset, len })?;
         let end = offset.saturating_add(len);
@@ -363,6 +365,21 @@ impl Connection {
                             "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
                         )));
                     } else if let Err(e) = sink(at, &bytes) {
+                        failure = Some(GetError::Sink(e));
+                    }
+                }
+                Msg::Hole { offset: at, len: n } => {
+                    if at != next || n == 0 || at.saturating_add(n) > end {
+                        return Err(GetError::Req(ReqError::Broken(format!(
+                            "protocol error from {}: it sent a hole at {at}..{} where {next}..{end} were expected",
+                            self.addr,
+                            at.saturating_add(n)
+                        ))));
+                    }
+                    next += n;
+                    if failure.is_none()
+                        && let Err(e) = hole(at, n)
+                    {
                         failure = Some(GetError::Sink(e));
                     }
                 }
@@ -447,6 +464,11 @@ impl Connection {
         fsync: bool,
     ) -> Result<(), ReqError> {
         self.expect_ok(&Msg::PutEnd { id, mode, uid, gid, mtime_sec: mtime.0, mtime_nsec: mtime.1, fsync })
+    }
+
+    /// `PutHole`: `[offset, offset + len)` of transfer `id` is a hole.
+    pub fn put_hole(&mut self, id: u64, offset: u64, len: u64) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::PutHole { id, offset, len })
     }
 
     /// `PutAbort`: the server removes the temporary of `id`.

@@ -28,6 +28,7 @@ use super::auth::{self, AuthError, Key, Policy};
 use super::beneath::Root;
 use super::direct::{self, DirectFile};
 use super::record::{Reader, Writer};
+use super::sparse;
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use super::zerocopy::{self, SpliceError};
 use crate::{Error, interrupt, stale};
@@ -446,6 +447,7 @@ fn is_write(msg: &Msg) -> bool {
             | Msg::PutResume { .. }
             | Msg::PutCheck { .. }
             | Msg::PutData { .. }
+            | Msg::PutHole { .. }
             | Msg::PutEnd { .. }
             | Msg::PutAbort { .. }
             | Msg::Mkdir { .. }
@@ -488,6 +490,7 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         }
         Msg::PutCheck { id, offset, len, digest } => put_check(shared, id, offset, len, &digest).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
+        Msg::PutHole { id, offset, len } => put_hole(shared, id, offset, len).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
             put_end(shared, id, Finish { mode, uid, gid, mtime: (mtime_sec, mtime_nsec), fsync }).map(|()| Msg::Ok)
         }
@@ -859,8 +862,20 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> R
     let mut pos = offset;
     let mut buf = Vec::new();
     let from_file = zerocopy::mode().sends_from_file() && conn.w.get_ref().plain().is_some();
+    // A sparse file's holes go as `Hole` messages, not as zeros.
+    let sparse = match fstat(file.as_raw_fd()) {
+        Ok(st) if sparse::looks_sparse(st.st_blocks as u64, st.st_size as u64) => Some(st.st_size as u64),
+        _ => None,
+    };
     while pos < end {
-        let want = (end - pos).min(GET_CHUNK_BYTES as u64) as usize;
+        if let Some(hole_end) = sparse.and_then(|size| sparse::hole_at(&file, pos, end, size)) {
+            wire::write_msg(conn, &Msg::Hole { offset: pos, len: hole_end - pos })?;
+            pos = hole_end;
+            continue;
+        }
+        // A chunk of a sparse file stops where the next hole starts.
+        let data_end = sparse.map_or(end, |size| sparse::data_end(&file, pos, end, size).max(pos + 1));
+        let want = (data_end - pos).min(GET_CHUNK_BYTES as u64) as usize;
         if from_file {
             // The digest from the page cache, the payload straight from it with sendfile (net/zerocopy.rs).
             let n = match zerocopy::hash_range(&file, pos, want) {
@@ -1434,6 +1449,22 @@ fn put_data(shared: &Shared, id: u64, offset: u64, digest: &[u8; 32], bytes: &[u
     }
     .map_err(|e| Fail::io("cannot write", &t.rel, e))?;
     t.written(offset, end - offset);
+    let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
+    received
+        .add(offset, end)
+        .map_err(|()| Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel))))
+}
+
+/// `PutHole`: `[offset, offset + len)` of transfer `id` is a hole of the source; it holds no blocks here either.
+fn put_hole(shared: &Shared, id: u64, offset: u64, len: u64) -> Result<(), Fail> {
+    let lease = shared.transfers.lease(id)?;
+    let t = &lease.t;
+    let end = offset.checked_add(len).filter(|&e| e <= t.size && len > 0).ok_or_else(|| {
+        let why = format!("hole at offset {offset} of {len} bytes does not fit '{}' ({} bytes)", show(&t.rel), t.size);
+        Fail::new(code::PROTOCOL, why)
+    })?;
+    sparse::make_hole(&t.file, offset, len).map_err(|e| Fail::io("cannot write", &t.rel, e))?;
+    t.written(offset, len);
     let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
     received
         .add(offset, end)

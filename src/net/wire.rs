@@ -147,6 +147,12 @@ pub enum Msg {
         digest: [u8; 32],
         bytes: Vec<u8>,
     },
+    /// In the answer to a `Get`, in place of `Data`: `[offset, offset + len)` is a hole of a sparse file (reads as
+    /// zeros, holds no blocks). `len` may exceed a chunk.
+    Hole {
+        offset: u64,
+        len: u64,
+    },
     /// End of a `Get`: the file's size and mtime after the read, so the reader can tell a torn source.
     DataEnd {
         size: u64,
@@ -167,6 +173,13 @@ pub enum Msg {
         offset: u64,
         digest: [u8; 32],
         bytes: Vec<u8>,
+    },
+    /// `[offset, offset + len)` of transfer `id` is a hole of the sparse source: it counts as received and holds
+    /// no blocks on the server (punched if an earlier run wrote there). `Ok`/`Error`.
+    PutHole {
+        id: u64,
+        offset: u64,
+        len: u64,
     },
     /// All chunks of `id` were acknowledged: set metadata, make durable when asked, rename into place. `Ok`/`Error`.
     PutEnd {
@@ -267,6 +280,7 @@ const K_HASHED: u8 = 15;
 const K_GET: u8 = 20;
 const K_DATA: u8 = 21;
 const K_DATA_END: u8 = 22;
+const K_HOLE: u8 = 23;
 const K_PUT_BEGIN: u8 = 30;
 const K_PUT_DATA: u8 = 31;
 const K_PUT_END: u8 = 32;
@@ -274,6 +288,7 @@ const K_PUT_ABORT: u8 = 33;
 const K_PUT_RESUME: u8 = 34;
 const K_RESUMED: u8 = 35;
 const K_PUT_CHECK: u8 = 36;
+const K_PUT_HOLE: u8 = 37;
 const K_MKDIR: u8 = 40;
 const K_SET_META: u8 = 41;
 const K_SYMLINK: u8 = 42;
@@ -470,6 +485,17 @@ impl Msg {
                 o.i64(*mtime_sec);
                 o.u32(*mtime_nsec);
             }
+            Msg::Hole { offset, len } => {
+                o.u8(K_HOLE);
+                o.u64(*offset);
+                o.u64(*len);
+            }
+            Msg::PutHole { id, offset, len } => {
+                o.u8(K_PUT_HOLE);
+                o.u64(*id);
+                o.u64(*offset);
+                o.u64(*len);
+            }
             Msg::PutBegin { id, path, size, mode } => {
                 o.u8(K_PUT_BEGIN);
                 o.u64(*id);
@@ -579,6 +605,8 @@ impl Msg {
             K_GET => Msg::Get { path: i.path()?, offset: i.u64()?, len: i.u64()? },
             K_DATA => Msg::Data { offset: i.u64()?, digest: i.arr()?, bytes: i.bytes(CHUNK_BYTES_MAX, "chunk")? },
             K_DATA_END => Msg::DataEnd { size: i.u64()?, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? },
+            K_HOLE => Msg::Hole { offset: i.u64()?, len: i.u64()? },
+            K_PUT_HOLE => Msg::PutHole { id: i.u64()?, offset: i.u64()?, len: i.u64()? },
             K_PUT_BEGIN => Msg::PutBegin { id: i.u64()?, path: i.path()?, size: i.u64()?, mode: i.u32()? & 0o7777 },
             K_PUT_DATA => Msg::PutData {
                 id: i.u64()?,
@@ -815,6 +843,8 @@ mod tests {
             Msg::PutBegin { id: 42, path: b"d/f".to_vec(), size: 100, mode: 0o644 },
             Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
             Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
+            Msg::Hole { offset: 4096, len: 1 << 40 },
+            Msg::PutHole { id: 42, offset: 8192, len: 12 },
             Msg::PutAbort { id: 42 },
             Msg::PutResume {
                 id: 43,

@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 use super::client::{self, Connection, DataEnd, GetError, ReqError};
 use super::direct::DirectFile;
 use super::record::Reader;
+use super::sparse;
 use super::wire::{self, FRAME_BYTES_MAX, Msg, code};
 
 /// The environment variable that picks the data path.
@@ -420,15 +421,21 @@ pub fn get_into_file(
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<DataEnd, GetError> {
     if !mode().splices_into_file() || conn.plain_parts().is_none() {
+        let on_bytes = std::cell::RefCell::new(on_bytes);
+        let mut hole = |at: u64, n: u64| {
+            sparse::make_hole(file, at, n)?;
+            (on_bytes.borrow_mut())(n);
+            Ok(())
+        };
         let mut sink = |at: u64, bytes: &[u8]| {
             match direct {
                 Some(d) => d.write_at(file, bytes, at)?,
                 None => file.write_all_at(bytes, at)?,
             }
-            on_bytes(bytes.len() as u64);
+            (on_bytes.borrow_mut())(bytes.len() as u64);
             Ok(())
         };
-        return conn.get(path, offset, len, &mut sink);
+        return conn.get(path, offset, len, &mut sink, &mut hole);
     }
     conn.send(&Msg::Get { path: path.to_vec(), offset, len })?;
     let addr = conn.addr().to_string();
@@ -452,6 +459,17 @@ pub fn get_into_file(
             let msg = Msg::decode_body(&body).map_err(|e| {
                 GetError::Req(ReqError::Broken(format!("connection to {addr} lost: protocol error: {e}")))
             })?;
+            if let Msg::Hole { offset: at, len: n } = msg {
+                check_next(&addr, at, n, next, end)?;
+                next += n;
+                if failure.is_none() {
+                    match sparse::make_hole(file, at, n) {
+                        Ok(()) => on_bytes(n),
+                        Err(e) => failure = Some(GetError::Sink(e)),
+                    }
+                }
+                continue;
+            }
             return match msg {
                 Msg::DataEnd { size, mtime_sec, mtime_nsec } => match failure {
                     Some(f) => Err(f),
@@ -468,13 +486,7 @@ pub fn get_into_file(
         let h = wire::parse_data_head(&head)
             .map_err(|e| GetError::Req(ReqError::Broken(format!("connection to {addr} lost: protocol error: {e}"))))?;
         let (at, n) = (h.offset, h.len as u64);
-        if at != next || n == 0 || at.saturating_add(n) > end {
-            // Not the next bytes of the range: the conversation cannot be trusted any more.
-            return Err(GetError::Req(ReqError::Broken(format!(
-                "protocol error from {addr}: it sent bytes {at}..{} where {next}..{end} were expected",
-                at.saturating_add(n)
-            ))));
-        }
+        check_next(&addr, at, n, next, end)?;
         next += n;
         if failure.is_some() {
             discard(r, h.len).map_err(|e| broken(r, &e))?;
@@ -494,6 +506,18 @@ pub fn get_into_file(
             Err(SpliceError::Socket(e)) => return Err(broken(r, &e)),
         }
     }
+}
+
+/// A chunk or hole of a `Get` answer must be the next bytes of the range: otherwise the conversation cannot be
+/// trusted any more.
+fn check_next(addr: &str, at: u64, n: u64, next: u64, end: u64) -> Result<(), GetError> {
+    if at != next || n == 0 || at.saturating_add(n) > end {
+        return Err(GetError::Req(ReqError::Broken(format!(
+            "protocol error from {addr}: it sent bytes {at}..{} where {next}..{end} were expected",
+            at.saturating_add(n)
+        ))));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
