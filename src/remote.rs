@@ -57,6 +57,7 @@ use crate::net::direct::DirectFile;
 use crate::net::sparse;
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
+use crate::net::wire::Xattrs;
 use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
 use crate::net::zerocopy::{self, PutError};
 use crate::progress::Progress;
@@ -269,9 +270,6 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
     }
     if opts.hard_links {
         return Err(Failure::Usage("-H/--hard-links is not supported for fastsync:// paths yet".into()));
-    }
-    if opts.preserve.xattrs {
-        return Err(Failure::Usage("-X/--xattrs is not supported for fastsync:// paths yet".into()));
     }
     if opts.dereference && src_remote {
         return Err(Failure::Usage("-L/--dereference needs a local source (the server never follows symlinks)".into()));
@@ -1031,6 +1029,8 @@ enum PushTask {
 struct PushCfg {
     follow: bool,
     fsync: bool,
+    /// -X: extended attributes are read and sent (`PutXattrs`, `SetXattrs`).
+    xattrs: bool,
 }
 
 /// A remote directory to finish: its wire path and the source's owner, permissions and mtime.
@@ -1039,6 +1039,8 @@ struct RemoteDir {
     mode: u32,
     owner: (u32, u32),
     mtime: (i64, u32),
+    /// -X: the source directory's extended attributes.
+    xattrs: Xattrs,
     apply: bool,
 }
 
@@ -1178,7 +1180,7 @@ impl<'a> Push<'a> {
         };
         let mut run = Run::new(opts, streams);
         run.verbose = net.verbose;
-        let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync });
+        let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync, xattrs: opts.preserve.xattrs });
         let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
@@ -1461,6 +1463,12 @@ impl PushCore<'_> {
             if !d.apply || self.run.fatal.is_some() {
                 continue;
             }
+            if !d.xattrs.is_empty()
+                && let Err(e) = self.ctl.set_xattrs(&d.remote, d.xattrs)
+            {
+                let shown = self.url(&d.remote);
+                self.run.req_failed(e, |m| format!("cannot set extended attributes on '{shown}': {m}"));
+            }
             if let Err(e) = self.ctl.set_meta(&d.remote, d.mode, d.owner, d.mtime) {
                 let shown = self.url(&d.remote);
                 self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
@@ -1548,7 +1556,16 @@ impl PushCore<'_> {
             }
         };
         let (mode, owner, mtime) = (md.mode() & 0o7777, (md.uid(), md.gid()), md_mtime(md));
-        let node = self.dirs.open(parent, RemoteDir { remote, mode, owner, mtime, apply: !self.run.opts.dry_run });
+        let xattrs = match self.run.opts.preserve.xattrs.then(|| crate::meta::read_xattrs(src)) {
+            Some(Err(e)) => {
+                self.run.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
+                Vec::new()
+            }
+            Some(Ok(x)) => x,
+            None => Vec::new(),
+        };
+        let apply = !self.run.opts.dry_run;
+        let node = self.dirs.open(parent, RemoteDir { remote, mode, owner, mtime, xattrs, apply });
         self.run.summary.directories += 1;
         Some(PushFrame {
             iter,
@@ -1876,7 +1893,14 @@ fn finish_big_push(
         stream.best_effort(|c| c.put_abort(big.id));
         return Ok(push_whole(stream, cfg, &big.file, done, 2)?.map(|r| r + 1));
     }
-    match end_transfer(stream, big.id, &big.md, &big.file.remote, &url, cfg.fsync, done)? {
+    let xattrs = match source_xattrs(cfg, &big.file.src) {
+        Ok(x) => x,
+        Err(m) => {
+            stream.best_effort(|c| c.put_abort(big.id));
+            return Ok(Err(m));
+        }
+    };
+    match end_transfer(stream, big.id, &big.md, &xattrs, &big.file.remote, &url, cfg.fsync, done)? {
         Ended::Done => Ok(Ok(0)),
         Ended::Failed(m) => Ok(Err(m)),
         Ended::Lost => Ok(push_whole(stream, cfg, &big.file, done, 2)?.map(|r| r + 1)),
@@ -1896,25 +1920,58 @@ enum Ended {
 /// `PutEnd` for transfer `id` of a file with metadata `md`, sent again on a new connection when its connection breaks.
 /// A retry answered "unknown transfer" means the first one may have been carried out: the file counts as done when
 /// the remote `path` has its size and mtime.
+#[allow(clippy::too_many_arguments)]
 fn end_transfer(
     stream: &mut Stream,
     id: u64,
     md: &Metadata,
+    xattrs: &Xattrs,
     path: &[u8],
     url: &str,
     fsync: bool,
     done: &Sender<Done>,
 ) -> Result<Ended, StreamError> {
     let doing = Doing::push(url, "its last step: metadata and rename");
+    stream.retry(&doing, done, |conn, attempt| {
+        // -X: on the temporary, before it is renamed into place.
+        if !xattrs.is_empty() {
+            match split(conn.put_xattrs(id, xattrs.clone()))? {
+                Ok(()) => {}
+                Err(ReqError::Server { code: code::NOT_FOUND, .. }) if attempt > 1 => {}
+                Err(e) => return Ok(Ended::Failed(format!("cannot set extended attributes on '{url}': {e}"))),
+            }
+        }
+        end_once(conn, attempt, id, md, path, fsync, &doing)
+    })
+}
+
+/// One `PutEnd` of [`end_transfer`].
+fn end_once(
+    conn: &mut Connection,
+    attempt: u32,
+    id: u64,
+    md: &Metadata,
+    path: &[u8],
+    fsync: bool,
+    doing: &Doing,
+) -> Result<Ended, Broken> {
     let (mode, mtime) = (md.mode() & 0o7777, md_mtime(md));
-    stream.retry(&doing, done, |conn, attempt| match split(conn.put_end(id, mode, md.uid(), md.gid(), mtime, fsync))? {
+    match split(conn.put_end(id, mode, md.uid(), md.gid(), mtime, fsync))? {
         Ok(()) => Ok(Ended::Done),
         Err(ReqError::Server { code: code::NOT_FOUND, .. }) if attempt > 1 => match split(conn.stat(path))? {
             Ok(Some(e)) if e.kind == EntryKind::File && e.size == md.size() && mtime_of(&e) == mtime => Ok(Ended::Done),
             _ => Ok(Ended::Lost),
         },
         Err(e) => Ok(Ended::Failed(format!("{}: {e}", doing.failed))),
-    })
+    }
+}
+
+/// -X: the extended attributes of local `src` (none without -X).
+fn source_xattrs(cfg: &PushCfg, src: &Path) -> Result<Xattrs, String> {
+    if !cfg.xattrs {
+        return Ok(Vec::new());
+    }
+    crate::meta::read_xattrs(src).map_err(|e| format!("cannot read extended attributes of '{}': {e}", src.display()))
 }
 
 /// `PutAbort`, where a broken connection is the only failure that matters.
@@ -2006,6 +2063,11 @@ fn push_small(
         vec![crate::net::wire::Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
     if !bytes.is_empty() {
         msgs.push(crate::net::wire::Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
+    }
+    match source_xattrs(cfg, &f.src) {
+        Ok(xattrs) if !xattrs.is_empty() => msgs.push(crate::net::wire::Msg::PutXattrs { id, xattrs }),
+        Ok(_) => {}
+        Err(_) => return Ok(Small::StepByStep),
     }
     let (mtime_sec, mtime_nsec) = md_mtime(&md);
     msgs.push(crate::net::wire::Msg::PutEnd {
@@ -2100,7 +2162,14 @@ fn push_whole(
                 f.src.display()
             )));
         }
-        match end_transfer(stream, id, &md, &f.remote, &url, cfg.fsync, done)? {
+        let xattrs = match source_xattrs(cfg, &f.src) {
+            Ok(x) => x,
+            Err(m) => {
+                stream.best_effort(|c| c.put_abort(id));
+                return Ok(Err(m));
+            }
+        };
+        match end_transfer(stream, id, &md, &xattrs, &f.remote, &url, cfg.fsync, done)? {
             Ended::Done => return Ok(Ok(attempt - first)),
             Ended::Failed(m) => return Ok(Err(m)),
             Ended::Lost if attempt < SOURCE_ATTEMPTS_MAX => attempt += 1,
@@ -2440,6 +2509,8 @@ enum PullTask {
 
 struct PullCfg {
     fsync: bool,
+    /// -X: extended attributes are fetched (`GetXattrs`) and set.
+    xattrs: bool,
     /// Large files are written with O_DIRECT.
     direct_io: bool,
     id: Identity,
@@ -2577,7 +2648,12 @@ impl<'a> Pull<'a> {
         };
         let mut run = Run::new(opts, streams);
         run.verbose = net.verbose;
-        let cfg = Arc::new(PullCfg { fsync: opts.fsync, direct_io: opts.direct_io, id: run.id });
+        let cfg = Arc::new(PullCfg {
+            fsync: opts.fsync,
+            xattrs: opts.preserve.xattrs,
+            direct_io: opts.direct_io,
+            id: run.id,
+        });
         let wcfg = cfg.clone();
         let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
@@ -2622,6 +2698,10 @@ impl<'a> Pull<'a> {
     fn walk(&mut self, ctl: &mut Connection, root_fd: Option<Arc<OwnedFd>>, root: EntryMeta, fresh: bool) {
         let c = &mut self.core;
         let mtime = mtime_of(&root);
+        if let Some(dir) = root_fd.as_ref().filter(|_| c.cfg.xattrs && !c.run.opts.dry_run) {
+            let (base, shown) = (c.base.clone(), c.dst.clone());
+            c.dir_xattrs(dir, &base, &shown);
+        }
         let node = c.dirs.open(None, LocalDir { fd: root_fd.clone(), shown: c.dst.clone(), meta: root });
         c.run.summary.directories += 1;
         let names = c.run.delete.then(HashSet::new);
@@ -2894,6 +2974,9 @@ impl PullCore<'_> {
             Some(pfd) if !frame.fresh => at::open_dir(pfd.as_raw_fd(), &cname).ok().map(Arc::new),
             _ => None,
         };
+        if let Some(dir) = fd.as_ref().filter(|_| self.cfg.xattrs && !self.run.opts.dry_run) {
+            self.dir_xattrs(dir, &join(&self.base, rel), &shown);
+        }
         frame.fd = fd.clone();
         frame.names = self.run.delete.then(HashSet::new);
         frame.node = Some(self.dirs.open(parent.node, LocalDir { fd, shown, meta: e }));
@@ -3013,6 +3096,25 @@ impl PullCore<'_> {
 
     /// A local file that is already right: fix its permissions, owner and mtime if they differ.
     /// The connection for digests (`sync --checksum`), dialled on first use.
+    /// -X: the extended attributes of remote directory `remote`, set on local directory `dir` now (before its
+    /// permissions are: setting them may need write access). The control connection is streaming the listing: the
+    /// second connection asks.
+    fn dir_xattrs(&mut self, dir: &OwnedFd, remote: &[u8], shown: &Path) {
+        let url = url_of(&self.addr, remote);
+        let got = match self.hasher() {
+            Ok(conn) => conn.get_xattrs(remote),
+            Err(m) => return self.run.broken(m),
+        };
+        let xattrs = match got {
+            Ok(x) => x,
+            Err(e) => return self.run.req_failed(e, |m| format!("cannot read extended attributes of '{url}': {m}")),
+        };
+        let path = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
+        if let Err(e) = crate::meta::write_xattrs(&path, &xattrs) {
+            self.run.fail(format!("cannot set extended attributes on '{}': {e}", shown.display()));
+        }
+    }
+
     fn hasher(&mut self) -> Result<&mut Connection, String> {
         if self.hash_conn.is_none() {
             self.hash_conn = Some(self.dialer.dial().map_err(|e| e.to_string())?);
@@ -3234,7 +3336,9 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                         refetch(stream, cfg, f, done)?
                     }
                     None => {
-                        let r = finish_pull(cfg, &big.tmp, f, &f.meta).map(|()| 0);
+                        let r = pull_xattrs(stream, cfg, f, &big.tmp, done)?
+                            .and_then(|()| finish_pull(cfg, &big.tmp, f, &f.meta))
+                            .map(|()| 0);
                         if r.is_ok() {
                             if let Some(j) = &big.journal {
                                 j.remove();
@@ -3371,6 +3475,29 @@ fn get_failure(addr: &str, f: &PullFile, e: GetError) -> String {
 }
 
 /// Set the metadata of a complete temporary and rename it into place.
+/// -X: the remote file's extended attributes (`GetXattrs`), set on the temporary before it is renamed into place.
+fn pull_xattrs(
+    stream: &mut Stream,
+    cfg: &PullCfg,
+    f: &PullFile,
+    tmp: &TempFile,
+    done: &Sender<Done>,
+) -> Result<Result<(), String>, StreamError> {
+    if !cfg.xattrs {
+        return Ok(Ok(()));
+    }
+    let url = url_of(stream.addr(), &f.remote);
+    let doing = Doing::pull(&url, "its extended attributes");
+    let xattrs = match stream.retry(&doing, done, |conn, _| split(conn.get_xattrs(&f.remote)))? {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(format!("cannot read extended attributes of '{url}': {e}"))),
+    };
+    let path =
+        PathBuf::from(format!("/proc/self/fd/{}", tmp.dir.as_raw_fd())).join(OsStr::from_bytes(tmp.name.as_bytes()));
+    Ok(crate::meta::write_xattrs(&path, &xattrs)
+        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.display())))
+}
+
 fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) -> Result<(), String> {
     let fd = tmp.file.as_raw_fd();
     at::apply(fd, cfg.owner(meta), meta.mode, mtime_of(meta))
@@ -3410,7 +3537,8 @@ fn pull_whole(
             if end.received_to != meta.size {
                 return Ok(Err(short(stream.addr(), f, end.received_to)));
             }
-            return Ok(finish_pull(cfg, &tmp, f, &meta).map(|()| attempt - first));
+            let xattrs = pull_xattrs(stream, cfg, f, &tmp, done)?;
+            return Ok(xattrs.and_then(|()| finish_pull(cfg, &tmp, f, &meta)).map(|()| attempt - first));
         }
         drop(tmp);
         if attempt >= SOURCE_ATTEMPTS_MAX {

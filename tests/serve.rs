@@ -675,6 +675,9 @@ fn paths_that_leave_the_root_are_refused_and_nothing_outside_is_touched() {
         assert_eq!(c.refused(&sym).0, code::PATH_ESCAPES, "symlink {p}");
         let meta = set_meta(p, 0o777, (5, 0));
         assert_eq!(c.refused(&meta).0, code::PATH_ESCAPES, "set meta {p}");
+        let xattrs = vec![(b"user.x".to_vec(), b"1".to_vec())];
+        assert_eq!(c.refused(&Msg::SetXattrs { path: p.into(), xattrs }).0, code::PATH_ESCAPES, "set xattrs {p}");
+        assert_eq!(c.refused(&Msg::GetXattrs { path: p.into() }).0, code::PATH_ESCAPES, "get xattrs {p}");
     }
     for p in ["../outside", "out/sub"] {
         assert_eq!(c.refused(&Msg::Delete { path: p.into() }).0, code::PATH_ESCAPES, "delete {p}");
@@ -715,6 +718,9 @@ fn a_read_only_server_refuses_every_write() {
         Msg::PutBegin { id: 1, path: "new".into(), size: 1, mode: 0o644 },
         put_data(1, 0, b"x"),
         put_end(1, 0o644, (0, 0)),
+        Msg::PutHole { id: 1, offset: 0, len: 1 },
+        Msg::PutXattrs { id: 1, xattrs: Vec::new() },
+        Msg::SetXattrs { path: "f".into(), xattrs: Vec::new() },
         Msg::PutAbort { id: 1 },
         Msg::Mkdir { path: "d2".into(), mode: 0o755 },
         set_meta("f", 0o777, (0, 0)),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::auth::{self, AuthError, Key, Wishes};
 use super::record::{Reader, Writer};
-use super::wire::{CHUNK_BYTES_MAX, EntryMeta, Msg, WireError, code, read_msg, write_msg};
+use super::wire::{CHUNK_BYTES_MAX, EntryMeta, Msg, WireError, Xattrs, code, read_msg, write_msg};
 
 /// Read, write and connect timeout of every connection.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -321,6 +321,26 @@ impl Connection {
             Msg::Error { code, message } => Err(ReqError::Server { code, message }),
             other => Err(self.unexpected("Hashed", &other)),
         }
+    }
+
+    /// `GetXattrs`: the extended attributes of `path` itself.
+    pub fn get_xattrs(&mut self, path: &[u8]) -> Result<Xattrs, ReqError> {
+        self.send(&Msg::GetXattrs { path: path.to_vec() })?;
+        match self.recv()? {
+            Msg::XattrList { xattrs } => Ok(xattrs),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("XattrList", &other)),
+        }
+    }
+
+    /// `PutXattrs`: set extended attributes on the temporary of transfer `id`.
+    pub fn put_xattrs(&mut self, id: u64, xattrs: Xattrs) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::PutXattrs { id, xattrs })
+    }
+
+    /// `SetXattrs`: set extended attributes on `path` itself.
+    pub fn set_xattrs(&mut self, path: &[u8], xattrs: Xattrs) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::SetXattrs { path: path.to_vec(), xattrs })
     }
 
     /// Start listing `path`; the entries are read from the returned stream (the connection is busy until it ends).

@@ -448,6 +448,8 @@ fn is_write(msg: &Msg) -> bool {
             | Msg::PutCheck { .. }
             | Msg::PutData { .. }
             | Msg::PutHole { .. }
+            | Msg::PutXattrs { .. }
+            | Msg::SetXattrs { .. }
             | Msg::PutEnd { .. }
             | Msg::PutAbort { .. }
             | Msg::Mkdir { .. }
@@ -491,6 +493,9 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         Msg::PutCheck { id, offset, len, digest } => put_check(shared, id, offset, len, &digest).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
         Msg::PutHole { id, offset, len } => put_hole(shared, id, offset, len).map(|()| Msg::Ok),
+        Msg::GetXattrs { path } => get_xattrs(shared, &path).map(|xattrs| Msg::XattrList { xattrs }),
+        Msg::PutXattrs { id, xattrs } => put_xattrs(shared, id, &xattrs).map(|()| Msg::Ok),
+        Msg::SetXattrs { path, xattrs } => set_xattrs(shared, &path, &xattrs).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
             put_end(shared, id, Finish { mode, uid, gid, mtime: (mtime_sec, mtime_nsec), fsync }).map(|()| Msg::Ok)
         }
@@ -1469,6 +1474,43 @@ fn put_hole(shared: &Shared, id: u64, offset: u64, len: u64) -> Result<(), Fail>
     received
         .add(offset, end)
         .map_err(|()| Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel))))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Extended attributes (-X): read and written by path through the parent's descriptor (`/proc/self/fd/DIR/NAME`,
+// resolved beneath the root like every path; the l*xattr calls never follow a final symlink)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `/proc/self/fd/DIR/NAME` for `name` in the directory open as `dir` (`DIR/.`, the directory itself, when `name`
+/// is `None`: the l*xattr calls would act on the `/proc` link itself).
+fn at_path(dir: RawFd, name: Option<&CStr>) -> PathBuf {
+    let d = PathBuf::from(format!("/proc/self/fd/{dir}"));
+    d.join(name.map_or(OsStr::new("."), |n| OsStr::from_bytes(n.to_bytes())))
+}
+
+fn get_xattrs(shared: &Shared, rel: &[u8]) -> Result<wire::Xattrs, Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
+    let xattrs = crate::meta::read_xattrs(&at_path(p.raw(), p.name.as_deref()))
+        .map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
+    let total: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if xattrs.len() > wire::XATTRS_MAX || total > wire::XATTRS_BYTES_MAX {
+        let why = format!("'{}' has more extended attributes than the protocol carries", show(rel));
+        return Err(Fail::new(code::IO, why));
+    }
+    Ok(xattrs)
+}
+
+fn put_xattrs(shared: &Shared, id: u64, xattrs: &wire::Xattrs) -> Result<(), Fail> {
+    let lease = shared.transfers.lease(id)?;
+    let t = &lease.t;
+    crate::meta::write_xattrs(&at_path(t.dir.as_raw_fd(), Some(&t.tmp)), xattrs)
+        .map_err(|e| Fail::io("cannot set extended attributes on", &t.rel, e))
+}
+
+fn set_xattrs(shared: &Shared, rel: &[u8], xattrs: &wire::Xattrs) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set extended attributes on", rel, e))?;
+    crate::meta::write_xattrs(&at_path(p.raw(), p.name.as_deref()), xattrs)
+        .map_err(|e| Fail::io("cannot set extended attributes on", rel, e))
 }
 
 /// Metadata of a finished file.

@@ -18,6 +18,16 @@ pub const CHUNK_BYTES_MAX: usize = 4 << 20;
 pub const PATH_BYTES_MAX: usize = 4096;
 /// Largest human-readable text (error messages).
 pub const TEXT_BYTES_MAX: usize = 4096;
+/// Extended attributes of one entry: at most this many, each name at most [`XATTR_NAME_BYTES_MAX`] (Linux's
+/// `XATTR_NAME_MAX`), each value at most [`XATTR_VALUE_BYTES_MAX`] (`XATTR_SIZE_MAX`), all of them together at most
+/// [`XATTRS_BYTES_MAX`].
+pub const XATTRS_MAX: usize = 1024;
+pub const XATTR_NAME_BYTES_MAX: usize = 255;
+pub const XATTR_VALUE_BYTES_MAX: usize = 64 * 1024;
+pub const XATTRS_BYTES_MAX: usize = 1 << 20;
+
+/// An entry's extended attributes: (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// What an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +228,24 @@ pub enum Msg {
     PutAbort {
         id: u64,
     },
+    /// The extended attributes of `path` itself (a symlink is not followed). `Xattrs` or `Error`.
+    GetXattrs {
+        path: Vec<u8>,
+    },
+    /// The answer to `GetXattrs`.
+    XattrList {
+        xattrs: Xattrs,
+    },
+    /// Set these extended attributes on the temporary of transfer `id` (before its `PutEnd`). `Ok`/`Error`.
+    PutXattrs {
+        id: u64,
+        xattrs: Xattrs,
+    },
+    /// Set these extended attributes on `path` itself (a directory, or a file in place). `Ok`/`Error`.
+    SetXattrs {
+        path: Vec<u8>,
+        xattrs: Xattrs,
+    },
     /// Create directory `path` (existing is fine). `Ok`/`Error`.
     Mkdir {
         path: Vec<u8>,
@@ -293,6 +321,10 @@ const K_MKDIR: u8 = 40;
 const K_SET_META: u8 = 41;
 const K_SYMLINK: u8 = 42;
 const K_DELETE: u8 = 43;
+const K_GET_XATTRS: u8 = 44;
+const K_XATTR_LIST: u8 = 45;
+const K_PUT_XATTRS: u8 = 46;
+const K_SET_XATTRS: u8 = 47;
 const K_BYE: u8 = 60;
 
 /// Field writer for one frame body.
@@ -319,6 +351,13 @@ impl Out {
     }
     fn arr(&mut self, v: &[u8; 32]) {
         self.0.extend_from_slice(v);
+    }
+    fn xattrs(&mut self, v: &Xattrs) {
+        self.u32(v.len() as u32);
+        for (name, value) in v {
+            self.bytes(name);
+            self.bytes(value);
+        }
     }
     fn bytes(&mut self, v: &[u8]) {
         self.u32(v.len() as u32);
@@ -378,6 +417,27 @@ impl<'a> In<'a> {
             return Err(bad(format!("{what} of {len} bytes is over the limit of {cap}")));
         }
         Ok(self.take(len)?.to_vec())
+    }
+    fn xattrs(&mut self) -> Result<Xattrs, WireError> {
+        let n = self.u32()? as usize;
+        if n > XATTRS_MAX {
+            return Err(bad(format!("{n} extended attributes are over the limit of {XATTRS_MAX}")));
+        }
+        let mut out = Vec::new();
+        let mut total = 0;
+        for _ in 0..n {
+            let name = self.bytes(XATTR_NAME_BYTES_MAX, "extended attribute name")?;
+            if name.is_empty() || name.contains(&0) {
+                return Err(bad("extended attribute name is empty or contains a NUL byte"));
+            }
+            let value = self.bytes(XATTR_VALUE_BYTES_MAX, "extended attribute value")?;
+            total += name.len() + value.len();
+            if total > XATTRS_BYTES_MAX {
+                return Err(bad(format!("extended attributes over the limit of {XATTRS_BYTES_MAX} bytes")));
+            }
+            out.push((name, value));
+        }
+        Ok(out)
     }
     fn path(&mut self) -> Result<Vec<u8>, WireError> {
         let p = self.bytes(PATH_BYTES_MAX, "path")?;
@@ -571,6 +631,24 @@ impl Msg {
                 o.u8(K_DELETE);
                 o.bytes(path);
             }
+            Msg::GetXattrs { path } => {
+                o.u8(K_GET_XATTRS);
+                o.bytes(path);
+            }
+            Msg::XattrList { xattrs } => {
+                o.u8(K_XATTR_LIST);
+                o.xattrs(xattrs);
+            }
+            Msg::PutXattrs { id, xattrs } => {
+                o.u8(K_PUT_XATTRS);
+                o.u64(*id);
+                o.xattrs(xattrs);
+            }
+            Msg::SetXattrs { path, xattrs } => {
+                o.u8(K_SET_XATTRS);
+                o.bytes(path);
+                o.xattrs(xattrs);
+            }
             Msg::Bye => o.u8(K_BYE),
         }
         o.0
@@ -652,6 +730,10 @@ impl Msg {
                 mtime_nsec: i.nsec()?,
             },
             K_DELETE => Msg::Delete { path: i.path()? },
+            K_GET_XATTRS => Msg::GetXattrs { path: i.path()? },
+            K_XATTR_LIST => Msg::XattrList { xattrs: i.xattrs()? },
+            K_PUT_XATTRS => Msg::PutXattrs { id: i.u64()?, xattrs: i.xattrs()? },
+            K_SET_XATTRS => Msg::SetXattrs { path: i.path()?, xattrs: i.xattrs()? },
             K_BYE => Msg::Bye,
             k => return Err(bad(format!("unknown message kind {k}"))),
         };
@@ -844,6 +926,10 @@ mod tests {
             Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
             Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
             Msg::Hole { offset: 4096, len: 1 << 40 },
+            Msg::GetXattrs { path: b"d/f".to_vec() },
+            Msg::XattrList { xattrs: vec![(b"user.a".to_vec(), b"1".to_vec()), (b"user.b".to_vec(), Vec::new())] },
+            Msg::PutXattrs { id: 42, xattrs: vec![(b"user.c".to_vec(), vec![0; 300])] },
+            Msg::SetXattrs { path: b"d".to_vec(), xattrs: Vec::new() },
             Msg::PutHole { id: 42, offset: 8192, len: 12 },
             Msg::PutAbort { id: 42 },
             Msg::PutResume {
