@@ -194,15 +194,7 @@ impl Shard {
             sys::pwrite_all(dst, block, offset, calls).map_err(|e| JobError::new(Op::Write, names.dst, e))?;
             *written_bytes += want_bytes as u64;
             if let Some(source_hash) = source_hash {
-                let back_bytes =
-                    sys::pread_full(dst, block, offset, calls).map_err(|e| JobError::new(Op::Verify, names.dst, e))?;
-                if back_bytes < want_bytes || blake3::hash(&block[..want_bytes]) != source_hash {
-                    let e = io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("destination differs from source (BLAKE3 mismatch at offset {offset})"),
-                    );
-                    return Err(JobError::new(Op::Verify, names.dst, e));
-                }
+                verify_back(dst, block, want_bytes, offset, source_hash, names, calls)?;
             }
             offset += want_bytes as u64;
         }
@@ -250,16 +242,7 @@ impl Shard {
                 sys::pwrite_all(dst, data, offset, calls).map_err(|e| JobError::new(Op::Write, names.dst, e))?;
                 *written_bytes += read_bytes as u64;
                 if let Some(source_hash) = source_hash {
-                    let back_bytes = sys::pread_full(dst, data, offset, calls)
-                        .map_err(|e| JobError::new(Op::Verify, names.dst, e))?;
-                    // A short read-back leaves source bytes in the tail of the slot: compare lengths too.
-                    if back_bytes != read_bytes || blake3::hash(data) != source_hash {
-                        let e = io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("destination differs from source (BLAKE3 mismatch at offset {offset})"),
-                        );
-                        return Err(JobError::new(Op::Verify, names.dst, e));
-                    }
+                    verify_back(dst, data, read_bytes, offset, source_hash, names, calls)?;
                 }
                 offset += read_bytes as u64;
             }
@@ -268,4 +251,26 @@ impl Shard {
             }
         }
     }
+}
+
+/// `--verify`: read `block` back from `dst` at `offset` (into the same memory) and check that its first `len` bytes
+/// hash to `source_hash`. A short read-back leaves source bytes in the tail of the block: lengths count too.
+fn verify_back(
+    dst: BorrowedFd<'_>,
+    block: &mut [u8],
+    len: usize,
+    offset: u64,
+    source_hash: blake3::Hash,
+    names: &Names<'_>,
+    calls: &mut u64,
+) -> Result<(), JobError> {
+    let back_bytes = sys::pread_full(dst, block, offset, calls).map_err(|e| JobError::new(Op::Verify, names.dst, e))?;
+    if back_bytes < len || blake3::hash(&block[..len]) != source_hash {
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("destination differs from source (BLAKE3 mismatch at offset {offset})"),
+        );
+        return Err(JobError::new(Op::Verify, names.dst, e));
+    }
+    Ok(())
 }
