@@ -268,9 +268,6 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
             "copying from one fastsync:// URL to another is not supported; run fastsync on one of the hosts".into(),
         ));
     }
-    if opts.hard_links {
-        return Err(Failure::Usage("-H/--hard-links is not supported for fastsync:// paths yet".into()));
-    }
     if opts.dereference && src_remote {
         return Err(Failure::Usage("-L/--dereference needs a local source (the server never follows symlinks)".into()));
     }
@@ -433,7 +430,8 @@ enum Done {
     /// Bytes acknowledged (push) or written (pull).
     Bytes(u64),
     /// A file is finished: transferred (and how many times it was retried), or failed (the line to print).
-    File { dir: Option<usize>, result: Result<u8, String> },
+    /// `link`: the file was the first name of a multiply-linked inode (`-H`), whose other names wait for it.
+    File { dir: Option<usize>, link: Option<(u64, u64)>, result: Result<u8, String> },
     /// A stream broke and was replaced: the warning line (without `fastsync: warning: `).
     Warn(String),
     /// A stream gave up (or the server cannot be reached again): the run stops.
@@ -1004,6 +1002,73 @@ struct PushFile {
     /// Wire path of the destination.
     remote: Vec<u8>,
     dir: Option<usize>,
+    /// `-H`: the source's (dev, ino), when this is the first name of an inode with several.
+    link: Option<(u64, u64)>,
+}
+
+/// `-H`: what became of an inode with several names (a push keys it by the local (dev, ino), a pull by the server's).
+enum LinkState<T: Clone> {
+    /// Its first name is being transferred; these names wait for it: (their destination, their parent node).
+    Pending { first: T, waiters: Waiters<T> },
+    /// Its first name is in place: later names are linked to it.
+    Done(T),
+    /// Its first name failed: later names fail too (they would only be its copies).
+    Failed(T),
+}
+
+/// What to do with a name of a multiply-linked inode under `-H`.
+enum LinkPlan<T> {
+    /// Transfer it: it is the first name (or nothing is known).
+    Transfer,
+    /// Link it to the first name, which is in place.
+    LinkTo(T),
+    /// It waits for the first name (counted in its directory).
+    Wait,
+    /// The first name failed.
+    FirstFailed(T),
+}
+
+/// Decide for name `me` of inode `key` (none: not multiply linked, or no `-H`); a first name is recorded as pending
+/// (in a dry run as done: nothing will complete).
+fn plan_link<T: Clone>(
+    links: &mut HashMap<(u64, u64), LinkState<T>>,
+    key: Option<(u64, u64)>,
+    me: &T,
+    dir: Option<usize>,
+    dry_run: bool,
+) -> LinkPlan<T> {
+    let Some(key) = key else { return LinkPlan::Transfer };
+    match links.get_mut(&key) {
+        None => {
+            let state = if dry_run {
+                LinkState::Done(me.clone())
+            } else {
+                LinkState::Pending { first: me.clone(), waiters: Vec::new() }
+            };
+            links.insert(key, state);
+            LinkPlan::Transfer
+        }
+        Some(LinkState::Pending { waiters, .. }) => {
+            waiters.push((me.clone(), dir));
+            LinkPlan::Wait
+        }
+        Some(LinkState::Done(first)) => LinkPlan::LinkTo(first.clone()),
+        Some(LinkState::Failed(first)) => LinkPlan::FirstFailed(first.clone()),
+    }
+}
+
+/// Names waiting for a first name: (their destination, their parent node).
+type Waiters<T> = Vec<(T, Option<usize>)>;
+
+/// The first name of inode `key` is done (`ok`) or failed: its waiters, and what they link to.
+fn links_ready<T: Clone>(
+    links: &mut HashMap<(u64, u64), LinkState<T>>,
+    key: (u64, u64),
+    ok: bool,
+) -> Option<(T, Waiters<T>)> {
+    let Some(LinkState::Pending { first, waiters }) = links.remove(&key) else { return None };
+    links.insert(key, if ok { LinkState::Done(first.clone()) } else { LinkState::Failed(first.clone()) });
+    Some((first, waiters))
 }
 
 /// A large file sent in ranges by several workers; the last range to finish ends the transfer.
@@ -1080,6 +1145,8 @@ struct PushCore<'a> {
     look_dst: bool,
     /// Streams the pool runs now (ranges of large files are cut for them).
     streams: Arc<Scaler>,
+    /// `-H`: inodes with several names seen so far, by the local (dev, ino), with the first name's wire path.
+    links: HashMap<(u64, u64), LinkState<Vec<u8>>>,
 }
 
 struct Push<'a> {
@@ -1194,6 +1261,7 @@ impl<'a> Push<'a> {
                 deletes: Vec::new(),
                 look_dst,
                 streams: pool.scaler.clone(),
+                links: HashMap::new(),
             },
             pool,
         };
@@ -1328,6 +1396,13 @@ impl<'a> Push<'a> {
             }
         }
         c.run.item(if twin.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        let key = (c.run.opts.hard_links && md.nlink() > 1).then(|| (md.dev(), md.ino()));
+        match plan_link(&mut c.links, key, &remote, dir, c.run.opts.dry_run) {
+            LinkPlan::Transfer => {}
+            LinkPlan::Wait => return c.dirs.add(dir),
+            LinkPlan::LinkTo(first) => return c.link(&remote, &first),
+            LinkPlan::FirstFailed(first) => return c.link_failed(&remote, &first),
+        }
         if c.run.opts.dry_run {
             c.run.summary.files += 1;
             c.run.summary.bytes += md.size();
@@ -1335,7 +1410,7 @@ impl<'a> Push<'a> {
         }
         c.run.progress.add_total(md.size());
         c.dirs.add(dir);
-        let file = PushFile { src: src.to_path_buf(), remote, dir };
+        let file = PushFile { src: src.to_path_buf(), remote, dir, link: key };
         if ranges(md.size(), c.streams.split_for()).is_none() {
             let core = &mut self.core;
             self.pool.send(PushTask::Whole(file), &mut |d| core.on_event(d));
@@ -1432,20 +1507,53 @@ impl PushCore<'_> {
                 self.run.summary.bytes += n;
                 self.run.progress.inc(n);
             }
-            Done::File { dir, result } => match result {
-                Ok(retried) => {
-                    self.run.summary.retried += u64::from(retried);
-                    self.file_done(dir, Some(()));
+            Done::File { dir, link, result } => {
+                let ok = result.is_ok();
+                match result {
+                    Ok(retried) => {
+                        self.run.summary.retried += u64::from(retried);
+                        self.file_done(dir, Some(()));
+                    }
+                    Err(m) => {
+                        self.run.fail(m);
+                        self.file_done(dir, None);
+                    }
                 }
-                Err(m) => {
-                    self.run.fail(m);
-                    self.file_done(dir, None);
+                if let Some((first, waiters)) = link.and_then(|k| links_ready(&mut self.links, k, ok)) {
+                    for (remote, dir) in waiters {
+                        if ok {
+                            self.link(&remote, &first);
+                        } else {
+                            self.link_failed(&remote, &first);
+                        }
+                        self.file_done(dir, None);
+                    }
                 }
-            },
+            }
             Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
             Done::Note(m) => self.run.note(&m),
         }
+    }
+
+    /// `-H`: remote `path` becomes another name of `first` (already on the server).
+    fn link(&mut self, path: &[u8], first: &[u8]) {
+        if self.run.opts.dry_run {
+            self.run.summary.hardlinks += 1;
+            return;
+        }
+        match self.ctl.link(path, first) {
+            Ok(()) => self.run.summary.hardlinks += 1,
+            Err(e) => {
+                let (shown, to) = (self.url(path), self.url(first));
+                self.run.req_failed(e, |m| format!("cannot link '{shown}' to '{to}': {m}"));
+            }
+        }
+    }
+
+    fn link_failed(&mut self, path: &[u8], first: &[u8]) {
+        let (shown, to) = (self.url(path), self.url(first));
+        self.run.fail(format!("cannot link '{shown}': its first name '{to}' was not copied"));
     }
 
     fn file_done(&mut self, dir: Option<usize>, ok: Option<()>) {
@@ -1799,7 +1907,7 @@ fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<D
     match task {
         PushTask::Whole(f) => {
             let result = push_whole(stream, cfg, &f, done, 1)?;
-            let _ = done.send(Done::File { dir: f.dir, result });
+            let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
         }
         PushTask::Range { big, offset, len } => {
             let failed = big.failure.lock().expect("not poisoned").is_some();
@@ -1813,7 +1921,7 @@ fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<D
             }
             if big.ranges_left.fetch_sub(1, Ordering::AcqRel) == 1 {
                 let result = finish_big_push(stream, cfg, &big, done)?;
-                let _ = done.send(Done::File { dir: big.file.dir, result });
+                let _ = done.send(Done::File { dir: big.file.dir, link: big.file.link, result });
             }
         }
     }
@@ -2478,6 +2586,16 @@ struct PullFile {
     shown: PathBuf,
     meta: EntryMeta,
     dir: Option<usize>,
+    /// `-H`: the server's (dev, ino), when this is the first name of an inode with several.
+    link: Option<(u64, u64)>,
+}
+
+/// A local name of a pulled file: its directory, its name there, and how it is shown.
+#[derive(Clone)]
+struct LocalName {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    shown: PathBuf,
 }
 
 /// A large file fetched in ranges by several workers into one temporary; the last range to finish ends it.
@@ -2564,6 +2682,8 @@ struct PullCore<'a> {
     dialer: Arc<Dialer>,
     /// `sync --checksum`: the connection that asks for digests, dialled when first needed.
     hash_conn: Option<Connection>,
+    /// `-H`: inodes with several names seen so far, by the server's (dev, ino), with the first name.
+    links: HashMap<(u64, u64), LinkState<LocalName>>,
 }
 
 struct Pull<'a> {
@@ -2669,6 +2789,7 @@ impl<'a> Pull<'a> {
                 streams: pool.scaler.clone(),
                 dialer: dialer.clone(),
                 hash_conn: None,
+                links: HashMap::new(),
             },
             pool,
         };
@@ -2834,6 +2955,16 @@ impl<'a> Pull<'a> {
             }
         }
         c.run.item(if existing.is_some() { Change::Update } else { Change::Copy }, rel, false);
+        let key = (c.run.opts.hard_links && e.nlink > 1).then_some((e.dev, e.ino));
+        if let (Some(_), Some(dir)) = (key, parent.fd.clone()) {
+            let me = LocalName { dir, name: cname.clone(), shown: shown.clone() };
+            match plan_link(&mut c.links, key, &me, parent.node, c.run.opts.dry_run) {
+                LinkPlan::Transfer => {}
+                LinkPlan::Wait => return c.dirs.add(parent.node),
+                LinkPlan::LinkTo(first) => return c.link(&me, &first),
+                LinkPlan::FirstFailed(first) => return c.link_failed(&me, &first),
+            }
+        }
         if c.run.opts.dry_run {
             c.run.summary.files += 1;
             c.run.summary.bytes += e.size;
@@ -2843,7 +2974,7 @@ impl<'a> Pull<'a> {
         c.run.progress.add_total(e.size);
         c.dirs.add(parent.node);
         let parts = ranges(e.size, c.streams.split_for());
-        let file = PullFile { dir_fd, name: cname, remote, shown, meta: e, dir: parent.node };
+        let file = PullFile { dir_fd, name: cname, remote, shown, meta: e, dir: parent.node, link: key };
         let Some(parts) = parts else {
             let core = &mut self.core;
             self.pool.send(PullTask::Whole(file), &mut |d| core.on_event(d));
@@ -2893,20 +3024,66 @@ impl PullCore<'_> {
                 self.run.summary.bytes += n;
                 self.run.progress.inc(n);
             }
-            Done::File { dir, result } => match result {
-                Ok(retried) => {
-                    self.run.summary.retried += u64::from(retried);
-                    self.file_done(dir, true);
+            Done::File { dir, link, result } => {
+                let ok = result.is_ok();
+                match result {
+                    Ok(retried) => {
+                        self.run.summary.retried += u64::from(retried);
+                        self.file_done(dir, true);
+                    }
+                    Err(m) => {
+                        self.run.fail(m);
+                        self.file_done(dir, false);
+                    }
                 }
-                Err(m) => {
-                    self.run.fail(m);
-                    self.file_done(dir, false);
+                if let Some((first, waiters)) = link.and_then(|k| links_ready(&mut self.links, k, ok)) {
+                    for (me, dir) in waiters {
+                        if ok {
+                            self.link(&me, &first);
+                        } else {
+                            self.link_failed(&me, &first);
+                        }
+                        self.file_done(dir, false);
+                    }
                 }
-            },
+            }
             Done::Warn(m) => self.run.warn(&m),
             Done::Broken(m) => self.run.broken(m),
             Done::Note(m) => self.run.note(&m),
         }
+    }
+
+    /// `-H`: local name `me` becomes another name of `first` (already in place): linked under a temporary name, then
+    /// renamed over whatever `me` was.
+    fn link(&mut self, me: &LocalName, first: &LocalName) {
+        if self.run.opts.dry_run {
+            self.run.summary.hardlinks += 1;
+            return;
+        }
+        let tmp = tmp_name(&me.name);
+        let (from_dir, to_dir) = (first.dir.as_raw_fd(), me.dir.as_raw_fd());
+        // SAFETY: valid descriptors and C strings; flags 0: a symlink is never followed.
+        let linked = if unsafe { libc::linkat(from_dir, first.name.as_ptr(), to_dir, tmp.as_ptr(), 0) } == 0 {
+            at::rename(to_dir, &tmp, &me.name).inspect_err(|_| {
+                let _ = at::unlink(to_dir, &tmp, false);
+            })
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        match linked {
+            Ok(()) => self.run.summary.hardlinks += 1,
+            Err(e) => {
+                self.run.fail(format!("cannot link '{}' to '{}': {e}", me.shown.display(), first.shown.display()))
+            }
+        }
+    }
+
+    fn link_failed(&mut self, me: &LocalName, first: &LocalName) {
+        self.run.fail(format!(
+            "cannot link '{}': its first name '{}' was not copied",
+            me.shown.display(),
+            first.shown.display()
+        ));
     }
 
     fn file_done(&mut self, dir: Option<usize>, ok: bool) {
@@ -3293,7 +3470,7 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
     match task {
         PullTask::Whole(f) => {
             let result = pull_whole(stream, cfg, &f, done, 1)?;
-            let _ = done.send(Done::File { dir: f.dir, result });
+            let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
         }
         PullTask::Range { big, offset, len } => {
             let f = &big.file;
@@ -3349,7 +3526,7 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
                         r
                     }
                 };
-                let _ = done.send(Done::File { dir: f.dir, result });
+                let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
             }
         }
     }
@@ -3432,6 +3609,7 @@ fn refetch(
                 shown: f.shown.clone(),
                 meta: EntryMeta { path: f.meta.path.clone(), ..m },
                 dir: f.dir,
+                link: f.link,
             };
             Ok(pull_whole(stream, cfg, &g, done, 2)?.map(|r| r + 1))
         }

@@ -214,6 +214,37 @@ fn xattrs_go_both_ways_with_x() {
     assert_no_tmp(&srv.root);
 }
 
+/// -H over fastsync://: names of one inode arrive as hard links both ways (a small file, pipelined, and a large
+/// one, sent in ranges: the other names wait for the first); without -H each name is its own file.
+#[test]
+fn hard_links_go_both_ways_with_h() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    tree_with_empty_dirs(&src);
+    write_big_file(&src.join("sub/big.bin"), 0xB1, (12 << 20) + 3);
+    fs::hard_link(src.join("a.txt"), src.join("a2.txt")).unwrap();
+    fs::hard_link(src.join("a.txt"), src.join("sub/a3.txt")).unwrap();
+    fs::hard_link(src.join("sub/big.bin"), src.join("big-too.bin")).unwrap();
+    stamp_dir_times(&src, 1_200_000_000);
+    let linked = CompareOpts { xattrs: false, hardlinks: true };
+    let out = c.cmd().args(["copy", "-H", "--json", "--streams", "3"]).arg(&src).arg(srv.url("h")).run();
+    out.assert_success();
+    compare_trees(&src, &srv.root.join("h"), linked);
+    assert_eq!(json_summary(&out)["hardlinks"].as_u64(), Some(3), "three names linked, not sent");
+    let out = c.cmd().args(["copy", "-H", "--json", "--streams", "3"]).arg(srv.url("h")).arg(c.path("back")).run();
+    out.assert_success();
+    compare_trees(&src, &c.path("back"), linked);
+    assert_eq!(json_summary(&out)["hardlinks"].as_u64(), Some(3));
+    // Without -H: separate files (compare_trees then wants every file to be its own inode).
+    c.cmd().args(["copy"]).arg(&src).arg(srv.url("plain")).run().assert_success();
+    compare_trees(&src, &srv.root.join("plain"), CompareOpts::default());
+    c.cmd().args(["copy"]).arg(srv.url("h")).arg(c.path("plain-back")).run().assert_success();
+    compare_trees(&src, &c.path("plain-back"), CompareOpts::default());
+    assert_no_tmp(&srv.root);
+    assert_no_tmp(&c.path("back"));
+}
+
 #[test]
 fn sync_push_twice_transfers_nothing_the_second_time() {
     let c = Case::new();
@@ -457,6 +488,9 @@ fn meta(path: &[u8], kind: EntryKind, size: u64, target: &[u8]) -> EntryMeta {
         mtime_sec: 1_600_000_000,
         mtime_nsec: 0,
         target: target.to_vec(),
+        dev: 0,
+        ino: 0,
+        nlink: 1,
     }
 }
 

@@ -524,6 +524,11 @@ impl Connection {
         })
     }
 
+    /// `Link`: `path` becomes another name of the file `target`.
+    pub fn link(&mut self, path: &[u8], target: &[u8]) -> Result<(), ReqError> {
+        self.expect_ok(&Msg::Link { path: path.to_vec(), target: target.to_vec() })
+    }
+
     pub fn delete(&mut self, path: &[u8]) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Delete { path: path.to_vec() })
     }

@@ -450,6 +450,7 @@ fn is_write(msg: &Msg) -> bool {
             | Msg::PutHole { .. }
             | Msg::PutXattrs { .. }
             | Msg::SetXattrs { .. }
+            | Msg::Link { .. }
             | Msg::PutEnd { .. }
             | Msg::PutAbort { .. }
             | Msg::Mkdir { .. }
@@ -511,6 +512,7 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
             symlink(shared, &path, &target, (uid, gid), (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
         }
         Msg::Delete { path } => delete(shared, &path).map(|()| Msg::Ok),
+        Msg::Link { path, target } => link(shared, &path, &target).map(|()| Msg::Ok),
         other => {
             let message = format!("unexpected {} from a client", name_of(&other));
             let _ = wire::write_msg(conn, &Msg::Error { code: code::PROTOCOL, message: message.clone() });
@@ -681,6 +683,9 @@ fn entry(path: Vec<u8>, st: &libc::stat, target: Vec<u8>) -> EntryMeta {
         mtime_sec: st.st_mtime as i64,
         mtime_nsec: (st.st_mtime_nsec as u32).min(999_999_999),
         target,
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
     }
 }
 
@@ -1647,6 +1652,36 @@ fn symlink(shared: &Shared, rel: &[u8], target: &[u8], owner: (u32, u32), mtime:
     let placed = chown_at(p.raw(), &tmp, owner, 0, rel)
         .and_then(|()| set_mtime_at(p.raw(), &tmp, mtime).map_err(|e| Fail::io("cannot set times on", rel, e)))
         .and_then(|()| rename_into_place(p.raw(), &tmp, name, rel));
+    if placed.is_err() {
+        let _ = unlink_at(p.raw(), &tmp, 0);
+    }
+    placed
+}
+
+/// `Link`: `rel` becomes another name of the regular file `target` (both beneath the root), through a temporary
+/// name renamed over whatever `rel` was.
+fn link(shared: &Shared, rel: &[u8], target: &[u8]) -> Result<(), Fail> {
+    let t = shared.root.parent(target).map_err(|e| Fail::io("cannot link to", target, e))?;
+    let Some(t_name) = &t.name else {
+        return Err(Fail::new(code::IO, "cannot link to the served root"));
+    };
+    let st = lstat_at(t.raw(), t_name).map_err(|e| Fail::io("cannot link to", target, e))?;
+    if kind_of(&st) != EntryKind::File {
+        return Err(Fail::new(code::IO, format!("cannot link to '{}': not a regular file", show(target))));
+    }
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create link", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::IO, "cannot replace the served root with a link"));
+    };
+    if is_dir_at(p.raw(), name) {
+        return Err(Fail::new(code::IO, format!("cannot create link '{}': a directory is in the way", show(rel))));
+    }
+    let (tmp, ()) = create_temporary(shared, p.raw(), name, |dir, tmp| {
+        // SAFETY: valid descriptors and C strings; flags 0: a symlink is never followed.
+        cvt(unsafe { libc::linkat(t.raw(), t_name.as_ptr(), dir, tmp.as_ptr(), 0) }).map(drop)
+    })
+    .map_err(|e| Fail::io("cannot create link", rel, e))?;
+    let placed = rename_into_place(p.raw(), &tmp, name, rel);
     if placed.is_err() {
         let _ = unlink_at(p.raw(), &tmp, 0);
     }

@@ -53,6 +53,11 @@ pub struct EntryMeta {
     pub mtime_nsec: u32,
     /// Symlink target (empty otherwise).
     pub target: Vec<u8>,
+    /// The entry's inode, as the serving host names it (`st_dev`, `st_ino`), and its number of names: a client
+    /// with `-H` links names that share an inode. Zeros where unknown.
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u32,
 }
 
 /// Error codes carried by [`Msg::Error`].
@@ -271,6 +276,12 @@ pub enum Msg {
         mtime_sec: i64,
         mtime_nsec: u32,
     },
+    /// Make `path` another name of the regular file `target` (a hard link; `path` is replaced if it exists).
+    /// `Ok`/`Error`.
+    Link {
+        path: Vec<u8>,
+        target: Vec<u8>,
+    },
     /// Delete `path`; a directory with everything in it, never following a symlink. `Ok`/`Error`.
     Delete {
         path: Vec<u8>,
@@ -325,6 +336,7 @@ const K_GET_XATTRS: u8 = 44;
 const K_XATTR_LIST: u8 = 45;
 const K_PUT_XATTRS: u8 = 46;
 const K_SET_XATTRS: u8 = 47;
+const K_LINK: u8 = 48;
 const K_BYE: u8 = 60;
 
 /// Field writer for one frame body.
@@ -510,6 +522,9 @@ impl Msg {
                 o.i64(e.mtime_sec);
                 o.u32(e.mtime_nsec);
                 o.bytes(&e.target);
+                o.u64(e.dev);
+                o.u64(e.ino);
+                o.u32(e.nlink);
             }
             Msg::ListEnd => o.u8(K_LIST_END),
             Msg::Stat { path } => {
@@ -635,6 +650,11 @@ impl Msg {
                 o.u8(K_GET_XATTRS);
                 o.bytes(path);
             }
+            Msg::Link { path, target } => {
+                o.u8(K_LINK);
+                o.bytes(path);
+                o.bytes(target);
+            }
             Msg::XattrList { xattrs } => {
                 o.u8(K_XATTR_LIST);
                 o.xattrs(xattrs);
@@ -675,6 +695,9 @@ impl Msg {
                 mtime_sec: i.i64()?,
                 mtime_nsec: i.nsec()?,
                 target: i.bytes(PATH_BYTES_MAX, "symlink target")?,
+                dev: i.u64()?,
+                ino: i.u64()?,
+                nlink: i.u32()?,
             }),
             K_LIST_END => Msg::ListEnd,
             K_STAT => Msg::Stat { path: i.path()? },
@@ -731,6 +754,7 @@ impl Msg {
             },
             K_DELETE => Msg::Delete { path: i.path()? },
             K_GET_XATTRS => Msg::GetXattrs { path: i.path()? },
+            K_LINK => Msg::Link { path: i.path()?, target: i.path()? },
             K_XATTR_LIST => Msg::XattrList { xattrs: i.xattrs()? },
             K_PUT_XATTRS => Msg::PutXattrs { id: i.u64()?, xattrs: i.xattrs()? },
             K_SET_XATTRS => Msg::SetXattrs { path: i.path()?, xattrs: i.xattrs()? },
@@ -914,6 +938,9 @@ mod tests {
                 mtime_sec: -5,
                 mtime_nsec: 999_999_999,
                 target: b"../t".to_vec(),
+                dev: u64::MAX,
+                ino: 3,
+                nlink: 4,
             }),
             Msg::ListEnd,
             Msg::Stat { path: vec![] },
@@ -927,6 +954,7 @@ mod tests {
             Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
             Msg::Hole { offset: 4096, len: 1 << 40 },
             Msg::GetXattrs { path: b"d/f".to_vec() },
+            Msg::Link { path: b"d/g".to_vec(), target: b"d/f".to_vec() },
             Msg::XattrList { xattrs: vec![(b"user.a".to_vec(), b"1".to_vec()), (b"user.b".to_vec(), Vec::new())] },
             Msg::PutXattrs { id: 42, xattrs: vec![(b"user.c".to_vec(), vec![0; 300])] },
             Msg::SetXattrs { path: b"d".to_vec(), xattrs: Vec::new() },
