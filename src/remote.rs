@@ -1767,6 +1767,10 @@ impl PushCore<'_> {
     /// A remote file that is already right: fix its permissions and mtime if they differ.
     fn unchanged(&mut self, rel: &[u8], remote: &[u8], md: &Metadata, twin: &EntryMeta) {
         self.run.summary.unchanged += 1;
+        // -H: the inode's other names link to this one, which is in place.
+        if self.run.opts.hard_links && md.nlink() > 1 {
+            self.links.entry((md.dev(), md.ino())).or_insert_with(|| LinkState::Done(remote.to_vec()));
+        }
         let mode = md.mode() & 0o7777;
         if mode == twin.mode && md_mtime(md) == mtime_of(twin) {
             return;
@@ -3301,6 +3305,11 @@ impl PullCore<'_> {
 
     fn unchanged(&mut self, parent: &Parent, name: &CStr, rel: &[u8], shown: &Path, e: &EntryMeta, st: &libc::stat) {
         self.run.summary.unchanged += 1;
+        // -H: the inode's other names link to this one, which is in place.
+        if let Some(dir) = parent.fd.clone().filter(|_| self.run.opts.hard_links && e.nlink > 1) {
+            let me = LocalName { dir, name: name.to_owned(), shown: shown.to_path_buf() };
+            self.links.entry((e.dev, e.ino)).or_insert_with(|| LinkState::Done(me));
+        }
         let id = self.cfg.id;
         let mode_differs = (st.st_mode & 0o7777) != e.mode;
         let mtime_differs = (st.st_mtime, st.st_mtime_nsec) != (e.mtime_sec, i64::from(e.mtime_nsec));

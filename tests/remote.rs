@@ -236,6 +236,19 @@ fn hard_links_go_both_ways_with_h() {
     out.assert_success();
     compare_trees(&src, &c.path("back"), linked);
     assert_eq!(json_summary(&out)["hardlinks"].as_u64(), Some(3));
+    // A new name of an inode whose first name is unchanged: `sync -H` links it (and sends nothing), both ways.
+    fs::hard_link(src.join("a.txt"), src.join("sub/empty/a4.txt")).unwrap();
+    stamp_dir_times(&src, 1_200_000_000);
+    let out = c.cmd().args(["sync", "-H", "--json"]).arg(&src).arg(srv.url("h")).run();
+    out.assert_success();
+    compare_trees(&src, &srv.root.join("h"), linked);
+    let s = json_summary(&out);
+    assert_eq!((s["hardlinks"].as_u64(), s["files"].as_u64()), (Some(1), Some(0)), "{s}");
+    let out = c.cmd().args(["sync", "-H", "--json"]).arg(srv.url("h")).arg(c.path("back")).run();
+    out.assert_success();
+    compare_trees(&src, &c.path("back"), linked);
+    let s = json_summary(&out);
+    assert_eq!((s["hardlinks"].as_u64(), s["files"].as_u64()), (Some(1), Some(0)), "{s}");
     // Without -H: separate files (compare_trees then wants every file to be its own inode).
     c.cmd().args(["copy"]).arg(&src).arg(srv.url("plain")).run().assert_success();
     compare_trees(&src, &srv.root.join("plain"), CompareOpts::default());
