@@ -619,8 +619,16 @@ fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
     out.check(out.stderr_str().contains("No space left on device"), "the cause must be named");
     out.check(out.stderr_str().contains("nothing was deleted"), "no deletion after a failure");
     assert!(!dst.join("big").exists(), "a partial file was left under its final name");
-    assert_same_bytes(&src.join("a_small"), &dst.join("a_small"));
-    assert_same_bytes(&src.join("z_small"), &dst.join("z_small"));
+    // The small files fit once `big`'s temporary is gone, but the engine's threads copy them at the same time, so
+    // one may meet the full disk too (and is then reported): never partial.
+    let failures = out.failure_lines();
+    for name in ["a_small", "z_small"] {
+        if failures.iter().any(|(_, path, _)| path.ends_with(&format!("/{name}"))) {
+            assert!(!dst.join(name).exists(), "a partial file was left under its final name");
+        } else {
+            assert_same_bytes(&src.join(name), &dst.join(name));
+        }
+    }
     assert!(dst.join("extra").exists());
     assert_no_tmp(&mnt);
 }
