@@ -24,10 +24,12 @@
 //! the file, and the request in flight is sent again on the new connection: the chunk being pushed (the server's
 //! transfer table outlives connections, so chunks already acknowledged are not sent again), or the rest of the range
 //! being pulled (from the first byte not yet received and checked). Each request gets [`STREAM_ATTEMPTS_MAX`] attempts
-//! with a short backoff between them; then the run stops with one line naming the file and the cause. The control
-//! connection (listings, directories, symlinks) is not dialled again: its loss, or a server that cannot be reached
-//! again, stops the whole run with one line naming the server; temporaries are removed (pull) or abandoned to the
-//! server, which removes them (push), so nothing partial appears under a final name, and a rerun finishes the work.
+//! with a short backoff between them; then the run stops with one line naming the file and the cause. A push's
+//! control connection (directories, symlinks, metadata, one directory's listing at a time) is dialled again the same
+//! way ([`PushCore::ctl_do`]: each of its requests can be sent twice). A pull's is not (it streams the recursive
+//! listing): its loss, or a server that cannot be reached again, stops the whole run with one line naming the
+//! server; temporaries are removed (pull) or abandoned to the server, which removes them (push), so nothing partial
+//! appears under a final name, and a rerun finishes the work.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -1147,6 +1149,8 @@ struct PushCore<'a> {
     streams: Arc<Scaler>,
     /// `-H`: inodes with several names seen so far, by the local (dev, ino), with the first name's wire path.
     links: HashMap<(u64, u64), LinkState<Vec<u8>>>,
+    /// Dials the control connection again when it breaks ([`PushCore::ctl_do`]).
+    dialer: Arc<Dialer>,
 }
 
 struct Push<'a> {
@@ -1262,6 +1266,7 @@ impl<'a> Push<'a> {
                 look_dst,
                 streams: pool.scaler.clone(),
                 links: HashMap::new(),
+                dialer: dialer.clone(),
             },
             pool,
         };
@@ -1384,7 +1389,7 @@ impl<'a> Push<'a> {
                 Verdict::CompareDigests => {
                     // --checksum: the server hashes its copy (the control connection is free between listings).
                     let local = hash_local(open_src(src, c.run.opts.dereference));
-                    let theirs = c.ctl.hash(&remote, 0, u64::MAX);
+                    let theirs = c.ctl_do(|conn| conn.hash(&remote, 0, u64::MAX));
                     match same_content(local, theirs, &src.display().to_string(), &url_of(&c.addr, &remote)) {
                         Ok(true) => return c.unchanged(rel, &remote, md, t),
                         Ok(false) => {}
@@ -1432,7 +1437,18 @@ impl<'a> Push<'a> {
         let parts = ranges(omd.size(), c.streams.split_for()).unwrap_or_else(|| vec![(0, omd.size())]);
         let id = next_id();
         // Resumable: what an interrupted run of this file left on the server is checked range by range.
-        let recorded = match c.ctl.put_resume(id, &file.remote, omd.size(), omd.mode() & 0o7777, md_mtime(&omd)) {
+        let (size, mode, mtime) = (omd.size(), omd.mode() & 0o7777, md_mtime(&omd));
+        let mut again = false;
+        let resumed = c.ctl_do(|conn| {
+            // Sent again on a new connection: what the first one may have begun is dropped first.
+            if std::mem::replace(&mut again, true)
+                && let Err(ReqError::Broken(m)) = conn.put_abort(id)
+            {
+                return Err(ReqError::Broken(m));
+            }
+            conn.put_resume(id, &file.remote, size, mode, mtime)
+        });
+        let recorded = match resumed {
             Ok(bytes) => bytes,
             Err(e) => {
                 let shown = url_of(&c.addr, &file.remote);
@@ -1464,6 +1480,33 @@ impl PushCore<'_> {
         url_of(&self.addr, wire)
     }
 
+    /// Run control request `op`; when its connection breaks, dial again (a fresh handshake) and send it again, up to
+    /// [`STREAM_ATTEMPTS_MAX`] attempts with a warning each time. Every control request of a push can be sent twice:
+    /// creating a directory or a link, setting metadata, deleting (a missing path is done), listing one directory
+    /// (read whole before it is used), hashing; `PutResume` is made so by aborting its id first.
+    fn ctl_do<R>(&mut self, mut op: impl FnMut(&mut Connection) -> Result<R, ReqError>) -> Result<R, ReqError> {
+        let mut attempt = 1;
+        loop {
+            let r = op(&mut self.ctl);
+            let Err(ReqError::Broken(cause)) = &r else { return r };
+            if attempt >= STREAM_ATTEMPTS_MAX || self.run.stop.load(Ordering::Acquire) {
+                return r;
+            }
+            std::thread::sleep(RETRY_BACKOFF_FIRST * 2u32.saturating_pow(attempt - 1));
+            attempt += 1;
+            match self.dialer.dial() {
+                Ok(conn) => {
+                    self.ctl = conn;
+                    self.run.warn(&format!(
+                        "control connection: {cause}; reconnected, trying again (attempt {attempt} of \
+                         {STREAM_ATTEMPTS_MAX})"
+                    ));
+                }
+                Err(e) => return Err(ReqError::Broken(format!("{cause}; reconnecting failed: {e}"))),
+            }
+        }
+    }
+
     fn on_event(&mut self, e: Option<Done>) {
         match e {
             Some(d) => self.on_done(d),
@@ -1474,7 +1517,7 @@ impl PushCore<'_> {
     /// Keep the control connection from being dropped as idle while the workers do the work.
     fn keepalive(&mut self) {
         if self.run.fatal.is_none()
-            && let Err(e) = self.ctl.keepalive()
+            && let Err(e) = self.ctl_do(|conn| conn.keepalive())
         {
             self.run.broken(e.to_string());
         }
@@ -1485,14 +1528,15 @@ impl PushCore<'_> {
         if self.run.opts.dry_run {
             return true;
         }
-        let parts: Vec<&[u8]> = self.target.split(|&b| b == b'/').collect();
+        let target = self.target.clone();
+        let parts: Vec<&[u8]> = target.split(|&b| b == b'/').collect();
         let mut path = Vec::new();
         for p in parts.iter().take(parts.len().saturating_sub(1)) {
             if !path.is_empty() {
                 path.push(b'/');
             }
             path.extend_from_slice(p);
-            if let Err(e) = self.ctl.mkdir(&path, 0o755) {
+            if let Err(e) = self.ctl_do(|conn| conn.mkdir(&path, 0o755)) {
                 let shown = self.url(&path);
                 self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
                 return false;
@@ -1542,7 +1586,7 @@ impl PushCore<'_> {
             self.run.summary.hardlinks += 1;
             return;
         }
-        match self.ctl.link(path, first) {
+        match self.ctl_do(|conn| conn.link(path, first)) {
             Ok(()) => self.run.summary.hardlinks += 1,
             Err(e) => {
                 let (shown, to) = (self.url(path), self.url(first));
@@ -1572,12 +1616,12 @@ impl PushCore<'_> {
                 continue;
             }
             if !d.xattrs.is_empty()
-                && let Err(e) = self.ctl.set_xattrs(&d.remote, d.xattrs)
+                && let Err(e) = self.ctl_do(|conn| conn.set_xattrs(&d.remote, d.xattrs.clone()))
             {
                 let shown = self.url(&d.remote);
                 self.run.req_failed(e, |m| format!("cannot set extended attributes on '{shown}': {m}"));
             }
-            if let Err(e) = self.ctl.set_meta(&d.remote, d.mode, d.owner, d.mtime) {
+            if let Err(e) = self.ctl_do(|conn| conn.set_meta(&d.remote, d.mode, d.owner, d.mtime)) {
                 let shown = self.url(&d.remote);
                 self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
             }
@@ -1588,24 +1632,31 @@ impl PushCore<'_> {
     fn list_dir(&mut self, remote: &[u8]) -> Option<HashMap<Vec<u8>, EntryMeta>> {
         let mut out = HashMap::new();
         let mut refused = Vec::new();
-        let mut stream = match self.ctl.list(remote, false) {
-            Ok(s) => s,
+        // The whole directory is read before any of it is used, so a listing cut short is simply asked for again.
+        let listed = self.ctl_do(|conn| {
+            let mut stream = conn.list(remote, false)?;
+            let (mut entries, mut failed) = (Vec::new(), None);
+            while let Some(r) = stream.next_entry() {
+                match r {
+                    Ok(e) => entries.push(e),
+                    Err(ReqError::Broken(m)) => return Err(ReqError::Broken(m)),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            Ok((entries, failed))
+        });
+        let (entries, failed) = match listed {
+            Ok(l) => l,
             Err(e) => {
                 self.run.broken(e.to_string());
                 return None;
             }
         };
-        let mut failed = None;
-        while let Some(r) = stream.next_entry() {
-            match r {
-                Ok(e) => {
-                    if e.path.contains(&b'/') || safe_components(&e.path).map_or(true, |c| c.len() != 1) {
-                        refused.push(e.path);
-                    } else if !stale::is_temporary(OsStr::from_bytes(&e.path)) {
-                        out.insert(e.path.clone(), e);
-                    }
-                }
-                Err(e) => failed = Some(e),
+        for e in entries {
+            if e.path.contains(&b'/') || safe_components(&e.path).map_or(true, |c| c.len() != 1) {
+                refused.push(e.path);
+            } else if !stale::is_temporary(OsStr::from_bytes(&e.path)) {
+                out.insert(e.path.clone(), e);
             }
         }
         for p in refused {
@@ -1646,7 +1697,7 @@ impl PushCore<'_> {
             self.run.item(Change::Mkdir, rel, true);
         }
         if !self.run.opts.dry_run
-            && let Err(e) = self.ctl.mkdir(&remote, 0o700)
+            && let Err(e) = self.ctl_do(|conn| conn.mkdir(&remote, 0o700))
         {
             let shown = self.url(&remote);
             self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
@@ -1727,7 +1778,7 @@ impl PushCore<'_> {
         if self.run.opts.dry_run {
             return true;
         }
-        match self.ctl.delete(remote) {
+        match self.ctl_do(|conn| conn.delete(remote)) {
             Ok(()) => {
                 self.run.summary.deleted += 1;
                 true
@@ -1755,7 +1806,7 @@ impl PushCore<'_> {
             self.run.summary.symlinks += 1;
             return;
         }
-        match self.ctl.symlink(remote, target, (md.uid(), md.gid()), md_mtime(md)) {
+        match self.ctl_do(|conn| conn.symlink(remote, target, (md.uid(), md.gid()), md_mtime(md))) {
             Ok(()) => self.run.summary.symlinks += 1,
             Err(e) => {
                 let shown = self.url(remote);
@@ -1779,7 +1830,7 @@ impl PushCore<'_> {
         if self.run.opts.dry_run {
             return;
         }
-        match self.ctl.set_meta(remote, mode, (md.uid(), md.gid()), md_mtime(md)) {
+        match self.ctl_do(|conn| conn.set_meta(remote, mode, (md.uid(), md.gid()), md_mtime(md))) {
             Ok(()) => self.run.summary.attrs_updated += 1,
             Err(e) => {
                 let shown = self.url(remote);
@@ -1883,7 +1934,7 @@ impl PushCore<'_> {
                     self.run.summary.deleted += n;
                     continue;
                 }
-                match self.ctl.delete(&path) {
+                match self.ctl_do(|conn| conn.delete(&path)) {
                     Ok(()) => self.run.summary.deleted += n,
                     Err(ReqError::Server { code: code::NOT_FOUND, .. }) => {}
                     Err(e) => {
@@ -1898,7 +1949,9 @@ impl PushCore<'_> {
             if !self.run.opts.dry_run {
                 // The deletions changed the directory's mtime: give it back the source's.
                 let path = join(&self.target, &rec.rel);
-                if let Err(ReqError::Broken(m)) = self.ctl.set_meta(&path, rec.mode, rec.owner, rec.mtime) {
+                if let Err(ReqError::Broken(m)) =
+                    self.ctl_do(|conn| conn.set_meta(&path, rec.mode, rec.owner, rec.mtime))
+                {
                     return self.run.broken(m);
                 }
             }

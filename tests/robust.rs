@@ -263,6 +263,56 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
     assert_no_tmp(&back);
 }
 
+/// A push whose control connection (directories, symlinks, metadata, listings) is reset mid-run dials it again and
+/// sends the request in flight again: one warning, an exact tree; the same for a `sync` that lists every directory.
+#[test]
+fn a_reset_control_connection_is_dialled_again_on_a_push() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    for i in 0..60u64 {
+        let d = src.join(format!("d{i:02}/e"));
+        mkdirs(&d);
+        write_file(&d.join("f"), &random_bytes(i, 3000));
+        set_times(&d.join("f"), 1_400_000_000 + i as i64, 0);
+        ln_s("f", &d.join("l"));
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let control = |after_bytes| Plan { only_connection: Some(1), ..once(Fault::Reset, after_bytes) };
+    let proxy = Proxy::start(&srv.addr(), control(3000));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &src, proxy.url("tree"));
+    assert_eq!(proxy.faults(), 1, "the control connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    assert!(warnings[0].contains("control connection") && warnings[0].contains("attempt 2 of 3"), "{warnings:?}");
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+
+    for i in (0..60u64).step_by(6) {
+        let f = src.join(format!("d{i:02}/e/f"));
+        write_file(&f, &random_bytes(100 + i, 2000));
+        set_times(&f, 1_500_000_000 + i as i64, 0);
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let proxy = Proxy::start(&srv.addr(), control(3000));
+    let started = Instant::now();
+    let out = c
+        .cmd()
+        .args(["sync", "--delete"])
+        .arg(&src)
+        .arg(proxy.url("tree"))
+        .env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS)
+        .timeout(Duration::from_secs(60))
+        .run();
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(proxy.faults(), 1, "sync: the control connection was reset");
+    out.assert_success();
+    let (warnings, _) = split_stderr(&out);
+    assert!(warnings.len() == 1 && warnings[0].contains("control connection"), "{:?}", out.stderr_lines());
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+    assert_no_tmp(&srv.root);
+}
+
 /// Every data connection is broken before it has carried one whole chunk: no progress, so the run gives up with
 /// one line.
 fn assert_gives_up(out: &Output, proxy: &Proxy, file: &str, verb: &str) {
