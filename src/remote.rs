@@ -26,10 +26,10 @@
 //! being pulled (from the first byte not yet received and checked). Each request gets [`STREAM_ATTEMPTS_MAX`] attempts
 //! with a short backoff between them; then the run stops with one line naming the file and the cause. A push's
 //! control connection (directories, symlinks, metadata, one directory's listing at a time) is dialled again the same
-//! way ([`PushCore::ctl_do`]: each of its requests can be sent twice). A pull's is not (it streams the recursive
-//! listing): its loss, or a server that cannot be reached again, stops the whole run with one line naming the
-//! server; temporaries are removed (pull) or abandoned to the server, which removes them (push), so nothing partial
-//! appears under a final name, and a rerun finishes the work.
+//! way ([`PushCore::ctl_do`]: each of its requests can be sent twice), and a pull's, which streams the recursive
+//! listing, lists again on the new connection and skips the entries it handled. A server that cannot be reached
+//! again stops the whole run with one line naming the server; temporaries are removed (pull) or abandoned to the
+//! server, which removes them (push), so nothing partial appears under a final name, and a rerun finishes the work.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -2885,24 +2885,57 @@ impl<'a> Pull<'a> {
         let names = c.run.delete.then(HashSet::new);
         let mut stack = vec![PullFrame { rel: Vec::new(), fd: root_fd, node: Some(node), fresh, names, mtime }];
         let base = c.base.clone();
-        let mut stream = match ctl.list(&base, true) {
-            Ok(s) => s,
-            Err(e) => return c.run.broken(e.to_string()),
-        };
+        // A listing whose connection breaks is asked for again on a new one, and the entries already handled are
+        // skipped: the listing's order (depth-first, names sorted bytewise) is the order of the paths' components.
+        let mut last: Option<Vec<u8>> = None;
+        // After a new listing was asked for: skip up to here (a listing is never reordered otherwise).
+        let mut resume_after: Option<Vec<u8>> = None;
+        let mut attempt = 1;
         loop {
-            if self.core.run.halted() {
-                return;
+            let broke = match ctl.list(&base, true) {
+                Err(ReqError::Broken(m)) => Some(m),
+                Err(e) => return self.core.run.broken(e.to_string()),
+                Ok(mut stream) => loop {
+                    if self.core.run.halted() {
+                        return;
+                    }
+                    let core = &mut self.core;
+                    self.pool.poll(&mut |d| core.on_event(d));
+                    let Some(item) = stream.next_entry() else { break None };
+                    match item {
+                        Ok(e) if resume_after.as_ref().is_some_and(|l| !listed_after(&e.path, l)) => {}
+                        Ok(e) => {
+                            resume_after = None;
+                            last = Some(e.path.clone());
+                            self.listed(&mut stack, e);
+                        }
+                        Err(ReqError::Broken(m)) => break Some(m),
+                        Err(e) => {
+                            let shown = url_of(&self.core.addr, &base);
+                            self.core.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
+                        }
+                    }
+                },
+            };
+            let Some(cause) = broke else { break };
+            if attempt >= STREAM_ATTEMPTS_MAX || self.core.run.halted() {
+                return self
+                    .core
+                    .run
+                    .broken(format!("{cause} (gave up after {attempt} attempts on fresh connections)"));
             }
-            let core = &mut self.core;
-            self.pool.poll(&mut |d| core.on_event(d));
-            let Some(item) = stream.next_entry() else { break };
-            match item {
-                Ok(e) => self.listed(&mut stack, e),
-                Err(e) => {
-                    let shown = url_of(&self.core.addr, &base);
-                    self.core.run.req_failed(e, |m| format!("cannot list '{shown}': {m}"));
-                }
+            std::thread::sleep(RETRY_BACKOFF_FIRST * 2u32.saturating_pow(attempt - 1));
+            attempt += 1;
+            match self.core.dialer.dial() {
+                Ok(conn) => *ctl = conn,
+                Err(e) => return self.core.run.broken(format!("{cause}; reconnecting failed: {e}")),
             }
+            resume_after.clone_from(&last);
+            self.core.run.warn(&format!(
+                "control connection: {cause}, while listing '{}'; reconnected, listing again (attempt {attempt} of \
+                 {STREAM_ATTEMPTS_MAX})",
+                url_of(&self.core.addr, &base)
+            ));
         }
         while let Some(frame) = stack.pop() {
             self.core.close_dir(frame);
@@ -3752,6 +3785,12 @@ fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) ->
     Ok(())
 }
 
+/// Whether listed `path` comes after `last` in a recursive listing (depth-first, names sorted bytewise within a
+/// directory): the order of their components.
+fn listed_after(path: &[u8], last: &[u8]) -> bool {
+    path.split(|&b| b == b'/').cmp(last.split(|&b| b == b'/')) == std::cmp::Ordering::Greater
+}
+
 /// Fetch one file whole into a temporary, retrying when it changes while it is read (and resuming where it stopped
 /// when its connection breaks).
 fn pull_whole(
@@ -3962,6 +4001,17 @@ impl<W: Write> RemoteLister<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_order_is_the_order_of_path_components() {
+        // Depth-first, names sorted bytewise: "a", "a/b", "a/c", "a-b" ("a" < "a-b", and "a"'s subtree comes first).
+        let order: [&[u8]; 5] = [b"a", b"a/b", b"a/b/z", b"a/c", b"a-b"];
+        for w in order.windows(2) {
+            assert!(listed_after(w[1], w[0]), "{:?} after {:?}", w[1], w[0]);
+            assert!(!listed_after(w[0], w[1]));
+        }
+        assert!(!listed_after(b"a/b", b"a/b"), "an entry is not after itself");
+    }
 
     #[test]
     fn large_files_are_cut_into_chunk_aligned_ranges() {

@@ -313,6 +313,35 @@ fn a_reset_control_connection_is_dialled_again_on_a_push() {
     assert_no_tmp(&srv.root);
 }
 
+/// A pull whose control connection is reset while it streams the recursive listing lists again on a new one and
+/// skips what it already handled: one warning, an exact tree.
+#[test]
+fn a_reset_control_connection_is_dialled_again_on_a_pull() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("tree");
+    for i in 0..60u64 {
+        let d = remote.join(format!("d{i:02}/e"));
+        mkdirs(&d);
+        write_file(&d.join("f"), &random_bytes(i, 3000));
+        set_times(&d.join("f"), 1_400_000_000 + i as i64, 0);
+        ln_s("f", &d.join("l"));
+    }
+    stamp_dir_times(&remote, 1_200_000_000);
+    // The listing is what the server sends on the control connection: cut it a few KiB in.
+    let proxy =
+        Proxy::start(&srv.addr(), Plan { only_connection: Some(1), down_only: true, ..once(Fault::Reset, 4000) });
+    let back = c.path("back");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], proxy.url("tree"), &back);
+    assert_eq!(proxy.faults(), 1, "the control connection was reset");
+    out.assert_success();
+    let (warnings, others) = split_stderr(&out);
+    assert!(others.is_empty() && warnings.len() == 1, "{:?}", out.stderr_lines());
+    assert!(warnings[0].contains("control connection") && warnings[0].contains("listing again"), "{warnings:?}");
+    compare_trees(&remote, &back, CompareOpts::default());
+    assert_no_tmp(&back);
+}
+
 /// Every data connection is broken before it has carried one whole chunk: no progress, so the run gives up with
 /// one line.
 fn assert_gives_up(out: &Output, proxy: &Proxy, file: &str, verb: &str) {
