@@ -263,6 +263,18 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
     assert_no_tmp(&back);
 }
 
+/// 120 directories, each with a small file and a symlink: a control connection with a lot to say.
+fn many_dirs(root: &std::path::Path) {
+    for i in 0..60u64 {
+        let d = root.join(format!("d{i:02}/e"));
+        mkdirs(&d);
+        write_file(&d.join("f"), &random_bytes(i, 3000));
+        set_times(&d.join("f"), 1_400_000_000 + i as i64, 0);
+        ln_s("f", &d.join("l"));
+    }
+    stamp_dir_times(root, 1_200_000_000);
+}
+
 /// A push whose control connection (directories, symlinks, metadata, listings) is reset mid-run dials it again and
 /// sends the request in flight again: one warning, an exact tree; the same for a `sync` that lists every directory.
 #[test]
@@ -270,14 +282,7 @@ fn a_reset_control_connection_is_dialled_again_on_a_push() {
     let c = Case::new();
     let srv = c.serve();
     let src = c.path("src");
-    for i in 0..60u64 {
-        let d = src.join(format!("d{i:02}/e"));
-        mkdirs(&d);
-        write_file(&d.join("f"), &random_bytes(i, 3000));
-        set_times(&d.join("f"), 1_400_000_000 + i as i64, 0);
-        ln_s("f", &d.join("l"));
-    }
-    stamp_dir_times(&src, 1_200_000_000);
+    many_dirs(&src);
     let control = |after_bytes| Plan { only_connection: Some(1), ..once(Fault::Reset, after_bytes) };
     let proxy = Proxy::start(&srv.addr(), control(3000));
     let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &[], &src, proxy.url("tree"));
@@ -320,14 +325,7 @@ fn a_reset_control_connection_is_dialled_again_on_a_pull() {
     let c = Case::new();
     let srv = c.serve();
     let remote = srv.root.join("tree");
-    for i in 0..60u64 {
-        let d = remote.join(format!("d{i:02}/e"));
-        mkdirs(&d);
-        write_file(&d.join("f"), &random_bytes(i, 3000));
-        set_times(&d.join("f"), 1_400_000_000 + i as i64, 0);
-        ln_s("f", &d.join("l"));
-    }
-    stamp_dir_times(&remote, 1_200_000_000);
+    many_dirs(&remote);
     // The listing is what the server sends on the control connection: cut it a few KiB in.
     let proxy =
         Proxy::start(&srv.addr(), Plan { only_connection: Some(1), down_only: true, ..once(Fault::Reset, 4000) });
