@@ -919,6 +919,13 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
         Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
         Msg::Symlink { path: b"l".to_vec(), target: b"d/f".to_vec(), uid: 1, gid: 2, mtime_sec: 1, mtime_nsec: 1 },
         Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, uid: 3, gid: 4, mtime_sec: 1, mtime_nsec: 0 },
+        Msg::Hole { offset: 4096, len: 1 << 20 },
+        Msg::PutHole { id: 42, offset: 0, len: 8192 },
+        Msg::GetXattrs { path: b"d/f".to_vec() },
+        Msg::XattrList { xattrs: vec![(b"user.a".to_vec(), b"1".to_vec()), (b"user.b".to_vec(), vec![0; 40])] },
+        Msg::PutXattrs { id: 42, xattrs: vec![(b"user.c".to_vec(), b"x".to_vec())] },
+        Msg::SetXattrs { path: b"d".to_vec(), xattrs: vec![(b"user.d".to_vec(), Vec::new())] },
+        Msg::Link { path: b"d/g".to_vec(), target: b"d/f".to_vec() },
         Msg::Bye,
     ];
     let frames: Vec<Vec<u8>> = seeds
