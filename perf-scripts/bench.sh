@@ -114,18 +114,7 @@ command -v python3 >/dev/null || die "python3 is required"
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1
 
-if [[ -n ${FSB_BIN:-} ]]; then
-    FASTSYNC=$FSB_BIN
-    [[ $FASTSYNC == /* ]] || FASTSYNC="$PWD/$FASTSYNC"
-else
-    TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-    [[ $TARGET_DIR == /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
-    FASTSYNC="$TARGET_DIR/release/fastsync"
-    if ((DO_BUILD)); then
-        log "cargo build --release (target dir $TARGET_DIR)"
-        (cd "$REPO" && cargo build --release) >"$LOGDIR/build.log" 2>&1 || die "cargo build failed: $LOGDIR/build.log"
-    fi
-fi
+fastsync_binary die
 [[ -x $FASTSYNC ]] || die "no fastsync binary at $FASTSYNC"
 
 mkdir -p "$WORK"

@@ -114,15 +114,7 @@ fi
 command -v python3 >/dev/null || die "python3 is required"
 if command -v b3sum >/dev/null; then HASH=(b3sum); else HASH=(sha256sum); fi
 
-if [[ -n ${FSB_BIN:-} ]]; then
-    FASTSYNC=$FSB_BIN
-else
-    FASTSYNC="${CARGO_TARGET_DIR:-$REPO/target}/release/fastsync"
-    if ((DO_BUILD)); then
-        log "cargo build --release"
-        (cd "$REPO" && cargo build --release) >"$LOGDIR/build.log" 2>&1 || note "cargo build --release failed (see $LOGDIR/build.log)"
-    fi
-fi
+fastsync_binary note
 
 declare -a TOOL_LIST=()
 for t in ${TOOLS//,/ }; do

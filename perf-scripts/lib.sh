@@ -21,6 +21,24 @@ open_results() {
 note() { log "note: $*"; printf '%s\n' "$*" >>"$NOTES"; }
 meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
 
+# The fastsync binary, in FASTSYNC (an absolute path): FSB_BIN, else the release build in the target dir, built first
+# unless DO_BUILD=0. $1 says what a failed build is: `die` (the run stops) or `note` (the run goes on, and says so).
+fastsync_binary() {
+    if [[ -n ${FSB_BIN:-} ]]; then
+        FASTSYNC=$FSB_BIN
+        [[ $FASTSYNC == /* ]] || FASTSYNC="$PWD/$FASTSYNC"
+        return
+    fi
+    local target=${CARGO_TARGET_DIR:-$REPO/target}
+    [[ $target == /* ]] || target="$REPO/$target"
+    FASTSYNC="$target/release/fastsync"
+    if ((DO_BUILD)); then
+        log "cargo build --release (target dir $target)"
+        (cd "$REPO" && cargo build --release) >"$LOGDIR/build.log" 2>&1 ||
+            "$1" "cargo build --release failed (see $LOGDIR/build.log)"
+    fi
+}
+
 # Huge pages for fio's buffers (fio --mem=shmhuge), like fastsync's THP-backed arena: without them fio's 1 MiB
 # direct I/Os leave its 4 KiB pages as up to 256 segments, and fio measures its buffers rather than the disk.
 # hugepages_for_fio PAGES: reserves PAGES more (vm.nr_hugepages, root only) and sets FIO_MEM to shmhuge, else to

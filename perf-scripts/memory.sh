@@ -102,19 +102,7 @@ command -v python3 >/dev/null || die "python3 is required"
 if command -v b3sum >/dev/null; then HASH=(b3sum); else HASH=(sha256sum); fi
 
 # ---------------------------------------------------------------- build
-if [[ -n ${FSB_BIN:-} ]]; then
-    FASTSYNC=$FSB_BIN
-    [[ $FASTSYNC == /* ]] || FASTSYNC="$PWD/$FASTSYNC"
-else
-    TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-    [[ $TARGET_DIR == /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
-    FASTSYNC="$TARGET_DIR/release/fastsync"
-    if ((DO_BUILD)); then
-        log "cargo build --release (target dir $TARGET_DIR)"
-        (cd "$REPO" && cargo build --release) >"$LOGDIR/build.log" 2>&1 ||
-            die "cargo build --release failed (see $LOGDIR/build.log)"
-    fi
-fi
+fastsync_binary die
 [[ -x $FASTSYNC ]] || die "no fastsync binary at $FASTSYNC"
 
 mkdir -p "$WORK"

@@ -124,20 +124,7 @@ install_apt_peers
 [[ -x /usr/bin/time ]] || die "GNU time (/usr/bin/time) is required"
 command -v python3 >/dev/null || die "python3 is required"
 
-if [[ -n ${FSB_BIN:-} ]]; then
-    FASTSYNC=$FSB_BIN
-    [[ $FASTSYNC == /* ]] || FASTSYNC="$PWD/$FASTSYNC"
-else
-    TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-    [[ $TARGET_DIR == /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
-    FASTSYNC="$TARGET_DIR/release/fastsync"
-    if ((DO_BUILD)); then
-        log "cargo build --release (target dir $TARGET_DIR)"
-        if ! (cd "$REPO" && cargo build --release) >"$LOGDIR/build.log" 2>&1; then
-            note "cargo build --release failed (see $LOGDIR/build.log)"
-        fi
-    fi
-fi
+fastsync_binary note
 
 [[ -n $TOOLS ]] || TOOLS=$ALL_TOOLS
 declare -a TOOL_LIST=()
