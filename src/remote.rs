@@ -56,7 +56,7 @@ use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
 use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
 use crate::net::direct::DirectFile;
-use crate::net::sparse;
+use crate::net::sparse::{self, Piece};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::Xattrs;
@@ -2156,20 +2156,23 @@ fn send_range(
 ) -> Result<Result<bool, String>, String> {
     let end = offset + len;
     let mut at = offset;
-    let sparse_size = fd.metadata().ok().filter(|m| sparse::looks_sparse(m.blocks(), m.size())).map(|m| m.size());
+    // A sparse file's holes go as `PutHole`, and a chunk stops where the next hole starts.
+    let mut walker = sparse::Walker::for_file(fd);
     while at < end {
-        if let Some(hole_end) = sparse_size.and_then(|size| sparse::hole_at(fd, at, end, size)) {
-            match conn.put_hole(id, at, hole_end - at) {
-                Ok(()) => {}
-                Err(ReqError::Broken(m)) => return Err(m),
-                Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
+        let data_end = match walker.as_mut().map(|w| w.next(at, end)) {
+            Some(Piece::Hole(hole_end)) => {
+                match conn.put_hole(id, at, hole_end - at) {
+                    Ok(()) => {}
+                    Err(ReqError::Broken(m)) => return Err(m),
+                    Err(ReqError::Server { message, .. }) => return Ok(Err(message)),
+                }
+                let _ = done.send(Done::Bytes(hole_end - at));
+                at = hole_end;
+                continue;
             }
-            let _ = done.send(Done::Bytes(hole_end - at));
-            at = hole_end;
-            continue;
-        }
-        // A chunk of a sparse file stops where the next hole starts.
-        let data_end = sparse_size.map_or(end, |size| sparse::data_end(fd, at, end, size).max(at + 1));
+            Some(Piece::Data(data_end)) => data_end,
+            None => end,
+        };
         let n = (data_end - at).min(CHUNK) as usize;
         // Read and sent through a buffer, or hashed from the page cache and sent with sendfile (FASTSYNC_ZEROCOPY).
         let got = match zerocopy::put_chunk(conn, id, at, fd, n) {

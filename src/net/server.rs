@@ -28,7 +28,7 @@ use super::auth::{self, AuthError, Key, Policy};
 use super::beneath::Root;
 use super::direct::{self, DirectFile};
 use super::record::{Reader, Writer};
-use super::sparse;
+use super::sparse::{self, Piece};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use super::zerocopy::{self, SpliceError};
 use crate::{Error, interrupt, stale};
@@ -872,19 +872,18 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> R
     let mut pos = offset;
     let mut buf = Vec::new();
     let from_file = zerocopy::mode().sends_from_file() && conn.w.get_ref().plain().is_some();
-    // A sparse file's holes go as `Hole` messages, not as zeros.
-    let sparse = match fstat(file.as_raw_fd()) {
-        Ok(st) if sparse::looks_sparse(st.st_blocks as u64, st.st_size as u64) => Some(st.st_size as u64),
-        _ => None,
-    };
+    // A sparse file's holes go as `Hole` messages, not as zeros, and a chunk stops where the next hole starts.
+    let mut walker = sparse::Walker::for_file(&file);
     while pos < end {
-        if let Some(hole_end) = sparse.and_then(|size| sparse::hole_at(&file, pos, end, size)) {
-            wire::write_msg(conn, &Msg::Hole { offset: pos, len: hole_end - pos })?;
-            pos = hole_end;
-            continue;
-        }
-        // A chunk of a sparse file stops where the next hole starts.
-        let data_end = sparse.map_or(end, |size| sparse::data_end(&file, pos, end, size).max(pos + 1));
+        let data_end = match walker.as_mut().map(|w| w.next(pos, end)) {
+            Some(Piece::Hole(hole_end)) => {
+                wire::write_msg(conn, &Msg::Hole { offset: pos, len: hole_end - pos })?;
+                pos = hole_end;
+                continue;
+            }
+            Some(Piece::Data(data_end)) => data_end,
+            None => end,
+        };
         let want = (data_end - pos).min(GET_CHUNK_BYTES as u64) as usize;
         if from_file {
             // The digest from the page cache, the payload straight from it with sendfile (net/zerocopy.rs).

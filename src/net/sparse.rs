@@ -12,9 +12,47 @@ pub fn looks_sparse(blocks: u64, size: u64) -> bool {
     blocks.saturating_mul(512) < size
 }
 
+/// The next piece of a sparse file from a given offset, and where it ends (at most the limit asked for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Hole(u64),
+    Data(u64),
+}
+
+/// A sender's walk through a sparse file's data and holes, in order: one `SEEK_DATA`/`SEEK_HOLE` pair per data
+/// extent, not per chunk sent.
+pub struct Walker<'a> {
+    file: &'a File,
+    size: u64,
+    /// Where the data extent last found ends.
+    data_end: u64,
+}
+
+impl<'a> Walker<'a> {
+    /// A walker for `file` when it has holes (`None`: send it all as data).
+    pub fn for_file(file: &'a File) -> Option<Walker<'a>> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata().ok()?;
+        looks_sparse(md.blocks(), md.size()).then_some(Walker { file, size: md.size(), data_end: 0 })
+    }
+
+    /// The piece that starts at `pos` (no further than `end`): a hole to skip, or data to send.
+    pub fn next(&mut self, pos: u64, end: u64) -> Piece {
+        if pos < self.data_end {
+            return Piece::Data(self.data_end.min(end));
+        }
+        if let Some(hole_end) = hole_at(self.file, pos, end, self.size) {
+            return Piece::Hole(hole_end);
+        }
+        // The whole extent, whatever `end` is, so that the next chunks of it need no lookup.
+        self.data_end = data_end(self.file, pos, u64::MAX, self.size).max(pos + 1);
+        Piece::Data(self.data_end.min(end))
+    }
+}
+
 /// When `pos` lies in a hole of `file` (of `size` bytes): where the hole ends, at most `end` and `size`. `None`
 /// when data starts at `pos`, or the system cannot tell (then everything counts as data).
-pub fn hole_at(file: &File, pos: u64, end: u64, size: u64) -> Option<u64> {
+fn hole_at(file: &File, pos: u64, end: u64, size: u64) -> Option<u64> {
     let limit = end.min(size);
     if pos >= limit {
         return None;
@@ -41,7 +79,7 @@ pub fn hole_at(file: &File, pos: u64, end: u64, size: u64) -> Option<u64> {
 
 /// Where the data that starts at `pos` ends: the next hole, at most `end` and `size` (`end.min(size)` when the
 /// system cannot tell).
-pub fn data_end(file: &File, pos: u64, end: u64, size: u64) -> u64 {
+fn data_end(file: &File, pos: u64, end: u64, size: u64) -> u64 {
     let limit = end.min(size);
     #[cfg(any(target_os = "linux", target_os = "freebsd"))]
     if let Ok(off) = libc::off_t::try_from(pos) {
@@ -122,6 +160,12 @@ mod tests {
         assert_eq!(data_end(&f, 0, size, size), mib);
         assert_eq!(data_end(&f, 5 * mib + 10, size, size), 6 * mib);
         assert_eq!(data_end(&f, 5 * mib, 5 * mib + 100, size), 5 * mib + 100, "capped by the range");
+        let mut w = Walker::for_file(&f).expect("sparse");
+        assert_eq!(w.next(0, 3 * mib), Piece::Data(mib));
+        assert_eq!(w.next(mib, 3 * mib), Piece::Hole(3 * mib));
+        assert_eq!(w.next(5 * mib, size), Piece::Data(6 * mib));
+        assert_eq!(w.next(5 * mib + 10, 5 * mib + 20), Piece::Data(5 * mib + 20), "within the extent found");
+        assert_eq!(w.next(6 * mib, size), Piece::Hole(size));
         // Punch the first data block; extend the file by a hole.
         make_hole(&f, 0, mib).unwrap();
         make_hole(&f, size, mib).unwrap();
