@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use fastsync_engine::AlignedArena;
@@ -40,19 +40,19 @@ pub struct DirectFile {
 impl DirectFile {
     /// A direct descriptor on the same file as `file` (reopened through /proc/self/fd, so no name is looked up
     /// again), when `size` reaches the threshold and the filesystem takes O_DIRECT; `None` otherwise.
+    #[cfg(target_os = "linux")]
     pub fn open(file: &File, size: u64) -> Option<DirectFile> {
-        if !cfg!(target_os = "linux") || size < DIRECT_FILE_BYTES_MIN {
+        use std::os::unix::fs::OpenOptionsExt;
+        if size < DIRECT_FILE_BYTES_MIN {
             return None;
         }
-        let path = format!("/proc/self/fd/{}\0", file.as_raw_fd());
-        #[cfg(target_os = "linux")]
-        let flags = libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC;
-        #[cfg(not(target_os = "linux"))]
-        let flags = libc::O_WRONLY | libc::O_CLOEXEC;
-        // SAFETY: a NUL-terminated path; the descriptor returned is owned by the File below.
-        let fd = unsafe { libc::open(path.as_ptr().cast(), flags) };
-        // SAFETY: a descriptor just opened and owned by nobody else.
-        (fd >= 0).then(|| DirectFile { file: unsafe { File::from_raw_fd(fd) } })
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        File::options().write(true).custom_flags(libc::O_DIRECT).open(path).ok().map(|file| DirectFile { file })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn open(_file: &File, _size: u64) -> Option<DirectFile> {
+        None
     }
 
     /// Write `bytes` at `offset` of the file, whose ordinary descriptor is `plain`: the 4 KiB-aligned part directly,
