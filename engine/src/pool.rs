@@ -8,6 +8,11 @@ pub const ALIGN_BYTES: usize = 4096;
 /// Size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
+/// Whether an arena of `len_bytes` goes on huge pages: from 1 MiB (one direct-I/O block) up.
+fn on_huge_pages(len_bytes: usize) -> bool {
+    len_bytes >= HUGE_PAGE_BYTES / 2
+}
+
 /// A fixed-size, page-aligned allocation divided into `slots` blocks of `block_bytes`. Allocated once at shard
 /// start and never grown: the shard's memory bound.
 pub struct AlignedArena {
@@ -37,7 +42,7 @@ impl AlignedArena {
         assert!(slots > 0, "an arena needs at least one slot");
         let len_bytes = block_bytes.checked_mul(slots).expect("arena size overflows usize");
         let used_bytes = Self::footprint_bytes(block_bytes, slots);
-        let huge = len_bytes >= HUGE_PAGE_BYTES / 2;
+        let huge = on_huge_pages(len_bytes);
         let align = if huge { HUGE_PAGE_BYTES } else { ALIGN_BYTES };
         let map_bytes = used_bytes + (align - ALIGN_BYTES);
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
@@ -70,7 +75,7 @@ impl AlignedArena {
     /// block) whole huge pages, so a 1 MiB arena costs 2 MiB.
     pub fn footprint_bytes(block_bytes: usize, slots: usize) -> usize {
         let len_bytes = block_bytes.saturating_mul(slots);
-        if len_bytes >= HUGE_PAGE_BYTES / 2 { len_bytes.next_multiple_of(HUGE_PAGE_BYTES) } else { len_bytes }
+        if on_huge_pages(len_bytes) { len_bytes.next_multiple_of(HUGE_PAGE_BYTES) } else { len_bytes }
     }
 
     pub fn block_bytes(&self) -> usize {
