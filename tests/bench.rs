@@ -330,17 +330,23 @@ fn block_device_needs_explicit_flags(engine: Engine) {
     assert!(out.stderr_str().contains("more than"), "{}", out.stderr_str());
 }
 
-fn interrupt_stops_and_cleans_up(engine: Engine) {
-    let t = tmp();
-    let child = Command::new(bin())
+/// A minute of 4 KiB random reads on a 1 MiB file in `dir`, in the background (stdout and stderr piped).
+fn spawn_long_randread(engine: Engine, dir: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
         .args(["--engine", engine.name(), "bench"])
-        .arg(t.path())
-        .args(["--rw", "randread", "--bs", "4k", "--size", "1M", "--threads", "1", "--time", "60s", "--json"])
+        .arg(dir)
+        .args(["--rw", "randread", "--bs", "4k", "--size", "1M", "--threads", "1", "--time", "60s"])
+        .args(extra)
         .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn interrupt_stops_and_cleans_up(engine: Engine) {
+    let t = tmp();
+    let child = spawn_long_randread(engine, t.path(), &["--json"]);
     // Wait until the run is under way (its file exists), then interrupt it.
     let file = t.path().join("fastsync-bench/io.0");
     let started = Instant::now();
@@ -397,15 +403,7 @@ fn live_line_on_a_terminal(engine: Engine) {
 
 fn io_error_ends_the_run_with_one_line(engine: Engine) {
     let t = tmp();
-    let child = Command::new(bin())
-        .args(["--engine", engine.name(), "bench"])
-        .arg(t.path())
-        .args(["--rw", "randread", "--bs", "4k", "--size", "1M", "--threads", "1", "--time", "60s"])
-        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_long_randread(engine, t.path(), &[]);
     let file = t.path().join("fastsync-bench/io.0");
     let started = Instant::now();
     while fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < 1 << 20 && started.elapsed() < Duration::from_secs(20) {
