@@ -1,7 +1,7 @@
 //! Command-line flags (raw, as clap parses them) and their translation into validated options.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fastsync_engine::{EngineConfig, EngineKind};
@@ -291,6 +291,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         return Ok(exit::OK);
     }
     if let Command::List(a) = &cli.command {
+        refuse_foreign_scheme(&a.path)?;
         if crate::net::url::is_url(&a.path) {
             // A fastsync:// listing (src/remote.rs).
             let net =
@@ -306,6 +307,8 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
         return crate::bench::run(a, selected.engine.as_ref(), threads, settings.memory_limit_bytes(), g.json, g.quiet);
     }
     let t = transfer.expect("a transfer command");
+    refuse_foreign_scheme(&t.src)?;
+    refuse_foreign_scheme(&t.dst)?;
     let filter = filter_rules(sub.expect("subcommand matches"))?;
     let (selected, cores, config) = select_engine(&settings, g.verbose)?;
     let sync = match &cli.command {
@@ -441,6 +444,18 @@ fn filter_rules(m: &ArgMatches) -> Result<Filter, Error> {
         r.map_err(|e| Error::Refused(e.to_string()))?;
     }
     Ok(filter)
+}
+
+/// A URL of a scheme fastsync does not speak is a usage error, not a local path that does not exist.
+fn refuse_foreign_scheme(arg: &Path) -> Result<(), Error> {
+    match crate::net::url::foreign_scheme(arg) {
+        Some(scheme) => Err(Error::Refused(format!(
+            "'{}': {scheme}:// URLs are not supported; fastsync copies between local paths and \
+             fastsync://HOST[:PORT]/PATH (a server started with `fastsync serve`)",
+            arg.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Sizing for `cores` cores on the given engine within `memory_limit_bytes`: buffers take at most a quarter of the

@@ -10,7 +10,7 @@ use std::fs::{self, Metadata};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -227,6 +227,9 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
                 target.display(),
                 src.display()
             )));
+        }
+        if let Some(m) = crate::meta::refuse_special_target(&target, &src.display().to_string()) {
+            return Err(Error::Refused(m));
         }
     }
     Ok((md, target))
@@ -738,17 +741,7 @@ impl Exec<'_> {
     fn entry(&mut self, e: &Entry<'_>) -> Result<(), Error> {
         let ft = e.md.file_type();
         if !(ft.is_file() || ft.is_symlink()) {
-            let kind = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_block_device() {
-                "block device"
-            } else if ft.is_char_device() {
-                "character device"
-            } else {
-                "special file"
-            };
+            let kind = crate::meta::special_kind(e.md).unwrap_or("a special file");
             self.st.summary.skipped += 1;
             if !self.opts.quiet {
                 self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", e.src.display()));

@@ -15,6 +15,37 @@ pub struct Preserve {
     pub xattrs: bool,
 }
 
+/// What kind of special file `md` is (a device, a FIFO or a socket), or `None` for a regular file, a directory or a
+/// symlink. A copy never renames a file over a special one: `copy big.iso /dev/null` would otherwise replace the
+/// device node with a regular file (cp writes into it instead; fastsync refuses, see [`refuse_special_target`]).
+pub fn special_kind(md: &Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        None
+    }
+}
+
+/// The message refusing to replace the special file `target` (named as `shown`) with the copy of a file, if it is one.
+pub fn refuse_special_target(target: &Path, shown: &str) -> Option<String> {
+    let md = std::fs::symlink_metadata(target).ok()?;
+    special_kind(&md).map(|kind| {
+        format!(
+            "refusing to replace '{}', {kind}, with '{shown}': fastsync writes a file under a temporary name and \
+             renames it into place, which would replace the special file itself; name a regular file or a directory",
+            target.display()
+        )
+    })
+}
+
 pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }

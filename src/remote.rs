@@ -1243,6 +1243,14 @@ impl<'a> Push<'a> {
                 src.display()
             )));
         }
+        if !md.is_dir() && twin.as_ref().is_some_and(|t| t.kind == EntryKind::Other) {
+            return Err(Failure::Usage(format!(
+                "refusing to replace '{}', a special file (device, FIFO or socket), with '{}': name a regular file \
+                 or a directory",
+                url_of(&remote.addr, &target),
+                src.display()
+            )));
+        }
         let streams = net.streams.max(1);
         let conns = if opts.dry_run {
             Vec::new()
@@ -2804,6 +2812,9 @@ impl<'a> Pull<'a> {
                     "cannot overwrite directory '{}' with non-directory '{shown_root}'",
                     target.display()
                 )));
+            }
+            if let Some(m) = crate::meta::refuse_special_target(&target, &shown_root) {
+                return Err(Failure::Usage(m));
             }
             let parent = match target.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

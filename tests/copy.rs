@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ both_engines!(
     verbose_run,
     nonexistent_src,
     file_onto_itself,
+    file_onto_special_file_refused,
+    foreign_url_scheme_refused,
     dir_into_itself,
     dir_onto_existing_file,
     usage_errors,
@@ -1032,6 +1034,49 @@ fn file_onto_itself(e: Engine) {
         assert_no_tmp(&dir);
     }
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "extra entries appeared next to the file");
+}
+
+/// `copy FILE /dev/null` or onto a FIFO must not rename a regular file over the special file.
+fn file_onto_special_file_refused(e: Engine) {
+    let t = tmp();
+    let f = t.path().join("f.bin");
+    write_file(&f, b"data");
+    let fifo = t.path().join("pipe");
+    mkfifo(&fifo);
+    let out = copy_cmd(e, &[], &f, &fifo).timeout(Duration::from_secs(20)).run();
+    out.assert_code(2);
+    out.check(out.stderr_str().contains("a FIFO"), "the refusal does not say what is in the way");
+    out.check(out.stderr_str().contains("pipe"), "the refusal does not name the destination");
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    assert_no_tmp(t.path());
+    // A file inside a directory that holds a FIFO of the same name: the same refusal (the rule picks DIR/NAME).
+    let dir = t.path().join("d");
+    mkdirs(&dir);
+    mkfifo(&dir.join("f.bin"));
+    let out = copy_cmd(e, &[], &f, &dir).timeout(Duration::from_secs(20)).run();
+    out.assert_code(2);
+    assert!(fs::symlink_metadata(dir.join("f.bin")).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+}
+
+/// `s3://...` and other schemes fastsync does not speak are usage errors, unless such a local path exists.
+fn foreign_url_scheme_refused(e: Engine) {
+    let t = tmp();
+    let dst = t.path().join("dst");
+    for src in ["s3://bucket/key", "sftp://host/path", "gs://b"] {
+        let out = copy_cmd(e, &[], src, &dst).current_dir(t.path()).run();
+        out.assert_code(2);
+        let scheme = src.split("://").next().unwrap();
+        out.check(out.stderr_str().contains(&format!("{scheme}:// URLs are not supported")), "no clear refusal");
+        out.check(out.stderr_str().lines().count() == 1, "more than one line on stderr");
+    }
+    assert!(!dst.exists(), "a refused copy created its destination");
+    let out = copy_cmd(e, &[], t.path().join("f"), "s3://bucket/key").current_dir(t.path()).run();
+    out.assert_code(2);
+    // A local directory called `s3:` makes `s3://bucket/key` a local path (`s3:/bucket/key`), as for any tool.
+    write_file(&t.path().join("s3:/bucket/key"), b"local");
+    let out = copy_cmd(e, &[], "s3://bucket/key", &dst).current_dir(t.path()).run();
+    out.assert_success();
+    assert_eq!(fs::read(&dst).unwrap(), b"local");
 }
 
 fn dir_into_itself(e: Engine) {

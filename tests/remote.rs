@@ -486,6 +486,29 @@ fn bad_urls_are_usage_errors() {
     out.assert_code(2);
 }
 
+#[test]
+fn a_file_is_never_renamed_over_a_fifo_either_way() {
+    use std::os::unix::fs::FileTypeExt;
+    let c = Case::new();
+    let srv = c.serve();
+    write_file(&srv.root.join("f.bin"), b"remote");
+    mkfifo(&srv.root.join("pipe"));
+    let local = c.path("f.bin");
+    write_file(&local, b"local");
+    let fifo = c.path("pipe");
+    mkfifo(&fifo);
+    // Pull onto a local FIFO, push onto the server's.
+    let pull = c.cmd().arg("copy").arg(srv.url("f.bin")).arg(&fifo).run();
+    pull.assert_code(2);
+    pull.check(pull.stderr_str().contains("refusing to replace"), "no clear refusal of the pull");
+    let push = c.cmd().arg("copy").arg(&local).arg(srv.url("pipe")).run();
+    push.assert_code(2);
+    push.check(push.stderr_str().contains("refusing to replace"), "no clear refusal of the push");
+    for p in [&fifo, &srv.root.join("pipe")] {
+        assert!(fs::symlink_metadata(p).unwrap().file_type().is_fifo(), "{} was replaced", p.display());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // A hostile server
 // ---------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,20 @@ pub fn is_url(arg: &Path) -> bool {
     arg.as_os_str().as_bytes().starts_with(SCHEME.as_bytes())
 }
 
+/// The scheme of `arg` when it is a URL fastsync does not speak (`s3://bucket/key`, `sftp://host/path`, ...) and no
+/// local path of that name exists: `SCHEME://` where SCHEME is a letter followed by letters, digits, `+`, `-` or `.`.
+pub fn foreign_scheme(arg: &Path) -> Option<&str> {
+    let bytes = arg.as_os_str().as_bytes();
+    let end = bytes.windows(3).position(|w| w == b"://")?;
+    let scheme = &bytes[..end];
+    let well_formed = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if !well_formed || is_url(arg) || arg.symlink_metadata().is_ok() {
+        return None;
+    }
+    std::str::from_utf8(scheme).ok()
+}
+
 /// A local path, or a parsed `fastsync://` URL. The error is one line naming the URL and what is wrong with it.
 pub fn endpoint(arg: &Path) -> Result<Endpoint, String> {
     if !is_url(arg) {
@@ -160,6 +174,17 @@ pub fn os_path(p: &[u8]) -> &Path {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn foreign_schemes_are_recognised() {
+        assert_eq!(foreign_scheme(Path::new("s3://bucket/key")), Some("s3"));
+        assert_eq!(foreign_scheme(Path::new("sftp://host/p")), Some("sftp"));
+        assert_eq!(foreign_scheme(Path::new("git+ssh://h/r")), Some("git+ssh"));
+        assert_eq!(foreign_scheme(Path::new("fastsync://h/p")), None);
+        assert_eq!(foreign_scheme(Path::new("./s3://x")), None);
+        assert_eq!(foreign_scheme(Path::new("plain/path")), None);
+        assert_eq!(foreign_scheme(Path::new("1x://y")), None);
+    }
+
     use super::*;
 
     fn ok(url: &str) -> Remote {

@@ -216,6 +216,11 @@ impl Cmd {
         self
     }
 
+    pub fn current_dir(mut self, dir: &Path) -> Cmd {
+        self.cmd.current_dir(dir);
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Cmd {
         self.timeout = t;
         self
