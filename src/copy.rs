@@ -626,7 +626,9 @@ impl Exec<'_> {
         }
         let mut cleaned = false;
         if !self.opts.dry_run {
-            if let Err(e) = make_dir(dst) {
+            // An existing directory (just lstat'ed) is used as it is: no mkdir that fails with EEXIST on every
+            // directory of a no-op sync.
+            if fresh && let Err(e) = make_dir(dst) {
                 self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
                 return None;
             }
@@ -636,7 +638,11 @@ impl Exec<'_> {
                 self.note_cleaned(removed, failures);
             }
         }
-        let setgid = !self.opts.dry_run && fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false);
+        let setgid = !self.opts.dry_run
+            && match &existing {
+                Some(m) if !fresh => m.mode() & 0o2000 != 0,
+                _ => fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false),
+            };
         let spec = meta::finish_spec(src, md, self.opts.preserve, &self.id, true, false, false).map(|mut s| {
             // Directories are created owner-only (so we can fill read-only ones); their mode is always set at the end.
             s.mode = Some(md.mode() & 0o7777);
