@@ -4,10 +4,13 @@
 //! destination): kernel time, one syscall at a time. The scanner spreads that over threads: a directory is read in
 //! chunks of at most [`CHUNK_ENTRIES`] entries, each chunk's source and destination metadata is looked up by a
 //! scanner thread, and the next chunk (and the subdirectories the walk will enter next) are requested before the
-//! walk consumes the current one. The executor still walks depth-first and decides everything; the scanner only
-//! reads. Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, and the walk asks
-//! only for the next [`AHEAD_SUBDIRS`] subdirectories of each directory on its path, so what is read ahead is what
-//! it needs soonest.
+//! walk consumes the current one. Within a directory the chunks form a pipeline: a scanner thread reads a chunk's
+//! names, hands the rest of the directory stream on as the request for the next chunk, and only then looks the
+//! names up, so that the threads stat consecutive chunks of one large directory at the same time (most entries of
+//! a real tree are in a few large directories). The executor still walks depth-first and decides everything; the
+//! scanner only reads. Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, a
+//! directory the walk is in has at most [`AHEAD_CHUNKS`] chunks on their way, and the walk asks only for the next
+//! [`AHEAD_SUBDIRS`] subdirectories of each directory on its path, so what is read ahead is what it needs soonest.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -16,10 +19,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, select};
 
 use crate::meta::Stat;
 
@@ -29,6 +32,8 @@ pub const CHUNK_ENTRIES: usize = 256;
 pub const AHEAD_DIRS_MAX: usize = 256;
 /// Subdirectories of the current directory the walk keeps read ahead: the next ones a depth-first walk enters.
 pub const AHEAD_SUBDIRS: usize = 4;
+/// Chunks of a directory the walk is in that may be requested, read or waiting for the walk at once.
+pub const AHEAD_CHUNKS: usize = 4;
 
 /// One source entry, with what the destination has under the same name.
 pub struct Scanned {
@@ -60,55 +65,93 @@ struct Request {
     target: Target,
     rest: Option<Rest>,
     reply: Sender<Chunk>,
+    budget: Arc<Budget>,
 }
 
-/// Up to [`CHUNK_ENTRIES`] entries, and how to go on (`None`: the directory is finished).
+/// The chunks of one directory on their way to the walk.
+#[derive(Default)]
+struct Budget {
+    /// Chunks requested and not yet taken by the walk.
+    outstanding: AtomicUsize,
+    /// How many may be: 1 while the directory is only read ahead (its first chunk), [`AHEAD_CHUNKS`] once the walk
+    /// is in it.
+    limit: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget { outstanding: AtomicUsize::new(0), limit: AtomicUsize::new(limit) })
+    }
+
+    /// Count one more chunk on its way, if the limit allows (the walk's own requests always may).
+    fn take(&self, forced: bool) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (forced || n < limit).then_some(n + 1))
+            .is_ok()
+    }
+}
+
+/// Up to [`CHUNK_ENTRIES`] entries, and how to go on: the next chunk already requested (`next`), the rest of the
+/// stream for the walk to request (`rest`), or neither (the directory is finished).
 struct Chunk {
     entries: io::Result<Vec<io::Result<Scanned>>>,
     rest: Option<Rest>,
+    next: Option<Receiver<Chunk>>,
     /// First chunk only: entries in the destination directory (our temporaries not counted), when it was looked at.
     dst_entries: Option<u64>,
 }
 
 /// The scanner threads and the directories read ahead.
 pub struct Scanner {
-    tx: Option<Sender<Request>>,
+    tx: Sender<Request>,
+    /// Dropped to tell the threads to exit (they hold senders of the request queue themselves, to pass a
+    /// directory's stream on, so the queue never disconnects).
+    shutdown: Option<Sender<()>>,
     /// Set when the walk is over: queued requests are dropped instead of read.
     stopping: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    ahead: HashMap<PathBuf, Receiver<Chunk>>,
+    ahead: HashMap<PathBuf, (Receiver<Chunk>, Arc<Budget>)>,
 }
 
 impl Scanner {
     /// Start `threads` scanner threads (at least one).
     pub fn new(threads: usize) -> io::Result<Scanner> {
         // The queue holds every request that can be outstanding: one per directory read ahead, plus the walk's own.
+        // The queue holds every request the walk makes; chunks passed on by the threads take what room is left
+        // (`try_send`: a thread never blocks on the queue, so the walk's own requests always drain).
         let (tx, rx) = bounded::<Request>(AHEAD_DIRS_MAX * 2 + 2);
+        let (shutdown, shutdown_rx) = bounded::<()>(0);
         let mut handles = Vec::new();
         let stopping = Arc::new(AtomicBool::new(false));
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let (rx, tx, shutdown_rx) = (rx.clone(), tx.clone(), shutdown_rx.clone());
             let stopping = stopping.clone();
             let handle = std::thread::Builder::new().name(format!("fs-scan-{i}")).spawn(move || {
-                for req in rx {
+                loop {
+                    let req = select! {
+                        recv(rx) -> req => match req { Ok(req) => req, Err(_) => break },
+                        recv(shutdown_rx) -> _ => break,
+                    };
                     if stopping.load(Ordering::Relaxed) {
                         continue;
                     }
-                    let chunk = read_chunk(&req.target, req.rest);
+                    let reply = req.reply.clone();
+                    let chunk = read_chunk(req, &tx);
                     // The walk may have stopped (interrupted): nobody listens any more.
-                    let _ = req.reply.send(chunk);
+                    let _ = reply.send(chunk);
                 }
             })?;
             handles.push(handle);
         }
-        Ok(Scanner { tx: Some(tx), stopping, threads: handles, ahead: HashMap::new() })
+        Ok(Scanner { tx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new() })
     }
 
-    fn request(&self, target: Target, rest: Option<Rest>) -> Receiver<Chunk> {
+    fn request(&self, target: Target, rest: Option<Rest>, budget: &Arc<Budget>) -> Receiver<Chunk> {
         let (reply, rx) = bounded(1);
-        // The queue is sized for every outstanding request, so this never blocks for long; a closed queue only
-        // happens at shutdown.
-        let _ = self.tx.as_ref().expect("scanner running").send(Request { target, rest, reply });
+        budget.take(true);
+        // The queue is sized for every request the walk can have outstanding, so this never blocks for long.
+        let _ = self.tx.send(Request { target, rest, reply, budget: budget.clone() });
         rx
     }
 
@@ -118,22 +161,26 @@ impl Scanner {
             return;
         }
         let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
-        let rx = self.request(target, None);
-        self.ahead.insert(src.to_path_buf(), rx);
+        let budget = Budget::new(1);
+        let rx = self.request(target, None, &budget);
+        self.ahead.insert(src.to_path_buf(), (rx, budget));
     }
 
     /// Start walking `src`: its first chunk (read ahead, or read now). Fails when the directory cannot be opened.
     pub fn open(&mut self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> io::Result<DirScan> {
-        let rx = match self.ahead.remove(src) {
-            Some(rx) => rx,
+        let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
+        let (rx, budget) = match self.ahead.remove(src) {
+            Some(ahead) => ahead,
             None => {
-                let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
-                self.request(target, None)
+                let budget = Budget::new(AHEAD_CHUNKS);
+                (self.request(target.clone(), None, &budget), budget)
             }
         };
-        let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
+        // The walk is in this directory now: its chunks may come ahead of it.
+        budget.limit.store(AHEAD_CHUNKS, Ordering::Relaxed);
         let mut scan = DirScan {
             target,
+            budget,
             ready: VecDeque::new(),
             next: Some(rx),
             first: true,
@@ -149,7 +196,7 @@ impl Drop for Scanner {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.ahead.clear();
-        self.tx = None;
+        self.shutdown = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -159,6 +206,7 @@ impl Drop for Scanner {
 /// One directory being walked: the entries of the current chunk, and the next chunk on its way.
 pub struct DirScan {
     target: Target,
+    budget: Arc<Budget>,
     ready: VecDeque<io::Result<Scanned>>,
     next: Option<Receiver<Chunk>>,
     first: bool,
@@ -197,9 +245,12 @@ impl DirScan {
     fn fill(&mut self, scanner: &Scanner) -> io::Result<()> {
         let Some(rx) = self.next.take() else { return Ok(()) };
         let chunk = rx.recv().map_err(|_| io::Error::other("directory scanner stopped"))?;
-        if let Some(rest) = chunk.rest {
-            self.next = Some(scanner.request(self.target.clone(), Some(rest)));
-        }
+        self.budget.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.next = match (chunk.next, chunk.rest) {
+            (Some(next), _) => Some(next),
+            (None, Some(rest)) => Some(scanner.request(self.target.clone(), Some(rest), &self.budget)),
+            (None, None) => None,
+        };
         let first = std::mem::replace(&mut self.first, false);
         self.new_chunk = true;
         if first {
@@ -220,36 +271,53 @@ impl DirScan {
     }
 }
 
-/// Read the next chunk of a directory (opening it first when `rest` is `None`), with the metadata of each entry.
-fn read_chunk(target: &Target, rest: Option<Rest>) -> Chunk {
+/// Read the next chunk of a directory (opening it first when `rest` is `None`), with the metadata of each entry. When
+/// the directory goes on and its budget allows, the rest of the stream is passed on through `queue` as the request
+/// for the next chunk before this one's entries are looked up, so another thread reads on meanwhile.
+fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
+    let Request { target, rest, budget, .. } = req;
     let rest_was_none = rest.is_none();
     let Rest { mut iter, dst_dir } = match rest {
         Some(rest) => rest,
         None => match fs::read_dir(&target.src) {
             Ok(iter) => Rest { iter, dst_dir: target.look_dst.then(|| open_dir_path(&target.dst)).flatten() },
-            Err(e) => return Chunk { entries: Err(e), rest: None, dst_entries: None },
+            Err(e) => return Chunk { entries: Err(e), rest: None, next: None, dst_entries: None },
         },
     };
     // Counted on the first chunk: with the number of source names found there, it tells whether the destination
     // has extraneous entries (`sync --delete`) without keeping any list of names.
     let dst_entries = (target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
-    let mut entries = Vec::with_capacity(CHUNK_ENTRIES);
-    let mut more = false;
-    for entry in iter.by_ref() {
-        let scanned = entry.map(|entry| {
-            let name = entry.file_name();
-            let path = entry.path();
-            let md = if target.dereference { fs::metadata(&path) } else { entry.metadata() };
-            let dst = dst_dir.as_ref().map(|d| Stat::at(d.as_raw_fd(), &name).ok());
-            Scanned { name, path, md, dst }
-        });
-        entries.push(scanned);
-        if entries.len() == CHUNK_ENTRIES {
-            more = true;
-            break;
+    let names: Vec<io::Result<fs::DirEntry>> = iter.by_ref().take(CHUNK_ENTRIES).collect();
+    let (mut rest, mut next) = (None, None);
+    if names.len() == CHUNK_ENTRIES {
+        let rest_of = Rest { iter, dst_dir: dst_dir.clone() };
+        if budget.take(false) {
+            let (reply, rx) = bounded(1);
+            let req = Request { target: target.clone(), rest: Some(rest_of), reply, budget: budget.clone() };
+            match queue.try_send(req) {
+                Ok(()) => next = Some(rx),
+                Err(e) => {
+                    budget.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    rest = e.into_inner().rest;
+                }
+            }
+        } else {
+            rest = Some(rest_of);
         }
     }
-    Chunk { entries: Ok(entries), rest: more.then_some(Rest { iter, dst_dir }), dst_entries }
+    let entries = names
+        .into_iter()
+        .map(|entry| {
+            entry.map(|entry| {
+                let name = entry.file_name();
+                let path = entry.path();
+                let md = if target.dereference { fs::metadata(&path) } else { entry.metadata() };
+                let dst = dst_dir.as_ref().map(|d| Stat::at(d.as_raw_fd(), &name).ok());
+                Scanned { name, path, md, dst }
+            })
+        })
+        .collect();
+    Chunk { entries: Ok(entries), rest, next, dst_entries }
 }
 
 /// Entries of directory `path` that are not our temporaries; `None` when it cannot be read (or does not exist).
@@ -269,4 +337,58 @@ fn open_dir_path(path: &Path) -> Option<Arc<OwnedFd>> {
     let fd = unsafe { libc::open(c.as_ptr(), flags) };
     // SAFETY: a fresh descriptor, owned by nobody else.
     (fd >= 0).then(|| Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of `n` files, each with a twin of a different size in `dst` for every third name.
+    fn large_dir(n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        fs::create_dir_all(&dst).unwrap();
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..n {
+            fs::write(src.join(format!("f{i}")), vec![0u8; i % 7]).unwrap();
+            if i.is_multiple_of(3) {
+                fs::write(dst.join(format!("f{i}")), vec![0u8; 100 + i]).unwrap();
+            }
+        }
+        (t, src, dst)
+    }
+
+    #[test]
+    fn every_entry_once_in_directory_order_with_both_sides_metadata() {
+        let n = CHUNK_ENTRIES * (AHEAD_CHUNKS + 3) + 17;
+        let (_t, src, dst) = large_dir(n);
+        let order: Vec<OsString> = fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect();
+        for threads in [1, 2, 4] {
+            let mut scanner = Scanner::new(threads).unwrap();
+            let mut scan = scanner.open(&src, &dst, true, false).unwrap();
+            let mut seen = Vec::new();
+            while let Some(entry) = scan.next(&mut scanner) {
+                let e = entry.unwrap();
+                let i: usize = e.name.to_str().unwrap()[1..].parse().unwrap();
+                assert_eq!(e.md.as_ref().unwrap().len(), (i % 7) as u64, "source metadata of {:?}", e.name);
+                let twin = e.dst.expect("destination looked up").map(|s| s.size);
+                assert_eq!(twin, i.is_multiple_of(3).then_some(100 + i as u64), "destination metadata of {:?}", e.name);
+                seen.push(e.name);
+            }
+            assert_eq!(seen, order, "{threads} thread(s): entries missing, repeated or out of order");
+            assert_eq!(scan.dst_entries(), Some(n.div_ceil(3) as u64));
+        }
+    }
+
+    #[test]
+    fn an_abandoned_walk_stops_the_threads() {
+        let (_t, src, dst) = large_dir(CHUNK_ENTRIES * 6);
+        let mut scanner = Scanner::new(2).unwrap();
+        let mut scan = scanner.open(&src, &dst, true, false).unwrap();
+        scanner.read_ahead(&src, &dst, true, false);
+        assert!(scan.next(&mut scanner).is_some());
+        // Chunks are in flight and passed on between threads: dropping must neither hang nor leak a thread.
+        drop(scan);
+        drop(scanner);
+    }
 }
