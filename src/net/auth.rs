@@ -11,7 +11,7 @@
 //! takes data from, an impostor, and a man in the middle who changes any byte of the exchange (a flag, to strip
 //! encryption; a public key, to put his own in its place) fails it. Fresh nonces make every proof single-use.
 //!
-//! The record keys ([`Key::session_keys`]) come from the token's key, the Diffie-Hellman shared secret and the
+//! The record keys (`Key::session_keys`) come from the token's key, the Diffie-Hellman shared secret and the
 //! transcript together: one key per direction, new on every connection, and out of reach of someone who learns the
 //! token later, even with a recording of the whole connection (the ephemeral secrets are gone by then: forward
 //! secrecy). A connection without `--encrypt` does no key agreement at all. Both switch to the record layer
