@@ -1,7 +1,8 @@
 //! `--encrypt` and `--compress` against a real `fastsync serve` on 127.0.0.1:0: trees and multi-chunk files go both
 //! ways in every mode, `serve --require-encrypt` refuses clear clients, and a relay between client and server records
 //! the bytes on the wire to check what an observer sees (nothing of the data with `--encrypt`; far fewer bytes for
-//! compressible data with `--compress`).
+//! compressible data with `--compress`; with `--encrypt`, a recording of the session and the token, leaked later, still
+//! do not open the records).
 
 #[macro_use]
 #[allow(unused_macros)] // both_engines: these cases run no engine
@@ -14,6 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use common::lan::*;
 use common::*;
+use fastsync::net::auth;
+use fastsync::net::record::{Direction, RecordReader};
+use fastsync::net::wire::{self, Msg};
 
 /// Four chunks and a bit: every transfer of it is cut into several `Data`/`PutData` frames (and records).
 const BIG: u64 = (4 << 22) + 12_345;
@@ -87,19 +91,28 @@ fn client_options_are_refused_by_serve_and_levels_are_checked() {
     }
 }
 
+/// Where a relay records the bytes that cross it.
+type Tape = Arc<Mutex<Vec<u8>>>;
+
 /// A TCP relay in front of `to`: every byte in both directions is recorded. Returns its port.
-fn relay(to: String, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
+fn relay(to: String, seen: Tape) -> u16 {
+    relay_with(to, move || (Arc::clone(&seen), Arc::clone(&seen)))
+}
+
+/// A TCP relay in front of `to`; `tapes` says, for each new connection, where to record what the client sends and
+/// what the server sends. Returns its port.
+fn relay_with(to: String, tapes: impl Fn() -> (Tape, Tape) + Send + 'static) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(client) = client else { return };
             let Ok(server) = TcpStream::connect(&to) else { return };
-            for (mut from, mut into) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            let (up, down) = tapes();
+            for (mut from, mut into, seen) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap(), up),
+                (server.try_clone().unwrap(), client.try_clone().unwrap(), down),
             ] {
-                let seen = Arc::clone(&seen);
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 << 10];
                     loop {
@@ -184,4 +197,95 @@ fn compress_moves_far_fewer_bytes_for_compressible_data() {
     let clear = through_relay(&c, &srv, &noise, &[], "n-clear").len();
     let squeezed = through_relay(&c, &srv, &noise, &["--compress"], "n-squeezed").len();
     assert!(squeezed < clear + clear / 100, "{squeezed} vs {clear}");
+}
+
+/// The first record on a tape after the handshake, if the tape holds all of it.
+fn first_record(rest: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().unwrap()) as usize;
+    rest.get(..4 + len)
+}
+
+#[test]
+fn a_recording_of_an_encrypted_session_and_the_token_do_not_decrypt_it() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    mkdirs(&src);
+    write_file(&src.join("private.txt"), &text(50_000));
+    let conns: Arc<Mutex<Vec<(Tape, Tape)>>> = Arc::default();
+    let port = relay_with(srv.addr(), {
+        let conns = Arc::clone(&conns);
+        move || {
+            let tapes = (Tape::default(), Tape::default());
+            conns.lock().unwrap().push(tapes.clone());
+            tapes
+        }
+    });
+    let url = format!("fastsync://127.0.0.1:{port}/pushed");
+    c.cmd().args(["--encrypt", "copy"]).arg(&src).arg(&url).run().assert_success();
+    compare_trees(&src, &srv.root.join("pushed"), CompareOpts::default());
+
+    // Later the token leaks. Its holder has the recording of every connection, so every frame of each handshake.
+    let token = std::fs::read(&c.token).unwrap();
+    let key = blake3::derive_key(auth::KEY_CONTEXT, token.trim_ascii_end());
+    let mac = |label: &[u8], th: &[u8; 32]| {
+        let mut h = blake3::Hasher::new_keyed(&key);
+        h.update(label);
+        h.update(th);
+        *h.finalize().as_bytes()
+    };
+    let (mut publics, mut records_tried) = (Vec::new(), 0);
+    for (up, down) in conns.lock().unwrap().iter() {
+        let (up, down) = (up.lock().unwrap().clone(), down.lock().unwrap().clone());
+        let (mut u, mut d) = (&up[..], &down[..]);
+        let hello = wire::read_msg(&mut u).unwrap();
+        let client_share = wire::read_msg(&mut u).unwrap();
+        let auth = wire::read_msg(&mut u).unwrap();
+        let challenge = wire::read_msg(&mut d).unwrap();
+        let server_share = wire::read_msg(&mut d).unwrap();
+        let auth_ok = wire::read_msg(&mut d).unwrap();
+        let (
+            Msg::Hello { nonce: nc, .. },
+            Msg::Challenge { nonce: ns, .. },
+            Msg::KeyShare { public: cp },
+            Msg::KeyShare { public: sp },
+            Msg::Auth { mac: client_mac },
+            Msg::AuthOk { mac: server_mac },
+        ) = (&hello, &challenge, &client_share, &server_share, &auth, &auth_ok)
+        else {
+            panic!("not a sealed handshake: {hello:?} {challenge:?} {client_share:?} {server_share:?}")
+        };
+        publics.extend([*cp, *sp]);
+        let mut t = blake3::Hasher::new_derive_key(auth::TRANSCRIPT_CONTEXT);
+        for m in [&hello, &challenge, &server_share, &client_share] {
+            let mut frame = Vec::new();
+            wire::write_msg(&mut frame, m).unwrap();
+            t.update(&frame);
+        }
+        let th = *t.finalize().as_bytes();
+        // The reconstruction is exact: it gives both recorded proofs.
+        assert_eq!((mac(b"client", &th), mac(b"server", &th)), (*client_mac, *server_mac));
+        // Keys from all of that without the X25519 shared secret: the old schedule (token key and both nonces),
+        // and the new one with a public value, or zeros, in the secret's place.
+        let with = |ctx: &str, parts: &[&[u8]]| blake3::derive_key(ctx, &parts.concat());
+        let mut guesses =
+            vec![with("fastsync session c2s v1", &[&key, nc, ns]), with("fastsync session s2c v1", &[&key, nc, ns])];
+        for stand_in in [&[0u8; 32], cp, sp, nc, ns] {
+            guesses.push(with(auth::C2S_CONTEXT, &[&key, stand_in, &th]));
+            guesses.push(with(auth::S2C_CONTEXT, &[&key, stand_in, &th]));
+        }
+        for record in [first_record(u), first_record(d)].into_iter().flatten() {
+            records_tried += 1;
+            for guess in &guesses {
+                let dir = Direction { key: Some(*guess), level: None };
+                let err = wire::read_msg(&mut RecordReader::new(record, &dir).unwrap()).unwrap_err().to_string();
+                assert!(err.contains("decryption failed"), "{err}");
+            }
+        }
+    }
+    assert!(records_tried >= 2, "at least one request and one answer were tried ({records_tried})");
+    let n = publics.len();
+    publics.sort();
+    publics.dedup();
+    assert_eq!(publics.len(), n, "a fresh ephemeral key on every connection, on both sides");
 }

@@ -346,6 +346,46 @@ fn auth_succeeds_and_a_wrong_token_is_refused_and_logged_without_the_token() {
 }
 
 #[test]
+fn a_client_of_protocol_version_2_is_told_to_run_the_same_version() {
+    let dir = tmp();
+    let srv = Server::start(dir.path(), &[]);
+    assert_eq!(wire::VERSION, 3);
+    // What a version-2 fastsync sends first, with --encrypt: the hello's layout has not changed since.
+    let mut s = srv.raw();
+    wire::write_msg(&mut s, &Msg::Hello { version: 2, nonce: [1; 32], flags: 1 }).unwrap();
+    match wire::read_msg(&mut s).unwrap() {
+        Msg::Error { code, message } => {
+            assert_eq!(code, code::VERSION, "{message}");
+            assert!(message.contains("version 2 is not supported") && message.contains("speaks 3"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    srv.wait_log(&["protocol version 2", "use the same fastsync version on both hosts"]);
+}
+
+#[test]
+fn a_low_order_key_share_is_refused_by_the_server() {
+    let dir = tmp();
+    let srv = Server::start(dir.path(), &[]);
+    let mut s = srv.raw();
+    wire::write_msg(&mut s, &Msg::Hello { version: wire::VERSION, nonce: [1; 32], flags: wire::hello::ENCRYPT })
+        .unwrap();
+    assert!(matches!(wire::read_msg(&mut s).unwrap(), Msg::Challenge { flags: wire::challenge::ENCRYPT, .. }));
+    let Msg::KeyShare { public } = wire::read_msg(&mut s).unwrap() else { panic!("no key share from the server") };
+    assert_ne!(public, [0; 32]);
+    // The all-zero u-coordinate: a point of order 2, whose shared secret is zero whatever the server's key.
+    wire::write_msg(&mut s, &Msg::KeyShare { public: [0; 32] }).unwrap();
+    wire::write_msg(&mut s, &Msg::Auth { mac: [0; 32] }).unwrap();
+    match wire::read_msg(&mut s).unwrap() {
+        Msg::Error { code, message } => assert!(code == code::PROTOCOL && message.contains("low-order"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    srv.wait_log(&["fastsync: client 127.0.0.1:", "low-order X25519 point"]);
+    // The next client is served as usual.
+    srv.connect().bye();
+}
+
+#[test]
 fn the_token_can_come_from_the_environment() {
     let dir = tmp();
     let srv = Server::start_with(dir.path(), &[], TokenVia::Env);
@@ -895,6 +935,7 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
     let seeds: Vec<Msg> = vec![
         Msg::Hello { version: wire::VERSION, nonce: [7; 32], flags: 3 | (3 << 3) },
         Msg::Challenge { version: wire::VERSION, nonce: [8; 32], read_only: true, flags: 1 },
+        Msg::KeyShare { public: [9; 32] },
         Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
         Msg::List { path: b"a/b".to_vec(), recursive: true },
         Msg::Entry(EntryMeta {

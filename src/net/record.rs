@@ -18,6 +18,7 @@ use std::io::{self, Read, Write};
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use zeroize::Zeroize;
 
 use super::wire::FRAME_BYTES_MAX;
 
@@ -43,11 +44,18 @@ pub const ZSTD: u8 = 1;
 pub const DECRYPTION_FAILED: &str =
     "decryption failed: the data was altered in transit or the peers' keys differ; connection closed";
 
-/// One direction's settings: its session key (when sealed) and the zstd level its writer uses (when compressing).
+/// One direction's settings: its session key (when sealed; wiped when dropped) and the zstd level its writer uses
+/// (when compressing).
 #[derive(Clone)]
 pub struct Direction {
     pub key: Option<[u8; 32]>,
     pub level: Option<u8>,
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
 }
 
 impl std::fmt::Debug for Direction {

@@ -464,6 +464,7 @@ fn name_of(msg: &Msg) -> &'static str {
     match msg {
         Msg::Hello { .. } => "Hello",
         Msg::Challenge { .. } => "Challenge",
+        Msg::KeyShare { .. } => "KeyShare",
         Msg::Auth { .. } => "Auth",
         Msg::AuthOk { .. } => "AuthOk",
         Msg::Error { .. } => "Error",

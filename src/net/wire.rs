@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build; a peer with another version is refused with a clear error.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame body (kind + fields): one data chunk plus headroom for its header.
 pub const FRAME_BYTES_MAX: usize = CHUNK_BYTES_MAX + 64 * 1024;
 /// Largest data chunk in one frame.
@@ -113,6 +113,11 @@ pub enum Msg {
         nonce: [u8; 32],
         read_only: bool,
         flags: u8,
+    },
+    /// Either side, only when the handshake agreed on encryption: its ephemeral X25519 public key for this connection
+    /// (the server's right after `Challenge`, the client's right before `Auth`; see `auth`).
+    KeyShare {
+        public: [u8; 32],
     },
     /// Client: proof that it knows the token (see `auth`).
     Auth {
@@ -310,6 +315,7 @@ const K_AUTH: u8 = 3;
 const K_AUTH_OK: u8 = 4;
 const K_ERROR: u8 = 5;
 const K_OK: u8 = 6;
+const K_KEY_SHARE: u8 = 7;
 const K_LIST: u8 = 10;
 const K_ENTRY: u8 = 11;
 const K_LIST_END: u8 = 12;
@@ -490,6 +496,10 @@ impl Msg {
                 o.arr(nonce);
                 o.bool(*read_only);
                 o.u8(*flags);
+            }
+            Msg::KeyShare { public } => {
+                o.u8(K_KEY_SHARE);
+                o.arr(public);
             }
             Msg::Auth { mac } => {
                 o.u8(K_AUTH);
@@ -680,6 +690,7 @@ impl Msg {
         let msg = match i.u8()? {
             K_HELLO => Msg::Hello { version: i.u16()?, nonce: i.arr()?, flags: i.u8()? },
             K_CHALLENGE => Msg::Challenge { version: i.u16()?, nonce: i.arr()?, read_only: i.bool()?, flags: i.u8()? },
+            K_KEY_SHARE => Msg::KeyShare { public: i.arr()? },
             K_AUTH => Msg::Auth { mac: i.arr()? },
             K_AUTH_OK => Msg::AuthOk { mac: i.arr()? },
             K_ERROR => Msg::Error { code: i.u16()?, message: i.text()? },
@@ -923,6 +934,7 @@ mod tests {
         vec![
             Msg::Hello { version: VERSION, nonce: [7; 32], flags: hello::ENCRYPT | hello::COMPRESS | (19 << 3) },
             Msg::Challenge { version: VERSION, nonce: [8; 32], read_only: true, flags: challenge::ENCRYPT },
+            Msg::KeyShare { public: [9; 32] },
             Msg::Auth { mac: [1; 32] },
             Msg::AuthOk { mac: [2; 32] },
             Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
