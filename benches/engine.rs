@@ -85,6 +85,8 @@ fn bench(c: &mut Criterion) {
                             src: src.join(format!("f{i}")),
                             tmp: dst.join(format!(".f{i}.tmp")),
                             dst: dst.join(format!("f{i}")),
+                            // A fresh directory, as a copy into a new tree: created unnamed where possible.
+                            dst_vacant: true,
                             size_hint: SMALL_FILE_BYTES as u64,
                             follow_symlinks: false,
                             finish: FinishSpec::default(),

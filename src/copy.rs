@@ -572,7 +572,7 @@ impl Exec<'_> {
                             self.st.summary.bytes += md.size();
                             self.st.link_settled(link_key, &dst);
                         }
-                        Ok(md) if md.is_file() => self.submit_file(&src, &dst, &md, dir, link_key, attempt)?,
+                        Ok(md) if md.is_file() => self.submit_file(&src, &dst, &md, dir, link_key, attempt, false)?,
                         Ok(_) => {
                             self.st.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
                             self.st.link_failed(link_key);
@@ -762,7 +762,8 @@ impl Exec<'_> {
             (true, Some(known)) => known,
             (true, None) => fs::symlink_metadata(e.dst).ok().map(|m| Stat::from(&m)),
         };
-        if dst_md.as_ref().is_some_and(|m| m.is_dir()) && !self.replace_in_the_way(e.dst, true) {
+        let replaced_dir = dst_md.as_ref().is_some_and(|m| m.is_dir());
+        if replaced_dir && !self.replace_in_the_way(e.dst, true) {
             return Ok(());
         }
         let dst_md = dst_md.filter(|m| !m.is_dir());
@@ -800,7 +801,9 @@ impl Exec<'_> {
             self.st.link_settled(link_key, e.dst);
             return Ok(());
         }
-        self.submit_file(e.src, e.dst, e.md, e.dir, link_key, 1)
+        // Nothing there: the directory is new, or the scanner (or the lstat above) found no entry of that name.
+        let vacant = e.dst_absent || (look && dst_md.is_none() && !replaced_dir);
+        self.submit_file(e.src, e.dst, e.md, e.dir, link_key, 1, vacant)
     }
 
     /// `-H` for a file with several names: link to its first copy if there is one. Returns the inode's key when
@@ -946,7 +949,9 @@ impl Exec<'_> {
         done
     }
 
-    /// Copy one regular file: as one job, or opened here and cut into ranges.
+    /// Copy one regular file: as one job, or opened here and cut into ranges. `dst_vacant`: nothing is at `dst`
+    /// (a whole-file job may then create it unnamed, see `fastsync_engine::create_dst`).
+    #[allow(clippy::too_many_arguments)]
     fn submit_file(
         &mut self,
         src: &Path,
@@ -955,6 +960,7 @@ impl Exec<'_> {
         dir: Option<usize>,
         link_key: Option<(u64, u64)>,
         attempt: u8,
+        dst_vacant: bool,
     ) -> Result<(), Error> {
         let setgid_dir = dir.is_some_and(|d| self.st.dirs.get_mut(d).setgid);
         let (preserve, fsync, verify) = (self.opts.preserve, self.opts.fsync, self.opts.verify);
@@ -998,6 +1004,7 @@ impl Exec<'_> {
                     src: src.to_path_buf(),
                     tmp,
                     dst: dst.to_path_buf(),
+                    dst_vacant,
                     size_hint: size,
                     follow_symlinks: self.opts.dereference,
                     finish: spec,

@@ -103,6 +103,7 @@ fn file_job(dir: &TempDir, tag: u64, size_bytes: usize, size_hint: u64, verify: 
         src,
         tmp: dir.join(&format!(".dst-{tag}.tmp")),
         dst: dir.join(&format!("dst-{tag}")),
+        dst_vacant: false,
         size_hint,
         follow_symlinks: false,
         finish: finish_spec(verify),
@@ -160,6 +161,7 @@ fn missing_source_fails_to_open(engine: &dyn Engine) {
         src: dir.join("nope"),
         tmp: dir.join(".dst.tmp"),
         dst: dir.join("dst"),
+        dst_vacant: true,
         size_hint: 10,
         follow_symlinks: false,
         finish: FinishSpec::default(),
@@ -185,6 +187,41 @@ fn existing_temporary_is_not_ours_to_remove(engine: &dyn Engine) {
     assert_eq!(err.source.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(fs::read(&tmp).unwrap(), b"someone else's");
     assert!(!dst.exists());
+}
+
+/// A destination known to be vacant is an unnamed file linked into place (Linux): its named temporary is never
+/// created — here it could not be, its directory does not exist. Something that appeared at the destination since
+/// the walk is replaced, as a rename would.
+fn vacant_destinations_are_created_unnamed(engine: &dyn Engine) {
+    let dir = TempDir::new("vacant");
+    let mut jobs = Vec::new();
+    let mut expected = Vec::new();
+    for (tag, size) in [(0u64, 0usize), (1, 100), (2, 3 * BLOCK_BYTES + 5)] {
+        let (mut job, data) = file_job(&dir, tag, size, size as u64, tag == 2);
+        job.dst_vacant = true;
+        if cfg!(target_os = "linux") {
+            job.tmp = dir.join("no-such-dir").join(format!(".dst-{tag}.tmp"));
+        }
+        expected.push((job.dst.clone(), data));
+        jobs.push(Job::File(job));
+    }
+    // Appeared after the walk: linked to the temporary name, then renamed over it.
+    let (mut late, late_data) = file_job(&dir, 3, 5000, 5000, false);
+    late.dst_vacant = true;
+    fs::write(&late.dst, b"appeared meanwhile").unwrap();
+    let late_tmp = late.tmp.clone();
+    expected.push((late.dst.clone(), late_data));
+    jobs.push(Job::File(late));
+    let (done, _) = run(engine, jobs);
+    for (c, (dst, data)) in done.iter().zip(&expected) {
+        assert!(matches!(c.outcome, Outcome::FileDone), "job {}: {:?}", c.tag, c.outcome);
+        assert_finished(dst);
+        assert!(fs::read(dst).unwrap() == *data, "{} differs", dst.display());
+    }
+    assert!(!late_tmp.exists(), "{} left behind", late_tmp.display());
+    let names: Vec<String> =
+        fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| n.starts_with("src-") || n.starts_with("dst-")), "stray entries: {names:?}");
 }
 
 /// A chunked file as the planner makes it: source opened, temporary created at its final size.
@@ -362,6 +399,7 @@ on_both_engines!(
     copies_whole_files,
     missing_source_fails_to_open,
     existing_temporary_is_not_ours_to_remove,
+    vacant_destinations_are_created_unnamed,
     copies_a_chunked_file_in_ranges,
     shrunken_source_abandons_the_chunked_file,
     verify_detects_a_destination_that_differs,

@@ -4,9 +4,11 @@
 //! code in both engines keeps their results identical.
 
 use std::ffi::CString;
+use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::{FinishSpec, JobError, Op};
@@ -20,15 +22,145 @@ fn check(rc: libc::c_int, op: Op, path: &Path) -> Result<(), JobError> {
     if rc == 0 { Ok(()) } else { Err(JobError::last_os(op, path)) }
 }
 
+/// How a whole file's destination was created by [`create_dst`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// The named temporary (`tmp`): renamed onto the final name when complete, removed on failure.
+    Named,
+    /// An unnamed file (`O_TMPFILE`) in the final name's directory: linked to the final name when complete, gone
+    /// by itself on failure or crash.
+    Unnamed,
+}
+
+/// Create the destination of a whole-file copy, with `mode` (the [`crate::FinishSpec::create_mode`]), readable too
+/// when `readable` (to read written blocks back).
+///
+/// When `vacant` (nothing was at `dst` when the tree was walked) it is an unnamed file in `dst`'s directory
+/// (Linux `O_TMPFILE`), linked to `dst` by [`finish_file`] once complete: one directory operation per file instead
+/// of two (create the temporary, rename it), which is what two threads filling the same directory wait on, and
+/// nothing is left behind by a crash. Otherwise — or where the filesystem, the kernel or a missing `/proc` rule it
+/// out — the named temporary `tmp`, created exclusively (`EEXIST` means the name is someone else's file: it is
+/// reported, never removed).
+pub fn create_dst(tmp: &Path, dst: &Path, vacant: bool, readable: bool, mode: u32) -> io::Result<(OwnedFd, Created)> {
+    if vacant && let Some(fd) = unnamed::create(dst, readable, mode) {
+        return Ok((fd, Created::Unnamed));
+    }
+    let file = OpenOptions::new().write(true).read(readable).create_new(true).mode(mode).open(tmp)?;
+    Ok((file.into(), Created::Named))
+}
+
+/// Remove what a failed whole-file copy created: the named temporary (an unnamed file needs nothing).
+pub fn discard(created: Created, tmp: &Path) {
+    if created == Created::Named {
+        abandon(tmp);
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod unnamed {
+    //! `O_TMPFILE` files and linking them into place through `/proc/self/fd`.
+
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set once a filesystem answered that it has no `O_TMPFILE`: later files take named temporaries at once.
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+    fn proc_fd_usable() -> bool {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+    }
+
+    pub(super) fn create(dst: &Path, readable: bool, mode: u32) -> Option<OwnedFd> {
+        if UNSUPPORTED.load(Ordering::Relaxed) || !proc_fd_usable() {
+            return None;
+        }
+        let dir = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // O_TMPFILE includes O_DIRECTORY: `dir` is opened to create an inode in it, with no name.
+        let flags = libc::O_TMPFILE | libc::O_CLOEXEC;
+        match OpenOptions::new().write(true).read(readable).custom_flags(flags).mode(mode).open(dir) {
+            Ok(f) => Some(f.into()),
+            Err(e) => {
+                // No O_TMPFILE here (EOPNOTSUPP; EISDIR or EINVAL from kernels or filesystems that predate it).
+                // Anything else (ENOSPC, EACCES, ...) the named temporary will meet and report too.
+                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) {
+                    UNSUPPORTED.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    /// Give the unnamed file `fd` the name `to`; `EEXIST` when something is there.
+    pub(super) fn link(fd: BorrowedFd<'_>, to: &Path) -> io::Result<()> {
+        let from = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
+        let to = super::cstr(to)?;
+        // SAFETY: valid C strings. AT_SYMLINK_FOLLOW resolves the /proc link to the open file itself (linking a
+        // file with no name is allowed because it was not opened with O_EXCL).
+        let rc = unsafe {
+            libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod unnamed {
+    //! No `O_TMPFILE` outside Linux: every destination is a named temporary.
+
+    use std::io;
+    use std::os::fd::{BorrowedFd, OwnedFd};
+    use std::path::Path;
+
+    pub(super) fn create(_dst: &Path, _readable: bool, _mode: u32) -> Option<OwnedFd> {
+        None
+    }
+
+    pub(super) fn link(_fd: BorrowedFd<'_>, _to: &Path) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// Put a complete destination under its final name: rename the named temporary onto it, or link the unnamed file
+/// to it. Something that appeared at `dst` since the walk is replaced as a rename replaces it: the unnamed file is
+/// linked to the named temporary `tmp` first, then renamed.
+fn put_in_place(fd: BorrowedFd<'_>, created: Created, tmp: &Path, dst: &Path) -> Result<(), JobError> {
+    if created == Created::Unnamed {
+        match unnamed::link(fd, dst) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                unnamed::link(fd, tmp).map_err(|e| JobError::new(Op::Rename, dst, e))?;
+            }
+            Err(e) => return Err(JobError::new(Op::Rename, dst, e)),
+        }
+    }
+    std::fs::rename(tmp, dst).map_err(|e| {
+        if created == Created::Unnamed {
+            abandon(tmp);
+        }
+        JobError::new(Op::Rename, dst, e)
+    })
+}
+
 /// Finish a destination whose bytes are all written: check that the source `src` did not change meanwhile (when
 /// the spec has a stamp), optional truncate (O_DIRECT tails), xattrs, owner, mode, times, fsync, rename `tmp` onto
-/// `dst`, fsync the directory. Order matters: xattrs need write permission, `chown` clears setuid bits so `chmod`
-/// comes after it, and times come last so nothing after them touches the mtime.
+/// `dst` (or link the unnamed file there, see [`Created`]), fsync the directory. Order matters: xattrs need write
+/// permission, `chown` clears setuid bits so `chmod` comes after it, and times come last so nothing after them
+/// touches the mtime.
 pub fn finish_file(
     fd: BorrowedFd<'_>,
     truncate_to: Option<u64>,
     src: &Path,
-    tmp: &Path,
+    (tmp, created): (&Path, Created),
     dst: &Path,
     spec: &FinishSpec,
 ) -> Result<(), JobError> {
@@ -69,7 +201,7 @@ pub fn finish_file(
         // SAFETY: plain syscall.
         check(unsafe { libc::fsync(raw) }, Op::Fsync, tmp)?;
     }
-    std::fs::rename(tmp, dst).map_err(|e| JobError::new(Op::Rename, dst, e))?;
+    put_in_place(fd, created, tmp, dst)?;
     if spec.fsync {
         fsync_dir(dst).map_err(|e| JobError::new(Op::Fsync, dst.parent().unwrap_or(Path::new(".")), e))?;
     }

@@ -75,6 +75,9 @@ pub struct FileJob {
     pub tmp: PathBuf,
     /// Final name; the temporary is renamed onto it when complete.
     pub dst: PathBuf,
+    /// Nothing was at `dst` when the tree was walked: the copy may be an unnamed file linked to `dst` when complete
+    /// instead of `tmp` (see [`crate::create_dst`]).
+    pub dst_vacant: bool,
     /// Size seen when the source was walked (a hint for buffer choice; the copy runs to end of file).
     pub size_hint: u64,
     /// Open the source even if it is now a symlink (`-L`). Otherwise it is opened with O_NOFOLLOW, so a source
@@ -152,7 +155,8 @@ impl ChunkedFile {
             Ok(()) => {
                 use std::os::fd::AsFd;
                 let truncate = self.direct.then_some(self.size);
-                match crate::finish_file(self.dst_fd.as_fd(), truncate, &self.src, &self.tmp, &self.dst, &self.finish) {
+                let tmp = (self.tmp.as_path(), crate::Created::Named);
+                match crate::finish_file(self.dst_fd.as_fd(), truncate, &self.src, tmp, &self.dst, &self.finish) {
                     Ok(()) => {
                         if let Some(journal) = &self.journal {
                             journal.remove();

@@ -30,7 +30,7 @@ pub mod pool;
 pub mod session;
 
 pub use error::{EngineError, JobError, Op};
-pub use finish::{abandon, finish_file};
+pub use finish::{Created, abandon, create_dst, discard, finish_file};
 pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, HashJob, Job, Outcome, RangeJob, SourceStamp, Timestamp};
 pub use journal::Journal;
 pub use pool::AlignedArena;

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use fastsync_engine::{
-    AlignedArena, Completion, FileJob, HashJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, abandon, blocking,
-    finish_file,
+    AlignedArena, Completion, FileJob, HashJob, Job, JobError, Op, Outcome, RangeJob, ShardStats, blocking, create_dst,
+    discard, finish_file,
 };
 
 use crate::sys;
@@ -66,20 +66,21 @@ impl Shard {
         };
         // Read access is needed to read written blocks back. A failed create leaves nothing to clean up; with EEXIST
         // the temporary name is someone else's file, which must not be removed. Users know the destination's name.
-        let dst = match sys::create_temp(&job.tmp, job.finish.verify, job.finish.create_mode) {
-            Ok(fd) => fd,
-            Err(e) => return Outcome::Failed(JobError::new(Op::Create, &job.dst, e)),
-        };
+        let (dst, created) =
+            match create_dst(&job.tmp, &job.dst, job.dst_vacant, job.finish.verify, job.finish.create_mode) {
+                Ok(created) => created,
+                Err(e) => return Outcome::Failed(JobError::new(Op::Create, &job.dst, e)),
+            };
         let names = Names { src: &job.src, dst: &job.dst };
         let result = self
             .copy_file(src.as_fd(), dst.as_fd(), job, &names, written_bytes)
-            .and_then(|()| finish_file(dst.as_fd(), None, &job.src, &job.tmp, &job.dst, &job.finish));
+            .and_then(|()| finish_file(dst.as_fd(), None, &job.src, (&job.tmp, created), &job.dst, &job.finish));
         drop(src);
         drop(dst);
         match result {
             Ok(()) => Outcome::FileDone,
             Err(e) => {
-                abandon(&job.tmp);
+                discard(created, &job.tmp);
                 Outcome::Failed(e)
             }
         }

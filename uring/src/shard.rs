@@ -7,14 +7,14 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use fastsync_engine::finish::cstr;
 use fastsync_engine::offload::{Offload, offload_range};
 use fastsync_engine::{
-    AlignedArena, Completion, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, Session, ShardCtx,
-    ShardStats, abandon, blocking, finish_file,
+    AlignedArena, Completion, Created, EngineConfig, EngineError, FileJob, Job, JobError, Op, Outcome, Session,
+    ShardCtx, ShardStats, blocking, create_dst, discard, finish_file,
 };
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -57,6 +57,8 @@ struct Task {
     /// Whole-file jobs: the source path as a C string, alive until its OPENAT completes.
     src_c: Option<CString>,
     dst_fd: Option<OwnedFd>,
+    /// How a whole file's destination was created (named temporary or unnamed file).
+    created: Created,
     /// Next source offset to read.
     offset: u64,
     /// End of the range to copy (`u64::MAX` for whole files: read to end of file).
@@ -212,6 +214,7 @@ impl Shard {
             job,
             src_c: None,
             dst_fd: None,
+            created: Created::Named,
             offset: 0,
             end: u64::MAX,
             block_len: 0,
@@ -240,38 +243,29 @@ impl Shard {
                 self.open_and_read(slot, task, src_c, follow);
             }
             Job::File(f) => {
-                let (src_c, tmp_c) = match (cstr(&f.src), cstr(&f.tmp)) {
-                    (Ok(s), Ok(t)) => (s, t),
-                    (Err(e), _) => {
+                let src_c = match cstr(&f.src) {
+                    Ok(s) => s,
+                    Err(e) => {
                         task.error = Some(JobError::new(Op::Open, &f.src, e));
                         self.tasks[slot] = Some(task);
                         return;
                     }
-                    (_, Err(e)) => {
+                };
+                // The destination is created right here with plain syscalls: io_uring never attempts an O_CREAT
+                // (or O_TMPFILE) open inline (it always punts it to an io-wq worker thread), so through the ring it
+                // would cost a thread hand-off per file for nothing.
+                let created = create_dst(&f.tmp, &f.dst, f.dst_vacant, f.finish.verify, f.finish.create_mode);
+                match created {
+                    Ok((fd, how)) => {
+                        task.dst_fd = Some(fd);
+                        task.created = how;
+                    }
+                    Err(e) => {
                         task.error = Some(JobError::new(Op::Create, &f.dst, e));
                         self.tasks[slot] = Some(task);
                         return;
                     }
-                };
-                let dst_flags = if f.finish.verify { libc::O_RDWR } else { libc::O_WRONLY };
-                // The temporary is created right here with a plain openat: io_uring never attempts an O_CREAT open
-                // inline (it always punts it to an io-wq worker thread), so through the ring it would cost a thread
-                // hand-off per file for nothing.
-                // SAFETY: valid C string; the descriptor is owned by the OwnedFd below.
-                let fd = unsafe {
-                    libc::open(
-                        tmp_c.as_ptr(),
-                        dst_flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-                        f.finish.create_mode as libc::c_uint,
-                    )
-                };
-                if fd < 0 {
-                    task.error = Some(JobError::last_os(Op::Create, &f.dst));
-                    self.tasks[slot] = Some(task);
-                    return;
                 }
-                // SAFETY: fresh descriptor owned by nobody else.
-                task.dst_fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
                 let follow = f.follow_symlinks;
                 self.open_and_read(slot, task, src_c, follow);
             }
@@ -605,7 +599,7 @@ impl Shard {
         // dropped): no CLOSE round trip per file.
         self.stats.jobs += 1;
         let outcome = match &t.job {
-            Job::File(f) => file_outcome(f, t.dst_fd.take(), t.error.take()),
+            Job::File(f) => file_outcome(f, t.dst_fd.take(), t.created, t.error.take()),
             Job::Range(r) => r.file.complete_range(Some((r.offset, r.len)), t.error.take().map_or(Ok(()), Err)),
             Job::Hash(_) => match (t.error.take(), t.hasher.take()) {
                 (Some(e), _) => Outcome::Failed(e),
@@ -619,17 +613,16 @@ impl Shard {
     }
 }
 
-fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, error: Option<JobError>) -> Outcome {
+fn file_outcome(f: &FileJob, dst_fd: Option<OwnedFd>, created: Created, error: Option<JobError>) -> Outcome {
     let result = match (error, dst_fd) {
         (Some(e), fd) => {
             if fd.is_some() {
-                abandon(&f.tmp);
+                discard(created, &f.tmp);
             }
             Err(e)
         }
-        (None, Some(fd)) => {
-            finish_file(fd.as_fd(), None, &f.src, &f.tmp, &f.dst, &f.finish).inspect_err(|_| abandon(&f.tmp))
-        }
+        (None, Some(fd)) => finish_file(fd.as_fd(), None, &f.src, (&f.tmp, created), &f.dst, &f.finish)
+            .inspect_err(|_| discard(created, &f.tmp)),
         (None, None) => unreachable!("a file task without error has its destination open"),
     };
     match result {
