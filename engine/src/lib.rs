@@ -8,7 +8,8 @@
 //! # Contract (both engines)
 //! - A file appears under its final name only when all of its bytes were written (and, with
 //!   [`FinishSpec::fsync`], made durable: data, then rename, then the directory). On any error the temporary file is
-//!   removed and the completion carries a [`JobError`] naming the operation and the path.
+//!   removed and the completion carries a [`JobError`] naming the operation and the path. A [`FileJob`] whose
+//!   destination is vacant may be an unnamed file instead, linked (not renamed) into place ([`create_dst`]).
 //! - Every job submitted yields exactly one completion, even when the engine fails.
 //! - Holes are never read: a [`RangeJob`] covers data only; the destination's size is set when it is created.
 //! - With [`FinishSpec::verify`], each block is hashed with BLAKE3 as it is read from the source, read back from the
