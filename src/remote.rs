@@ -54,7 +54,7 @@ use crate::list::{self, ListArgs};
 use crate::meta::Identity;
 use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
-use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
+use crate::net::client::{self, Connection, Dialer, GetError, Listed, ReqError};
 use crate::net::direct::DirectFile;
 use crate::net::sparse::{self, Piece};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
@@ -270,9 +270,6 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
             "copying from one fastsync:// URL to another is not supported; run fastsync on one of the hosts".into(),
         ));
     }
-    if opts.dereference && src_remote {
-        return Err(Failure::Usage("-L/--dereference needs a local source (the server never follows symlinks)".into()));
-    }
     if opts.verify && !opts.quiet {
         eprintln!(
             "fastsync: --verify: no read-back for fastsync:// transfers (every chunk is checked against its BLAKE3 \
@@ -283,7 +280,9 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
     let remote = parse_url(if src_remote { src } else { dst })?;
     let shown = remote.display(b"");
     let key = load_key(net, &shown)?;
-    let dialer = Arc::new(Dialer::new(&remote.addr, key, net.wishes, net.timeout));
+    // -L on a pull: the server follows symlinks, beneath its root only (docs/PROTOCOL.md, `follow`).
+    let follow = src_remote && opts.dereference;
+    let dialer = Arc::new(Dialer::new(&remote.addr, key, net.wishes, net.timeout).following(follow));
     let started = Instant::now();
     let mut summary = if dst_remote {
         Push::run(src, remote, opts, net, dialer)?
@@ -2772,9 +2771,7 @@ impl<'a> Pull<'a> {
             Ok(Some(e)) => e,
             Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': no such file or directory"))),
             Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
-            Err(ReqError::Server { message, .. }) => {
-                return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {message}")));
-            }
+            Err(e) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {}", e.cause()))),
         };
         let dst_md = fs::metadata(dst).ok();
         let streams = net.streams.max(1);
@@ -2904,13 +2901,13 @@ impl<'a> Pull<'a> {
                     }
                     let core = &mut self.core;
                     self.pool.poll(&mut |d| core.on_event(d));
-                    let Some(item) = stream.next_entry() else { break None };
+                    let Some(item) = stream.next_listed() else { break None };
                     match item {
-                        Ok(e) if resume_after.as_ref().is_some_and(|l| !listed_after(&e.path, l)) => {}
-                        Ok(e) => {
+                        Ok(l) if resume_after.as_ref().is_some_and(|p| !listed_after(l.path(), p)) => {}
+                        Ok(l) => {
                             resume_after = None;
-                            last = Some(e.path.clone());
-                            self.listed(&mut stack, e);
+                            last = Some(l.path().to_vec());
+                            self.listed(&mut stack, l);
                         }
                         Err(ReqError::Broken(m)) => break Some(m),
                         Err(e) => {
@@ -2945,14 +2942,16 @@ impl<'a> Pull<'a> {
         }
     }
 
-    /// One entry of the listing: checked, then placed in its directory (which must have been listed before it).
-    fn listed(&mut self, stack: &mut Vec<PullFrame>, e: EntryMeta) {
+    /// One entry of the listing: checked, then placed in its directory (which must have been listed before it). A
+    /// symlink the server could not follow (`-L`) is one failure line in its place.
+    fn listed(&mut self, stack: &mut Vec<PullFrame>, item: Listed) {
         let c = &mut self.core;
+        let path = item.path().to_vec();
         let refuse = |c: &mut PullCore<'_>, why: &str| {
-            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&e.path), c.addr);
+            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&path), c.addr);
             c.run.fail(m);
         };
-        let comps = match safe_components(&e.path) {
+        let comps = match safe_components(&path) {
             Ok(comps) if !comps.is_empty() => comps,
             Ok(_) => return refuse(c, "an empty path"),
             Err(m) => return refuse(c, &format!("{m}; nothing is written outside the destination")),
@@ -2978,7 +2977,19 @@ impl<'a> Pull<'a> {
         if let Some(n) = frame.names.as_mut() {
             n.insert(name.clone());
         }
-        let rel = e.path.clone();
+        let rel = path.clone();
+        let e = match item {
+            Listed::Entry(e) => e,
+            Listed::Failed { code, message, .. } => {
+                if sync::excluded(&c.run.opts.filter, url::os_path(&rel), false) {
+                    c.run.summary.excluded += 1;
+                    return;
+                }
+                let shown = url_of(&c.addr, &join(&c.base, &rel));
+                let cause = ReqError::Server { code, message };
+                return c.run.fail(format!("cannot follow '{shown}': {}", cause.cause()));
+            }
+        };
         if sync::excluded(&c.run.opts.filter, url::os_path(&rel), e.kind == EntryKind::Dir) {
             c.run.summary.excluded += 1;
             return;

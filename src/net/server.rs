@@ -482,10 +482,10 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         return send_fail(conn, Fail::new(code::READ_ONLY, "server is read-only"));
     }
     let reply = match msg {
-        Msg::List { path, recursive } => return list(shared, conn, &path, recursive),
-        Msg::Get { path, offset, len } => return get(shared, conn, &path, offset, len),
-        Msg::Stat { path } => stat(shared, &path).map(Msg::Entry),
-        Msg::Hash { path, offset, len } => hash(shared, &path, offset, len),
+        Msg::List { path, recursive, follow } => return list(shared, conn, &path, recursive, follow),
+        Msg::Get { path, offset, len, follow } => return get(shared, conn, &path, offset, len, follow),
+        Msg::Stat { path, follow } => stat(shared, &path, follow).map(Msg::Entry),
+        Msg::Hash { path, offset, len, follow } => hash(shared, &path, offset, len, follow),
         Msg::PutBegin { id, path, size, mode: _ } => put_begin(shared, id, &path, size).map(|()| Msg::Ok),
         Msg::PutResume { id, path, size, mode: _, mtime_sec, mtime_nsec } => {
             put_resume(shared, id, &path, size, (mtime_sec, mtime_nsec))
@@ -494,7 +494,7 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         Msg::PutCheck { id, offset, len, digest } => put_check(shared, id, offset, len, &digest).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
         Msg::PutHole { id, offset, len } => put_hole(shared, id, offset, len).map(|()| Msg::Ok),
-        Msg::GetXattrs { path } => get_xattrs(shared, &path).map(|xattrs| Msg::XattrList { xattrs }),
+        Msg::GetXattrs { path, follow } => get_xattrs(shared, &path, follow).map(|xattrs| Msg::XattrList { xattrs }),
         Msg::PutXattrs { id, xattrs } => put_xattrs(shared, id, &xattrs).map(|()| Msg::Ok),
         Msg::SetXattrs { path, xattrs } => set_xattrs(shared, &path, &xattrs).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
@@ -700,7 +700,13 @@ fn entry_at(dir: RawFd, name: &CStr, path: Vec<u8>) -> io::Result<EntryMeta> {
 // Reading: Stat, List, Get
 // ---------------------------------------------------------------------------------------------------------------
 
-fn stat(shared: &Shared, rel: &[u8]) -> Result<EntryMeta, Fail> {
+fn stat(shared: &Shared, rel: &[u8], follow: bool) -> Result<EntryMeta, Fail> {
+    if follow {
+        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot stat", rel, e))?;
+        return fstat(fd.as_raw_fd())
+            .map(|st| entry(Vec::new(), &st, Vec::new()))
+            .map_err(|e| Fail::io("cannot stat", rel, e));
+    }
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot stat", rel, e))?;
     match &p.name {
         None => fstat(p.raw()).map(|st| entry(Vec::new(), &st, Vec::new())),
@@ -716,10 +722,12 @@ struct Level {
     prefix: Vec<u8>,
     names: Vec<CString>,
     next: usize,
+    /// The directory's (dev, ino): with `follow`, a symlink to a directory on the way down is a loop.
+    key: (u64, u64),
 }
 
-fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<(), WireError> {
-    match list_entries(shared, conn, rel, recursive)? {
+fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool, follow: bool) -> Result<(), WireError> {
+    match list_entries(shared, conn, rel, recursive, follow)? {
         Ok(()) => {
             conn.queue(&Msg::ListEnd)?;
             conn.flush()?;
@@ -729,9 +737,48 @@ fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result
     }
 }
 
+/// The (dev, ino) of a stat.
+#[allow(clippy::unnecessary_cast)]
+fn key_of(st: &libc::stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
+/// A directory open for reading its names, from a descriptor of it (an `O_PATH` one included).
+fn open_listable(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    open_at(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// The top of a `follow` listing: what `rel` leads to beneath the root; a directory opened for reading, or the
+/// entry of what else it is.
+fn follow_top(shared: &Shared, rel: &[u8]) -> io::Result<Result<OwnedFd, EntryMeta>> {
+    let fd = shared.root.follow(rel, libc::O_PATH)?;
+    let st = fstat(fd.as_raw_fd())?;
+    if kind_of(&st) != EntryKind::Dir {
+        return Ok(Err(entry(Vec::new(), &st, Vec::new())));
+    }
+    open_listable(&fd).map(Ok)
+}
+
 /// Queue the entries of a listing: outer `Err` for a broken connection, inner for a failed listing (the client gets
-/// `Error` instead of `ListEnd`, never a silently partial listing).
-fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<Result<(), Fail>, WireError> {
+/// `Error` instead of `ListEnd`, never a silently partial listing). With `follow`, a symlink is listed as what it
+/// leads to beneath the root (resolved from the root by its whole path, as a local `-L` resolves it), a directory it
+/// leads to is descended into unless it is one of its own ancestors, and a symlink that cannot be followed is an
+/// `EntryError` in its place; the listing goes on.
+fn list_entries(
+    shared: &Shared,
+    conn: &mut Conn,
+    rel: &[u8],
+    recursive: bool,
+    follow: bool,
+) -> Result<Result<(), Fail>, WireError> {
+    if follow {
+        let top = match follow_top(shared, rel) {
+            Ok(Ok(fd)) => fd,
+            Ok(Err(e)) => return conn.queue(&Msg::Entry(e)).map(Ok).map_err(WireError::Io),
+            Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+        };
+        return list_from(shared, conn, rel, top, recursive, true);
+    }
     let p = match shared.root.parent(rel) {
         Ok(p) => p,
         Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
@@ -753,11 +800,24 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
             },
         },
     };
-    let names = match read_names(top.as_raw_fd(), true) {
+    list_from(shared, conn, rel, top, recursive, false)
+}
+
+/// List the directory `top` (the listed path `rel`, opened) and, with `recursive`, its subtree.
+fn list_from(
+    shared: &Shared,
+    conn: &mut Conn,
+    rel: &[u8],
+    top: OwnedFd,
+    recursive: bool,
+    follow: bool,
+) -> Result<Result<(), Fail>, WireError> {
+    let listed = fstat(top.as_raw_fd()).and_then(|st| Ok((read_names(top.as_raw_fd(), true)?, key_of(&st))));
+    let (names, key) = match listed {
         Ok(n) => n,
         Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
     };
-    let mut stack = vec![Level { fd: top, prefix: Vec::new(), names, next: 0 }];
+    let mut stack = vec![Level { fd: top, prefix: Vec::new(), names, next: 0, key }];
     // Where a failure is, relative to the root, for messages.
     let full = |sub: &[u8]| -> Vec<u8> {
         let mut v = rel.to_vec();
@@ -779,21 +839,48 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
             let why = format!("cannot list '{}': path longer than {} bytes", show(&full(&path)), wire::PATH_BYTES_MAX);
             return Ok(Err(Fail::new(code::IO, why)));
         }
-        let e = match entry_at(level.fd.as_raw_fd(), &name, path.clone()) {
+        let mut e = match entry_at(level.fd.as_raw_fd(), &name, path.clone()) {
             Ok(e) => e,
             // Deleted since the directory was read: it is not there any more.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Ok(Err(Fail::io("cannot stat", &full(&path), e))),
         };
+        // With `follow`, a symlink is replaced by what it leads to (and a directory there is opened through it).
+        let mut followed = None;
+        if follow && e.kind == EntryKind::Symlink {
+            let target = shared.root.follow(&full(&path), libc::O_PATH).and_then(|fd| Ok((fstat(fd.as_raw_fd())?, fd)));
+            match target {
+                Ok((st, fd)) => {
+                    e = entry(path.clone(), &st, Vec::new());
+                    followed = Some(fd);
+                }
+                Err(err) => {
+                    let f = Fail::io("cannot follow", &full(&path), err);
+                    conn.queue(&Msg::EntryError { path, code: f.code, message: f.message })?;
+                    continue;
+                }
+            }
+        }
         let descend = recursive && e.kind == EntryKind::Dir;
+        if descend && follow && stack.iter().any(|l| l.key == (e.dev, e.ino)) {
+            let message =
+                format!("cannot follow '{}': a symlink loop (it leads to its own ancestor)", show(&full(&path)));
+            conn.queue(&Msg::EntryError { path, code: code::PATH_ESCAPES, message })?;
+            continue;
+        }
+        let key = (e.dev, e.ino);
         conn.queue(&Msg::Entry(e))?;
         if descend {
-            let sub =
-                open_dir_at(level.fd.as_raw_fd(), &name).and_then(|fd| Ok((read_names(fd.as_raw_fd(), true)?, fd)));
+            let level_fd = stack.last().expect("a level").fd.as_raw_fd();
+            let sub = match &followed {
+                Some(fd) => open_listable(fd),
+                None => open_dir_at(level_fd, &name),
+            }
+            .and_then(|fd| Ok((read_names(fd.as_raw_fd(), true)?, fd)));
             match sub {
                 Ok((names, fd)) => {
                     path.push(b'/');
-                    stack.push(Level { fd, prefix: path, names, next: 0 });
+                    stack.push(Level { fd, prefix: path, names, next: 0, key });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Ok(Err(Fail::io("cannot list", &full(&path), e))),
@@ -803,8 +890,12 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
     Ok(Ok(()))
 }
 
-/// Open `rel` for reading if it is a regular file (never a symlink, a directory, a FIFO or a device).
-fn open_regular(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
+/// Open `rel` for reading if it is a regular file (never a symlink, a directory, a FIFO or a device). With
+/// `follow`, what `rel` leads to beneath the root.
+fn open_regular(shared: &Shared, rel: &[u8], follow: bool) -> Result<File, Fail> {
+    if follow {
+        return open_regular_followed(shared, rel);
+    }
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read", rel, e))?;
     let Some(name) = &p.name else {
         return Err(Fail::new(code::IO, "cannot read '.': it is a directory"));
@@ -830,6 +921,24 @@ fn open_regular(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
     Ok(File::from(fd))
 }
 
+/// `open_regular` with `follow`: resolved beneath the root to an `O_PATH` descriptor, checked to be a regular file,
+/// and only then opened for reading, through that very inode (`/proc/self/fd/N`), so nothing else is ever opened.
+fn open_regular_followed(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
+    let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot read", rel, e))?;
+    let st = fstat(fd.as_raw_fd()).map_err(|e| Fail::io("cannot read", rel, e))?;
+    match kind_of(&st) {
+        EntryKind::File => {}
+        EntryKind::Dir => return Err(Fail::new(code::IO, format!("cannot read '{}': it is a directory", show(rel)))),
+        _ => return Err(Fail::new(code::IO, format!("cannot read '{}': not a regular file", show(rel)))),
+    }
+    let proc = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+    // SAFETY: valid C string; the result is owned below. The magic link leads to the inode checked above.
+    let r = unsafe { libc::open(proc.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    let r = cvt(r).map_err(|e| Fail::io("cannot read", rel, e))?;
+    // SAFETY: a fresh descriptor.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(r) }))
+}
+
 /// Fill `buf` from `offset` (short only at the end of the file).
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut n = 0;
@@ -845,8 +954,8 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 /// BLAKE3 of `[offset, offset + len)` of a regular file beneath the root (to its end when it is shorter).
-fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64) -> Result<Msg, Fail> {
-    let file = open_regular(shared, rel)?;
+fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64, follow: bool) -> Result<Msg, Fail> {
+    let file = open_regular(shared, rel, follow)?;
     let end = offset.saturating_add(len);
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; GET_CHUNK_BYTES];
@@ -863,8 +972,8 @@ fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64) -> Result<Msg, Fail>
     Ok(Msg::Hashed { digest: *hasher.finalize().as_bytes(), bytes: pos - offset })
 }
 
-fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> Result<(), WireError> {
-    let file = match open_regular(shared, rel) {
+fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64, follow: bool) -> Result<(), WireError> {
+    let file = match open_regular(shared, rel, follow) {
         Ok(f) => f,
         Err(f) => return send_fail(conn, f),
     };
@@ -1492,10 +1601,17 @@ fn at_path(dir: RawFd, name: Option<&CStr>) -> PathBuf {
     d.join(name.map_or(OsStr::new("."), |n| OsStr::from_bytes(n.to_bytes())))
 }
 
-fn get_xattrs(shared: &Shared, rel: &[u8]) -> Result<wire::Xattrs, Fail> {
-    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
-    let xattrs = crate::meta::read_xattrs(&at_path(p.raw(), p.name.as_deref()))
-        .map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
+fn get_xattrs(shared: &Shared, rel: &[u8], follow: bool) -> Result<wire::Xattrs, Fail> {
+    let what = "cannot read extended attributes of";
+    let xattrs = if follow {
+        // The O_PATH descriptor's magic link leads to the very inode resolved beneath the root.
+        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io(what, rel, e))?;
+        crate::meta::read_xattrs_following(&PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
+    } else {
+        let p = shared.root.parent(rel).map_err(|e| Fail::io(what, rel, e))?;
+        crate::meta::read_xattrs(&at_path(p.raw(), p.name.as_deref()))
+    }
+    .map_err(|e| Fail::io(what, rel, e))?;
     let total: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
     if xattrs.len() > wire::XATTRS_MAX || total > wire::XATTRS_BYTES_MAX {
         let why = format!("'{}' has more extended attributes than the protocol carries", show(rel));
