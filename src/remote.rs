@@ -1150,6 +1150,9 @@ struct PushCore<'a> {
     links: HashMap<(u64, u64), LinkState<Vec<u8>>>,
     /// Dials the control connection again when it breaks ([`PushCore::ctl_do`]).
     dialer: Arc<Dialer>,
+    /// A push to this destination was interrupted (its run marker is a dead process's): every destination directory
+    /// visited is cleaned of what it may have left ([`PushCore::clean_remote_dir`]).
+    clean_parts: bool,
 }
 
 struct Push<'a> {
@@ -1250,6 +1253,14 @@ impl<'a> Push<'a> {
         };
         let mut run = Run::new(opts, streams);
         run.verbose = net.verbose;
+        // As a local copy does (see `stale`): a marker per destination, and cleaning after a dead run.
+        let marker = if opts.dry_run {
+            None
+        } else {
+            let dir = if md.is_dir() { target.as_slice() } else { url::parent(&target) };
+            stale::RunMarker::start_for(url_of(&remote.addr, dir).as_bytes())
+        };
+        let clean_parts = marker.as_ref().is_some_and(|m| m.dead_runs_found());
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync, xattrs: opts.preserve.xattrs });
         let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
@@ -1266,10 +1277,15 @@ impl<'a> Push<'a> {
                 streams: pool.scaler.clone(),
                 links: HashMap::new(),
                 dialer: dialer.clone(),
+                clean_parts,
             },
             pool,
         };
         if push.core.make_parents() && !push.core.run.halted() {
+            if !md.is_dir() && clean_parts {
+                let parent = url::parent(&push.core.target).to_vec();
+                push.core.clean_remote_dir(&parent, None);
+            }
             if md.is_dir() {
                 push.walk(src, &md, twin);
             } else {
@@ -1285,6 +1301,12 @@ impl<'a> Push<'a> {
         }
         let PushCore { run, ctl, .. } = core;
         ctl.bye();
+        // Only an interrupted or broken run leaves partial files on the server (failed files remove theirs).
+        if let Some(m) = marker.filter(|_| run.fatal.is_none() && run.interrupted.is_none())
+            && interrupt::received().is_none()
+        {
+            m.finish();
+        }
         run.finish()
     }
 
@@ -1702,6 +1724,9 @@ impl PushCore<'_> {
             self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
             return None;
         }
+        if self.clean_parts && !fresh && !self.run.opts.dry_run {
+            self.clean_remote_dir(&remote, Some(src));
+        }
         let listing = if self.look_dst && !fresh { self.list_dir(&remote) } else { None };
         if self.run.fatal.is_some() {
             return None;
@@ -1737,6 +1762,30 @@ impl PushCore<'_> {
             fresh,
             key: (md.dev(), md.ino()),
         })
+    }
+
+    /// After an interrupted push: the server removes what dead processes left in `remote` (`Clean`), and the partial
+    /// files there whose source file is gone from `src` (`DropParts`; `None`: a single file is pushed, whose own part
+    /// the run resumes or restarts). A live transfer's files are never touched (the server knows which are live).
+    fn clean_remote_dir(&mut self, remote: &[u8], src: Option<&Path>) {
+        let shown = self.url(remote);
+        let names = match self.ctl_do(|conn| conn.clean(remote)) {
+            Ok(n) => n,
+            Err(e) => return self.run.req_failed(e, |m| format!("cannot clean '{shown}': {m}")),
+        };
+        let Some(src) = src else { return };
+        // As a local copy decides (`stale::clean_dir`): the source is a file (followed) or the part is stale.
+        let gone: Vec<Vec<u8>> = names
+            .into_iter()
+            .filter(|n| !fs::metadata(src.join(OsStr::from_bytes(n))).is_ok_and(|m| m.is_file()))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        match self.ctl_do(|conn| conn.drop_parts(remote, gone.clone())) {
+            Ok(removed) => self.run.summary.stale_removed += removed.len() as u64,
+            Err(e) => self.run.req_failed(e, |m| format!("cannot clean '{shown}': {m}")),
+        }
     }
 
     /// Every entry of the directory was handed out: note what the remote has in excess, finish it when done.

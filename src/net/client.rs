@@ -554,6 +554,28 @@ impl Connection {
         self.expect_ok(&Msg::Link { path: path.to_vec(), target: target.to_vec() })
     }
 
+    /// `Clean`: the server removes the temporaries of dead processes in directory `path` and answers with the names
+    /// whose partial file (and journal) no live transfer holds.
+    pub fn clean(&mut self, path: &[u8]) -> Result<Vec<Vec<u8>>, ReqError> {
+        self.send(&Msg::Clean { path: path.to_vec() })?;
+        match self.recv()? {
+            Msg::Parts { names } => Ok(names),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Parts", &other)),
+        }
+    }
+
+    /// `DropParts`: remove the partial files of `names` in directory `path` (their source is gone); returns the
+    /// names removed (a live transfer's are kept).
+    pub fn drop_parts(&mut self, path: &[u8], names: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, ReqError> {
+        self.send(&Msg::DropParts { path: path.to_vec(), names })?;
+        match self.recv()? {
+            Msg::Parts { names } => Ok(names),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Parts", &other)),
+        }
+    }
+
     pub fn delete(&mut self, path: &[u8]) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Delete { path: path.to_vec() })
     }

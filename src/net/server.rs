@@ -9,17 +9,17 @@
 //! broken or malicious connection only ever ends itself: frames are checked before they are trusted, a stalled peer is
 //! dropped after `--timeout`, and a panic in one connection's thread is caught and logged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -374,8 +374,9 @@ fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
         let w = w.upgrade(&session.send).map_err(|e| format!("connection: {e}"))?;
         conn = Conn { r: BufReader::with_capacity(64 << 10, r), w: BufWriter::with_capacity(64 << 10, w) };
     }
+    let mut holds = Holds::default();
     loop {
-        let msg = match next_request(shared, &mut conn) {
+        let msg = match next_request(shared, &mut conn, &mut holds) {
             Ok(Some(m)) => m,
             // A PutData served on the zero-copy path.
             Ok(None) => continue,
@@ -390,7 +391,54 @@ fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
         if msg == Msg::Bye {
             return Ok(());
         }
+        let id = match &msg {
+            Msg::PutResume { id, .. }
+            | Msg::PutData { id, .. }
+            | Msg::PutCheck { id, .. }
+            | Msg::PutHole { id, .. }
+            | Msg::PutXattrs { id, .. } => Some(*id),
+            _ => None,
+        };
         request(shared, &mut conn, msg).map_err(|e| describe_wire(&e, shared.timeout))?;
+        if let Some(id) = id {
+            holds.note(shared, id);
+        }
+    }
+}
+
+/// The resumable transfers a connection has used. While a connection that used one is open, its client is alive and
+/// may still write it, so `Clean` and `DropParts` leave its partial file alone; when the client dies (all its
+/// connections close), the transfer is an orphan, removable at once. Released when the connection ends, however.
+#[derive(Default)]
+struct Holds {
+    held: HashMap<u64, Weak<Transfer>>,
+}
+
+impl Holds {
+    fn note(&mut self, shared: &Shared, id: u64) {
+        if self.held.get(&id).is_some_and(|w| w.strong_count() > 0) {
+            return;
+        }
+        let map = shared.transfers.lock();
+        let Some(slot) = map.get(&id).filter(|s| s.t.journal.is_some()) else { return };
+        slot.t.holders.fetch_add(1, Ordering::SeqCst);
+        let old = self.held.insert(id, Arc::downgrade(&slot.t));
+        drop(map);
+        if let Some(t) = old.and_then(|w| w.upgrade()) {
+            t.holders.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Transfers that are over need no release.
+        if self.held.len() > 64 {
+            self.held.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        for t in self.held.values().filter_map(Weak::upgrade) {
+            t.holders.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -457,6 +505,8 @@ fn is_write(msg: &Msg) -> bool {
             | Msg::SetMeta { .. }
             | Msg::Symlink { .. }
             | Msg::Delete { .. }
+            | Msg::Clean { .. }
+            | Msg::DropParts { .. }
     )
 }
 
@@ -512,6 +562,8 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
             symlink(shared, &path, &target, (uid, gid), (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
         }
         Msg::Delete { path } => delete(shared, &path).map(|()| Msg::Ok),
+        Msg::Clean { path } => clean(shared, &path).map(|names| Msg::Parts { names }),
+        Msg::DropParts { path, names } => drop_parts(shared, &path, &names).map(|names| Msg::Parts { names }),
         Msg::Link { path, target } => link(shared, &path, &target).map(|()| Msg::Ok),
         other => {
             let message = format!("unexpected {} from a client", name_of(&other));
@@ -1063,6 +1115,8 @@ struct Transfer {
     /// (offered to `PutCheck`).
     journal: Option<Journal>,
     recorded: Mutex<Received>,
+    /// Open connections that used this (resumable) transfer ([`Holds`]): 0 once its client is gone.
+    holders: AtomicUsize,
 }
 
 impl Transfer {
@@ -1339,6 +1393,7 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         received: Mutex::new(Received::default()),
         journal: None,
         recorded: Mutex::new(Received::default()),
+        holders: AtomicUsize::new(0),
     });
     let mut map = shared.transfers.lock();
     if map.contains_key(&id) {
@@ -1352,7 +1407,7 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
 
 /// Read the next request. On the zero-copy path (`FASTSYNC_ZEROCOPY` splice or both, plain connection) a `PutData`
 /// is served here, its payload spliced from the socket into the file, and `None` is returned.
-fn next_request(shared: &Shared, conn: &mut Conn) -> Result<Option<Msg>, WireError> {
+fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<Option<Msg>, WireError> {
     if !zerocopy::mode().splices_into_file() || conn.r.get_ref().plain().is_none() {
         return wire::read_msg(conn).map(Some);
     }
@@ -1373,7 +1428,13 @@ fn next_request(shared: &Shared, conn: &mut Conn) -> Result<Option<Msg>, WireErr
     }
     conn.r.read_exact(&mut head[5..])?;
     let h = wire::parse_data_head(&head)?;
-    put_data_spliced(shared, conn, h)
+    let served = put_data_spliced(shared, conn, h)?;
+    if served.is_none()
+        && let Some(id) = h.id
+    {
+        holds.note(shared, id);
+    }
+    Ok(served)
 }
 
 /// Serve a `PutData` whose head was read: splice its payload into the temporary when its range is free (see
@@ -1503,6 +1564,7 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
         received: Mutex::new(Received::default()),
         journal: Some(journal),
         recorded: Mutex::new(recorded),
+        holders: AtomicUsize::new(0),
     });
     let mut map = shared.transfers.lock();
     if map.contains_key(&id) {
@@ -1816,6 +1878,117 @@ fn delete(shared: &Shared, rel: &[u8]) -> Result<(), Fail> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Clean, DropParts: what interrupted pushes left
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Whether a registered transfer is still someone's: a connection that used it is open, or a request works on it.
+fn live(slot: &Slot) -> bool {
+    slot.inflight > 0 || slot.t.holders.load(Ordering::SeqCst) > 0
+}
+
+/// `Clean`: in directory `rel`, remove the temporaries of processes that are gone (`.NAME.fstmp-PID-N`; this
+/// server's own are its transfers', removed when they end or expire), and return the names whose partial file or
+/// journal is there and held by no live transfer (at most [`wire::PART_NAMES_MAX`]).
+fn clean(shared: &Shared, rel: &[u8]) -> Result<Vec<Vec<u8>>, Fail> {
+    let dir = shared.root.dir(rel).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let key = fstat(dir.as_raw_fd()).map(|st| key_of(&st)).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let names = read_names(dir.as_raw_fd(), false).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let mut bases = BTreeSet::new();
+    for name in names {
+        match stale::parse_temporary(OsStr::from_bytes(name.to_bytes())) {
+            Some(stale::Kind::Unique { pid }) if !stale::process_alive(pid) => {
+                let _ = unlink_at(dir.as_raw_fd(), &name, 0);
+            }
+            Some(stale::Kind::Part { base } | stale::Kind::Journal { base }) => {
+                let b = base.into_vec();
+                // Only what the wire carries as a name (a truncated or odd temporary is left alone).
+                if !b.is_empty() && b != b"." && b != b".." && b.len() <= wire::NAME_BYTES_MAX {
+                    bases.insert(b);
+                }
+            }
+            _ => {}
+        }
+    }
+    let held: Vec<Vec<u8>> = {
+        let map = shared.transfers.lock();
+        map.values()
+            .filter(|s| s.t.journal.is_some() && live(s) && dir_key(&s.t) == Some(key))
+            .map(|s| s.t.name.to_bytes().to_vec())
+            .collect()
+    };
+    Ok(bases.into_iter().filter(|b| !held.contains(b)).take(wire::PART_NAMES_MAX).collect())
+}
+
+fn dir_key(t: &Transfer) -> Option<(u64, u64)> {
+    fstat(t.dir.as_raw_fd()).ok().map(|st| key_of(&st))
+}
+
+/// `DropParts`: remove `.NAME.fstmp-part` and `.NAME.fstmp-journal` of each name in directory `rel`, unless a live
+/// transfer holds them (a registered transfer whose client is gone is ended first) or another process holds the
+/// journal's lock (a local fastsync writing there). Returns the names whose files were removed.
+fn drop_parts(shared: &Shared, rel: &[u8], names: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, Fail> {
+    let dir = shared.root.dir(rel).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let key = fstat(dir.as_raw_fd()).map(|st| key_of(&st)).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let cname = |p: PathBuf| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a name");
+    let mut removed = Vec::new();
+    for name in names {
+        let orphans = {
+            let mut map = shared.transfers.lock();
+            let ids: Vec<u64> = map
+                .iter()
+                .filter(|(_, s)| s.t.journal.is_some() && s.t.name.to_bytes() == name && dir_key(&s.t) == Some(key))
+                .map(|(&id, _)| id)
+                .collect();
+            if ids.iter().any(|id| live(&map[id])) {
+                continue;
+            }
+            ids.iter().filter_map(|id| map.remove(id)).map(|s| s.t).collect::<Vec<_>>()
+        };
+        let mut gone = !orphans.is_empty();
+        for t in orphans {
+            t.remove_temporary();
+        }
+        let base = Path::new(OsStr::from_bytes(name));
+        let (part, journal) = (cname(stale::part(base)), cname(stale::journal(base)));
+        // Removed under the journal's lock: a transfer (here or in another process) that holds it is left alone,
+        // and one that starts meanwhile finds the journal busy or gone.
+        let lock = match open_at(dir.as_raw_fd(), &journal, libc::O_RDONLY, 0) {
+            Ok(fd) => {
+                // SAFETY: plain syscall on a descriptor we own; the lock goes with it.
+                if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    continue;
+                }
+                Some(fd)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(Fail::io("cannot clean", &join_rel(rel, name), e)),
+        };
+        for n in [&part, &journal] {
+            match unlink_at(dir.as_raw_fd(), n, 0) {
+                Ok(()) => gone = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(Fail::io("cannot remove the partial file of", &join_rel(rel, name), e)),
+            }
+        }
+        drop(lock);
+        if gone {
+            removed.push(name.clone());
+        }
+    }
+    Ok(removed)
+}
+
+/// `rel/name` as a wire path.
+fn join_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = rel.to_vec();
+    if !v.is_empty() {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
 /// Remove directory `name` in `parent` and everything in it, depth-first with one open descriptor per level, never
 /// following a symlink (symlinks are unlinked, and a directory swapped for a symlink fails the `O_NOFOLLOW` open).
 fn remove_tree(parent: RawFd, name: &CStr) -> io::Result<()> {
@@ -1924,6 +2097,7 @@ mod tests {
             received: Mutex::default(),
             journal: None,
             recorded: Mutex::default(),
+            holders: AtomicUsize::new(0),
         })
     }
 

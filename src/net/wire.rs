@@ -308,12 +308,13 @@ pub enum Msg {
     Clean {
         path: Vec<u8>,
     },
-    /// The answer to `Clean`: the names whose `.NAME.fstmp-part` or `.NAME.fstmp-journal` is left.
+    /// The answer to `Clean` (the names whose `.NAME.fstmp-part` or `.NAME.fstmp-journal` is left, held by no live
+    /// transfer) and to `DropParts` (the names whose partial files were removed).
     Parts {
         names: Vec<Vec<u8>>,
     },
     /// Remove the partial files of `names` in directory `path` (their source is gone), unless a live transfer holds
-    /// one. `Ok`/`Error`.
+    /// one. Answered by `Parts` with the names removed, or `Error`.
     DropParts {
         path: Vec<u8>,
         names: Vec<Vec<u8>>,
