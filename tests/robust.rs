@@ -542,6 +542,12 @@ fn a_part_whose_source_was_deleted_after_a_killed_push_goes_with_the_next_push_a
     let done_before = kill_once_recorded(child, &journal, 2);
     assert!(done_before >= 2, "the server recorded {done_before} chunks before the kill");
     assert!(part.exists() && journal.exists(), "a killed push leaves its part and journal on the server");
+    // The proxy still passes on what the dead client had sent; the server sees the client gone once it is through.
+    let started = Instant::now();
+    while slow.open() > 0 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(slow.open(), 0, "the killed client's connections are still open through the proxy");
     // A concurrent push that is alive: a client of its own, holding a resumable transfer with one chunk written.
     let key = Key::from_token(TOKEN.as_bytes());
     let mut live = client::connect(&srv.addr(), &key, Wishes::default(), Duration::from_secs(30)).unwrap();
