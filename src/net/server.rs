@@ -4,7 +4,8 @@
 //! authenticates ([`auth::server`]), then sends requests one at a time (docs/PROTOCOL.md). Every path a client names
 //! goes through [`Root`]: `..`, absolute paths and symlinks on the way are refused, and the final component is only
 //! ever used with the `*at` syscalls and `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`, so nothing outside ROOT is read,
-//! written or even stat'ed. Files are written under a temporary name beside their destination and renamed into place
+//! written or even stat'ed (a pull with `-L` reads what symlinks lead to, resolved by the kernel beneath ROOT only:
+//! [`Root::follow`]). Files are written under a temporary name beside their destination and renamed into place
 //! by `PutEnd`; the chunks of one file may arrive on any number of connections (the transfer table is shared). A
 //! broken or malicious connection only ever ends itself: frames are checked before they are trusted, a stalled peer is
 //! dropped after `--timeout`, and a panic in one connection's thread is caught and logged.
@@ -54,7 +55,8 @@ pub const LONG_ABOUT: &str = "Serve ROOT to fastsync:// clients: `fastsync copy`
     can then read from and write to fastsync://HOST:PORT/PATH, PATH being relative to ROOT.\n\n\
     Every connection must prove it knows the shared token (--token-file FILE or FASTSYNC_TOKEN, the same on both \
     hosts); the token itself never crosses the network. Clients never reach outside ROOT: `..`, absolute paths and \
-    symlinks on the way are refused, and symlinks are never followed. Files appear under their final names only when \
+    symlinks on the way are refused, and symlinks are never followed, except for a client pulling with -L, and then \
+    only while they stay beneath ROOT (openat2 RESOLVE_BENEATH; refused where the kernel lacks it). Files appear under their final names only when \
     complete. Traffic is encrypted (ChaCha20-Poly1305, keys derived from the token) only for clients that ask for it \
     with --encrypt: use --require-encrypt to refuse the others on an untrusted network. Clients may ask for zstd \
     compression (--compress); --no-compress declines. Stops on SIGINT/SIGTERM, removing unfinished files.";
