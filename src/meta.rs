@@ -108,11 +108,31 @@ pub fn finish_spec(
 /// All extended attributes of `path` (not following symlinks). An unsupporting filesystem yields none.
 #[cfg(target_os = "linux")]
 pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    xattrs_of(path, false)
+}
+
+/// As [`read_xattrs`], following a final symlink (the server reads those of what a `/proc/self/fd/N` link leads to).
+#[cfg(target_os = "linux")]
+pub fn read_xattrs_following(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    xattrs_of(path, true)
+}
+
+#[cfg(target_os = "linux")]
+fn xattrs_of(path: &Path, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    type List = unsafe extern "C" fn(*const libc::c_char, *mut libc::c_char, libc::size_t) -> libc::ssize_t;
+    type Get = unsafe extern "C" fn(
+        *const libc::c_char,
+        *const libc::c_char,
+        *mut libc::c_void,
+        libc::size_t,
+    ) -> libc::ssize_t;
+    let (list, get): (List, Get) =
+        if follow { (libc::listxattr, libc::getxattr) } else { (libc::llistxattr, libc::lgetxattr) };
     let p = c_path(path)?;
     let mut names = vec![0u8; 1024];
     let len = loop {
         // SAFETY: the buffer is valid for `names.len()` bytes.
-        let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        let n = unsafe { list(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
         if n >= 0 {
             break n as usize;
         }
@@ -129,7 +149,7 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut value = vec![0u8; 256];
         loop {
             // SAFETY: the buffer is valid for `value.len()` bytes.
-            let n = unsafe { libc::lgetxattr(p.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+            let n = unsafe { get(p.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
             if n >= 0 {
                 value.truncate(n as usize);
                 break;
@@ -152,6 +172,11 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn read_xattrs(_path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    Ok(Vec::new())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read_xattrs_following(_path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(Vec::new())
 }
 

@@ -54,7 +54,7 @@ use crate::list::{self, ListArgs};
 use crate::meta::Identity;
 use crate::net::auth::{self, Key, Wishes};
 use crate::net::beneath::Root;
-use crate::net::client::{self, Connection, Dialer, GetError, ReqError};
+use crate::net::client::{self, Connection, Dialer, GetError, Listed, ReqError};
 use crate::net::direct::DirectFile;
 use crate::net::sparse::{self, Piece};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
@@ -270,9 +270,6 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
             "copying from one fastsync:// URL to another is not supported; run fastsync on one of the hosts".into(),
         ));
     }
-    if opts.dereference && src_remote {
-        return Err(Failure::Usage("-L/--dereference needs a local source (the server never follows symlinks)".into()));
-    }
     if opts.verify && !opts.quiet {
         eprintln!(
             "fastsync: --verify: no read-back for fastsync:// transfers (every chunk is checked against its BLAKE3 \
@@ -283,7 +280,9 @@ pub fn transfer(src: &Path, dst: &Path, opts: &CopyOptions, net: &NetOptions) ->
     let remote = parse_url(if src_remote { src } else { dst })?;
     let shown = remote.display(b"");
     let key = load_key(net, &shown)?;
-    let dialer = Arc::new(Dialer::new(&remote.addr, key, net.wishes, net.timeout));
+    // -L on a pull: the server follows symlinks, beneath its root only (docs/PROTOCOL.md, `follow`).
+    let follow = src_remote && opts.dereference;
+    let dialer = Arc::new(Dialer::new(&remote.addr, key, net.wishes, net.timeout).following(follow));
     let started = Instant::now();
     let mut summary = if dst_remote {
         Push::run(src, remote, opts, net, dialer)?
@@ -1151,6 +1150,9 @@ struct PushCore<'a> {
     links: HashMap<(u64, u64), LinkState<Vec<u8>>>,
     /// Dials the control connection again when it breaks ([`PushCore::ctl_do`]).
     dialer: Arc<Dialer>,
+    /// A push to this destination was interrupted (its run marker is a dead process's): every destination directory
+    /// visited is cleaned of what it may have left ([`PushCore::clean_remote_dir`]).
+    clean_parts: bool,
 }
 
 struct Push<'a> {
@@ -1259,6 +1261,14 @@ impl<'a> Push<'a> {
         };
         let mut run = Run::new(opts, streams);
         run.verbose = net.verbose;
+        // As a local copy does (see `stale`): a marker per destination, and cleaning after a dead run.
+        let marker = if opts.dry_run {
+            None
+        } else {
+            let dir = if md.is_dir() { target.as_slice() } else { url::parent(&target) };
+            stale::RunMarker::start_for(url_of(&remote.addr, dir).as_bytes())
+        };
+        let clean_parts = marker.as_ref().is_some_and(|m| m.dead_runs_found());
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync, xattrs: opts.preserve.xattrs });
         let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
@@ -1275,10 +1285,15 @@ impl<'a> Push<'a> {
                 streams: pool.scaler.clone(),
                 links: HashMap::new(),
                 dialer: dialer.clone(),
+                clean_parts,
             },
             pool,
         };
         if push.core.make_parents() && !push.core.run.halted() {
+            if !md.is_dir() && clean_parts {
+                let parent = url::parent(&push.core.target).to_vec();
+                push.core.clean_remote_dir(&parent, None);
+            }
             if md.is_dir() {
                 push.walk(src, &md, twin);
             } else {
@@ -1294,6 +1309,12 @@ impl<'a> Push<'a> {
         }
         let PushCore { run, ctl, .. } = core;
         ctl.bye();
+        // Only an interrupted or broken run leaves partial files on the server (failed files remove theirs).
+        if let Some(m) = marker.filter(|_| run.fatal.is_none() && run.interrupted.is_none())
+            && interrupt::received().is_none()
+        {
+            m.finish();
+        }
         run.finish()
     }
 
@@ -1711,6 +1732,9 @@ impl PushCore<'_> {
             self.run.req_failed(e, |m| format!("cannot create directory '{shown}': {m}"));
             return None;
         }
+        if self.clean_parts && !fresh && !self.run.opts.dry_run {
+            self.clean_remote_dir(&remote, Some(src));
+        }
         let listing = if self.look_dst && !fresh { self.list_dir(&remote) } else { None };
         if self.run.fatal.is_some() {
             return None;
@@ -1746,6 +1770,30 @@ impl PushCore<'_> {
             fresh,
             key: (md.dev(), md.ino()),
         })
+    }
+
+    /// After an interrupted push: the server removes what dead processes left in `remote` (`Clean`), and the partial
+    /// files there whose source file is gone from `src` (`DropParts`; `None`: a single file is pushed, whose own part
+    /// the run resumes or restarts). A live transfer's files are never touched (the server knows which are live).
+    fn clean_remote_dir(&mut self, remote: &[u8], src: Option<&Path>) {
+        let shown = self.url(remote);
+        let names = match self.ctl_do(|conn| conn.clean(remote)) {
+            Ok(n) => n,
+            Err(e) => return self.run.req_failed(e, |m| format!("cannot clean '{shown}': {m}")),
+        };
+        let Some(src) = src else { return };
+        // As a local copy decides (`stale::clean_dir`): the source is a file (followed) or the part is stale.
+        let gone: Vec<Vec<u8>> = names
+            .into_iter()
+            .filter(|n| !fs::metadata(src.join(OsStr::from_bytes(n))).is_ok_and(|m| m.is_file()))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        match self.ctl_do(|conn| conn.drop_parts(remote, gone.clone())) {
+            Ok(removed) => self.run.summary.stale_removed += removed.len() as u64,
+            Err(e) => self.run.req_failed(e, |m| format!("cannot clean '{shown}': {m}")),
+        }
     }
 
     /// Every entry of the directory was handed out: note what the remote has in excess, finish it when done.
@@ -2780,9 +2828,7 @@ impl<'a> Pull<'a> {
             Ok(Some(e)) => e,
             Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': no such file or directory"))),
             Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
-            Err(ReqError::Server { message, .. }) => {
-                return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {message}")));
-            }
+            Err(e) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {}", e.cause()))),
         };
         let dst_md = fs::metadata(dst).ok();
         let streams = net.streams.max(1);
@@ -2915,13 +2961,13 @@ impl<'a> Pull<'a> {
                     }
                     let core = &mut self.core;
                     self.pool.poll(&mut |d| core.on_event(d));
-                    let Some(item) = stream.next_entry() else { break None };
+                    let Some(item) = stream.next_listed() else { break None };
                     match item {
-                        Ok(e) if resume_after.as_ref().is_some_and(|l| !listed_after(&e.path, l)) => {}
-                        Ok(e) => {
+                        Ok(l) if resume_after.as_ref().is_some_and(|p| !listed_after(l.path(), p)) => {}
+                        Ok(l) => {
                             resume_after = None;
-                            last = Some(e.path.clone());
-                            self.listed(&mut stack, e);
+                            last = Some(l.path().to_vec());
+                            self.listed(&mut stack, l);
                         }
                         Err(ReqError::Broken(m)) => break Some(m),
                         Err(e) => {
@@ -2956,14 +3002,16 @@ impl<'a> Pull<'a> {
         }
     }
 
-    /// One entry of the listing: checked, then placed in its directory (which must have been listed before it).
-    fn listed(&mut self, stack: &mut Vec<PullFrame>, e: EntryMeta) {
+    /// One entry of the listing: checked, then placed in its directory (which must have been listed before it). A
+    /// symlink the server could not follow (`-L`) is one failure line in its place.
+    fn listed(&mut self, stack: &mut Vec<PullFrame>, item: Listed) {
         let c = &mut self.core;
+        let path = item.path().to_vec();
         let refuse = |c: &mut PullCore<'_>, why: &str| {
-            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&e.path), c.addr);
+            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&path), c.addr);
             c.run.fail(m);
         };
-        let comps = match safe_components(&e.path) {
+        let comps = match safe_components(&path) {
             Ok(comps) if !comps.is_empty() => comps,
             Ok(_) => return refuse(c, "an empty path"),
             Err(m) => return refuse(c, &format!("{m}; nothing is written outside the destination")),
@@ -2989,7 +3037,19 @@ impl<'a> Pull<'a> {
         if let Some(n) = frame.names.as_mut() {
             n.insert(name.clone());
         }
-        let rel = e.path.clone();
+        let rel = path.clone();
+        let e = match item {
+            Listed::Entry(e) => e,
+            Listed::Failed { code, message, .. } => {
+                if sync::excluded(&c.run.opts.filter, url::os_path(&rel), false) {
+                    c.run.summary.excluded += 1;
+                    return;
+                }
+                let shown = url_of(&c.addr, &join(&c.base, &rel));
+                let cause = ReqError::Server { code, message };
+                return c.run.fail(format!("cannot follow '{shown}': {}", cause.cause()));
+            }
+        };
         if sync::excluded(&c.run.opts.filter, url::os_path(&rel), e.kind == EntryKind::Dir) {
             c.run.summary.excluded += 1;
             return;

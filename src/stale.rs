@@ -13,6 +13,10 @@
 //! whose source is gone are removed with their journals. Runs that follow clean runs never pay for the scan. Where
 //! no state directory can be written, there is no marker, and stale temporaries are only cleaned by `sync --delete`
 //! (which skips them) or by hand.
+//!
+//! A push to a `fastsync://` server leaves the same marker, keyed by the destination's URL: after a dead push, the
+//! next one asks the server to clean each destination directory it visits (`Clean`, `DropParts` in
+//! docs/PROTOCOL.md), and the server decides with [`parse_temporary`] and [`process_alive`] what may go.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -72,10 +76,16 @@ impl RunMarker {
     /// Drop a marker for a run whose temporaries go into `dir` (which exists). `None` when there is no state
     /// directory to put it in.
     pub fn start(dir: &Path) -> Option<RunMarker> {
+        let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        RunMarker::start_for(canonical.as_os_str().as_bytes())
+    }
+
+    /// Drop a marker for a run whose destination is named `destination` (a canonical path, or a `fastsync://` URL
+    /// for a push). `None` when there is no state directory to put it in.
+    pub fn start_for(destination: &[u8]) -> Option<RunMarker> {
         let runs = runs_dir()?;
         fs::create_dir_all(&runs).ok()?;
-        let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        let key = blake3::hash(canonical.as_os_str().as_bytes()).to_hex();
+        let key = blake3::hash(destination).to_hex();
         let key = &key.as_str()[..16];
         let mut dead = Vec::new();
         for entry in fs::read_dir(&runs).ok()?.flatten() {
@@ -89,7 +99,7 @@ impl RunMarker {
             }
         }
         let own = runs.join(format!("{key}.{}", pid()));
-        let mut text = canonical.as_os_str().as_bytes().to_vec();
+        let mut text = destination.to_vec();
         text.push(b'\n');
         fs::write(&own, text).ok()?;
         Some(RunMarker { own, dead })
@@ -120,10 +130,18 @@ fn runs_dir() -> Option<PathBuf> {
 
 /// What a temporary name is.
 #[derive(Debug, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
+    /// `.NAME.fstmp-PID-N`, of process `pid`.
     Unique { pid: u32 },
+    /// `.NAME.fstmp-part`, the partial file of NAME (`base`).
     Part { base: OsString },
+    /// `.NAME.fstmp-journal`, its journal.
     Journal { base: OsString },
+}
+
+/// What the temporary `name` is; `None` for any other name.
+pub fn parse_temporary(name: &OsStr) -> Option<Kind> {
+    parse(name)
 }
 
 fn parse(name: &OsStr) -> Option<Kind> {
@@ -144,6 +162,10 @@ fn parse(name: &OsStr) -> Option<Kind> {
 }
 
 /// Whether process `pid` is alive and is a fastsync (a reused PID of another program does not count).
+pub fn process_alive(pid: u32) -> bool {
+    alive(pid)
+}
+
 fn alive(pid: u32) -> bool {
     if pid == self::pid() {
         return true;

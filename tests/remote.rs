@@ -659,3 +659,116 @@ fn a_server_killed_mid_pull_leaves_nothing_partial_and_a_rerun_finishes() {
     assert_no_tmp(&dst);
     compare_trees(&srv.root, &dst, CompareOpts::default());
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// -L on a pull: the server follows symlinks, beneath its root only
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A served tree whose symlinks all stay beneath the served root: to a file, up a directory, to a directory, and
+/// out of the listed directory (but not out of the root).
+fn tree_with_inner_links(served: &Path) -> PathBuf {
+    let tree = served.join("tree");
+    write_file(&tree.join("real.txt"), &random_bytes(71, 12_345));
+    chmod(&tree.join("real.txt"), 0o640);
+    set_times(&tree.join("real.txt"), 1_510_000_000, 42);
+    write_file(&tree.join("realdir/x.txt"), b"inside the linked dir");
+    write_file(&tree.join("realdir/y/z.bin"), &random_bytes(72, 9000));
+    write_file(&served.join("beside.bin"), &random_bytes(73, 70_000));
+    set_times(&served.join("beside.bin"), 1_520_000_000, 7);
+    mkdirs(&tree.join("sub"));
+    ln_s("real.txt", &tree.join("link_file"));
+    ln_s("../real.txt", &tree.join("sub/link_up"));
+    ln_s("realdir", &tree.join("link_dir"));
+    ln_s("../beside.bin", &tree.join("link_beside"));
+    ln_s("../link_dir/y", &tree.join("sub/chain"));
+    stamp_dir_times(&tree, 1_200_000_000);
+    tree
+}
+
+#[test]
+fn pull_with_l_copies_what_links_inside_the_root_lead_to_as_cp_l_does() {
+    let c = Case::new();
+    let srv = c.serve();
+    let tree = tree_with_inner_links(&srv.root);
+    // The independent reference: GNU cp following every link, preserving modes and times.
+    let expected = c.path("expected");
+    let cp = Command::new("cp").arg("-a").arg("-L").arg(&tree).arg(&expected).status().unwrap();
+    assert!(cp.success(), "cp -a -L failed");
+    let dst = c.path("dst");
+    let out = c.cmd().args(["copy", "-L", "--json"]).arg(srv.url("tree")).arg(&dst).run();
+    out.assert_success();
+    compare_trees(&expected, &dst, CompareOpts::default());
+    let kinds = snapshot(&dst);
+    assert!(kinds.values().all(|e| e.kind != Kind::Symlink), "-L left a symlink in the destination");
+    assert_eq!(entry_of(&dst.join("link_dir")).kind, Kind::Dir);
+    assert_eq!(digest(&dst.join("link_beside")), digest(&srv.root.join("beside.bin")));
+    assert_eq!(json_summary(&out)["symlinks"].as_u64(), Some(0));
+    // Without -L the links come as links.
+    let plain = c.path("plain");
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(&plain).run().assert_success();
+    compare_trees(&tree, &plain, CompareOpts::default());
+    // sync -L: a second run finds everything in place; a single linked file is followed as the root too.
+    let again = c.cmd().args(["sync", "-L", "--json"]).arg(srv.url("tree")).arg(&dst).run();
+    again.assert_success();
+    assert_eq!(json_summary(&again)["files"].as_u64(), Some(0), "sync -L copied again what was in place");
+    let one = c.path("one.txt");
+    c.cmd().args(["copy", "-L"]).arg(srv.url("tree/link_file")).arg(&one).run().assert_success();
+    assert_eq!(entry_of(&one).kind, Kind::File);
+    assert_eq!(digest(&one), digest(&tree.join("real.txt")));
+    assert_eq!(entry_of(&one).mtime, entry_of(&tree.join("real.txt")).mtime);
+}
+
+#[test]
+fn pull_with_l_refuses_links_out_of_the_root_dangling_links_and_loops_one_line_each() {
+    let c = Case::new();
+    let srv = c.serve();
+    let tree = srv.root.join("tree");
+    write_file(&tree.join("ok.txt"), b"fine");
+    write_file(&tree.join("deep/ok2.bin"), &random_bytes(74, 100_000));
+    // Outside the served root: a secret file and a directory with a file in it.
+    let secret = c.path("secret.txt");
+    write_file(&secret, b"SECRET OUTSIDE THE ROOT");
+    write_file(&c.path("outside_dir/inner.txt"), b"SECRET OUTSIDE THE ROOT, TOO");
+    let cases: [(&str, PathBuf, &str); 9] = [
+        ("abs", secret.clone(), "outside the served root"),
+        ("abs_dir", c.path("outside_dir"), "outside the served root"),
+        ("up", PathBuf::from("../../secret.txt"), "outside the served root"),
+        ("deep/up_dir", PathBuf::from("../../../outside_dir"), "outside the served root"),
+        ("abs_inside", tree.join("ok.txt"), "outside the served root"),
+        ("dangling", PathBuf::from("no/such/file"), "No such file or directory"),
+        ("loop_a", PathBuf::from("loop_b"), "Too many levels of symbolic links"),
+        ("deep/self", PathBuf::from("."), "symlink loop"),
+        ("deep/back", PathBuf::from(".."), "symlink loop"),
+    ];
+    ln_s("loop_a", &tree.join("loop_b"));
+    for (link, target, _) in &cases {
+        ln_s(target, &tree.join(link));
+    }
+    let dst = c.path("dst");
+    let out = c.cmd().args(["copy", "-L"]).arg(srv.url("tree")).arg(&dst).timeout(Duration::from_secs(60)).run();
+    out.assert_code(1);
+    let failures = out.failure_lines();
+    // loop_b loops too: one line per link that cannot be followed, and nothing else.
+    out.check(failures.len() == cases.len() + 1, "one failure line per link that cannot be followed");
+    for (link, _, cause) in cases.iter().chain([&("loop_b", PathBuf::new(), "Too many levels of symbolic links")]) {
+        let url = srv.url(&format!("tree/{link}"));
+        let hit =
+            failures.iter().filter(|(what, path, c)| what == "cannot follow" && path == &url && c.contains(cause));
+        out.check(hit.count() == 1, &format!("one line names {url} with the cause {cause:?}"));
+    }
+    // What could be followed is there; nothing of the links that could not, and nothing from outside the root.
+    assert_same_bytes(&tree.join("ok.txt"), &dst.join("ok.txt"));
+    assert_same_bytes(&tree.join("deep/ok2.bin"), &dst.join("deep/ok2.bin"));
+    let got: Vec<String> = snapshot(&dst).keys().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+    assert_eq!(got, ["deep", "deep/ok2.bin", "ok.txt"]);
+    assert_no_tmp(&dst);
+    // Without -L, every one of those links is copied as a link.
+    let plain = c.path("plain");
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(&plain).run().assert_success();
+    compare_trees(&tree, &plain, CompareOpts::default());
+    // A root that leads outside is one line too, and nothing is written.
+    let out = c.cmd().args(["copy", "-L"]).arg(srv.url("tree/abs")).arg(c.path("single")).run();
+    out.assert_code(1);
+    out.assert_one_failure("tree/abs", "outside the served root");
+    assert!(!c.path("single").exists());
+}

@@ -522,3 +522,62 @@ fn a_push_killed_mid_file_resumes_from_the_chunks_the_server_recorded() {
     let saved = done_before as u64 * 4 * MIB;
     assert!(sent < size - saved + 2 * MIB, "sent {sent} bytes again although {saved} were recorded");
 }
+
+#[test]
+fn a_part_whose_source_was_deleted_after_a_killed_push_goes_with_the_next_push_and_a_live_one_stays() {
+    use fastsync::net::auth::{Key, Wishes};
+    use fastsync::net::client;
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    mkdirs(&src);
+    write_big_file(&src.join("big.bin"), 0xDE1, 64 * MIB);
+    write_file(&src.join("small.txt"), b"stays");
+    let dest = srv.root.join("in");
+    let (part, journal) = (dest.join(".big.bin.fstmp-part"), dest.join(".big.bin.fstmp-journal"));
+    // The same URL both times (the run marker is per destination URL): both pushes go through one slow proxy.
+    let slow = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
+    let child =
+        c.cmd().arg("copy").arg(&src).arg(slow.url("in")).env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS).spawn_quiet();
+    let done_before = kill_once_recorded(child, &journal, 2);
+    assert!(done_before >= 2, "the server recorded {done_before} chunks before the kill");
+    assert!(part.exists() && journal.exists(), "a killed push leaves its part and journal on the server");
+    // The proxy still passes on what the dead client had sent; the server sees the client gone once it is through.
+    let started = Instant::now();
+    while slow.open() > 0 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(slow.open(), 0, "the killed client's connections are still open through the proxy");
+    // A concurrent push that is alive: a client of its own, holding a resumable transfer with one chunk written.
+    let key = Key::from_token(TOKEN.as_bytes());
+    let mut live = client::connect(&srv.addr(), &key, Wishes::default(), Duration::from_secs(30)).unwrap();
+    let live_bytes = random_bytes(0x11FE, (2 * MIB) as usize);
+    let id = 0x5EED_0001;
+    assert_eq!(live.put_resume(id, b"in/live.bin", live_bytes.len() as u64, 0o644, (1_600_000_000, 0)).unwrap(), 0);
+    live.put_data(id, 0, live_bytes[..MIB as usize].to_vec()).unwrap();
+    let (live_part, live_journal) = (dest.join(".live.bin.fstmp-part"), dest.join(".live.bin.fstmp-journal"));
+    assert!(live_part.exists() && live_journal.exists());
+    // A temporary of a process that is gone (PID 2^22 + 1 is above the kernel's limit).
+    let dead = dest.join(".old.fstmp-4194305-1");
+    write_file(&dead, b"left by a dead server");
+    // The source file goes; the next push of the same tree cleans up after the killed one.
+    fs::remove_file(src.join("big.bin")).unwrap();
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--json"], &src, slow.url("in"));
+    out.assert_success();
+    assert!(!part.exists() && !journal.exists(), "the part of a deleted source is still on the server");
+    assert!(!dead.exists(), "a dead process's temporary is still on the server");
+    assert_eq!(json_summary(&out)["stale_removed"].as_u64(), Some(1));
+    assert!(live_part.exists() && live_journal.exists(), "the live transfer's part was removed");
+    // And the live push can still finish its file.
+    live.put_data(id, MIB, live_bytes[MIB as usize..].to_vec()).unwrap();
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    live.put_end(id, 0o644, uid, gid, (1_600_000_000, 0), false).unwrap();
+    assert_eq!(fs::read(dest.join("live.bin")).unwrap(), live_bytes);
+    assert!(!live_part.exists() && !live_journal.exists());
+    assert_eq!(fs::read(dest.join("small.txt")).unwrap(), b"stays");
+    // A clean run leaves no marker behind: the push after it asks for no cleaning (nothing to remove).
+    let (again, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--json"], &src, slow.url("in"));
+    again.assert_success();
+    assert_eq!(json_summary(&again)["stale_removed"].as_u64(), Some(0));
+}

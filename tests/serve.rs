@@ -181,7 +181,7 @@ impl Client {
     }
 
     fn stat(&mut self, path: &str) -> Result<EntryMeta, Refusal> {
-        match self.req(&Msg::Stat { path: path.into() }) {
+        match self.req(&Msg::Stat { path: path.into(), follow: false }) {
             Msg::Entry(e) => Ok(e),
             Msg::Error { code, message } => Err((code, message)),
             other => panic!("stat answered {other:?}"),
@@ -189,7 +189,7 @@ impl Client {
     }
 
     fn list(&mut self, path: &str, recursive: bool) -> Result<Vec<EntryMeta>, Refusal> {
-        self.send(&Msg::List { path: path.into(), recursive });
+        self.send(&Msg::List { path: path.into(), recursive, follow: false });
         let mut v = Vec::new();
         loop {
             match self.recv() {
@@ -204,7 +204,7 @@ impl Client {
     /// The bytes of a `Get`, each chunk's digest and offset checked, and the `DataEnd` (size, mtime); also the
     /// number of chunks.
     fn get(&mut self, path: &str, offset: u64, len: u64) -> Result<Got, Refusal> {
-        self.send(&Msg::Get { path: path.into(), offset, len });
+        self.send(&Msg::Get { path: path.into(), offset, len, follow: false });
         let mut data = Vec::new();
         let mut chunks = 0;
         loop {
@@ -717,7 +717,11 @@ fn paths_that_leave_the_root_are_refused_and_nothing_outside_is_touched() {
         assert_eq!(c.refused(&meta).0, code::PATH_ESCAPES, "set meta {p}");
         let xattrs = vec![(b"user.x".to_vec(), b"1".to_vec())];
         assert_eq!(c.refused(&Msg::SetXattrs { path: p.into(), xattrs }).0, code::PATH_ESCAPES, "set xattrs {p}");
-        assert_eq!(c.refused(&Msg::GetXattrs { path: p.into() }).0, code::PATH_ESCAPES, "get xattrs {p}");
+        assert_eq!(
+            c.refused(&Msg::GetXattrs { path: p.into(), follow: false }).0,
+            code::PATH_ESCAPES,
+            "get xattrs {p}"
+        );
     }
     for p in ["../outside", "out/sub"] {
         assert_eq!(c.refused(&Msg::Delete { path: p.into() }).0, code::PATH_ESCAPES, "delete {p}");
@@ -926,6 +930,10 @@ fn round_trip(m: &Msg) {
             assert_eq!(a, b);
             assert!(mb.len() <= wire::TEXT_BYTES_MAX && ma.starts_with(mb.as_str()), "{ma:?} / {mb:?}");
         }
+        (Msg::EntryError { path: pa, code: a, message: ma }, Msg::EntryError { path: pb, code: b, message: mb }) => {
+            assert_eq!((pa, a), (pb, b));
+            assert!(mb.len() <= wire::TEXT_BYTES_MAX && ma.starts_with(mb.as_str()), "{ma:?} / {mb:?}");
+        }
         _ => assert_eq!(m, &again),
     }
 }
@@ -937,7 +945,7 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
         Msg::Challenge { version: wire::VERSION, nonce: [8; 32], read_only: true, flags: 1 },
         Msg::KeyShare { public: [9; 32] },
         Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
-        Msg::List { path: b"a/b".to_vec(), recursive: true },
+        Msg::List { path: b"a/b".to_vec(), recursive: true, follow: true },
         Msg::Entry(EntryMeta {
             path: b"x".to_vec(),
             kind: EntryKind::Symlink,
@@ -952,7 +960,7 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
             ino: 8,
             nlink: 2,
         }),
-        Msg::Get { path: b"f".to_vec(), offset: 3, len: 9 },
+        Msg::Get { path: b"f".to_vec(), offset: 3, len: 9, follow: true },
         Msg::Data { offset: 1, digest: [3; 32], bytes: vec![9; 40] },
         Msg::DataEnd { size: 10, mtime_sec: 1, mtime_nsec: 2 },
         Msg::PutBegin { id: 42, path: b"d/f".to_vec(), size: 100, mode: 0o644 },
@@ -962,11 +970,15 @@ fn random_and_mutated_frames_never_panic_the_decoder() {
         Msg::SetMeta { path: b"d".to_vec(), mode: 0o700, uid: 3, gid: 4, mtime_sec: 1, mtime_nsec: 0 },
         Msg::Hole { offset: 4096, len: 1 << 20 },
         Msg::PutHole { id: 42, offset: 0, len: 8192 },
-        Msg::GetXattrs { path: b"d/f".to_vec() },
+        Msg::GetXattrs { path: b"d/f".to_vec(), follow: true },
         Msg::XattrList { xattrs: vec![(b"user.a".to_vec(), b"1".to_vec()), (b"user.b".to_vec(), vec![0; 40])] },
         Msg::PutXattrs { id: 42, xattrs: vec![(b"user.c".to_vec(), b"x".to_vec())] },
         Msg::SetXattrs { path: b"d".to_vec(), xattrs: vec![(b"user.d".to_vec(), Vec::new())] },
         Msg::Link { path: b"d/g".to_vec(), target: b"d/f".to_vec() },
+        Msg::EntryError { path: b"a/l".to_vec(), code: code::PATH_ESCAPES, message: "outside".into() },
+        Msg::Clean { path: b"d".to_vec() },
+        Msg::Parts { names: vec![b"big.bin".to_vec(), b"other".to_vec()] },
+        Msg::DropParts { path: b"d".to_vec(), names: vec![b"big.bin".to_vec()] },
         Msg::Bye,
     ];
     let frames: Vec<Vec<u8>> = seeds

@@ -19,6 +19,10 @@ fn round_trip(m: &Msg) {
             assert_eq!(a, b);
             assert!(mb.len() <= wire::TEXT_BYTES_MAX && ma.starts_with(mb.as_str()), "{ma:?} re-encoded as {mb:?}");
         }
+        (Msg::EntryError { path: pa, code: a, message: ma }, Msg::EntryError { path: pb, code: b, message: mb }) => {
+            assert_eq!((pa, a), (pb, b));
+            assert!(mb.len() <= wire::TEXT_BYTES_MAX && ma.starts_with(mb.as_str()), "{ma:?} re-encoded as {mb:?}");
+        }
         _ => assert_eq!(m, &again),
     }
     // And once more through a whole frame.

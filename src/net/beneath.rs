@@ -6,8 +6,15 @@
 //! one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` call where the kernel has it), so a symlink anywhere on the
 //! way, even one planted after the check, fails the open instead of leading outside. The final component is then
 //! used with the `*at` syscalls and `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`, never through a path.
+//!
+//! A pull with `-L` asks the server to follow symlinks instead ([`Root::follow`]): the whole path is resolved by the
+//! kernel in one `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` call from the root, which follows symlinks but
+//! fails (`EXDEV`) as soon as a step, an absolute target or a `..` in one, would leave the root. Where `openat2` is
+//! missing (another OS, or a Linux before 5.6), following is refused: there is no safe way to do it by hand.
 
 use std::ffi::CString;
+#[cfg(test)]
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -101,6 +108,16 @@ impl Root {
         Ok(cur)
     }
 
+    /// Open `rel` beneath the root, following symlinks wherever they lead inside it (`-L` on a pull): `flags` are
+    /// the `open` flags (`O_PATH` to look only). A symlink that leads outside the root, or through an absolute
+    /// target, fails with [`ESCAPES`] (`PermissionDenied`); a dangling one with `NotFound`; a loop with `ELOOP`.
+    /// Without `openat2`, every call fails with `Unsupported`.
+    pub fn follow(&self, rel: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
+        safe_components(rel).map_err(|m| io::Error::new(io::ErrorKind::PermissionDenied, m))?;
+        let path = cname(if rel.is_empty() { b"." } else { rel })?;
+        openat2_beneath(self.raw(), &path, flags)
+    }
+
     /// The open parent directory of `rel` and its final component (for `*at` calls), following no symlink on the
     /// way. `rel == ""` gives the root itself with no name.
     pub fn parent(&self, rel: &[u8]) -> io::Result<Parent> {
@@ -117,6 +134,50 @@ impl Root {
         }
         Ok(Parent { dir: self.dir(&dir_path)?, name: Some(cname(last)?) })
     }
+}
+
+/// What a followed symlink that would leave the root is reported as.
+pub const ESCAPES: &str = "the symlink leads outside the served root (not followed)";
+
+#[cfg(target_os = "linux")]
+fn openat2_beneath(dir: RawFd, path: &CString, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    // openat2 refuses O_PATH with flags other than O_CLOEXEC, O_DIRECTORY and O_NOFOLLOW.
+    let noctty = if flags & libc::O_PATH == 0 { libc::O_NOCTTY } else { 0 };
+    how.flags = (flags | libc::O_CLOEXEC | noctty) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // A rename elsewhere in the tree during the walk makes the kernel answer EAGAIN: try again a few times.
+    for _ in 0..16 {
+        // SAFETY: valid descriptor, C string and open_how of the size passed; the result is owned below.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, dir, path.as_ptr(), &how as *const libc::open_how, size_of_val(&how))
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) => continue,
+            Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
+            Some(libc::ENOSYS) => unsupported(),
+            _ => e,
+        });
+    }
+    Err(io::Error::new(io::ErrorKind::Interrupted, "the tree kept changing while the path was resolved"))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn openat2_beneath(_dir: RawFd, _path: &CString, _flags: libc::c_int) -> io::Result<OwnedFd> {
+    Err(unsupported())
+}
+
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this server cannot follow symlinks safely (it needs openat2, Linux 5.6 or later); copy without -L",
+    )
 }
 
 #[cfg(test)]
@@ -142,5 +203,44 @@ mod tests {
         // The final component itself is not resolved by `parent`: callers use *at calls with NOFOLLOW on it.
         assert_eq!(r.parent(b"escape").unwrap().name.unwrap().as_bytes(), b"escape");
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn following_stays_beneath_the_root() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("root");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"inside").unwrap();
+        std::fs::write(base.path().join("secret"), b"outside").unwrap();
+        let ln = |target: &str, link: &str| std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        ln("a/b/f", "to_f");
+        ln("../f", "a/b/up_is_outside_b"); // a/f: missing, but beneath the root
+        ln("b/f", "a/down");
+        ln("../../secret", "a/up2");
+        ln(base.path().join("secret").to_str().unwrap(), "abs");
+        ln("/", "slash");
+        ln("a", "dir_link");
+        ln("loop2", "loop1");
+        ln("loop1", "loop2");
+        let r = Root::open(&root).unwrap();
+        let read = |rel: &[u8]| -> io::Result<Vec<u8>> {
+            let fd = r.follow(rel, libc::O_RDONLY)?;
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut File::from(fd), &mut s)?;
+            Ok(s)
+        };
+        for ok in [&b"to_f"[..], b"a/down", b"dir_link/b/f", b"dir_link/down"] {
+            assert_eq!(read(ok).unwrap(), b"inside", "{}", String::from_utf8_lossy(ok));
+        }
+        for escape in [&b"a/up2"[..], b"abs", b"slash"] {
+            let e = read(escape).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{}: {e}", String::from_utf8_lossy(escape));
+            assert_eq!(e.to_string(), ESCAPES);
+        }
+        assert_eq!(read(b"a/b/up_is_outside_b").unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(read(b"loop1").unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        assert!(r.follow(b"../x", libc::O_PATH).is_err());
+        assert!(r.follow(b"", libc::O_PATH | libc::O_DIRECTORY).is_ok());
     }
 }

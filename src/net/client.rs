@@ -111,6 +111,8 @@ pub struct Connection {
     pub compressed: bool,
     /// When the last request was sent.
     last_used: Instant,
+    /// Reading requests ask the server to follow symlinks beneath its root (`-L` on a pull).
+    follow: bool,
 }
 
 /// Connect to `addr` (`host:port`), authenticate with `key`, and switch to the record layer when `wishes` asks for
@@ -155,6 +157,7 @@ pub fn connect(addr: &str, key: &Key, wishes: Wishes, timeout: Duration) -> Resu
         encrypted: session.encrypt,
         compressed: session.compress.is_some(),
         last_used: Instant::now(),
+        follow: false,
     })
 }
 
@@ -166,11 +169,19 @@ pub struct Dialer {
     key: Key,
     wishes: Wishes,
     timeout: Duration,
+    follow: bool,
 }
 
 impl Dialer {
     pub fn new(addr: &str, key: Key, wishes: Wishes, timeout: Duration) -> Dialer {
-        Dialer { addr: addr.to_string(), key, wishes, timeout }
+        Dialer { addr: addr.to_string(), key, wishes, timeout, follow: false }
+    }
+
+    /// Connections that ask the server to follow symlinks beneath its root in every reading request (`-L` on a
+    /// pull; see [`Connection::set_follow`]).
+    pub fn following(mut self, follow: bool) -> Dialer {
+        self.follow = follow;
+        self
     }
 
     /// `host:port` of the server.
@@ -185,7 +196,9 @@ impl Dialer {
 
     /// A new authenticated connection.
     pub fn dial(&self) -> Result<Connection, ConnectError> {
-        connect(&self.addr, &self.key, self.wishes, self.timeout)
+        let mut conn = connect(&self.addr, &self.key, self.wishes, self.timeout)?;
+        conn.set_follow(self.follow);
+        Ok(conn)
     }
 
     /// `n` new authenticated connections.
@@ -224,6 +237,17 @@ impl Connection {
     /// `host:port` of the server.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Whether `Stat`, `List`, `Get`, `Hash` and `GetXattrs` ask the server to follow symlinks beneath its root: what
+    /// a symlink leads to is read in its place, and one that leads outside the root, dangles or loops is an error.
+    pub fn set_follow(&mut self, follow: bool) {
+        self.follow = follow;
+    }
+
+    /// See [`Connection::set_follow`].
+    pub fn follows(&self) -> bool {
+        self.follow
     }
 
     fn broken(&self, e: &WireError) -> ReqError {
@@ -301,9 +325,10 @@ impl Connection {
         first.map_or(Ok(()), Err)
     }
 
-    /// Metadata of `path` itself (not followed when it is a symlink); `None` when it does not exist.
+    /// Metadata of `path` itself (not followed when it is a symlink, unless the connection follows); `None` when it
+    /// does not exist.
     pub fn stat(&mut self, path: &[u8]) -> Result<Option<EntryMeta>, ReqError> {
-        self.send(&Msg::Stat { path: path.to_vec() })?;
+        self.send(&Msg::Stat { path: path.to_vec(), follow: self.follow })?;
         match self.recv()? {
             Msg::Entry(e) => Ok(Some(e)),
             Msg::Error { code: code::NOT_FOUND, .. } => Ok(None),
@@ -315,7 +340,7 @@ impl Connection {
     /// BLAKE3 of `[offset, offset + len)` of file `path` on the server (to its end when shorter), and the bytes it
     /// covered.
     pub fn hash(&mut self, path: &[u8], offset: u64, len: u64) -> Result<([u8; 32], u64), ReqError> {
-        self.send(&Msg::Hash { path: path.to_vec(), offset, len })?;
+        self.send(&Msg::Hash { path: path.to_vec(), offset, len, follow: self.follow })?;
         match self.recv()? {
             Msg::Hashed { digest, bytes } => Ok((digest, bytes)),
             Msg::Error { code, message } => Err(ReqError::Server { code, message }),
@@ -325,7 +350,7 @@ impl Connection {
 
     /// `GetXattrs`: the extended attributes of `path` itself.
     pub fn get_xattrs(&mut self, path: &[u8]) -> Result<Xattrs, ReqError> {
-        self.send(&Msg::GetXattrs { path: path.to_vec() })?;
+        self.send(&Msg::GetXattrs { path: path.to_vec(), follow: self.follow })?;
         match self.recv()? {
             Msg::XattrList { xattrs } => Ok(xattrs),
             Msg::Error { code, message } => Err(ReqError::Server { code, message }),
@@ -345,7 +370,7 @@ impl Connection {
 
     /// Start listing `path`; the entries are read from the returned stream (the connection is busy until it ends).
     pub fn list(&mut self, path: &[u8], recursive: bool) -> Result<ListStream<'_>, ReqError> {
-        self.send(&Msg::List { path: path.to_vec(), recursive })?;
+        self.send(&Msg::List { path: path.to_vec(), recursive, follow: self.follow })?;
         Ok(ListStream { conn: self, done: false })
     }
 
@@ -361,7 +386,7 @@ impl Connection {
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
         hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
     ) -> Result<DataEnd, GetError> {
-        self.send(&Msg::Get { path: path.to_vec(), offset, len })?;
+        self.send(&Msg::Get { path: path.to_vec(), offset, len, follow: self.follow })?;
         let end = offset.saturating_add(len);
         let mut next = offset;
         let mut failure: Option<GetError> = None;
@@ -529,6 +554,28 @@ impl Connection {
         self.expect_ok(&Msg::Link { path: path.to_vec(), target: target.to_vec() })
     }
 
+    /// `Clean`: the server removes the temporaries of dead processes in directory `path` and answers with the names
+    /// whose partial file (and journal) no live transfer holds.
+    pub fn clean(&mut self, path: &[u8]) -> Result<Vec<Vec<u8>>, ReqError> {
+        self.send(&Msg::Clean { path: path.to_vec() })?;
+        match self.recv()? {
+            Msg::Parts { names } => Ok(names),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Parts", &other)),
+        }
+    }
+
+    /// `DropParts`: remove the partial files of `names` in directory `path` (their source is gone); returns the
+    /// names removed (a live transfer's are kept).
+    pub fn drop_parts(&mut self, path: &[u8], names: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, ReqError> {
+        self.send(&Msg::DropParts { path: path.to_vec(), names })?;
+        match self.recv()? {
+            Msg::Parts { names } => Ok(names),
+            Msg::Error { code, message } => Err(ReqError::Server { code, message }),
+            other => Err(self.unexpected("Parts", &other)),
+        }
+    }
+
     pub fn delete(&mut self, path: &[u8]) -> Result<(), ReqError> {
         self.expect_ok(&Msg::Delete { path: path.to_vec() })
     }
@@ -555,14 +602,56 @@ pub struct ListStream<'c> {
     done: bool,
 }
 
+/// One item of a listing that follows symlinks.
+#[derive(Debug)]
+pub enum Listed {
+    Entry(EntryMeta),
+    /// `path` (relative to the listed path) is a symlink that could not be followed; the message says why.
+    Failed {
+        path: Vec<u8>,
+        code: u16,
+        message: String,
+    },
+}
+
+impl Listed {
+    /// The path of the entry, relative to the listed path.
+    pub fn path(&self) -> &[u8] {
+        match self {
+            Listed::Entry(e) => &e.path,
+            Listed::Failed { path, .. } => path,
+        }
+    }
+}
+
 impl ListStream<'_> {
-    /// The next entry; `None` after `ListEnd`. A server error ends the listing (`Err(Server)`, then `None`).
+    /// The next entry; `None` after `ListEnd`. A server error ends the listing (`Err(Server)`, then `None`). An
+    /// `EntryError` (only in answer to a listing that follows symlinks) breaks the connection here: use
+    /// [`ListStream::next_listed`] for those.
     pub fn next_entry(&mut self) -> Option<Result<EntryMeta, ReqError>> {
+        match self.next_listed()? {
+            Ok(Listed::Entry(e)) => Some(Ok(e)),
+            Ok(Listed::Failed { .. }) => {
+                self.done = true;
+                Some(Err(ReqError::Broken(format!(
+                    "protocol error from {}: EntryError in a listing that does not follow symlinks",
+                    self.conn.addr
+                ))))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The next entry, or a symlink the server could not follow (the listing goes on); `None` after `ListEnd`.
+    pub fn next_listed(&mut self) -> Option<Result<Listed, ReqError>> {
         if self.done {
             return None;
         }
         let r = match self.conn.recv() {
-            Ok(Msg::Entry(e)) => return Some(Ok(e)),
+            Ok(Msg::Entry(e)) => return Some(Ok(Listed::Entry(e))),
+            Ok(Msg::EntryError { path, code, message }) if self.conn.follow => {
+                return Some(Ok(Listed::Failed { path, code, message }));
+            }
             Ok(Msg::ListEnd) => {
                 self.done = true;
                 return None;

@@ -453,7 +453,7 @@ mod tests {
 
     fn sample() -> Vec<Msg> {
         vec![
-            Msg::Stat { path: b"a/b".to_vec() },
+            Msg::Stat { path: b"a/b".to_vec(), follow: false },
             Msg::Data { offset: 0, digest: [1; 32], bytes: b"hello ".repeat(2000) },
             Msg::Data { offset: 9, digest: [2; 32], bytes: pseudo_random(100_000, 7) },
             Msg::Ok,
@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(wire[4], RAW);
         assert_eq!(wire.len(), 4 + 1 + 4 + noise.encode_body().len());
         // Small frames are not worth trying.
-        let wire = send(&d, &[Msg::Stat { path: b"a".repeat(1000) }]);
+        let wire = send(&d, &[Msg::Stat { path: b"a".repeat(1000), follow: false }]);
         assert_eq!(wire[4], RAW);
         // Compressed then sealed: what is sealed is the small thing.
         let sealed = send(&dir(Some(K), Some(3)), std::slice::from_ref(&text));

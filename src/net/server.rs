@@ -4,22 +4,23 @@
 //! authenticates ([`auth::server`]), then sends requests one at a time (docs/PROTOCOL.md). Every path a client names
 //! goes through [`Root`]: `..`, absolute paths and symlinks on the way are refused, and the final component is only
 //! ever used with the `*at` syscalls and `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`, so nothing outside ROOT is read,
-//! written or even stat'ed. Files are written under a temporary name beside their destination and renamed into place
+//! written or even stat'ed (a pull with `-L` reads what symlinks lead to, resolved by the kernel beneath ROOT only:
+//! [`Root::follow`]). Files are written under a temporary name beside their destination and renamed into place
 //! by `PutEnd`; the chunks of one file may arrive on any number of connections (the transfer table is shared). A
 //! broken or malicious connection only ever ends itself: frames are checked before they are trusted, a stalled peer is
 //! dropped after `--timeout`, and a panic in one connection's thread is caught and logged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -54,7 +55,8 @@ pub const LONG_ABOUT: &str = "Serve ROOT to fastsync:// clients: `fastsync copy`
     can then read from and write to fastsync://HOST:PORT/PATH, PATH being relative to ROOT.\n\n\
     Every connection must prove it knows the shared token (--token-file FILE or FASTSYNC_TOKEN, the same on both \
     hosts); the token itself never crosses the network. Clients never reach outside ROOT: `..`, absolute paths and \
-    symlinks on the way are refused, and symlinks are never followed. Files appear under their final names only when \
+    symlinks on the way are refused, and symlinks are never followed, except for a client pulling with -L, and then \
+    only while they stay beneath ROOT (openat2 RESOLVE_BENEATH; refused where the kernel lacks it). Files appear under their final names only when \
     complete. Traffic is encrypted (ChaCha20-Poly1305, keys derived from the token) only for clients that ask for it \
     with --encrypt: use --require-encrypt to refuse the others on an untrusted network. Clients may ask for zstd \
     compression (--compress); --no-compress declines. Stops on SIGINT/SIGTERM, removing unfinished files.";
@@ -374,8 +376,9 @@ fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
         let w = w.upgrade(&session.send).map_err(|e| format!("connection: {e}"))?;
         conn = Conn { r: BufReader::with_capacity(64 << 10, r), w: BufWriter::with_capacity(64 << 10, w) };
     }
+    let mut holds = Holds::default();
     loop {
-        let msg = match next_request(shared, &mut conn) {
+        let msg = match next_request(shared, &mut conn, &mut holds) {
             Ok(Some(m)) => m,
             // A PutData served on the zero-copy path.
             Ok(None) => continue,
@@ -390,7 +393,54 @@ fn converse(shared: &Shared, stream: TcpStream) -> Result<(), String> {
         if msg == Msg::Bye {
             return Ok(());
         }
+        let id = match &msg {
+            Msg::PutResume { id, .. }
+            | Msg::PutData { id, .. }
+            | Msg::PutCheck { id, .. }
+            | Msg::PutHole { id, .. }
+            | Msg::PutXattrs { id, .. } => Some(*id),
+            _ => None,
+        };
         request(shared, &mut conn, msg).map_err(|e| describe_wire(&e, shared.timeout))?;
+        if let Some(id) = id {
+            holds.note(shared, id);
+        }
+    }
+}
+
+/// The resumable transfers a connection has used. While a connection that used one is open, its client is alive and
+/// may still write it, so `Clean` and `DropParts` leave its partial file alone; when the client dies (all its
+/// connections close), the transfer is an orphan, removable at once. Released when the connection ends, however.
+#[derive(Default)]
+struct Holds {
+    held: HashMap<u64, Weak<Transfer>>,
+}
+
+impl Holds {
+    fn note(&mut self, shared: &Shared, id: u64) {
+        if self.held.get(&id).is_some_and(|w| w.strong_count() > 0) {
+            return;
+        }
+        let map = shared.transfers.lock();
+        let Some(slot) = map.get(&id).filter(|s| s.t.journal.is_some()) else { return };
+        slot.t.holders.fetch_add(1, Ordering::SeqCst);
+        let old = self.held.insert(id, Arc::downgrade(&slot.t));
+        drop(map);
+        if let Some(t) = old.and_then(|w| w.upgrade()) {
+            t.holders.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Transfers that are over need no release.
+        if self.held.len() > 64 {
+            self.held.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        for t in self.held.values().filter_map(Weak::upgrade) {
+            t.holders.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -457,6 +507,8 @@ fn is_write(msg: &Msg) -> bool {
             | Msg::SetMeta { .. }
             | Msg::Symlink { .. }
             | Msg::Delete { .. }
+            | Msg::Clean { .. }
+            | Msg::DropParts { .. }
     )
 }
 
@@ -483,10 +535,10 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         return send_fail(conn, Fail::new(code::READ_ONLY, "server is read-only"));
     }
     let reply = match msg {
-        Msg::List { path, recursive } => return list(shared, conn, &path, recursive),
-        Msg::Get { path, offset, len } => return get(shared, conn, &path, offset, len),
-        Msg::Stat { path } => stat(shared, &path).map(Msg::Entry),
-        Msg::Hash { path, offset, len } => hash(shared, &path, offset, len),
+        Msg::List { path, recursive, follow } => return list(shared, conn, &path, recursive, follow),
+        Msg::Get { path, offset, len, follow } => return get(shared, conn, &path, offset, len, follow),
+        Msg::Stat { path, follow } => stat(shared, &path, follow).map(Msg::Entry),
+        Msg::Hash { path, offset, len, follow } => hash(shared, &path, offset, len, follow),
         Msg::PutBegin { id, path, size, mode: _ } => put_begin(shared, id, &path, size).map(|()| Msg::Ok),
         Msg::PutResume { id, path, size, mode: _, mtime_sec, mtime_nsec } => {
             put_resume(shared, id, &path, size, (mtime_sec, mtime_nsec))
@@ -495,7 +547,7 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
         Msg::PutCheck { id, offset, len, digest } => put_check(shared, id, offset, len, &digest).map(|()| Msg::Ok),
         Msg::PutData { id, offset, digest, bytes } => put_data(shared, id, offset, &digest, &bytes).map(|()| Msg::Ok),
         Msg::PutHole { id, offset, len } => put_hole(shared, id, offset, len).map(|()| Msg::Ok),
-        Msg::GetXattrs { path } => get_xattrs(shared, &path).map(|xattrs| Msg::XattrList { xattrs }),
+        Msg::GetXattrs { path, follow } => get_xattrs(shared, &path, follow).map(|xattrs| Msg::XattrList { xattrs }),
         Msg::PutXattrs { id, xattrs } => put_xattrs(shared, id, &xattrs).map(|()| Msg::Ok),
         Msg::SetXattrs { path, xattrs } => set_xattrs(shared, &path, &xattrs).map(|()| Msg::Ok),
         Msg::PutEnd { id, mode, uid, gid, mtime_sec, mtime_nsec, fsync } => {
@@ -513,6 +565,8 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
             symlink(shared, &path, &target, (uid, gid), (mtime_sec, mtime_nsec)).map(|()| Msg::Ok)
         }
         Msg::Delete { path } => delete(shared, &path).map(|()| Msg::Ok),
+        Msg::Clean { path } => clean(shared, &path).map(|names| Msg::Parts { names }),
+        Msg::DropParts { path, names } => drop_parts(shared, &path, &names).map(|names| Msg::Parts { names }),
         Msg::Link { path, target } => link(shared, &path, &target).map(|()| Msg::Ok),
         other => {
             let message = format!("unexpected {} from a client", name_of(&other));
@@ -701,7 +755,13 @@ fn entry_at(dir: RawFd, name: &CStr, path: Vec<u8>) -> io::Result<EntryMeta> {
 // Reading: Stat, List, Get
 // ---------------------------------------------------------------------------------------------------------------
 
-fn stat(shared: &Shared, rel: &[u8]) -> Result<EntryMeta, Fail> {
+fn stat(shared: &Shared, rel: &[u8], follow: bool) -> Result<EntryMeta, Fail> {
+    if follow {
+        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot stat", rel, e))?;
+        return fstat(fd.as_raw_fd())
+            .map(|st| entry(Vec::new(), &st, Vec::new()))
+            .map_err(|e| Fail::io("cannot stat", rel, e));
+    }
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot stat", rel, e))?;
     match &p.name {
         None => fstat(p.raw()).map(|st| entry(Vec::new(), &st, Vec::new())),
@@ -717,10 +777,12 @@ struct Level {
     prefix: Vec<u8>,
     names: Vec<CString>,
     next: usize,
+    /// The directory's (dev, ino): with `follow`, a symlink to a directory on the way down is a loop.
+    key: (u64, u64),
 }
 
-fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<(), WireError> {
-    match list_entries(shared, conn, rel, recursive)? {
+fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool, follow: bool) -> Result<(), WireError> {
+    match list_entries(shared, conn, rel, recursive, follow)? {
         Ok(()) => {
             conn.queue(&Msg::ListEnd)?;
             conn.flush()?;
@@ -730,9 +792,48 @@ fn list(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result
     }
 }
 
+/// The (dev, ino) of a stat.
+#[allow(clippy::unnecessary_cast)]
+fn key_of(st: &libc::stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
+/// A directory open for reading its names, from a descriptor of it (an `O_PATH` one included).
+fn open_listable(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    open_at(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// The top of a `follow` listing: what `rel` leads to beneath the root; a directory opened for reading, or the
+/// entry of what else it is.
+fn follow_top(shared: &Shared, rel: &[u8]) -> io::Result<Result<OwnedFd, EntryMeta>> {
+    let fd = shared.root.follow(rel, libc::O_PATH)?;
+    let st = fstat(fd.as_raw_fd())?;
+    if kind_of(&st) != EntryKind::Dir {
+        return Ok(Err(entry(Vec::new(), &st, Vec::new())));
+    }
+    open_listable(&fd).map(Ok)
+}
+
 /// Queue the entries of a listing: outer `Err` for a broken connection, inner for a failed listing (the client gets
-/// `Error` instead of `ListEnd`, never a silently partial listing).
-fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -> Result<Result<(), Fail>, WireError> {
+/// `Error` instead of `ListEnd`, never a silently partial listing). With `follow`, a symlink is listed as what it
+/// leads to beneath the root (resolved from the root by its whole path, as a local `-L` resolves it), a directory it
+/// leads to is descended into unless it is one of its own ancestors, and a symlink that cannot be followed is an
+/// `EntryError` in its place; the listing goes on.
+fn list_entries(
+    shared: &Shared,
+    conn: &mut Conn,
+    rel: &[u8],
+    recursive: bool,
+    follow: bool,
+) -> Result<Result<(), Fail>, WireError> {
+    if follow {
+        let top = match follow_top(shared, rel) {
+            Ok(Ok(fd)) => fd,
+            Ok(Err(e)) => return conn.queue(&Msg::Entry(e)).map(Ok).map_err(WireError::Io),
+            Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
+        };
+        return list_from(shared, conn, rel, top, recursive, true);
+    }
     let p = match shared.root.parent(rel) {
         Ok(p) => p,
         Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
@@ -754,11 +855,24 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
             },
         },
     };
-    let names = match read_names(top.as_raw_fd(), true) {
+    list_from(shared, conn, rel, top, recursive, false)
+}
+
+/// List the directory `top` (the listed path `rel`, opened) and, with `recursive`, its subtree.
+fn list_from(
+    shared: &Shared,
+    conn: &mut Conn,
+    rel: &[u8],
+    top: OwnedFd,
+    recursive: bool,
+    follow: bool,
+) -> Result<Result<(), Fail>, WireError> {
+    let listed = fstat(top.as_raw_fd()).and_then(|st| Ok((read_names(top.as_raw_fd(), true)?, key_of(&st))));
+    let (names, key) = match listed {
         Ok(n) => n,
         Err(e) => return Ok(Err(Fail::io("cannot list", rel, e))),
     };
-    let mut stack = vec![Level { fd: top, prefix: Vec::new(), names, next: 0 }];
+    let mut stack = vec![Level { fd: top, prefix: Vec::new(), names, next: 0, key }];
     // Where a failure is, relative to the root, for messages.
     let full = |sub: &[u8]| -> Vec<u8> {
         let mut v = rel.to_vec();
@@ -780,21 +894,48 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
             let why = format!("cannot list '{}': path longer than {} bytes", show(&full(&path)), wire::PATH_BYTES_MAX);
             return Ok(Err(Fail::new(code::IO, why)));
         }
-        let e = match entry_at(level.fd.as_raw_fd(), &name, path.clone()) {
+        let mut e = match entry_at(level.fd.as_raw_fd(), &name, path.clone()) {
             Ok(e) => e,
             // Deleted since the directory was read: it is not there any more.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Ok(Err(Fail::io("cannot stat", &full(&path), e))),
         };
+        // With `follow`, a symlink is replaced by what it leads to (and a directory there is opened through it).
+        let mut followed = None;
+        if follow && e.kind == EntryKind::Symlink {
+            let target = shared.root.follow(&full(&path), libc::O_PATH).and_then(|fd| Ok((fstat(fd.as_raw_fd())?, fd)));
+            match target {
+                Ok((st, fd)) => {
+                    e = entry(path.clone(), &st, Vec::new());
+                    followed = Some(fd);
+                }
+                Err(err) => {
+                    let f = Fail::io("cannot follow", &full(&path), err);
+                    conn.queue(&Msg::EntryError { path, code: f.code, message: f.message })?;
+                    continue;
+                }
+            }
+        }
         let descend = recursive && e.kind == EntryKind::Dir;
+        if descend && follow && stack.iter().any(|l| l.key == (e.dev, e.ino)) {
+            let message =
+                format!("cannot follow '{}': a symlink loop (it leads to its own ancestor)", show(&full(&path)));
+            conn.queue(&Msg::EntryError { path, code: code::PATH_ESCAPES, message })?;
+            continue;
+        }
+        let key = (e.dev, e.ino);
         conn.queue(&Msg::Entry(e))?;
         if descend {
-            let sub =
-                open_dir_at(level.fd.as_raw_fd(), &name).and_then(|fd| Ok((read_names(fd.as_raw_fd(), true)?, fd)));
+            let level_fd = stack.last().expect("a level").fd.as_raw_fd();
+            let sub = match &followed {
+                Some(fd) => open_listable(fd),
+                None => open_dir_at(level_fd, &name),
+            }
+            .and_then(|fd| Ok((read_names(fd.as_raw_fd(), true)?, fd)));
             match sub {
                 Ok((names, fd)) => {
                     path.push(b'/');
-                    stack.push(Level { fd, prefix: path, names, next: 0 });
+                    stack.push(Level { fd, prefix: path, names, next: 0, key });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Ok(Err(Fail::io("cannot list", &full(&path), e))),
@@ -804,8 +945,12 @@ fn list_entries(shared: &Shared, conn: &mut Conn, rel: &[u8], recursive: bool) -
     Ok(Ok(()))
 }
 
-/// Open `rel` for reading if it is a regular file (never a symlink, a directory, a FIFO or a device).
-fn open_regular(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
+/// Open `rel` for reading if it is a regular file (never a symlink, a directory, a FIFO or a device). With
+/// `follow`, what `rel` leads to beneath the root.
+fn open_regular(shared: &Shared, rel: &[u8], follow: bool) -> Result<File, Fail> {
+    if follow {
+        return open_regular_followed(shared, rel);
+    }
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read", rel, e))?;
     let Some(name) = &p.name else {
         return Err(Fail::new(code::IO, "cannot read '.': it is a directory"));
@@ -831,6 +976,24 @@ fn open_regular(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
     Ok(File::from(fd))
 }
 
+/// `open_regular` with `follow`: resolved beneath the root to an `O_PATH` descriptor, checked to be a regular file,
+/// and only then opened for reading, through that very inode (`/proc/self/fd/N`), so nothing else is ever opened.
+fn open_regular_followed(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
+    let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot read", rel, e))?;
+    let st = fstat(fd.as_raw_fd()).map_err(|e| Fail::io("cannot read", rel, e))?;
+    match kind_of(&st) {
+        EntryKind::File => {}
+        EntryKind::Dir => return Err(Fail::new(code::IO, format!("cannot read '{}': it is a directory", show(rel)))),
+        _ => return Err(Fail::new(code::IO, format!("cannot read '{}': not a regular file", show(rel)))),
+    }
+    let proc = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+    // SAFETY: valid C string; the result is owned below. The magic link leads to the inode checked above.
+    let r = unsafe { libc::open(proc.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    let r = cvt(r).map_err(|e| Fail::io("cannot read", rel, e))?;
+    // SAFETY: a fresh descriptor.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(r) }))
+}
+
 /// Fill `buf` from `offset` (short only at the end of the file).
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut n = 0;
@@ -846,8 +1009,8 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 /// BLAKE3 of `[offset, offset + len)` of a regular file beneath the root (to its end when it is shorter).
-fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64) -> Result<Msg, Fail> {
-    let file = open_regular(shared, rel)?;
+fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64, follow: bool) -> Result<Msg, Fail> {
+    let file = open_regular(shared, rel, follow)?;
     let end = offset.saturating_add(len);
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; GET_CHUNK_BYTES];
@@ -864,8 +1027,8 @@ fn hash(shared: &Shared, rel: &[u8], offset: u64, len: u64) -> Result<Msg, Fail>
     Ok(Msg::Hashed { digest: *hasher.finalize().as_bytes(), bytes: pos - offset })
 }
 
-fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64) -> Result<(), WireError> {
-    let file = match open_regular(shared, rel) {
+fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64, follow: bool) -> Result<(), WireError> {
+    let file = match open_regular(shared, rel, follow) {
         Ok(f) => f,
         Err(f) => return send_fail(conn, f),
     };
@@ -955,6 +1118,8 @@ struct Transfer {
     /// (offered to `PutCheck`).
     journal: Option<Journal>,
     recorded: Mutex<Received>,
+    /// Open connections that used this (resumable) transfer ([`Holds`]): 0 once its client is gone.
+    holders: AtomicUsize,
 }
 
 impl Transfer {
@@ -1231,6 +1396,7 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         received: Mutex::new(Received::default()),
         journal: None,
         recorded: Mutex::new(Received::default()),
+        holders: AtomicUsize::new(0),
     });
     let mut map = shared.transfers.lock();
     if map.contains_key(&id) {
@@ -1244,7 +1410,7 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
 
 /// Read the next request. On the zero-copy path (`FASTSYNC_ZEROCOPY` splice or both, plain connection) a `PutData`
 /// is served here, its payload spliced from the socket into the file, and `None` is returned.
-fn next_request(shared: &Shared, conn: &mut Conn) -> Result<Option<Msg>, WireError> {
+fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<Option<Msg>, WireError> {
     if !zerocopy::mode().splices_into_file() || conn.r.get_ref().plain().is_none() {
         return wire::read_msg(conn).map(Some);
     }
@@ -1265,7 +1431,13 @@ fn next_request(shared: &Shared, conn: &mut Conn) -> Result<Option<Msg>, WireErr
     }
     conn.r.read_exact(&mut head[5..])?;
     let h = wire::parse_data_head(&head)?;
-    put_data_spliced(shared, conn, h)
+    let served = put_data_spliced(shared, conn, h)?;
+    if served.is_none()
+        && let Some(id) = h.id
+    {
+        holds.note(shared, id);
+    }
+    Ok(served)
 }
 
 /// Serve a `PutData` whose head was read: splice its payload into the temporary when its range is free (see
@@ -1395,6 +1567,7 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
         received: Mutex::new(Received::default()),
         journal: Some(journal),
         recorded: Mutex::new(recorded),
+        holders: AtomicUsize::new(0),
     });
     let mut map = shared.transfers.lock();
     if map.contains_key(&id) {
@@ -1493,10 +1666,17 @@ fn at_path(dir: RawFd, name: Option<&CStr>) -> PathBuf {
     d.join(name.map_or(OsStr::new("."), |n| OsStr::from_bytes(n.to_bytes())))
 }
 
-fn get_xattrs(shared: &Shared, rel: &[u8]) -> Result<wire::Xattrs, Fail> {
-    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
-    let xattrs = crate::meta::read_xattrs(&at_path(p.raw(), p.name.as_deref()))
-        .map_err(|e| Fail::io("cannot read extended attributes of", rel, e))?;
+fn get_xattrs(shared: &Shared, rel: &[u8], follow: bool) -> Result<wire::Xattrs, Fail> {
+    let what = "cannot read extended attributes of";
+    let xattrs = if follow {
+        // The O_PATH descriptor's magic link leads to the very inode resolved beneath the root.
+        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io(what, rel, e))?;
+        crate::meta::read_xattrs_following(&PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
+    } else {
+        let p = shared.root.parent(rel).map_err(|e| Fail::io(what, rel, e))?;
+        crate::meta::read_xattrs(&at_path(p.raw(), p.name.as_deref()))
+    }
+    .map_err(|e| Fail::io(what, rel, e))?;
     let total: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
     if xattrs.len() > wire::XATTRS_MAX || total > wire::XATTRS_BYTES_MAX {
         let why = format!("'{}' has more extended attributes than the protocol carries", show(rel));
@@ -1701,6 +1881,117 @@ fn delete(shared: &Shared, rel: &[u8]) -> Result<(), Fail> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Clean, DropParts: what interrupted pushes left
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Whether a registered transfer is still someone's: a connection that used it is open, or a request works on it.
+fn live(slot: &Slot) -> bool {
+    slot.inflight > 0 || slot.t.holders.load(Ordering::SeqCst) > 0
+}
+
+/// `Clean`: in directory `rel`, remove the temporaries of processes that are gone (`.NAME.fstmp-PID-N`; this
+/// server's own are its transfers', removed when they end or expire), and return the names whose partial file or
+/// journal is there and held by no live transfer (at most [`wire::PART_NAMES_MAX`]).
+fn clean(shared: &Shared, rel: &[u8]) -> Result<Vec<Vec<u8>>, Fail> {
+    let dir = shared.root.dir(rel).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let key = fstat(dir.as_raw_fd()).map(|st| key_of(&st)).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let names = read_names(dir.as_raw_fd(), false).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let mut bases = BTreeSet::new();
+    for name in names {
+        match stale::parse_temporary(OsStr::from_bytes(name.to_bytes())) {
+            Some(stale::Kind::Unique { pid }) if !stale::process_alive(pid) => {
+                let _ = unlink_at(dir.as_raw_fd(), &name, 0);
+            }
+            Some(stale::Kind::Part { base } | stale::Kind::Journal { base }) => {
+                let b = base.into_vec();
+                // Only what the wire carries as a name (a truncated or odd temporary is left alone).
+                if !b.is_empty() && b != b"." && b != b".." && b.len() <= wire::NAME_BYTES_MAX {
+                    bases.insert(b);
+                }
+            }
+            _ => {}
+        }
+    }
+    let held: Vec<Vec<u8>> = {
+        let map = shared.transfers.lock();
+        map.values()
+            .filter(|s| s.t.journal.is_some() && live(s) && dir_key(&s.t) == Some(key))
+            .map(|s| s.t.name.to_bytes().to_vec())
+            .collect()
+    };
+    Ok(bases.into_iter().filter(|b| !held.contains(b)).take(wire::PART_NAMES_MAX).collect())
+}
+
+fn dir_key(t: &Transfer) -> Option<(u64, u64)> {
+    fstat(t.dir.as_raw_fd()).ok().map(|st| key_of(&st))
+}
+
+/// `DropParts`: remove `.NAME.fstmp-part` and `.NAME.fstmp-journal` of each name in directory `rel`, unless a live
+/// transfer holds them (a registered transfer whose client is gone is ended first) or another process holds the
+/// journal's lock (a local fastsync writing there). Returns the names whose files were removed.
+fn drop_parts(shared: &Shared, rel: &[u8], names: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, Fail> {
+    let dir = shared.root.dir(rel).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let key = fstat(dir.as_raw_fd()).map(|st| key_of(&st)).map_err(|e| Fail::io("cannot clean", rel, e))?;
+    let cname = |p: PathBuf| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a name");
+    let mut removed = Vec::new();
+    for name in names {
+        let orphans = {
+            let mut map = shared.transfers.lock();
+            let ids: Vec<u64> = map
+                .iter()
+                .filter(|(_, s)| s.t.journal.is_some() && s.t.name.to_bytes() == name && dir_key(&s.t) == Some(key))
+                .map(|(&id, _)| id)
+                .collect();
+            if ids.iter().any(|id| live(&map[id])) {
+                continue;
+            }
+            ids.iter().filter_map(|id| map.remove(id)).map(|s| s.t).collect::<Vec<_>>()
+        };
+        let mut gone = !orphans.is_empty();
+        for t in orphans {
+            t.remove_temporary();
+        }
+        let base = Path::new(OsStr::from_bytes(name));
+        let (part, journal) = (cname(stale::part(base)), cname(stale::journal(base)));
+        // Removed under the journal's lock: a transfer (here or in another process) that holds it is left alone,
+        // and one that starts meanwhile finds the journal busy or gone.
+        let lock = match open_at(dir.as_raw_fd(), &journal, libc::O_RDONLY, 0) {
+            Ok(fd) => {
+                // SAFETY: plain syscall on a descriptor we own; the lock goes with it.
+                if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    continue;
+                }
+                Some(fd)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(Fail::io("cannot clean", &join_rel(rel, name), e)),
+        };
+        for n in [&part, &journal] {
+            match unlink_at(dir.as_raw_fd(), n, 0) {
+                Ok(()) => gone = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(Fail::io("cannot remove the partial file of", &join_rel(rel, name), e)),
+            }
+        }
+        drop(lock);
+        if gone {
+            removed.push(name.clone());
+        }
+    }
+    Ok(removed)
+}
+
+/// `rel/name` as a wire path.
+fn join_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = rel.to_vec();
+    if !v.is_empty() {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
 /// Remove directory `name` in `parent` and everything in it, depth-first with one open descriptor per level, never
 /// following a symlink (symlinks are unlinked, and a directory swapped for a symlink fails the `O_NOFOLLOW` open).
 fn remove_tree(parent: RawFd, name: &CStr) -> io::Result<()> {
@@ -1809,6 +2100,7 @@ mod tests {
             received: Mutex::default(),
             journal: None,
             recorded: Mutex::default(),
+            holders: AtomicUsize::new(0),
         })
     }
 

@@ -167,6 +167,14 @@ pub fn file_name(path: &[u8]) -> &[u8] {
     }
 }
 
+/// The wire path of the directory holding `path` (`""`, the root, when it has one component).
+pub fn parent(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[..i],
+        None => b"",
+    }
+}
+
 /// A wire path as an OS path.
 pub fn os_path(p: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(p))

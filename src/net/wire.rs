@@ -25,6 +25,9 @@ pub const XATTRS_MAX: usize = 1024;
 pub const XATTR_NAME_BYTES_MAX: usize = 255;
 pub const XATTR_VALUE_BYTES_MAX: usize = 64 * 1024;
 pub const XATTRS_BYTES_MAX: usize = 1 << 20;
+/// Names in one `Parts` or `DropParts` message, each at most [`NAME_BYTES_MAX`] bytes (`NAME_MAX`).
+pub const PART_NAMES_MAX: usize = 1024;
+pub const NAME_BYTES_MAX: usize = 255;
 
 /// An entry's extended attributes: (name, value) pairs.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -133,15 +136,26 @@ pub enum Msg {
     },
     Ok,
     /// List `path` (its entries; with `recursive`, the whole subtree depth-first). Answered by `Entry`* `ListEnd`.
+    /// With `follow` (`-L` on a pull), symlinks are followed while they stay beneath the root: each is listed as what
+    /// it points to, and one that cannot be followed is an `EntryError` in its place.
     List {
         path: Vec<u8>,
         recursive: bool,
+        follow: bool,
     },
     Entry(EntryMeta),
     ListEnd,
-    /// Metadata of `path` itself, answered by one `Entry` (path `""`) or `Error`.
+    /// In a `follow` listing, in place of the `Entry` of `path`: a symlink that leads outside the root, dangles or
+    /// loops. The listing goes on.
+    EntryError {
+        path: Vec<u8>,
+        code: u16,
+        message: String,
+    },
+    /// Metadata of `path` itself (what it points to with `follow`), answered by one `Entry` (path `""`) or `Error`.
     Stat {
         path: Vec<u8>,
+        follow: bool,
     },
     /// BLAKE3 of `[offset, offset + len)` of file `path` (to its end when shorter): `sync --checksum`,
     /// `list --checksum`. Answered by `Hashed` or `Error`.
@@ -149,6 +163,7 @@ pub enum Msg {
         path: Vec<u8>,
         offset: u64,
         len: u64,
+        follow: bool,
     },
     /// The digest of the bytes a `Hash` covered, and how many there were.
     Hashed {
@@ -160,6 +175,7 @@ pub enum Msg {
         path: Vec<u8>,
         offset: u64,
         len: u64,
+        follow: bool,
     },
     /// A chunk of file data with the BLAKE3 digest of `bytes`, checked by the receiver before it counts.
     Data {
@@ -238,9 +254,10 @@ pub enum Msg {
     PutAbort {
         id: u64,
     },
-    /// The extended attributes of `path` itself (a symlink is not followed). `Xattrs` or `Error`.
+    /// The extended attributes of `path` itself (a symlink is followed only with `follow`). `Xattrs` or `Error`.
     GetXattrs {
         path: Vec<u8>,
+        follow: bool,
     },
     /// The answer to `GetXattrs`.
     XattrList {
@@ -291,6 +308,22 @@ pub enum Msg {
     Delete {
         path: Vec<u8>,
     },
+    /// A push visits directory `path` after an interrupted one: the server removes the temporaries there of
+    /// processes that are gone, and answers `Parts` with the partial files no live transfer holds.
+    Clean {
+        path: Vec<u8>,
+    },
+    /// The answer to `Clean` (the names whose `.NAME.fstmp-part` or `.NAME.fstmp-journal` is left, held by no live
+    /// transfer) and to `DropParts` (the names whose partial files were removed).
+    Parts {
+        names: Vec<Vec<u8>>,
+    },
+    /// Remove the partial files of `names` in directory `path` (their source is gone), unless a live transfer holds
+    /// one. Answered by `Parts` with the names removed, or `Error`.
+    DropParts {
+        path: Vec<u8>,
+        names: Vec<Vec<u8>>,
+    },
     /// The client is done with this connection.
     Bye,
 }
@@ -319,6 +352,7 @@ const K_KEY_SHARE: u8 = 7;
 const K_LIST: u8 = 10;
 const K_ENTRY: u8 = 11;
 const K_LIST_END: u8 = 12;
+const K_ENTRY_ERROR: u8 = 16;
 const K_STAT: u8 = 13;
 const K_HASH: u8 = 14;
 const K_HASHED: u8 = 15;
@@ -334,6 +368,8 @@ const K_PUT_RESUME: u8 = 34;
 const K_RESUMED: u8 = 35;
 const K_PUT_CHECK: u8 = 36;
 const K_PUT_HOLE: u8 = 37;
+const K_PARTS: u8 = 38;
+const K_DROP_PARTS: u8 = 39;
 const K_MKDIR: u8 = 40;
 const K_SET_META: u8 = 41;
 const K_SYMLINK: u8 = 42;
@@ -343,6 +379,7 @@ const K_XATTR_LIST: u8 = 45;
 const K_PUT_XATTRS: u8 = 46;
 const K_SET_XATTRS: u8 = 47;
 const K_LINK: u8 = 48;
+const K_CLEAN: u8 = 49;
 const K_BYE: u8 = 60;
 
 /// Field writer for one frame body.
@@ -380,6 +417,12 @@ impl Out {
     fn bytes(&mut self, v: &[u8]) {
         self.u32(v.len() as u32);
         self.0.extend_from_slice(v);
+    }
+    fn names(&mut self, v: &[Vec<u8>]) {
+        self.u32(v.len() as u32);
+        for name in v {
+            self.bytes(name);
+        }
     }
 }
 
@@ -457,6 +500,21 @@ impl<'a> In<'a> {
         }
         Ok(out)
     }
+    fn names(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
+        let n = self.u32()? as usize;
+        if n > PART_NAMES_MAX {
+            return Err(bad(format!("{n} names are over the limit of {PART_NAMES_MAX}")));
+        }
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let name = self.bytes(NAME_BYTES_MAX, "name")?;
+            if name.is_empty() || name.contains(&0) || name.contains(&b'/') || name == b"." || name == b".." {
+                return Err(bad("a name is empty, `.`, `..`, or contains a NUL byte or a slash"));
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
     fn path(&mut self) -> Result<Vec<u8>, WireError> {
         let p = self.bytes(PATH_BYTES_MAX, "path")?;
         if p.contains(&0) {
@@ -516,10 +574,17 @@ impl Msg {
                 o.bytes(&message.as_bytes()[..message.floor_char_boundary(TEXT_BYTES_MAX)]);
             }
             Msg::Ok => o.u8(K_OK),
-            Msg::List { path, recursive } => {
+            Msg::List { path, recursive, follow } => {
                 o.u8(K_LIST);
                 o.bytes(path);
                 o.bool(*recursive);
+                o.bool(*follow);
+            }
+            Msg::EntryError { path, code, message } => {
+                o.u8(K_ENTRY_ERROR);
+                o.bytes(path);
+                o.u16(*code);
+                o.bytes(&message.as_bytes()[..message.floor_char_boundary(TEXT_BYTES_MAX)]);
             }
             Msg::Entry(e) => {
                 o.u8(K_ENTRY);
@@ -537,26 +602,29 @@ impl Msg {
                 o.u32(e.nlink);
             }
             Msg::ListEnd => o.u8(K_LIST_END),
-            Msg::Stat { path } => {
+            Msg::Stat { path, follow } => {
                 o.u8(K_STAT);
                 o.bytes(path);
+                o.bool(*follow);
             }
-            Msg::Hash { path, offset, len } => {
+            Msg::Hash { path, offset, len, follow } => {
                 o.u8(K_HASH);
                 o.bytes(path);
                 o.u64(*offset);
                 o.u64(*len);
+                o.bool(*follow);
             }
             Msg::Hashed { digest, bytes } => {
                 o.u8(K_HASHED);
                 o.arr(digest);
                 o.u64(*bytes);
             }
-            Msg::Get { path, offset, len } => {
+            Msg::Get { path, offset, len, follow } => {
                 o.u8(K_GET);
                 o.bytes(path);
                 o.u64(*offset);
                 o.u64(*len);
+                o.bool(*follow);
             }
             Msg::Data { offset, digest, bytes } => {
                 o.u8(K_DATA);
@@ -656,9 +724,23 @@ impl Msg {
                 o.u8(K_DELETE);
                 o.bytes(path);
             }
-            Msg::GetXattrs { path } => {
+            Msg::GetXattrs { path, follow } => {
                 o.u8(K_GET_XATTRS);
                 o.bytes(path);
+                o.bool(*follow);
+            }
+            Msg::Clean { path } => {
+                o.u8(K_CLEAN);
+                o.bytes(path);
+            }
+            Msg::Parts { names } => {
+                o.u8(K_PARTS);
+                o.names(names);
+            }
+            Msg::DropParts { path, names } => {
+                o.u8(K_DROP_PARTS);
+                o.bytes(path);
+                o.names(names);
             }
             Msg::Link { path, target } => {
                 o.u8(K_LINK);
@@ -695,7 +777,8 @@ impl Msg {
             K_AUTH_OK => Msg::AuthOk { mac: i.arr()? },
             K_ERROR => Msg::Error { code: i.u16()?, message: i.text()? },
             K_OK => Msg::Ok,
-            K_LIST => Msg::List { path: i.path()?, recursive: i.bool()? },
+            K_LIST => Msg::List { path: i.path()?, recursive: i.bool()?, follow: i.bool()? },
+            K_ENTRY_ERROR => Msg::EntryError { path: i.path()?, code: i.u16()?, message: i.text()? },
             K_ENTRY => Msg::Entry(EntryMeta {
                 path: i.path()?,
                 kind: i.kind()?,
@@ -711,10 +794,10 @@ impl Msg {
                 nlink: i.u32()?,
             }),
             K_LIST_END => Msg::ListEnd,
-            K_STAT => Msg::Stat { path: i.path()? },
-            K_HASH => Msg::Hash { path: i.path()?, offset: i.u64()?, len: i.u64()? },
+            K_STAT => Msg::Stat { path: i.path()?, follow: i.bool()? },
+            K_HASH => Msg::Hash { path: i.path()?, offset: i.u64()?, len: i.u64()?, follow: i.bool()? },
             K_HASHED => Msg::Hashed { digest: i.arr()?, bytes: i.u64()? },
-            K_GET => Msg::Get { path: i.path()?, offset: i.u64()?, len: i.u64()? },
+            K_GET => Msg::Get { path: i.path()?, offset: i.u64()?, len: i.u64()?, follow: i.bool()? },
             K_DATA => Msg::Data { offset: i.u64()?, digest: i.arr()?, bytes: i.bytes(CHUNK_BYTES_MAX, "chunk")? },
             K_DATA_END => Msg::DataEnd { size: i.u64()?, mtime_sec: i.i64()?, mtime_nsec: i.nsec()? },
             K_HOLE => Msg::Hole { offset: i.u64()?, len: i.u64()? },
@@ -764,7 +847,10 @@ impl Msg {
                 mtime_nsec: i.nsec()?,
             },
             K_DELETE => Msg::Delete { path: i.path()? },
-            K_GET_XATTRS => Msg::GetXattrs { path: i.path()? },
+            K_GET_XATTRS => Msg::GetXattrs { path: i.path()?, follow: i.bool()? },
+            K_CLEAN => Msg::Clean { path: i.path()? },
+            K_PARTS => Msg::Parts { names: i.names()? },
+            K_DROP_PARTS => Msg::DropParts { path: i.path()?, names: i.names()? },
             K_LINK => Msg::Link { path: i.path()?, target: i.path()? },
             K_XATTR_LIST => Msg::XattrList { xattrs: i.xattrs()? },
             K_PUT_XATTRS => Msg::PutXattrs { id: i.u64()?, xattrs: i.xattrs()? },
@@ -939,7 +1025,8 @@ mod tests {
             Msg::AuthOk { mac: [2; 32] },
             Msg::Error { code: code::NOT_FOUND, message: "no such file".into() },
             Msg::Ok,
-            Msg::List { path: b"a/b".to_vec(), recursive: true },
+            Msg::List { path: b"a/b".to_vec(), recursive: true, follow: true },
+            Msg::EntryError { path: b"a/l".to_vec(), code: code::PATH_ESCAPES, message: "leads outside".into() },
             Msg::Entry(EntryMeta {
                 path: b"x\xffy".to_vec(),
                 kind: EntryKind::Symlink,
@@ -955,17 +1042,20 @@ mod tests {
                 nlink: 4,
             }),
             Msg::ListEnd,
-            Msg::Stat { path: vec![] },
-            Msg::Hash { path: b"f".to_vec(), offset: 0, len: u64::MAX },
+            Msg::Stat { path: vec![], follow: false },
+            Msg::Hash { path: b"f".to_vec(), offset: 0, len: u64::MAX, follow: true },
             Msg::Hashed { digest: [5; 32], bytes: 12 },
-            Msg::Get { path: b"f".to_vec(), offset: 3, len: 9 },
+            Msg::Get { path: b"f".to_vec(), offset: 3, len: 9, follow: true },
             Msg::Data { offset: 1 << 40, digest: [3; 32], bytes: vec![9; 1000] },
             Msg::DataEnd { size: 10, mtime_sec: 1, mtime_nsec: 2 },
             Msg::PutBegin { id: 42, path: b"d/f".to_vec(), size: 100, mode: 0o644 },
             Msg::PutData { id: 42, offset: 0, digest: [4; 32], bytes: vec![1, 2, 3] },
             Msg::PutEnd { id: 42, mode: 0o600, uid: 0, gid: 0, mtime_sec: 7, mtime_nsec: 8, fsync: true },
             Msg::Hole { offset: 4096, len: 1 << 40 },
-            Msg::GetXattrs { path: b"d/f".to_vec() },
+            Msg::GetXattrs { path: b"d/f".to_vec(), follow: true },
+            Msg::Clean { path: b"d".to_vec() },
+            Msg::Parts { names: vec![b"big.bin".to_vec(), vec![b'x'; NAME_BYTES_MAX]] },
+            Msg::DropParts { path: b"d".to_vec(), names: vec![b"big.bin".to_vec()] },
             Msg::Link { path: b"d/g".to_vec(), target: b"d/f".to_vec() },
             Msg::XattrList { xattrs: vec![(b"user.a".to_vec(), b"1".to_vec()), (b"user.b".to_vec(), Vec::new())] },
             Msg::PutXattrs { id: 42, xattrs: vec![(b"user.c".to_vec(), vec![0; 300])] },
@@ -1020,6 +1110,14 @@ mod tests {
         body.extend(std::iter::repeat_n(b'a', PATH_BYTES_MAX + 1));
         assert!(Msg::decode_body(&body).is_err());
         assert!(Msg::decode_body(&[200]).is_err());
+        // Too many names, and names that are not one component, are refused.
+        let mut many = vec![K_PARTS];
+        many.extend_from_slice(&((PART_NAMES_MAX + 1) as u32).to_le_bytes());
+        assert!(Msg::decode_body(&many).is_err());
+        for bad_name in [&b""[..], b"..", b"a/b", b"a\0b"] {
+            let body = Msg::Parts { names: vec![bad_name.to_vec()] }.encode_body();
+            assert!(Msg::decode_body(&body).is_err(), "{bad_name:?} accepted as a name");
+        }
         assert!(Msg::decode_body(&[K_CHALLENGE, 1, 0]).is_err());
         // A version-1 hello of before the flags (no flags byte) is refused, not misread.
         let mut old = vec![K_HELLO, 1, 0];

@@ -437,7 +437,7 @@ pub fn get_into_file(
         };
         return conn.get(path, offset, len, &mut sink, &mut hole);
     }
-    conn.send(&Msg::Get { path: path.to_vec(), offset, len })?;
+    conn.send(&Msg::Get { path: path.to_vec(), offset, len, follow: conn.follows() })?;
     let addr = conn.addr().to_string();
     let (r, _) = conn.plain_parts().expect("checked above");
     let broken = |r: &BufReader<Reader<TcpStream>>, e: &io::Error| GetError::Req(lost(&addr, r.get_ref().plain(), e));

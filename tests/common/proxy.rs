@@ -59,6 +59,8 @@ struct Shared {
     plan: Plan,
     faults: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections not yet closed on both sides.
+    open: AtomicUsize,
     /// Bytes forwarded client → server and server → client.
     up_bytes: AtomicU64,
     down_bytes: AtomicU64,
@@ -101,6 +103,7 @@ impl Proxy {
             plan,
             faults: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             up_bytes: AtomicU64::new(0),
             down_bytes: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
@@ -128,6 +131,11 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open (a client that is gone may have bytes still on the way to the server).
+    pub fn open(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
     }
 
     /// Bytes forwarded from clients to the server.
@@ -160,7 +168,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         let number = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         let Ok(server) = TcpStream::connect(&shared.upstream) else { continue };
         let shared = shared.clone();
-        std::thread::spawn(move || proxy_connection(number, client, server, &shared));
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        std::thread::spawn(move || {
+            proxy_connection(number, client, server, &shared);
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 
