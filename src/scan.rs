@@ -284,9 +284,6 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
             Err(e) => return Chunk { entries: Err(e), rest: None, next: None, dst_entries: None },
         },
     };
-    // Counted on the first chunk: with the number of source names found there, it tells whether the destination
-    // has extraneous entries (`sync --delete`) without keeping any list of names.
-    let dst_entries = (target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
     let names: Vec<io::Result<fs::DirEntry>> = iter.by_ref().take(CHUNK_ENTRIES).collect();
     let (mut rest, mut next) = (None, None);
     if names.len() == CHUNK_ENTRIES {
@@ -305,6 +302,9 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
             rest = Some(rest_of);
         }
     }
+    // Counted on the first chunk (once the next one is on its way): with the number of source names found there,
+    // it tells whether the destination has extraneous entries (`sync --delete`) without keeping any list of names.
+    let dst_entries = (target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
     let entries = names
         .into_iter()
         .map(|entry| {
