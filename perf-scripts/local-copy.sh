@@ -19,6 +19,13 @@ Usage: perf-scripts/local-copy.sh [options]
                        fastsync,fastsync-fallback,cp,rsync,xcp,fcp,cpz);
                        optional extras: fastsync-uring, xcp-parblock
   --rounds N           rounds per data set and mode                (default: 5)
+  --fresh-fs           (root) every run writes into a filesystem made for it:
+                       a new ext4 (journal as the work dir's fs has it) on a
+                       loop image in the work dir (same disk, direct-I/O
+                       loop), made and mounted outside the timed region,
+                       removed after verification. Takes the aging of the
+                       work dir's filesystem out of the comparison (see the
+                       report's notes)
   --no-build           do not run `cargo build --release`
   --no-install         do not install missing peers (apt / cargo install)
   -h, --help           this text
@@ -59,6 +66,7 @@ TOOLS=""
 DO_BUILD=1
 DO_INSTALL=1
 QUICK=0
+FRESH_FS=0
 
 while (($#)); do
     case $1 in
@@ -77,6 +85,7 @@ while (($#)); do
         --tools=*) TOOLS=${1#*=} ;;
         --rounds) ROUNDS=$2; shift ;;
         --rounds=*) ROUNDS=${1#*=} ;;
+        --fresh-fs) FRESH_FS=1 ;;
         --no-build) DO_BUILD=0 ;;
         --no-install) DO_INSTALL=0 ;;
         -h | --help) usage; exit 0 ;;
@@ -96,6 +105,10 @@ open_results local-copy
 
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1
+if ((FRESH_FS)); then
+    ((IS_ROOT)) || die "--fresh-fs needs root (losetup, mkfs, mount)"
+    for t in losetup mkfs.ext4 mount umount; do command -v $t >/dev/null || die "--fresh-fs needs $t"; done
+fi
 
 # ---------------------------------------------------------------- 1. build + peers
 install_apt_peers() {
@@ -206,9 +219,11 @@ meta digest "${HASH[0]}"
 meta git "$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo ?)$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo '+dirty')"
 for t in "${TOOL_LIST[@]}"; do meta "version_$t" "$(tool_version "$t")"; done
 meta tools "${TOOL_LIST[*]}"
+meta fresh_fs "$FRESH_FS"
 
 cleanup() {
     local rc=$?
+    fresh_fs_down
     rm -rf "$OUT" "$WORK"/fio-*.tmp 2>/dev/null || true
     hugepages_restore
     # manifests are large (tens of MB for the real set); logs and fio JSON stay
@@ -393,9 +408,36 @@ verify() { # set dst -> 0 ok; sets VERIFY_MSG, META_OK
 
 echo "stamp,set,mode,round,position,tool,status,wall_s,user_s,sys_s,cpu_s,maxrss_kib,bytes,files,meta_preserved,note" >"$CSV"
 
+# --fresh-fs: one new ext4 per run, on a loop image in the work dir.
+FRESH_MNT="$WORK/fresh-mnt"
+FRESH_IMG="$WORK/fresh.img"
+FRESH_DEV=""
+fresh_fs_up() { # set
+    local bytes=${SRC_BYTES[$1]} journal=()
+    [[ $JOURNAL == no ]] && journal=(-O ^has_journal)
+    truncate -s "$((bytes * 3 / 2 + (1 << 30)))" "$FRESH_IMG"
+    # Inode tables and journal written now, so no lazy-init thread writes during the timed run.
+    mkfs.ext4 -q -F "${journal[@]}" -E lazy_itable_init=0,lazy_journal_init=0 "$FRESH_IMG"
+    FRESH_DEV=$(losetup -f --show --direct-io=on "$FRESH_IMG")
+    mkdir -p "$FRESH_MNT"
+    mount "$FRESH_DEV" "$FRESH_MNT"
+}
+fresh_fs_down() {
+    if [[ -n $FRESH_DEV ]]; then
+        umount "$FRESH_MNT" 2>/dev/null || true
+        losetup -d "$FRESH_DEV" 2>/dev/null || true
+        FRESH_DEV=""
+    fi
+    rm -f "$FRESH_IMG" 2>/dev/null || true
+}
+
 run_one() { # set mode round position tool
     local s=$1 mode=$2 r=$3 pos=$4 tool=$5
     local src=${SRC_PATH[$s]} kind=${SRC_KIND[$s]} rdir="$OUT/$s-$mode-r$r"
+    if ((FRESH_FS)); then
+        fresh_fs_up "$s"
+        rdir="$FRESH_MNT/$s-$mode-r$r"
+    fi
     local dst tf="$LOGDIR/time.tmp" lg="$LOGDIR/$s-$mode-r$r-$tool.log"
     mkdir -p "$rdir"
     if [[ $kind == file ]]; then
@@ -434,6 +476,7 @@ run_one() { # set mode round position tool
         # the engine fastsync actually used, from its --json summary
         note="engine=$(grep -o '"engine":"[a-z_]*"' "$lg" | head -n1 | cut -d'"' -f4 || true)"
     fi
+    ((FRESH_FS)) && fresh_fs_down
     if [[ $status == ok ]]; then
         log "$s/$mode r$r $(printf '%-18s' "$tool") ${wall}s  cpu ${cpu}s  rss $((rss / 1024)) MiB  meta:$META_OK $note"
         echo "$STAMP,$s,$mode,$r,$pos,$tool,ok,$wall,$user,$sys,$cpu,$rss,${SRC_BYTES[$s]},${SRC_FILES[$s]},$META_OK,$note" >>"$CSV"
@@ -624,9 +667,16 @@ if fio_limit:
 w("## Notes and caveats")
 w("")
 w("- The machine is shared and noisy: read the medians and the ratios, compare tools only within one run, and look at the raw rounds in the CSV.")
-w("- Destinations are fresh directories with new names each run (ext4 without journal is slow to re-create recently deleted inodes); "
-  "a round's copies are deleted after the round, outside the timed region, followed by `sync` and a page-cache drop: "
-  "without the drop, the next creates pay for ext4's recently-deleted-inode check against the cached inode tables (3-4x the sys CPU).")
+if meta.get('fresh_fs') == '1':
+    w("- `--fresh-fs`: every run wrote into a new ext4 made for it (a loop image in the work dir, so the same disk; direct-I/O loop device; "
+      "journal as the work dir's filesystem has it; inode tables initialized at mkfs), made, mounted and (cold mode) dropped from the caches "
+      "outside the timed region, removed after verification. Sources are read from the work dir. Without it, destinations on the long-used "
+      "work dir filesystem paid for ext4's recently-deleted-inode scan in every create (`recently_deleted`, `find_inode_bit`: 50-75% of "
+      "the CPU of a tree copy in profiles, growing run after run), which no copy tool controls.")
+else:
+    w("- Destinations are fresh directories with new names each run (ext4 without journal is slow to re-create recently deleted inodes); "
+      "a round's copies are deleted after the round, outside the timed region, followed by `sync` and a page-cache drop: "
+      "without the drop, the next creates pay for ext4's recently-deleted-inode check against the cached inode tables (3-4x the sys CPU).")
 w("- Verification (outside the timed region): big file by content digest; trees by a sorted list of (type, relative path, size or link target) plus per-file digests. "
   "A run whose tool exits non-zero or whose output differs is reported FAILED and not timed.")
 for n_ in notes:
