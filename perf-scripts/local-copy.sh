@@ -415,7 +415,7 @@ FRESH_DEV=""
 fresh_fs_up() { # set
     local bytes=${SRC_BYTES[$1]} journal=()
     [[ $JOURNAL == no ]] && journal=(-O ^has_journal)
-    truncate -s "$((bytes * 3 / 2 + (1 << 30)))" "$FRESH_IMG"
+    truncate -s "$(((bytes * 3 / 2 + (1 << 30)) / 1048576))M" "$FRESH_IMG"
     # Inode tables and journal written now, so no lazy-init thread writes during the timed run.
     mkfs.ext4 -q -F "${journal[@]}" -E lazy_itable_init=0,lazy_journal_init=0 "$FRESH_IMG"
     FRESH_DEV=$(losetup -f --show --direct-io=on "$FRESH_IMG")
