@@ -19,6 +19,8 @@ Usage: perf-scripts/lan.sh [options]          (as root: namespaces, tc, drop_cac
   --rounds N           rounds per link and set                          (default: 3)
   --streams N          TCP streams for fastsync (--streams) and iperf3 (-P) (default: 4)
   --rate RATE          tc tbf rate of the veth link, both directions    (default: 1gbit)
+  --fresh-fs           every run's destination is a new ext4 made for it (see
+                       local-copy.sh --fresh-fs), mounted where the copy goes
   --no-build           do not run `cargo build --release`
   --no-install         do not install missing tools with apt
   -h, --help           this text
@@ -58,6 +60,7 @@ RATE=1gbit
 DO_BUILD=1
 DO_INSTALL=1
 QUICK=0
+FRESH_FS=0
 
 while (($#)); do
     case $1 in
@@ -68,6 +71,7 @@ while (($#)); do
         --rounds) ROUNDS=$2; shift ;;
         --streams) STREAMS=$2; shift ;;
         --rate) RATE=$2; shift ;;
+        --fresh-fs) FRESH_FS=1 ;;
         --no-build) DO_BUILD=0 ;;
         --no-install) DO_INSTALL=0 ;;
         -h | --help) usage; exit 0 ;;
@@ -166,6 +170,7 @@ meta binary "$FASTSYNC"
 meta git "$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo ?)$(cd "$REPO" && git diff --quiet HEAD -- src engine uring fallback 2>/dev/null || echo '+dirty')"
 for t in "${TOOL_LIST[@]}"; do meta "version_$t" "$(tool_version "$t")"; done
 meta tools "${TOOL_LIST[*]}"
+meta fresh_fs "$FRESH_FS"
 
 # ---------------------------------------------------------------- links
 NS_A=fsl-a-$$ # client
@@ -230,6 +235,7 @@ stop_server() {
 cleanup() {
     local rc=$?
     stop_server
+    fresh_fs_down
     netns_down
     rm -rf "$OUT" 2>/dev/null || true
     rm -f "$LOGDIR"/*.manifest "$LOGDIR"/time.* 2>/dev/null || true
@@ -443,6 +449,7 @@ run_one() { # link set round position tool
     local link=$1 s=$2 r=$3 pos=$4 tool=$5
     local dst="$OUT/$link-$s-r$r/$tool" lg="$LOGDIR/$link-$s-r$r-$tool"
     mkdir -p "$dst"
+    ((FRESH_FS)) && fresh_fs_up "$dst" "${SRC_BYTES[$s]}" "$(fs_journal "$WORK")"
     [[ $tool == rsync-ssh ]] && ssh_config
     client_cmd "$tool" "$s" "$dst"
     printf '%q ' "${CMD[@]}" >"$lg.cmd"
@@ -476,6 +483,7 @@ run_one() { # link set round position tool
             status=FAILED note="verify: $VERIFY_MSG"
         fi
     fi
+    ((FRESH_FS)) && fresh_fs_down
     if [[ $status != ok ]]; then
         log "$link/$s r$r $(printf '%-14s' "$tool") FAILED ($note); command: $(cat "$lg.cmd")"
         echo "$STAMP,$link,$s,$r,$pos,$tool,FAILED,,,,,,,,,,${SRC_BYTES[$s]},${SRC_FILES[$s]},,,\"${note//\"/\'}\"" >>"$CSV"
@@ -638,8 +646,14 @@ w("- The machine is shared and noisy: compare tools only within one run; read me
 w("- The big file's target is against iperf3 with as many streams as fastsync uses: memory to memory, nothing hashed, "
   "nothing written; fastsync also hashes every chunk with BLAKE3 and writes a file. The small files' target is against "
   "the rsync daemon (no ssh cipher in the way).")
-w("- Sources are warm (read into the page cache before each run); destinations are new directories; after each round the "
-  "copies are deleted, then `sync` and a page-cache drop (ext4's recently-deleted-inode check; see above).")
+if meta.get('fresh_fs') == '1':
+    w("- Sources are warm (read into the page cache before each run). `--fresh-fs`: every run's destination is a new ext4 "
+      "made for it (loop image on the same disk, direct-I/O loop device, inode tables written at mkfs), mounted where the "
+      "copy goes before the server starts and removed after verification: the work dir's aged ext4 (its recently-deleted-inode "
+      "scan in every create) plays no part.")
+else:
+    w("- Sources are warm (read into the page cache before each run); destinations are new directories; after each round the "
+      "copies are deleted, then `sync` and a page-cache drop (ext4's recently-deleted-inode check; see above).")
 w("- Verification outside the timed region: big file by size and content digest; trees by a sorted list of (type, path, "
   "size / link target) and every file's digest; no `.fstmp-` temporaries. A non-zero exit or a wrong output is FAILED and not timed.")
 w("- `tar | nc` keeps modes and mtimes (tar), `rsync -a` too; `mode+mtime kept` is reported, not enforced.")

@@ -88,3 +88,37 @@ make_real() {
     cp -a "$sysroot" "$REAL"
     touch "$REAL.ok"
 }
+
+# --fresh-fs: a new ext4 mounted at MOUNTPOINT for one run, on a loop image in $WORK (the same disk; direct-I/O loop
+# device) big enough for BYTES of copies; JOURNAL (yes/no) as the work dir's filesystem has it. Inode tables and
+# journal are written at mkfs, so no lazy-init thread writes during the timed run. Sets FRESH_DEV; fresh_fs_down
+# undoes it (safe to call twice, and from a cleanup trap).
+FRESH_DEV=""
+FRESH_MNT=""
+fresh_fs_up() { # mountpoint bytes journal
+    local img="$WORK/fresh.img" opts=()
+    [[ $3 == no ]] && opts=(-O ^has_journal)
+    truncate -s "$((($2 * 3 / 2 + (1 << 30)) / 1048576))M" "$img"
+    mkfs.ext4 -q -F "${opts[@]}" -E lazy_itable_init=0,lazy_journal_init=0 "$img"
+    FRESH_DEV=$(losetup -f --show --direct-io=on "$img")
+    FRESH_MNT=$1
+    mkdir -p "$FRESH_MNT"
+    mount "$FRESH_DEV" "$FRESH_MNT"
+    rmdir "$FRESH_MNT/lost+found" # a destination must hold only the copy
+}
+fresh_fs_down() {
+    if [[ -n $FRESH_DEV ]]; then
+        umount "$FRESH_MNT" 2>/dev/null || true
+        losetup -d "$FRESH_DEV" 2>/dev/null || true
+        FRESH_DEV=""
+    fi
+    rm -f "$WORK/fresh.img" 2>/dev/null || true
+}
+# Whether the filesystem of directory $1 has a journal: yes, no or ? (not ext*, or dumpe2fs missing).
+fs_journal() {
+    local dev
+    dev=$(findmnt -no SOURCE -T "$1" 2>/dev/null) || { echo "?"; return; }
+    if ! dumpe2fs -h "$dev" >/dev/null 2>&1; then echo "?"
+    elif dumpe2fs -h "$dev" 2>/dev/null | grep -q '^Filesystem features:.*has_journal'; then echo yes
+    else echo no; fi
+}

@@ -201,10 +201,7 @@ mkdir -p "$DATA" "$OUT"
 FS_DEV=$(findmnt -no SOURCE -T "$WORK" 2>/dev/null || echo "?")
 FS_TYPE=$(findmnt -no FSTYPE -T "$WORK" 2>/dev/null || stat -f -c %T "$WORK")
 FS_OPTS=$(findmnt -no OPTIONS -T "$WORK" 2>/dev/null || echo "?")
-JOURNAL="?"
-if [[ $FS_TYPE == ext* ]] && command -v dumpe2fs >/dev/null; then
-    if dumpe2fs -h "$FS_DEV" 2>/dev/null | grep -q '^Filesystem features:.*has_journal'; then JOURNAL=yes; else JOURNAL=no; fi
-fi
+JOURNAL=$(fs_journal "$WORK")
 meta stamp "$STAMP"
 meta host "$(hostname)"
 meta nproc "$(nproc)"
@@ -408,35 +405,13 @@ verify() { # set dst -> 0 ok; sets VERIFY_MSG, META_OK
 
 echo "stamp,set,mode,round,position,tool,status,wall_s,user_s,sys_s,cpu_s,maxrss_kib,bytes,files,meta_preserved,note" >"$CSV"
 
-# --fresh-fs: one new ext4 per run, on a loop image in the work dir.
-FRESH_MNT="$WORK/fresh-mnt"
-FRESH_IMG="$WORK/fresh.img"
-FRESH_DEV=""
-fresh_fs_up() { # set
-    local bytes=${SRC_BYTES[$1]} journal=()
-    [[ $JOURNAL == no ]] && journal=(-O ^has_journal)
-    truncate -s "$(((bytes * 3 / 2 + (1 << 30)) / 1048576))M" "$FRESH_IMG"
-    # Inode tables and journal written now, so no lazy-init thread writes during the timed run.
-    mkfs.ext4 -q -F "${journal[@]}" -E lazy_itable_init=0,lazy_journal_init=0 "$FRESH_IMG"
-    FRESH_DEV=$(losetup -f --show --direct-io=on "$FRESH_IMG")
-    mkdir -p "$FRESH_MNT"
-    mount "$FRESH_DEV" "$FRESH_MNT"
-}
-fresh_fs_down() {
-    if [[ -n $FRESH_DEV ]]; then
-        umount "$FRESH_MNT" 2>/dev/null || true
-        losetup -d "$FRESH_DEV" 2>/dev/null || true
-        FRESH_DEV=""
-    fi
-    rm -f "$FRESH_IMG" 2>/dev/null || true
-}
-
 run_one() { # set mode round position tool
     local s=$1 mode=$2 r=$3 pos=$4 tool=$5
     local src=${SRC_PATH[$s]} kind=${SRC_KIND[$s]} rdir="$OUT/$s-$mode-r$r"
     if ((FRESH_FS)); then
-        fresh_fs_up "$s"
-        rdir="$FRESH_MNT/$s-$mode-r$r"
+        rdir="$WORK/fresh-mnt"
+        fresh_fs_up "$rdir" "${SRC_BYTES[$s]}" "$JOURNAL"
+        rdir="$rdir/$s-$mode-r$r"
     fi
     local dst tf="$LOGDIR/time.tmp" lg="$LOGDIR/$s-$mode-r$r-$tool.log"
     mkdir -p "$rdir"
