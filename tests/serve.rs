@@ -56,6 +56,10 @@ impl Server {
     }
 
     fn start_with(root: &Path, extra: &[&str], via: TokenVia) -> Server {
+        Server::start_env(root, extra, via, &[])
+    }
+
+    fn start_env(root: &Path, extra: &[&str], via: TokenVia, env: &[(&str, &str)]) -> Server {
         let token_dir = tmp();
         let token_file = token_dir.path().join("token");
         fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -67,6 +71,9 @@ impl Server {
         let mut cmd = serve_command(&args);
         if via == TokenVia::Env {
             cmd.env("FASTSYNC_TOKEN", TOKEN);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -522,10 +529,12 @@ fn list_stat_and_get() {
 // ---------------------------------------------------------------------------------------------------------------
 
 #[test]
+/// With named temporaries (`FASTSYNC_TMPFILE=0`, as on a filesystem without `O_TMPFILE`): the temporary is visible
+/// beside the final name while the file is incomplete. (Unnamed, nothing is: see the test after this one.)
 fn a_put_across_two_connections_appears_only_after_put_end() {
     let dir = tmp();
     let root = dir.path();
-    let srv = Server::start(root, &[]);
+    let srv = Server::start_env(root, &[], TokenVia::File, &[("FASTSYNC_TMPFILE", "0")]);
     let mut a = srv.connect();
     let mut b = srv.connect();
     a.ok(&Msg::Mkdir { path: "dir".into(), mode: 0o755 });
@@ -883,10 +892,48 @@ fn a_stalled_client_is_dropped_after_the_timeout() {
     assert_eq!(srv.connect().stat("").unwrap().kind, EntryKind::Dir);
 }
 
+/// By default a small file is received unnamed (`O_TMPFILE`, Linux) and linked into place by `PutEnd`: nothing at
+/// all is in the directory before that; a name taken meanwhile, a file or a symlink, is replaced as a rename would.
+#[test]
+#[cfg(target_os = "linux")]
+fn an_unnamed_put_shows_nothing_until_put_end_and_replaces_what_appeared() {
+    let dir = tmp();
+    let root = dir.path();
+    let srv = Server::start(root, &[]);
+    let mut c = srv.connect();
+    c.ok(&Msg::Mkdir { path: "u".into(), mode: 0o755 });
+    let data = random_bytes(12, 300_000);
+    c.ok(&Msg::PutBegin { id: 1, path: "u/new.bin".into(), size: data.len() as u64, mode: 0o644 });
+    c.ok(&put_data(1, 0, &data[..100_000]));
+    assert_eq!(fs::read_dir(root.join("u")).unwrap().count(), 0, "an incomplete file has a name");
+    c.ok(&put_data(1, 100_000, &data[100_000..]));
+    c.ok(&put_end(1, 0o640, (1_600_000_000, 7)));
+    let f = root.join("u/new.bin");
+    assert!(fs::read(&f).unwrap() == data, "content");
+    assert_eq!((mode_of(&f), mtime_of(&f)), (0o640, (1_600_000_000, 7)));
+    // Taken while the file was on its way: a file, then a symlink.
+    for (id, what) in [(2u64, "file"), (3, "symlink")] {
+        c.ok(&Msg::PutBegin { id, path: "u/late".into(), size: 3, mode: 0o644 });
+        let _ = fs::remove_file(root.join("u/late"));
+        match what {
+            "file" => write_file(&root.join("u/late"), b"appeared"),
+            _ => ln_s("new.bin", &root.join("u/late")),
+        }
+        c.ok(&put_data(id, 0, b"new"));
+        c.ok(&put_end(id, 0o600, (2, 0)));
+        let late = root.join("u/late");
+        assert!(fs::symlink_metadata(&late).unwrap().is_file(), "{what} not replaced");
+        assert_eq!(fs::read(&late).unwrap(), b"new");
+    }
+    assert_no_tmp(root);
+    assert_eq!(fs::read_dir(root.join("u")).unwrap().count(), 2);
+}
+
 #[test]
 fn sigterm_removes_unfinished_temporaries() {
     let dir = tmp();
-    let mut srv = Server::start(dir.path(), &[]);
+    // Named temporaries (unnamed ones vanish by themselves).
+    let mut srv = Server::start_env(dir.path(), &[], TokenVia::File, &[("FASTSYNC_TMPFILE", "0")]);
     let mut c = srv.connect();
     c.ok(&Msg::PutBegin { id: 1, path: "half".into(), size: 10, mode: 0o644 });
     c.ok(&put_data(1, 0, b"12345"));

@@ -42,8 +42,14 @@ pub enum Created {
 /// out — the named temporary `tmp`, created exclusively (`EEXIST` means the name is someone else's file: it is
 /// reported, never removed).
 pub fn create_dst(tmp: &Path, dst: &Path, vacant: bool, readable: bool, mode: u32) -> io::Result<(OwnedFd, Created)> {
-    if vacant && let Some(fd) = unnamed::create(dst, readable, mode) {
-        return Ok((fd, Created::Unnamed));
+    if vacant {
+        let dir = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if let Some(fd) = cstr(dir).ok().and_then(|d| unnamed::create(libc::AT_FDCWD, &d, readable, mode)) {
+            return Ok((fd, Created::Unnamed));
+        }
     }
     let file = OpenOptions::new().write(true).read(readable).create_new(true).mode(mode).open(tmp)?;
     Ok((file.into(), Created::Named))
@@ -56,15 +62,27 @@ pub fn discard(created: Created, tmp: &Path) {
     }
 }
 
+/// `FASTSYNC_TMPFILE=0` turns unnamed files off: every file is written under a named temporary.
+pub const TMPFILE_ENV: &str = "FASTSYNC_TMPFILE";
+
+/// An unnamed file (`O_TMPFILE`) in the directory `dir`, read-write, with `mode`, for [`link_unnamed_at`] to name once
+/// it is complete; `None` where the filesystem, the kernel or a missing `/proc` rule that out (use a named temporary).
+pub fn create_unnamed_at(dir: BorrowedFd<'_>, mode: u32) -> Option<OwnedFd> {
+    unnamed::create(dir.as_raw_fd(), c".", true, mode)
+}
+
+/// Give the unnamed file `fd` the name `name` in `dir`; `EEXIST` when something is there.
+pub fn link_unnamed_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
+    unnamed::link(fd, dir.as_raw_fd(), name)
+}
+
 #[cfg(target_os = "linux")]
 mod unnamed {
     //! `O_TMPFILE` files and linking them into place through `/proc/self/fd`.
 
-    use std::ffi::CString;
-    use std::fs::OpenOptions;
+    use std::ffi::{CStr, CString};
     use std::io;
-    use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
     use std::path::Path;
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,43 +90,42 @@ mod unnamed {
     /// Set once a filesystem answered that it has no `O_TMPFILE`: later files take named temporaries at once.
     static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
+    /// `/proc/self/fd` is there to link through, and `FASTSYNC_TMPFILE=0` did not turn unnamed files off.
     fn proc_fd_usable() -> bool {
         static USABLE: OnceLock<bool> = OnceLock::new();
-        *USABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+        *USABLE.get_or_init(|| {
+            std::env::var_os(super::TMPFILE_ENV).is_none_or(|v| v != "0") && Path::new("/proc/self/fd").is_dir()
+        })
     }
 
-    pub(super) fn create(dst: &Path, readable: bool, mode: u32) -> Option<OwnedFd> {
+    /// `openat(dir, path, O_TMPFILE)`: an inode with no name in the directory `path` (relative to `dir`).
+    pub(super) fn create(dir: RawFd, path: &CStr, readable: bool, mode: u32) -> Option<OwnedFd> {
         if UNSUPPORTED.load(Ordering::Relaxed) || !proc_fd_usable() {
             return None;
         }
-        let dir = match dst.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        // O_TMPFILE includes O_DIRECTORY: `dir` is opened to create an inode in it, with no name.
-        let flags = libc::O_TMPFILE | libc::O_CLOEXEC;
-        match OpenOptions::new().write(true).read(readable).custom_flags(flags).mode(mode).open(dir) {
-            Ok(f) => Some(f.into()),
-            Err(e) => {
-                // No O_TMPFILE here (EOPNOTSUPP; EISDIR or EINVAL from kernels or filesystems that predate it).
-                // Anything else (ENOSPC, EACCES, ...) the named temporary will meet and report too.
-                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) {
-                    UNSUPPORTED.store(true, Ordering::Relaxed);
-                }
-                None
-            }
+        let access = if readable { libc::O_RDWR } else { libc::O_WRONLY };
+        // O_TMPFILE includes O_DIRECTORY: the directory is opened to create an inode in it, with no name.
+        let flags = libc::O_TMPFILE | access | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor (or AT_FDCWD) and C string; the result is owned below.
+        let fd = unsafe { libc::openat(dir, path.as_ptr(), flags, mode as libc::c_uint) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor, owned by nobody else.
+            return Some(unsafe { OwnedFd::from_raw_fd(fd) });
         }
+        // No O_TMPFILE here (EOPNOTSUPP; EISDIR or EINVAL from kernels or filesystems that predate it). Anything
+        // else (ENOSPC, EACCES, ...) the named temporary will meet and report too.
+        if matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+        None
     }
 
-    /// Give the unnamed file `fd` the name `to`; `EEXIST` when something is there.
-    pub(super) fn link(fd: BorrowedFd<'_>, to: &Path) -> io::Result<()> {
+    /// Give the unnamed file `fd` the name `to` (relative to `dir`); `EEXIST` when something is there.
+    pub(super) fn link(fd: BorrowedFd<'_>, dir: RawFd, to: &CStr) -> io::Result<()> {
         let from = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
-        let to = super::cstr(to)?;
-        // SAFETY: valid C strings. AT_SYMLINK_FOLLOW resolves the /proc link to the open file itself (linking a
-        // file with no name is allowed because it was not opened with O_EXCL).
-        let rc = unsafe {
-            libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW)
-        };
+        // SAFETY: valid C strings and descriptor. AT_SYMLINK_FOLLOW resolves the /proc link to the open file itself
+        // (linking a file with no name is allowed because it was not opened with O_EXCL).
+        let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), dir, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
 }
@@ -117,15 +134,15 @@ mod unnamed {
 mod unnamed {
     //! No `O_TMPFILE` outside Linux: every destination is a named temporary.
 
+    use std::ffi::CStr;
     use std::io;
-    use std::os::fd::{BorrowedFd, OwnedFd};
-    use std::path::Path;
+    use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
-    pub(super) fn create(_dst: &Path, _readable: bool, _mode: u32) -> Option<OwnedFd> {
+    pub(super) fn create(_dir: RawFd, _path: &CStr, _readable: bool, _mode: u32) -> Option<OwnedFd> {
         None
     }
 
-    pub(super) fn link(_fd: BorrowedFd<'_>, _to: &Path) -> io::Result<()> {
+    pub(super) fn link(_fd: BorrowedFd<'_>, _dir: RawFd, _to: &CStr) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 }
@@ -135,10 +152,11 @@ mod unnamed {
 /// linked to the named temporary `tmp` first, then renamed.
 fn put_in_place(fd: BorrowedFd<'_>, created: Created, tmp: &Path, dst: &Path) -> Result<(), JobError> {
     if created == Created::Unnamed {
-        match unnamed::link(fd, dst) {
+        let link = |to: &Path| cstr(to).and_then(|to| unnamed::link(fd, libc::AT_FDCWD, &to));
+        match link(dst) {
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                unnamed::link(fd, tmp).map_err(|e| JobError::new(Op::Rename, dst, e))?;
+                link(tmp).map_err(|e| JobError::new(Op::Rename, dst, e))?;
             }
             Err(e) => return Err(JobError::new(Op::Rename, dst, e)),
         }
@@ -172,9 +190,7 @@ pub fn finish_file(
         // SAFETY: plain syscall on a descriptor we borrow.
         check(unsafe { libc::ftruncate(raw, size as libc::off_t) }, Op::Truncate, tmp)?;
     }
-    for (name, value) in &spec.xattrs {
-        set_xattr(raw, name, value).map_err(|e| JobError::new(Op::SetXattr, tmp, e))?;
-    }
+    set_xattrs(fd, &spec.xattrs).map_err(|e| JobError::new(Op::SetXattr, tmp, e))?;
     if let Some((uid, gid)) = spec.owner {
         // SAFETY: plain syscall.
         if unsafe { libc::fchown(raw, uid, gid) } != 0 {
@@ -221,6 +237,14 @@ fn fsync_dir(path: &Path) -> io::Result<()> {
 /// Remove a temporary file after a failure. Errors are ignored: the file may never have been created.
 pub fn abandon(tmp: &Path) {
     let _ = std::fs::remove_file(tmp);
+}
+
+/// Set extended attributes (name, value) on the open file `fd` (a no-op where the platform has none).
+pub fn set_xattrs(fd: BorrowedFd<'_>, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    for (name, value) in xattrs {
+        set_xattr(fd.as_raw_fd(), name, value)?;
+    }
+    Ok(())
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -15,7 +15,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1108,7 +1108,11 @@ struct Transfer {
     /// The destination's directory, and the final and temporary names in it.
     dir: OwnedFd,
     name: CString,
+    /// The temporary name: the file itself, or, when `unnamed`, only a name reserved for the case where something
+    /// appeared at `name` meanwhile (the file is then linked here and renamed over it).
     tmp: CString,
+    /// The file was created with no name (`O_TMPFILE`) and is linked to `name` when complete.
+    unnamed: bool,
     file: File,
     /// An O_DIRECT descriptor on `file` for a large file ([`DirectFile`]).
     direct: Option<DirectFile>,
@@ -1125,7 +1129,9 @@ struct Transfer {
 impl Transfer {
     /// The transfer is over without a file: its temporary (and journal) go.
     fn remove_temporary(&self) {
-        let _ = unlink_at(self.dir.as_raw_fd(), &self.tmp, 0);
+        if !self.unnamed {
+            let _ = unlink_at(self.dir.as_raw_fd(), &self.tmp, 0);
+        }
         if let Some(j) = &self.journal {
             j.remove();
         }
@@ -1379,17 +1385,31 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
         let why = format!("too many transfers in progress ({TRANSFERS_MAX}); try again later");
         return Err(Fail::new(code::BUSY, why));
     }
-    // Read-write: the zero-copy path reads spliced chunks back to check their digests.
-    let (tmp, fd) = create_temporary(shared, dir.as_raw_fd(), &name, |dir, tmp| {
-        open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
-    })
-    .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
+    // Read-write: the zero-copy path reads spliced chunks back to check their digests. Unnamed where the filesystem
+    // allows (one directory operation per file instead of create + rename, nothing left if the server dies);
+    // otherwise a named temporary.
+    let (tmp, fd, unnamed) = match fastsync_engine::finish::create_unnamed_at(dir.as_fd(), 0o600) {
+        Some(fd) => {
+            let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+            let tmp = stale::unique(Path::new(OsStr::from_bytes(name.to_bytes())), seq);
+            let tmp = CString::new(tmp.file_name().expect("a file name").as_bytes()).expect("no NUL in a name");
+            (tmp, fd, true)
+        }
+        None => {
+            let (tmp, fd) = create_temporary(shared, dir.as_raw_fd(), &name, |dir, tmp| {
+                open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            })
+            .map_err(|e| Fail::io("cannot create a temporary file for", rel, e))?;
+            (tmp, fd, false)
+        }
+    };
     let file = File::from(fd);
     let t = Arc::new(Transfer {
         rel: rel.to_vec(),
         dir,
         name,
         tmp,
+        unnamed,
         direct: if shared.direct_io { DirectFile::open(&file, size) } else { None },
         file,
         size,
@@ -1561,6 +1581,7 @@ fn put_resume(shared: &Shared, id: u64, rel: &[u8], size: u64, mtime: (i64, u32)
         dir,
         name,
         tmp: part,
+        unnamed: false,
         direct: if shared.direct_io { DirectFile::open(&file, size) } else { None },
         file,
         size,
@@ -1688,7 +1709,7 @@ fn get_xattrs(shared: &Shared, rel: &[u8], follow: bool) -> Result<wire::Xattrs,
 fn put_xattrs(shared: &Shared, id: u64, xattrs: &wire::Xattrs) -> Result<(), Fail> {
     let lease = shared.transfers.lease(id)?;
     let t = &lease.t;
-    crate::meta::write_xattrs(&at_path(t.dir.as_raw_fd(), Some(&t.tmp)), xattrs)
+    fastsync_engine::finish::set_xattrs(t.file.as_fd(), xattrs)
         .map_err(|e| Fail::io("cannot set extended attributes on", &t.rel, e))
 }
 
@@ -1745,11 +1766,31 @@ fn finish(t: &Transfer, f: &Finish) -> Result<(), Fail> {
     if f.fsync {
         fsync_fd(fd).map_err(|e| Fail::io("cannot sync", rel, e))?;
     }
-    rename_into_place(t.dir.as_raw_fd(), &t.tmp, &t.name, rel)?;
+    put_in_place(t, rel)?;
     if f.fsync {
         fsync_fd(t.dir.as_raw_fd()).map_err(|e| Fail::io("cannot sync the directory of", rel, e))?;
     }
     Ok(())
+}
+
+/// Put a complete file under its final name: link the unnamed file there, or rename the temporary over whatever is
+/// there (an unnamed file whose name was taken meanwhile is linked to its temporary name first).
+fn put_in_place(t: &Transfer, rel: &[u8]) -> Result<(), Fail> {
+    let dir = t.dir.as_raw_fd();
+    if t.unnamed {
+        let link = |to: &CStr| fastsync_engine::finish::link_unnamed_at(t.file.as_fd(), t.dir.as_fd(), to);
+        match link(&t.name) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                link(&t.tmp).map_err(|e| Fail::io("cannot create", rel, e))?;
+            }
+            Err(e) => return Err(Fail::io("cannot create", rel, e)),
+        }
+        return rename_into_place(dir, &t.tmp, &t.name, rel).inspect_err(|_| {
+            let _ = unlink_at(dir, &t.tmp, 0);
+        });
+    }
+    rename_into_place(dir, &t.tmp, &t.name, rel)
 }
 
 /// Rename a temporary onto its final name: a file or symlink there is replaced, a directory is an error.
