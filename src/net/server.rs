@@ -2135,6 +2135,7 @@ mod tests {
             dir: OwnedFd::from(d),
             name,
             tmp,
+            unnamed: false,
             file: File::from(fd),
             direct: None,
             size: 1,
