@@ -574,10 +574,19 @@ fn request(shared: &Shared, conn: &mut Conn, msg: Msg) -> Result<(), WireError> 
             return Err(WireError::Malformed(message));
         }
     };
-    match reply {
-        Ok(m) => wire::write_msg(conn, &m),
-        Err(f) => send_fail(conn, f),
+    let queued = match reply {
+        Ok(m) => conn.queue(&m),
+        Err(f) => conn.queue(&Msg::Error { code: f.code, message: f.message }),
+    };
+    queued?;
+    // Requests that arrived together are answered together: a client pipelines a small file's PutBegin, PutData
+    // and PutEnd in one write, and three replies in one segment cost one send here and one receive there. The
+    // replies go out as soon as no further request is waiting (a partly received one is on its way: the client
+    // never waits for a reply in the middle of writing a frame).
+    if conn.r.buffer().is_empty() {
+        conn.flush()?;
     }
+    Ok(())
 }
 
 fn send_fail(conn: &mut Conn, f: Fail) -> Result<(), WireError> {
