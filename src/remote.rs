@@ -35,7 +35,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -2608,7 +2608,11 @@ fn tmp_name(name: &CStr) -> CString {
 /// resumable part kept for the next run.
 struct TempFile {
     dir: Arc<OwnedFd>,
+    /// The temporary name: the file itself, or, when `unnamed`, a name kept for the case where the final name was
+    /// taken meanwhile (the file is then linked here and renamed over it).
     name: CString,
+    /// Created with no name (`O_TMPFILE`); linked to the final name by `commit`.
+    unnamed: bool,
     file: File,
     /// An O_DIRECT descriptor on `file`, for a large file ([`DirectFile`]).
     direct: Option<DirectFile>,
@@ -2625,11 +2629,16 @@ struct Resumable {
 }
 
 impl TempFile {
+    /// A private temporary for `final_name`: unnamed where the filesystem allows (nothing left behind if this
+    /// process dies, one directory operation per file), else a named one.
     fn create(dir: &Arc<OwnedFd>, final_name: &CStr) -> io::Result<TempFile> {
         let name = tmp_name(final_name);
-        let file = at::create_new(dir.as_raw_fd(), &name)?;
+        let (file, unnamed) = match fastsync_engine::finish::create_unnamed_at(dir.as_fd(), 0o600) {
+            Some(fd) => (File::from(fd), true),
+            None => (at::create_new(dir.as_raw_fd(), &name)?, false),
+        };
         let (committed, keep) = (AtomicBool::new(false), AtomicBool::new(false));
-        Ok(TempFile { dir: dir.clone(), name, file, direct: None, committed, keep })
+        Ok(TempFile { dir: dir.clone(), name, unnamed, file, direct: None, committed, keep })
     }
 
     /// Received chunks of a file of `size` bytes go through O_DIRECT when `on` and the file is large enough.
@@ -2671,6 +2680,7 @@ impl TempFile {
         let tmp = TempFile {
             dir: dir.clone(),
             name: part,
+            unnamed: false,
             file,
             direct: None,
             committed: AtomicBool::new(false),
@@ -2679,8 +2689,25 @@ impl TempFile {
         Ok(Some(Resumable { tmp, journal, recorded: recorded.into_iter().collect() }))
     }
 
+    /// Put the complete file under `final_name`: link the unnamed file there, or rename the temporary over
+    /// whatever is there (an unnamed file whose name was taken meanwhile is linked to its temporary name first).
     fn commit(&self, final_name: &CStr) -> io::Result<()> {
-        at::rename(self.dir.as_raw_fd(), &self.name, final_name)?;
+        let dir = self.dir.as_raw_fd();
+        if self.unnamed {
+            let link = |to: &CStr| fastsync_engine::finish::link_unnamed_at(self.file.as_fd(), self.dir.as_fd(), to);
+            match link(final_name) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    link(&self.name)?;
+                    at::rename(dir, &self.name, final_name).inspect_err(|_| {
+                        let _ = at::unlink(dir, &self.name, false);
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            at::rename(dir, &self.name, final_name)?;
+        }
         self.committed.store(true, Ordering::Release);
         Ok(())
     }
@@ -2688,7 +2715,7 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.committed.load(Ordering::Acquire) && !self.keep.load(Ordering::Acquire) {
+        if !self.unnamed && !self.committed.load(Ordering::Acquire) && !self.keep.load(Ordering::Acquire) {
             let _ = at::unlink(self.dir.as_raw_fd(), &self.name, false);
         }
     }
@@ -3839,9 +3866,7 @@ fn pull_xattrs(
         Ok(x) => x,
         Err(e) => return Ok(Err(format!("cannot read extended attributes of '{url}': {e}"))),
     };
-    let path =
-        PathBuf::from(format!("/proc/self/fd/{}", tmp.dir.as_raw_fd())).join(OsStr::from_bytes(tmp.name.as_bytes()));
-    Ok(crate::meta::write_xattrs(&path, &xattrs)
+    Ok(fastsync_engine::finish::set_xattrs(tmp.file.as_fd(), &xattrs)
         .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.display())))
 }
 
