@@ -2692,21 +2692,10 @@ impl TempFile {
     /// Put the complete file under `final_name`: link the unnamed file there, or rename the temporary over
     /// whatever is there (an unnamed file whose name was taken meanwhile is linked to its temporary name first).
     fn commit(&self, final_name: &CStr) -> io::Result<()> {
-        let dir = self.dir.as_raw_fd();
         if self.unnamed {
-            let link = |to: &CStr| fastsync_engine::finish::link_unnamed_at(self.file.as_fd(), self.dir.as_fd(), to);
-            match link(final_name) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    link(&self.name)?;
-                    at::rename(dir, &self.name, final_name).inspect_err(|_| {
-                        let _ = at::unlink(dir, &self.name, false);
-                    })?;
-                }
-                Err(e) => return Err(e),
-            }
+            fastsync_engine::finish::place_unnamed_at(self.file.as_fd(), self.dir.as_fd(), final_name, &self.name)?;
         } else {
-            at::rename(dir, &self.name, final_name)?;
+            at::rename(self.dir.as_raw_fd(), &self.name, final_name)?;
         }
         self.committed.store(true, Ordering::Release);
         Ok(())

@@ -3,10 +3,10 @@
 //! These are plain synchronous syscalls: io_uring has no opcodes for fchmod/fchown/futimens, and running the same
 //! code in both engines keeps their results identical.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -71,9 +71,28 @@ pub fn create_unnamed_at(dir: BorrowedFd<'_>, mode: u32) -> Option<OwnedFd> {
     unnamed::create(dir.as_raw_fd(), c".", true, mode)
 }
 
-/// Give the unnamed file `fd` the name `name` in `dir`; `EEXIST` when something is there.
-pub fn link_unnamed_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
-    unnamed::link(fd, dir.as_raw_fd(), name)
+/// Give the complete unnamed file `fd` the name `name` in `dir`, replacing whatever is there as a rename would:
+/// linked straight to `name` when it is free, else linked to the unused temporary name `tmp` and renamed over
+/// `name` (the temporary is removed again when that fails).
+pub fn place_unnamed_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr, tmp: &CStr) -> io::Result<()> {
+    place_unnamed(fd, dir.as_raw_fd(), name, tmp)
+}
+
+fn place_unnamed(fd: BorrowedFd<'_>, dir: RawFd, name: &CStr, tmp: &CStr) -> io::Result<()> {
+    match unnamed::link(fd, dir, name) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            unnamed::link(fd, dir, tmp)?;
+            // SAFETY: valid descriptor (or AT_FDCWD) and C strings.
+            if unsafe { libc::renameat(dir, tmp.as_ptr(), dir, name.as_ptr()) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            // SAFETY: as above.
+            unsafe { libc::unlinkat(dir, tmp.as_ptr(), 0) };
+            Err(e)
+        }
+        linked => linked,
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -151,22 +170,11 @@ mod unnamed {
 /// to it. Something that appeared at `dst` since the walk is replaced as a rename replaces it: the unnamed file is
 /// linked to the named temporary `tmp` first, then renamed.
 fn put_in_place(fd: BorrowedFd<'_>, created: Created, tmp: &Path, dst: &Path) -> Result<(), JobError> {
-    if created == Created::Unnamed {
-        let link = |to: &Path| cstr(to).and_then(|to| unnamed::link(fd, libc::AT_FDCWD, &to));
-        match link(dst) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                link(tmp).map_err(|e| JobError::new(Op::Rename, dst, e))?;
-            }
-            Err(e) => return Err(JobError::new(Op::Rename, dst, e)),
-        }
-    }
-    std::fs::rename(tmp, dst).map_err(|e| {
-        if created == Created::Unnamed {
-            abandon(tmp);
-        }
-        JobError::new(Op::Rename, dst, e)
-    })
+    let placed = match created {
+        Created::Unnamed => cstr(dst).and_then(|d| cstr(tmp).and_then(|t| place_unnamed(fd, libc::AT_FDCWD, &d, &t))),
+        Created::Named => std::fs::rename(tmp, dst),
+    };
+    placed.map_err(|e| JobError::new(Op::Rename, dst, e))
 }
 
 /// Finish a destination whose bytes are all written: check that the source `src` did not change meanwhile (when

@@ -1783,33 +1783,27 @@ fn finish(t: &Transfer, f: &Finish) -> Result<(), Fail> {
 }
 
 /// Put a complete file under its final name: link the unnamed file there, or rename the temporary over whatever is
-/// there (an unnamed file whose name was taken meanwhile is linked to its temporary name first).
+/// there (a file or symlink is replaced, a directory is an error).
 fn put_in_place(t: &Transfer, rel: &[u8]) -> Result<(), Fail> {
-    let dir = t.dir.as_raw_fd();
     if t.unnamed {
-        let link = |to: &CStr| fastsync_engine::finish::link_unnamed_at(t.file.as_fd(), t.dir.as_fd(), to);
-        match link(&t.name) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                link(&t.tmp).map_err(|e| Fail::io("cannot create", rel, e))?;
-            }
-            Err(e) => return Err(Fail::io("cannot create", rel, e)),
-        }
-        return rename_into_place(dir, &t.tmp, &t.name, rel).inspect_err(|_| {
-            let _ = unlink_at(dir, &t.tmp, 0);
-        });
+        return fastsync_engine::finish::place_unnamed_at(t.file.as_fd(), t.dir.as_fd(), &t.name, &t.tmp)
+            .map_err(|e| placing_failed(e, rel));
     }
-    rename_into_place(dir, &t.tmp, &t.name, rel)
+    rename_into_place(t.dir.as_raw_fd(), &t.tmp, &t.name, rel)
 }
 
 /// Rename a temporary onto its final name: a file or symlink there is replaced, a directory is an error.
 fn rename_into_place(dir: RawFd, tmp: &CStr, name: &CStr, rel: &[u8]) -> Result<(), Fail> {
-    rename_at(dir, tmp, name).map_err(|e| match e.raw_os_error() {
+    rename_at(dir, tmp, name).map_err(|e| placing_failed(e, rel))
+}
+
+fn placing_failed(e: io::Error, rel: &[u8]) -> Fail {
+    match e.raw_os_error() {
         Some(libc::EISDIR | libc::ENOTEMPTY | libc::EEXIST) => {
             Fail::new(code::IO, format!("cannot replace '{}': a directory is in the way", show(rel)))
         }
         _ => Fail::io("cannot rename into place", rel, e),
-    })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
