@@ -31,7 +31,7 @@ pub const CHUNK_ENTRIES: usize = 256;
 /// Directories read ahead of the walk at most (each holds at most one chunk).
 pub const AHEAD_DIRS_MAX: usize = 256;
 /// Subdirectories of the current directory the walk keeps read ahead: the next ones a depth-first walk enters.
-pub const AHEAD_SUBDIRS: usize = 4;
+pub const AHEAD_SUBDIRS: usize = 16;
 /// Chunks of a directory the walk is in that may be requested, read or waiting for the walk at once.
 pub const AHEAD_CHUNKS: usize = 4;
 
