@@ -657,7 +657,7 @@ impl Exec<'_> {
         };
         let scanner = match &mut self.scanner {
             Some(s) => s,
-            None => match Scanner::new(self.scan_threads) {
+            None => match Scanner::new(self.scan_threads, self.opts.sync.as_ref().is_some_and(|s| s.delete)) {
                 Ok(s) => self.scanner.insert(s),
                 Err(e) => {
                     self.st.fail(format!("cannot start directory scanner threads: {e}"));

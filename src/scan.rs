@@ -53,6 +53,8 @@ struct Target {
     dst: PathBuf,
     look_dst: bool,
     dereference: bool,
+    /// Count the destination directory's entries (only `sync --delete` needs the number).
+    count_dst: bool,
 }
 
 /// A directory being read: the rest of its stream, and the destination directory open for lookups.
@@ -112,11 +114,13 @@ pub struct Scanner {
     stopping: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     ahead: HashMap<PathBuf, (Receiver<Chunk>, Arc<Budget>)>,
+    count_dst: bool,
 }
 
 impl Scanner {
-    /// Start `threads` scanner threads (at least one).
-    pub fn new(threads: usize) -> io::Result<Scanner> {
+    /// Start `threads` scanner threads (at least one). `count_dst`: report how many entries each destination
+    /// directory that is looked at has ([`DirScan::dst_entries`]; a whole extra directory read, for `--delete`).
+    pub fn new(threads: usize, count_dst: bool) -> io::Result<Scanner> {
         // The queue holds every request that can be outstanding: one per directory read ahead, plus the walk's own.
         // The queue holds every request the walk makes; chunks passed on by the threads take what room is left
         // (`try_send`: a thread never blocks on the queue, so the walk's own requests always drain).
@@ -144,7 +148,7 @@ impl Scanner {
             })?;
             handles.push(handle);
         }
-        Ok(Scanner { tx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new() })
+        Ok(Scanner { tx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new(), count_dst })
     }
 
     fn request(&self, target: Target, rest: Option<Rest>, budget: &Arc<Budget>) -> Receiver<Chunk> {
@@ -160,7 +164,8 @@ impl Scanner {
         if self.ahead.len() >= AHEAD_DIRS_MAX || self.ahead.contains_key(src) {
             return;
         }
-        let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
+        let target =
+            Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference, count_dst: self.count_dst };
         let budget = Budget::new(1);
         let rx = self.request(target, None, &budget);
         self.ahead.insert(src.to_path_buf(), (rx, budget));
@@ -168,7 +173,8 @@ impl Scanner {
 
     /// Start walking `src`: its first chunk (read ahead, or read now). Fails when the directory cannot be opened.
     pub fn open(&mut self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> io::Result<DirScan> {
-        let target = Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference };
+        let target =
+            Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference, count_dst: self.count_dst };
         let (rx, budget) = match self.ahead.remove(src) {
             Some(ahead) => ahead,
             None => {
@@ -304,7 +310,8 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
     }
     // Counted on the first chunk (once the next one is on its way): with the number of source names found there,
     // it tells whether the destination has extraneous entries (`sync --delete`) without keeping any list of names.
-    let dst_entries = (target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
+    let dst_entries =
+        (target.count_dst && target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
     let entries = names
         .into_iter()
         .map(|entry| {
@@ -364,7 +371,7 @@ mod tests {
         let (_t, src, dst) = large_dir(n);
         let order: Vec<OsString> = fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect();
         for threads in [1, 2, 4] {
-            let mut scanner = Scanner::new(threads).unwrap();
+            let mut scanner = Scanner::new(threads, true).unwrap();
             let mut scan = scanner.open(&src, &dst, true, false).unwrap();
             let mut seen = Vec::new();
             while let Some(entry) = scan.next(&mut scanner) {
@@ -383,7 +390,7 @@ mod tests {
     #[test]
     fn an_abandoned_walk_stops_the_threads() {
         let (_t, src, dst) = large_dir(CHUNK_ENTRIES * 6);
-        let mut scanner = Scanner::new(2).unwrap();
+        let mut scanner = Scanner::new(2, true).unwrap();
         let mut scan = scanner.open(&src, &dst, true, false).unwrap();
         scanner.read_ahead(&src, &dst, true, false);
         assert!(scan.next(&mut scanner).is_some());
