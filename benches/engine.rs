@@ -37,6 +37,7 @@ fn config(kind: fastsync_engine::EngineKind) -> EngineConfig {
         slots_per_shard: slots,
         jobs_in_flight_max: 128,
         buffered_writes_nonblocking: false,
+        buffers_up_front: false,
     }
 }
 

@@ -228,6 +228,7 @@ pub fn run(
             slots_per_shard: iodepth,
             jobs_in_flight_max: threads,
             buffered_writes_nonblocking: true,
+            buffers_up_front: true,
         };
         let mut session = engine.start(&config)?;
         interrupt::install();

@@ -477,6 +477,7 @@ pub fn engine_config(kind: EngineKind, cores: usize, memory_limit_bytes: u64) ->
         slots_per_shard: slots,
         jobs_in_flight_max: shards * slots.max(8) * 2,
         buffered_writes_nonblocking: false,
+        buffers_up_front: false,
     }
 }
 

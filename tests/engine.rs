@@ -49,6 +49,7 @@ fn config() -> EngineConfig {
         slots_per_shard: 4,
         jobs_in_flight_max: 64,
         buffered_writes_nonblocking: true,
+        buffers_up_front: false,
     }
 }
 

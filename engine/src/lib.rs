@@ -80,6 +80,9 @@ pub struct EngineConfig {
     /// Linux 6.18), io_uring hands every buffered WRITE to a kernel worker thread, and a plain `pwrite` from the shard
     /// costs less; engines that only block anyway ignore this.
     pub buffered_writes_nonblocking: bool,
+    /// Register (pin, and so fault in) every buffer when a shard starts, not when a job first uses it: for
+    /// benchmarks, which time from their first I/O and use every buffer anyway.
+    pub buffers_up_front: bool,
 }
 
 impl EngineConfig {

@@ -84,8 +84,9 @@ pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Re
     let block_bytes = config.block_bytes;
     let slots = config.slots_per_shard;
     let ring_buffered_writes = config.buffered_writes_nonblocking;
+    let up_front = config.buffers_up_front;
     Session::start(config, "fs-uring", move |_index| {
-        let shard = Shard::new(block_bytes, slots, registrable_slots, ring_buffered_writes)?;
+        let shard = Shard::new(block_bytes, slots, registrable_slots, ring_buffered_writes, up_front)?;
         Ok(move |ctx: &mut ShardCtx| shard.run(ctx))
     })
 }
@@ -93,8 +94,8 @@ pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Re
 struct Shard {
     ring: IoUring,
     arena: AlignedArena,
-    /// Slots `0..registered` are registered buffers (buffer index = slot); the rest use plain READ/WRITE.
-    registered: usize,
+    /// Which slots are registered buffers (buffer index = slot); the others use plain READ/WRITE.
+    buffers: Registered,
     tasks: Vec<Option<Task>>,
     /// Free slots; admitted tasks are the others.
     free: Vec<usize>,
@@ -105,12 +106,78 @@ struct Shard {
     stats: ShardStats,
 }
 
+/// The shard's registered buffers. Registering pins the memory, which on first touch means faulting in (and zeroing)
+/// every page of it: done for the whole arena at start, a one-file copy paid for 64 MiB (10-180 ms on this project's
+/// VM). So the table is registered empty (sparse) and each slot is registered the first time a job uses it; on
+/// kernels without sparse buffer tables (before 5.19), and for benchmarks (`EngineConfig::buffers_up_front`), the
+/// whole arena is registered at start.
+struct Registered {
+    /// Slots that may be registered (fewer than all when RLIMIT_MEMLOCK says so; 0 once registering failed).
+    want: usize,
+    filled: Vec<bool>,
+}
+
+impl Registered {
+    /// Register the table: empty (slots filled by [`Registered::ensure`]) unless `up_front`, or where the kernel has
+    /// no sparse tables.
+    fn start(ring: &IoUring, arena: &AlignedArena, want: usize, up_front: bool) -> Registered {
+        let mut r = Registered { want, filled: vec![false; arena.slots()] };
+        if want == 0 || (!up_front && ring.submitter().register_buffers_sparse(want as u32).is_ok()) {
+            return r;
+        }
+        let iovecs: Vec<libc::iovec> = (0..want).map(|i| Registered::iovec(arena, i)).collect();
+        // SAFETY: the iovecs point into `arena`, which lives as long as the ring (both owned by the shard, and the
+        // ring is dropped first: field order).
+        match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => r.filled[..want].fill(true),
+            Err(e) => r.give_up(&e),
+        }
+        r
+    }
+
+    fn iovec(arena: &AlignedArena, slot: usize) -> libc::iovec {
+        libc::iovec { iov_base: arena.slot_ptr(slot).cast(), iov_len: arena.block_bytes() }
+    }
+
+    fn give_up(&mut self, e: &io::Error) {
+        self.want = 0;
+        warn_once(&format!(
+            "fastsync: cannot register I/O buffers ({e}); continuing with unregistered buffers \
+             (raise RLIMIT_MEMLOCK: ulimit -l unlimited)"
+        ));
+    }
+
+    /// Register `slot` if it may be and is not yet (a failure leaves it, and every later slot, unregistered).
+    fn ensure(&mut self, ring: &IoUring, arena: &AlignedArena, slot: usize) {
+        if slot >= self.want || self.filled[slot] {
+            return;
+        }
+        // SAFETY: as in `start`: the buffer lives in `arena`, which outlives the ring's use of it.
+        match unsafe { ring.submitter().register_buffers_update(slot as u32, &[Registered::iovec(arena, slot)], None) }
+        {
+            Ok(()) => self.filled[slot] = true,
+            Err(e) => self.give_up(&e),
+        }
+    }
+
+    /// The buffer index of `slot` for READ_FIXED/WRITE_FIXED, when it is registered.
+    fn index(&self, slot: usize) -> Option<u16> {
+        self.filled[slot].then_some(slot as u16)
+    }
+
+    /// How many slots from 0 on are registered (what a bench job may use as fixed buffers).
+    fn prefix(&self) -> usize {
+        self.filled.iter().take_while(|&&f| f).count()
+    }
+}
+
 impl Shard {
     fn new(
         block_bytes: usize,
         slots: usize,
         registrable_slots: usize,
         ring_buffered_writes: bool,
+        up_front: bool,
     ) -> io::Result<Shard> {
         let entries = (slots * 2 + 16).next_power_of_two().clamp(64, 4096) as u32;
         let ring = IoUring::builder()
@@ -123,24 +190,11 @@ impl Shard {
         ring.submitter().register_files_sparse(slots as u32)?;
         let arena = AlignedArena::new(block_bytes, slots);
         let want = slots.min(registrable_slots).min(u16::MAX as usize);
-        let mut registered = 0;
-        if want > 0 {
-            let iovecs: Vec<libc::iovec> =
-                (0..want).map(|i| libc::iovec { iov_base: arena.slot_ptr(i).cast(), iov_len: block_bytes }).collect();
-            // SAFETY: the iovecs point into `arena`, which lives as long as the ring (both owned by the shard, and
-            // the ring is dropped first: field order).
-            match unsafe { ring.submitter().register_buffers(&iovecs) } {
-                Ok(()) => registered = want,
-                Err(e) => warn_once(&format!(
-                    "fastsync: cannot register I/O buffers ({e}); continuing with unregistered buffers \
-                     (raise RLIMIT_MEMLOCK: ulimit -l unlimited)"
-                )),
-            }
-        }
+        let buffers = Registered::start(&ring, &arena, want, up_front);
         Ok(Shard {
             ring,
             arena,
-            registered,
+            buffers,
             tasks: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
             cqes: Vec::with_capacity(entries as usize * 2),
@@ -210,6 +264,7 @@ impl Shard {
     }
 
     fn admit(&mut self, slot: usize, job: Job) {
+        self.buffers.ensure(&self.ring, &self.arena, slot);
         let mut task = Task {
             job,
             src_c: None,
@@ -397,7 +452,7 @@ impl Shard {
             Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
             Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         };
-        match (target, (slot < self.registered).then_some(slot as u16)) {
+        match (target, self.buffers.index(slot)) {
             (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
             (Target::Fixed(f), None) => opcode::Read::new(types::Fixed(f), buf, len).offset(offset).build(),
             (Target::Fd(fd), Some(i)) => opcode::ReadFixed::new(types::Fd(fd), buf, len, i).offset(offset).build(),
@@ -410,7 +465,7 @@ impl Shard {
         // SAFETY: `from` < block size, so the pointer stays inside the slot.
         let buf = unsafe { self.arena.slot_ptr(slot).add(from) };
         let fd = types::Fd(dst_raw(t));
-        match (slot < self.registered).then_some(slot as u16) {
+        match self.buffers.index(slot) {
             Some(i) => opcode::WriteFixed::new(fd, buf, len, i).offset(offset).build(),
             None => opcode::Write::new(fd, buf, len).offset(offset).build(),
         }
@@ -577,10 +632,13 @@ impl Shard {
             let e = io::Error::other("a benchmark needs a shard of its own, and this one has copy jobs admitted");
             Err(JobError::new(Op::Bench, job.path(), e))
         } else {
+            for slot in 0..self.tasks.len() {
+                self.buffers.ensure(&self.ring, &self.arena, slot);
+            }
             let lent = crate::bench::Lent {
                 ring: &mut self.ring,
                 arena: &self.arena,
-                registered: self.registered,
+                registered: self.buffers.prefix(),
                 stats: &mut self.stats,
             };
             crate::bench::run(lent, job)
