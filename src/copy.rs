@@ -228,7 +228,7 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
                 src.display()
             )));
         }
-        if let Some(m) = crate::meta::refuse_special_target(&target, &src.display().to_string()) {
+        if let Some(m) = crate::meta::refuse_special_target(&target, &t, &src.display().to_string()) {
             return Err(Error::Refused(m));
         }
     }

@@ -34,10 +34,10 @@ pub fn special_kind(md: &Metadata) -> Option<&'static str> {
     }
 }
 
-/// The message refusing to replace the special file `target` (named as `shown`) with the copy of a file, if it is one.
-pub fn refuse_special_target(target: &Path, shown: &str) -> Option<String> {
-    let md = std::fs::symlink_metadata(target).ok()?;
-    special_kind(&md).map(|kind| {
+/// The message refusing to replace `target` (its `lstat` is `md`) with the copy of the file `shown`, if it is a
+/// special file.
+pub fn refuse_special_target(target: &Path, md: &Metadata, shown: &str) -> Option<String> {
+    special_kind(md).map(|kind| {
         format!(
             "refusing to replace '{}', {kind}, with '{shown}': fastsync writes a file under a temporary name and \
              renames it into place, which would replace the special file itself; name a regular file or a directory",

@@ -2869,14 +2869,16 @@ impl<'a> Pull<'a> {
             } else {
                 dst.to_path_buf()
             };
-            if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-                return Err(Failure::Usage(format!(
-                    "cannot overwrite directory '{}' with non-directory '{shown_root}'",
-                    target.display()
-                )));
-            }
-            if let Some(m) = crate::meta::refuse_special_target(&target, &shown_root) {
-                return Err(Failure::Usage(m));
+            if let Ok(there) = fs::symlink_metadata(&target) {
+                if there.is_dir() {
+                    return Err(Failure::Usage(format!(
+                        "cannot overwrite directory '{}' with non-directory '{shown_root}'",
+                        target.display()
+                    )));
+                }
+                if let Some(m) = crate::meta::refuse_special_target(&target, &there, &shown_root) {
+                    return Err(Failure::Usage(m));
+                }
             }
             let parent = match target.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -71,7 +71,6 @@ struct Request {
 }
 
 /// The chunks of one directory on their way to the walk.
-#[derive(Default)]
 struct Budget {
     /// Chunks requested and not yet taken by the walk.
     outstanding: AtomicUsize,
@@ -151,6 +150,10 @@ impl Scanner {
         Ok(Scanner { tx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new(), count_dst })
     }
 
+    fn target(&self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> Target {
+        Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference, count_dst: self.count_dst }
+    }
+
     fn request(&self, target: Target, rest: Option<Rest>, budget: &Arc<Budget>) -> Receiver<Chunk> {
         let (reply, rx) = bounded(1);
         budget.take(true);
@@ -164,8 +167,7 @@ impl Scanner {
         if self.ahead.len() >= AHEAD_DIRS_MAX || self.ahead.contains_key(src) {
             return;
         }
-        let target =
-            Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference, count_dst: self.count_dst };
+        let target = self.target(src, dst, look_dst, dereference);
         let budget = Budget::new(1);
         let rx = self.request(target, None, &budget);
         self.ahead.insert(src.to_path_buf(), (rx, budget));
@@ -173,8 +175,7 @@ impl Scanner {
 
     /// Start walking `src`: its first chunk (read ahead, or read now). Fails when the directory cannot be opened.
     pub fn open(&mut self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> io::Result<DirScan> {
-        let target =
-            Target { src: src.to_path_buf(), dst: dst.to_path_buf(), look_dst, dereference, count_dst: self.count_dst };
+        let target = self.target(src, dst, look_dst, dereference);
         let (rx, budget) = match self.ahead.remove(src) {
             Some(ahead) => ahead,
             None => {

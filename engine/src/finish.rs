@@ -43,10 +43,7 @@ pub enum Created {
 /// reported, never removed).
 pub fn create_dst(tmp: &Path, dst: &Path, vacant: bool, readable: bool, mode: u32) -> io::Result<(OwnedFd, Created)> {
     if vacant {
-        let dir = match dst.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(dst);
         if let Some(fd) = cstr(dir).ok().and_then(|d| unnamed::create(libc::AT_FDCWD, &d, readable, mode)) {
             return Ok((fd, Created::Unnamed));
         }
@@ -65,7 +62,7 @@ pub fn discard(created: Created, tmp: &Path) {
 /// `FASTSYNC_TMPFILE=0` turns unnamed files off: every file is written under a named temporary.
 pub const TMPFILE_ENV: &str = "FASTSYNC_TMPFILE";
 
-/// An unnamed file (`O_TMPFILE`) in the directory `dir`, read-write, with `mode`, for [`link_unnamed_at`] to name once
+/// An unnamed file (`O_TMPFILE`) in the directory `dir`, read-write, with `mode`, for [`place_unnamed_at`] to name once
 /// it is complete; `None` where the filesystem, the kernel or a missing `/proc` rule that out (use a named temporary).
 pub fn create_unnamed_at(dir: BorrowedFd<'_>, mode: u32) -> Option<OwnedFd> {
     unnamed::create(dir.as_raw_fd(), c".", true, mode)
@@ -110,7 +107,7 @@ mod unnamed {
     static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
     /// `/proc/self/fd` is there to link through, and `FASTSYNC_TMPFILE=0` did not turn unnamed files off.
-    fn proc_fd_usable() -> bool {
+    fn enabled() -> bool {
         static USABLE: OnceLock<bool> = OnceLock::new();
         *USABLE.get_or_init(|| {
             std::env::var_os(super::TMPFILE_ENV).is_none_or(|v| v != "0") && Path::new("/proc/self/fd").is_dir()
@@ -119,7 +116,7 @@ mod unnamed {
 
     /// `openat(dir, path, O_TMPFILE)`: an inode with no name in the directory `path` (relative to `dir`).
     pub(super) fn create(dir: RawFd, path: &CStr, readable: bool, mode: u32) -> Option<OwnedFd> {
-        if UNSUPPORTED.load(Ordering::Relaxed) || !proc_fd_usable() {
+        if UNSUPPORTED.load(Ordering::Relaxed) || !enabled() {
             return None;
         }
         let access = if readable { libc::O_RDWR } else { libc::O_WRONLY };
@@ -232,13 +229,17 @@ pub fn finish_file(
     Ok(())
 }
 
-/// fsync the directory that holds `path`, making a rename or create in it durable.
-fn fsync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
+/// The directory that holds `path` (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let f = std::fs::File::open(dir)?;
+    }
+}
+
+/// fsync the directory that holds `path`, making a rename or create in it durable.
+fn fsync_dir(path: &Path) -> io::Result<()> {
+    let f = std::fs::File::open(parent_dir(path))?;
     f.sync_all()
 }
 

@@ -1354,18 +1354,21 @@ fn create_temporary<T>(
     name: &CStr,
     mut create: impl FnMut(RawFd, &CStr) -> io::Result<T>,
 ) -> io::Result<(CString, T)> {
-    let base = Path::new(OsStr::from_bytes(name.to_bytes()));
     loop {
-        let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = stale::unique(base, seq);
-        let tmp_name = tmp.file_name().expect("a file name").as_bytes();
-        let tmp = CString::new(tmp_name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let tmp = temporary_name(shared, name);
         match create(dir, &tmp) {
             Ok(v) => return Ok((tmp, v)),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The next temporary name beside `name`: `.NAME.fstmp-PID-N` (this server's pid, its own counter).
+fn temporary_name(shared: &Shared, name: &CStr) -> CString {
+    let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+    let tmp = stale::unique(Path::new(OsStr::from_bytes(name.to_bytes())), seq);
+    CString::new(tmp.file_name().expect("a file name").as_bytes()).expect("no NUL in a name made of one without")
 }
 
 fn is_dir_at(dir: RawFd, name: &CStr) -> bool {
@@ -1398,12 +1401,7 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
     // allows (one directory operation per file instead of create + rename, nothing left if the server dies);
     // otherwise a named temporary.
     let (tmp, fd, unnamed) = match fastsync_engine::finish::create_unnamed_at(dir.as_fd(), 0o600) {
-        Some(fd) => {
-            let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
-            let tmp = stale::unique(Path::new(OsStr::from_bytes(name.to_bytes())), seq);
-            let tmp = CString::new(tmp.file_name().expect("a file name").as_bytes()).expect("no NUL in a name");
-            (tmp, fd, true)
-        }
+        Some(fd) => (temporary_name(shared, &name), fd, true),
         None => {
             let (tmp, fd) = create_temporary(shared, dir.as_raw_fd(), &name, |dir, tmp| {
                 open_at(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
