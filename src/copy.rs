@@ -1163,6 +1163,7 @@ impl State {
         match c.outcome {
             Outcome::FileDone | Outcome::RangeDoneFileDone => f.done_ok = true,
             Outcome::RangeDone | Outcome::RangeAbandoned | Outcome::Hashed { .. } | Outcome::Bench(_) => {}
+            Outcome::Moved { .. } => unreachable!("the executor submits no socket jobs"),
             Outcome::Failed(e) if e.op == Op::SourceChanged && f.attempt < SOURCE_ATTEMPTS_MAX => {
                 f.source_changed = true;
                 f.failed = true;

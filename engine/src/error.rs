@@ -30,6 +30,10 @@ pub enum Op {
     Remove,
     /// A benchmark job could not run as asked.
     Bench,
+    /// Sending a frame on a connection (socket jobs).
+    Send,
+    /// Receiving a frame's payload from a connection (socket jobs).
+    Recv,
 }
 
 impl Op {
@@ -53,6 +57,8 @@ impl Op {
             Op::Stat => "cannot stat",
             Op::Remove => "cannot remove",
             Op::Bench => "cannot benchmark",
+            Op::Send => "error sending",
+            Op::Recv => "error receiving",
         }
     }
 }

@@ -218,6 +218,10 @@ pub enum Job {
     Hash(HashJob),
     /// A benchmark workload that takes the whole shard (see [`crate::bench`]).
     Bench(crate::bench::BenchJob),
+    /// One frame out of a file onto a socket (see [`crate::net`]).
+    Send(crate::net::SendJob),
+    /// One frame's payload off a socket into a file (see [`crate::net`]).
+    Recv(crate::net::RecvJob),
 }
 
 impl Job {
@@ -227,6 +231,17 @@ impl Job {
             Job::Range(j) => j.tag,
             Job::Hash(j) => j.tag,
             Job::Bench(j) => j.tag,
+            Job::Send(j) => j.tag,
+            Job::Recv(j) => j.tag,
+        }
+    }
+
+    /// Where the completion goes: a socket job's own channel, or `None` for the session's.
+    pub fn reply(&self) -> Option<&crossbeam_channel::Sender<Completion>> {
+        match self {
+            Job::Send(j) => Some(&j.reply),
+            Job::Recv(j) => Some(&j.reply),
+            _ => None,
         }
     }
 
@@ -240,6 +255,8 @@ impl Job {
             Job::Range(r) => r.file.complete_range(None, Err(interrupted(&r.file.dst))),
             Job::Hash(h) => Outcome::Failed(interrupted(&h.path)),
             Job::Bench(b) => Outcome::Failed(interrupted(b.path())),
+            Job::Send(j) => Outcome::Failed(interrupted(&j.path)),
+            Job::Recv(j) => Outcome::Failed(interrupted(&j.path)),
         };
         Completion { tag: self.tag(), bytes: 0, shard, outcome }
     }
@@ -258,6 +275,9 @@ pub enum Outcome {
     RangeAbandoned,
     /// A file was hashed: its BLAKE3 digest and its length.
     Hashed { digest: [u8; 32], bytes: u64 },
+    /// A socket job moved its frame: the BLAKE3 digest and length of the payload sent or received (a [`crate::net::SendJob`]
+    /// sends fewer bytes than asked only when the file ended; 0: nothing was sent).
+    Moved { digest: [u8; 32], bytes: u64 },
     /// A benchmark job ran to its end.
     Bench(Box<crate::bench::BenchReport>),
     /// The job failed; any temporary file was removed (a resumable file's is kept with its journal).

@@ -19,6 +19,10 @@
 //! - A [`ChunkedFile`] with a journal keeps its temporary and journal when it fails, for the next run to resume;
 //!   a [`RangeJob::resume`] range is copied only if the destination's bytes differ from the source's (BLAKE3).
 //! - After [`Session::cancel`], jobs not yet started complete at once with [`Op::Interrupted`]; started ones finish.
+//! - Socket jobs ([`net::SendJob`], [`net::RecvJob`]) move one `fastsync://` frame between a file and a connection;
+//!   who owns the socket meanwhile, short transfers, timeouts, resets, shrinking files and cancellation are in
+//!   [`net`]'s contract. Their completions go to the job's own channel, and any thread may submit them
+//!   ([`Submitter`]).
 
 pub mod bench;
 pub mod blocking;
@@ -26,6 +30,7 @@ pub mod error;
 pub mod finish;
 pub mod job;
 pub mod journal;
+pub mod net;
 pub mod offload;
 pub mod pool;
 pub mod session;
@@ -34,8 +39,9 @@ pub use error::{EngineError, JobError, Op};
 pub use finish::{Created, abandon, create_dst, discard, finish_file};
 pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, HashJob, Job, Outcome, RangeJob, SourceStamp, Timestamp};
 pub use journal::Journal;
+pub use net::{RecvJob, SendJob};
 pub use pool::AlignedArena;
-pub use session::{Session, ShardCtx, ShardStats};
+pub use session::{Session, ShardCtx, ShardStats, Submitter};
 
 /// Which engine runs the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +67,9 @@ impl EngineKind {
 pub struct Capabilities {
     /// Ranges of files opened with O_DIRECT are honoured (aligned buffers, aligned lengths, tail fixed by truncate).
     pub direct_io: bool,
+    /// Socket jobs can send from registered buffers without a copy (io_uring `SEND_ZC`, Linux 6.0); where not,
+    /// [`net::SendJob::zerocopy`] must be false.
+    pub zerocopy_send: bool,
 }
 
 /// Sizing of an engine session: the memory profile turned into counts. All limits are hard bounds.

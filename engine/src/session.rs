@@ -37,6 +37,11 @@ struct Shared {
     died: AtomicBool,
     /// Set by [`Session::cancel`]: jobs not yet started complete at once as interrupted.
     cancelled: AtomicBool,
+    /// How to wake each shard while it waits in its event loop (not parked), when it registered one
+    /// ([`ShardCtx::set_kick`]): a shard blocked on slow sockets must still take a new socket job at once.
+    kicks: Vec<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>,
+    /// Next shard a [`Submitter`] kicks when none is idle.
+    next_kick: std::sync::atomic::AtomicUsize,
 }
 
 /// A shard's view of the scheduler: where it finds work and where it reports completions.
@@ -58,8 +63,9 @@ impl ShardCtx {
             if !self.shared.cancelled.load(Ordering::Relaxed) {
                 return Some(job);
             }
+            let reply = job.reply().cloned();
             let completion = job.cancel(self.index);
-            self.complete(completion);
+            self.complete_to(reply.as_ref(), completion);
         }
     }
 
@@ -114,8 +120,72 @@ impl ShardCtx {
         let _ = self.done.try_send(completion);
     }
 
+    /// Report a finished job to `reply` (a socket job's own channel, see [`crate::net`]) or, when `None`, to the
+    /// session. A socket job's submitter waits on a channel of its own, so this never blocks either.
+    pub fn complete_to(&self, reply: Option<&Sender<Completion>>, completion: Completion) {
+        match reply {
+            // The submitter may have gone (its thread ended); nobody is left to tell.
+            Some(reply) => {
+                let _ = reply.try_send(completion);
+            }
+            None => self.complete(completion),
+        }
+    }
+
+    /// Register how a [`Submitter`] wakes this shard when it is busy in its event loop rather than parked (an
+    /// engine whose shard blocks only in [`ShardCtx::wait_for_work`] needs none).
+    pub fn set_kick(&self, kick: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.shared.kicks[self.index].set(kick);
+    }
+
     pub fn steals(&self) -> u64 {
         self.steals
+    }
+}
+
+/// A handle that submits socket jobs ([`crate::net`]) from any thread: their completions go to each job's own
+/// channel, so they are not counted in the session's jobs in flight (the submitters bound them: each waits for its
+/// job). Jobs submitted after the session stopped are refused.
+#[derive(Clone)]
+pub struct Submitter {
+    shared: Arc<Shared>,
+}
+
+impl Submitter {
+    /// Hand a socket job to the shards. Fails (and returns the job's error) when the session is stopping or a shard
+    /// died: then no completion would ever come.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        debug_assert!(job.reply().is_some(), "only jobs with their own reply channel go through a Submitter");
+        if self.shared.shutdown.load(Ordering::SeqCst) || self.shared.died.load(Ordering::SeqCst) {
+            return Err(EngineError::ShardDied { shard: 0, message: "the engine session has stopped".into() });
+        }
+        self.shared.injector.push(job);
+        for (i, idle) in self.shared.idle.iter().enumerate() {
+            if idle.swap(false, Ordering::SeqCst) {
+                self.shared.unparkers[i].unpark();
+                return Ok(());
+            }
+        }
+        // Every shard is busy: one that waits in its event loop (on sockets, say) is told to look for work.
+        let n = self.shared.kicks.len();
+        let i = self.shared.next_kick.fetch_add(1, Ordering::Relaxed) % n;
+        if let Some(kick) = self.shared.kicks[i].get() {
+            kick();
+        }
+        Ok(())
+    }
+
+    /// Whether a shard died (a submitter waiting for a completion then stops waiting).
+    pub fn died(&self) -> bool {
+        self.shared.died.load(Ordering::SeqCst)
+    }
+
+    /// Cancel the session (as [`Session::cancel`]).
+    pub fn cancel(&self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        for u in &self.shared.unparkers {
+            u.unpark();
+        }
     }
 }
 
@@ -158,6 +228,8 @@ impl Session {
             shutdown: AtomicBool::new(false),
             died: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            kicks: (0..config.shards).map(|_| std::sync::OnceLock::new()).collect(),
+            next_kick: std::sync::atomic::AtomicUsize::new(0),
         });
         let (done_tx, done_rx) = bounded(config.jobs_in_flight_max + config.shards);
         let (ready_tx, ready_rx) = bounded::<(usize, std::io::Result<()>)>(config.shards);
@@ -258,6 +330,11 @@ impl Session {
         for u in &self.shared.unparkers {
             u.unpark();
         }
+    }
+
+    /// A handle for submitting socket jobs from other threads ([`Submitter`]).
+    pub fn submitter(&self) -> Submitter {
+        Submitter { shared: self.shared.clone() }
     }
 
     /// Jobs submitted and not yet completed.

@@ -11,6 +11,7 @@
 //! `direct` set.
 
 mod bench;
+mod net;
 mod shard;
 mod sys;
 
@@ -36,7 +37,7 @@ impl Engine for FallbackEngine {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { direct_io: cfg!(target_os = "linux") }
+        Capabilities { direct_io: cfg!(target_os = "linux"), zerocopy_send: false }
     }
 
     fn start(&self, config: &EngineConfig) -> Result<Session, EngineError> {
@@ -53,8 +54,9 @@ fn shard_main(ctx: &mut ShardCtx, arena: AlignedArena) -> ShardStats {
     let mut shard = Shard::new(arena);
     loop {
         while let Some(job) = ctx.next_job() {
+            let reply = job.reply().cloned();
             let completion = shard.run(job, ctx.index);
-            ctx.complete(completion);
+            ctx.complete_to(reply.as_ref(), completion);
         }
         if !ctx.wait_for_work() {
             break;

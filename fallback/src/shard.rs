@@ -42,10 +42,22 @@ impl Shard {
     pub(crate) fn run(&mut self, job: Job, shard: usize) -> Completion {
         let tag = job.tag();
         let mut written_bytes = 0;
+        let job = match job {
+            Job::Send(send) => {
+                let outcome = crate::net::send(&self.arena, send, &mut self.stats.syscalls);
+                return self.socket_done(tag, shard, outcome, false);
+            }
+            Job::Recv(recv) => {
+                let outcome = crate::net::recv(&self.arena, recv, &mut self.stats.syscalls);
+                return self.socket_done(tag, shard, outcome, true);
+            }
+            job => job,
+        };
         let outcome = match &job {
             Job::File(file) => self.run_file(file, &mut written_bytes),
             Job::Range(range) => self.run_range(range, &mut written_bytes),
             Job::Hash(hash) => self.run_hash(hash),
+            Job::Send(_) | Job::Recv(_) => unreachable!("socket jobs ran above"),
             Job::Bench(bench) => match crate::bench::run(&self.arena, bench) {
                 Ok(report) => {
                     written_bytes = report.write.bytes;
@@ -57,6 +69,19 @@ impl Shard {
         self.stats.jobs += 1;
         self.stats.bytes_written += written_bytes;
         Completion { tag, bytes: written_bytes, shard, outcome }
+    }
+
+    /// Count a socket job; a received payload counts as written.
+    fn socket_done(&mut self, tag: u64, shard: usize, outcome: Outcome, written: bool) -> Completion {
+        let bytes = match &outcome {
+            Outcome::Moved { bytes, .. } => *bytes,
+            _ => 0,
+        };
+        self.stats.jobs += 1;
+        if written {
+            self.stats.bytes_written += bytes;
+        }
+        Completion { tag, bytes, shard, outcome }
     }
 
     fn run_file(&mut self, job: &FileJob, written_bytes: &mut u64) -> Outcome {

@@ -21,6 +21,8 @@ pub struct UringEngine {
     /// Bytes of buffer memory that may be registered (pinned) per shard; `usize::MAX` when unlimited.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     registrable_bytes_total: usize,
+    /// The kernel has IORING_OP_SEND_ZC.
+    zerocopy_send: bool,
     notes: Vec<String>,
 }
 
@@ -30,7 +32,11 @@ impl UringEngine {
         #[cfg(target_os = "linux")]
         {
             let found = probe::probe()?;
-            Ok(UringEngine { registrable_bytes_total: found.registrable_bytes, notes: found.notes })
+            Ok(UringEngine {
+                registrable_bytes_total: found.registrable_bytes,
+                zerocopy_send: found.zerocopy_send,
+                notes: found.notes,
+            })
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -45,7 +51,7 @@ impl Engine for UringEngine {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { direct_io: true }
+        Capabilities { direct_io: true, zerocopy_send: self.zerocopy_send }
     }
 
     fn notes(&self) -> Vec<String> {

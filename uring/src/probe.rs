@@ -7,6 +7,8 @@ use io_uring::{IoUring, Probe, opcode};
 
 pub(crate) struct Found {
     pub registrable_bytes: usize,
+    /// IORING_OP_SEND_ZC exists (Linux 6.0): socket jobs may send from registered buffers without a copy.
+    pub zerocopy_send: bool,
     pub notes: Vec<String>,
 }
 
@@ -74,7 +76,8 @@ pub(crate) fn probe() -> Result<Found, EngineError> {
             0
         }
     };
-    Ok(Found { registrable_bytes, notes })
+    let zerocopy_send = probe.is_supported(opcode::SendZc::CODE);
+    Ok(Found { registrable_bytes, zerocopy_send, notes })
 }
 
 /// Bytes of memory we may pin, or `None` when unlimited (root with CAP_IPC_LOCK, or an infinite limit).

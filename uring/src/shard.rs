@@ -18,6 +18,8 @@ use fastsync_engine::{
 };
 use io_uring::{IoUring, opcode, squeue, types};
 
+mod net;
+
 /// The I/O alignment O_DIRECT needs on every device we expect.
 const DIRECT_ALIGN_BYTES: u64 = 4096;
 
@@ -27,6 +29,12 @@ enum Step {
     Read = 1,
     Write = 2,
     ReadBack = 3,
+    /// A socket job's send (and, for a zero-copy send, its notification).
+    Send = 4,
+    /// A socket job's receive.
+    Recv = 5,
+    /// The LINK_TIMEOUT behind a socket operation.
+    Timeout = 6,
 }
 
 impl Step {
@@ -35,10 +43,16 @@ impl Step {
             0 => Step::OpenSrc,
             1 => Step::Read,
             2 => Step::Write,
-            _ => Step::ReadBack,
+            3 => Step::ReadBack,
+            4 => Step::Send,
+            5 => Step::Recv,
+            _ => Step::Timeout,
         }
     }
 }
+
+/// The user data of the poll on the shard's wake-up eventfd (no task's: those are `slot << 3 | step`).
+const KICK_USER_DATA: u64 = u64::MAX;
 
 fn user_data(slot: usize, step: Step) -> u64 {
     ((slot as u64) << 3) | step as u64
@@ -75,6 +89,8 @@ struct Task {
     bytes_written: u64,
     /// Hash jobs: the digest so far (boxed: it is large and only hash tasks have one).
     hasher: Option<Box<blake3::Hasher>>,
+    /// Socket jobs: their progress.
+    net: Option<Box<net::NetState>>,
 }
 
 pub(crate) fn start(config: &EngineConfig, registrable_bytes_total: usize) -> Result<Session, EngineError> {
@@ -99,8 +115,12 @@ struct Shard {
     tasks: Vec<Option<Task>>,
     /// Free slots; admitted tasks are the others.
     free: Vec<usize>,
-    /// Completions of one turn, reused so the event loop does not allocate.
-    cqes: Vec<(u64, i32)>,
+    /// Completions of one turn (user data, result, flags), reused so the event loop does not allocate.
+    cqes: Vec<(u64, i32, u32)>,
+    /// An eventfd a [`fastsync_engine::Submitter`] writes to when it hands over a socket job while this shard waits
+    /// in the ring (a POLL_ADD on it is kept armed), so the job is admitted at once, not at the next completion.
+    kick: OwnedFd,
+    kick_armed: bool,
     /// Buffered writes go through the ring (else `pwrite` on this thread).
     ring_buffered_writes: bool,
     stats: ShardStats,
@@ -191,7 +211,16 @@ impl Shard {
         let arena = AlignedArena::new(block_bytes, slots);
         let want = slots.min(registrable_slots).min(u16::MAX as usize);
         let buffers = Registered::start(&ring, &arena, want, up_front);
+        // SAFETY: plain eventfd creation; the descriptor is owned from here on.
+        let kick = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if kick < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor.
+        let kick = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(kick) };
         Ok(Shard {
+            kick,
+            kick_armed: false,
             ring,
             arena,
             buffers,
@@ -204,6 +233,13 @@ impl Shard {
     }
 
     fn run(mut self, ctx: &mut ShardCtx) -> ShardStats {
+        if let Ok(kick) = self.kick.try_clone() {
+            ctx.set_kick(Box::new(move || {
+                let one = 1u64;
+                // SAFETY: an 8-byte write to an eventfd we own; a full counter (EAGAIN) already means "wake up".
+                unsafe { libc::write(kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }));
+        }
         loop {
             // Admit jobs while we have buffer slots.
             while !self.free.is_empty() {
@@ -228,6 +264,11 @@ impl Shard {
                 }
                 continue;
             }
+            if !self.kick_armed {
+                let poll = opcode::PollAdd::new(types::Fd(self.kick.as_raw_fd()), libc::POLLIN as u32).build();
+                self.push(poll.user_data(KICK_USER_DATA));
+                self.kick_armed = true;
+            }
             self.stats.syscalls += 1;
             if let Err(e) = self.ring.submit_and_wait(1) {
                 // EINTR/EBUSY: completions are pending or a signal arrived; reap and go round again.
@@ -236,10 +277,24 @@ impl Shard {
                 }
             }
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(ud, res) in &cqes {
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            for &(ud, res, flags) in &cqes {
+                if ud == KICK_USER_DATA {
+                    // Reset the counter; the loop admits what was handed over, and re-arms the poll before it waits.
+                    let mut n = 0u64;
+                    // SAFETY: an 8-byte read from our non-blocking eventfd.
+                    unsafe { libc::read(self.kick.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+                    self.kick_armed = false;
+                    continue;
+                }
                 let slot = (ud >> 3) as usize;
-                self.on_cqe(slot, Step::from_bits(ud & 7), res);
+                let step = Step::from_bits(ud & 7);
+                if self.tasks[slot].as_ref().is_some_and(|t| t.net.is_some()) {
+                    self.on_net_cqe(slot, step, res, flags);
+                    self.report_net(slot, ctx);
+                } else {
+                    self.on_cqe(slot, step, res);
+                }
                 if self.tasks[slot].as_ref().is_some_and(|t| t.ops_pending == 0) {
                     self.retire(slot, ctx);
                 }
@@ -280,8 +335,10 @@ impl Shard {
             error: None,
             bytes_written: 0,
             hasher: None,
+            net: None,
         };
         match &task.job {
+            Job::Send(_) | Job::Recv(_) => self.admit_net(slot, task),
             Job::Hash(h) => {
                 // Like a whole file's source: OPENAT into the task's fixed slot, linked to its first read; each block
                 // is hashed as it arrives, so a shard keeps a read in flight per slot (a deep queue on cold data).
@@ -411,6 +468,7 @@ impl Shard {
             Step::Read => self.on_read(slot, res, err),
             Step::Write => self.on_write(slot, res, err),
             Step::ReadBack => self.on_read_back(slot, res, err),
+            Step::Send | Step::Recv | Step::Timeout => unreachable!("socket steps go to on_net_cqe"),
         }
     }
 
@@ -437,7 +495,7 @@ impl Shard {
     fn direct(&self, slot: usize) -> bool {
         match &self.tasks[slot].as_ref().expect("live task").job {
             Job::Range(r) => r.file.direct,
-            Job::File(_) | Job::Hash(_) => false,
+            Job::File(_) | Job::Hash(_) | Job::Send(_) | Job::Recv(_) => false,
             Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         }
     }
@@ -450,7 +508,7 @@ impl Shard {
             _ if from_dst => Target::Fd(dst_raw(t)),
             Job::File(_) | Job::Hash(_) => Target::Fixed(slot as u32),
             Job::Range(r) => Target::Fd(r.file.src_fd.as_raw_fd()),
-            Job::Bench(_) => unreachable!("bench jobs never become tasks"),
+            Job::Bench(_) | Job::Send(_) | Job::Recv(_) => unreachable!("bench and socket jobs read on their own"),
         };
         match (target, self.buffers.index(slot)) {
             (Target::Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), buf, len, i).offset(offset).build(),
@@ -664,10 +722,28 @@ impl Shard {
                 (None, Some(h)) => Outcome::Hashed { digest: *h.finalize().as_bytes(), bytes: t.offset },
                 (None, None) => unreachable!("a hash task has a hasher"),
             },
+            Job::Send(_) | Job::Recv(_) => {
+                if t.net.as_ref().is_some_and(|n| n.reported) {
+                    // Reported before its zero-copy notifications arrived (see `report_net`): only the slot is left.
+                    self.free.push(slot);
+                    return;
+                }
+                net_outcome(&mut t)
+            }
             Job::Bench(_) => unreachable!("bench jobs never become tasks"),
         };
-        ctx.complete(Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome });
+        let completion = Completion { tag: t.job.tag(), bytes: t.bytes_written, shard: ctx.index, outcome };
+        ctx.complete_to(t.job.reply(), completion);
         self.free.push(slot);
+    }
+}
+
+/// How a socket task ended.
+fn net_outcome(t: &mut Task) -> Outcome {
+    match (t.error.take(), t.net.as_ref().and_then(|n| n.digest)) {
+        (Some(e), _) => Outcome::Failed(e),
+        (None, Some(digest)) => Outcome::Moved { digest, bytes: t.bytes_written },
+        (None, None) => unreachable!("a socket task without error has its digest"),
     }
 }
 
@@ -695,6 +771,7 @@ fn job_src(job: &Job) -> &Path {
         Job::Range(r) => &r.file.src,
         Job::Hash(h) => &h.path,
         Job::Bench(b) => b.path(),
+        Job::Send(_) | Job::Recv(_) => net::net_path(job),
     }
 }
 
@@ -704,6 +781,7 @@ fn job_dst(job: &Job) -> &Path {
         Job::Range(r) => &r.file.dst,
         Job::Hash(h) => &h.path,
         Job::Bench(b) => b.path(),
+        Job::Send(_) | Job::Recv(_) => net::net_path(job),
     }
 }
 
@@ -711,7 +789,7 @@ fn job_verify(job: &Job) -> bool {
     match job {
         Job::File(f) => f.finish.verify,
         Job::Range(r) => r.file.finish.verify,
-        Job::Hash(_) | Job::Bench(_) => false,
+        Job::Hash(_) | Job::Bench(_) | Job::Send(_) | Job::Recv(_) => false,
     }
 }
 
@@ -719,7 +797,9 @@ fn dst_raw(t: &Task) -> RawFd {
     match &t.job {
         Job::Range(r) => r.file.dst_fd.as_raw_fd(),
         Job::File(_) => t.dst_fd.as_ref().expect("destination open").as_raw_fd(),
-        Job::Hash(_) | Job::Bench(_) => unreachable!("hash and bench jobs write nothing through a task"),
+        Job::Hash(_) | Job::Bench(_) | Job::Send(_) | Job::Recv(_) => {
+            unreachable!("hash, bench and socket jobs write nothing through a task")
+        }
     }
 }
 
