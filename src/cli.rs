@@ -356,6 +356,20 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
                 .clamp(streams as u64, crate::net::streams::STREAMS_MAX as u64) as usize,
             ..crate::remote::NetOptions::new(streams, g.token_file.as_deref())
         };
+        let mode = crate::net::zerocopy::mode();
+        if mode.on_shards() && wishes == crate::net::auth::Wishes::default() {
+            // Plain connections move large files' chunks on the engine's shards (src/net/shards.rs).
+            let config = crate::net::shards::config(
+                selected.engine.kind(),
+                cores,
+                net.streams_max,
+                settings.memory_limit_bytes(),
+            );
+            let zerocopy = mode == crate::net::zerocopy::Mode::Shards;
+            if let Err(e) = crate::net::shards::start(selected.engine.as_ref(), &config, zerocopy) {
+                eprintln!("fastsync: warning: cannot start the socket shards ({e}); using the thread data path");
+            }
+        }
         match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {
             Ok(s) => s,
             Err(f) => return f.into_exit(),

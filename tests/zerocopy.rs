@@ -62,3 +62,79 @@ fn a_multi_chunk_file_goes_both_ways_exactly_with_every_zero_copy_variant() {
         assert_no_tmp(&srv.root);
     }
 }
+
+/// How many calls of `syscall` a `strace -c` table counts.
+fn calls(table: &str, syscall: &str) -> u64 {
+    table
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.last() == Some(&syscall)).then(|| cols.get(3).and_then(|n| n.parse::<u64>().ok())).flatten()
+        })
+        .sum()
+}
+
+/// `cmp` and `sha256sum` (tools independent of fastsync) agree that `a` and `b` hold the same bytes.
+fn same_bytes(a: &Path, b: &Path, what: &str) {
+    let cmp = Command::new("cmp").arg(a).arg(b).status().unwrap();
+    assert!(cmp.success(), "{what}: cmp says {} and {} differ", a.display(), b.display());
+    let sum = |p: &Path| {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
+    };
+    let (x, y) = (sum(a), sum(b));
+    assert!(x.len() == 64 && x == y, "{what}: sha256sum {x} != {y}");
+}
+
+/// The shard data path (`FASTSYNC_ZEROCOPY=shards` / `shards-copy`): large files pushed and pulled on each engine's
+/// socket jobs arrive byte for byte — a multi-chunk file with a ragged end over four streams, and one large enough
+/// for the pulling client to write with O_DIRECT — and the client really moves them on its shards (strace: io_uring
+/// and no sendfile/splice on uring; the fallback shards' `poll` before each send and receive, no io_uring).
+#[test]
+fn large_files_go_both_ways_exactly_on_the_shards_of_both_engines() {
+    let traced = Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
+    for (engine, mode) in [("uring", "shards"), ("uring", "shards-copy"), ("fallback", "shards")] {
+        let c = Case::new();
+        let srv = Server::start(&c.path("served"), &c.token);
+        mkdirs(&c.path("src"));
+        let files = [("multi.bin", (40u64 << 20) + 4_321), ("direct.bin", (70 << 20) + 123)];
+        for (i, (name, len)) in files.iter().enumerate() {
+            write_big_file(&c.path(&format!("src/{name}")), 0x5A0 + i as u64, *len);
+        }
+        let run = |args: &[&str], table: &Path| -> Option<String> {
+            let mut cmd = if traced {
+                let calls = "trace=io_uring_enter,sendfile,splice,poll";
+                Cmd::new("strace").args(["-f", "-c", "-e", calls, "-o"]).arg(table).arg(bin())
+            } else {
+                eprintln!("strace is missing: the system calls used are not checked");
+                fastsync()
+            };
+            cmd = cmd.env("FASTSYNC_ZEROCOPY", mode).arg("--token-file").arg(&c.token);
+            cmd.args(["--engine", engine, args[0], "--streams", "4"]).args(&args[1..]).run().assert_success();
+            traced.then(|| fs::read_to_string(table).unwrap())
+        };
+        let what = format!("{engine}, {mode}");
+        let src = c.path("src");
+        let push = run(&["copy", &format!("{}/", src.display()), &srv.url("in/")], &c.path("push.strace"));
+        let back = c.path("back");
+        let pull = run(&["copy", &srv.url("in/"), &format!("{}/", back.display())], &c.path("pull.strace"));
+        for (name, _) in files {
+            same_bytes(&c.path(&format!("src/{name}")), &srv.root.join("in").join(name), &format!("{what}: push"));
+            same_bytes(&c.path(&format!("src/{name}")), &back.join(name), &format!("{what}: pull"));
+        }
+        assert_no_tmp(&srv.root);
+        assert_no_tmp(&back);
+        // Chunks: 4 MiB on a push, 1 MiB on a pull; each is at least one ring entry or one poll.
+        let chunks = |size: u64| files.iter().map(|(_, len)| len.div_ceil(size)).sum::<u64>();
+        for (dir, table, chunks) in [("push", push, chunks(4 << 20)), ("pull", pull, chunks(1 << 20))] {
+            let Some(table) = table else { continue };
+            assert!(!table.contains("sendfile") && !table.contains("splice"), "{what}: {dir}:\n{table}");
+            let (uring, polls) = (calls(&table, "io_uring_enter"), calls(&table, "poll"));
+            if engine == "uring" {
+                assert!(uring >= chunks, "{what}: {dir}: {uring} io_uring_enter for {chunks} chunks:\n{table}");
+            } else {
+                assert!(uring == 0 && polls >= chunks, "{what}: {dir}: {polls} polls for {chunks} chunks:\n{table}");
+            }
+        }
+    }
+}

@@ -55,6 +55,11 @@ impl DirectFile {
         None
     }
 
+    /// The O_DIRECT descriptor (for a socket job that writes through it).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Write `bytes` at `offset` of the file, whose ordinary descriptor is `plain`: the 4 KiB-aligned part directly,
     /// the rest (a partial last block, or a chunk off a block boundary) through `plain`.
     pub fn write_at(&self, plain: &File, bytes: &[u8], offset: u64) -> io::Result<()> {

@@ -7,6 +7,7 @@ pub mod client;
 pub mod direct;
 pub mod record;
 pub mod server;
+pub mod shards;
 pub mod sparse;
 pub mod streams;
 pub mod url;

@@ -27,11 +27,15 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::OnceLock;
+
+use fastsync_engine::{Job, Op, Outcome, RecvJob, SendJob};
 
 use super::client::{self, Connection, DataEnd, GetError, ReqError};
 use super::direct::DirectFile;
 use super::record::Reader;
+use super::shards;
 use super::sparse;
 use super::wire::{self, FRAME_BYTES_MAX, Msg, code};
 
@@ -52,6 +56,12 @@ pub enum Mode {
     Splice,
     /// `both`: `sendfile` and `splice`.
     Both,
+    /// `shards`: large files' chunks move on the engine's shards ([`super::shards`]): read into registered buffers
+    /// and sent with io_uring's zero-copy send; received into them, checked, and written (O_DIRECT where the file
+    /// is). Where no shards run (a server, for now), as `sendfile`.
+    Shards,
+    /// `shards-copy`: as `shards`, but sent with an ordinary (copying) send from the registered buffers.
+    ShardsCopy,
 }
 
 impl Mode {
@@ -67,13 +77,20 @@ impl Mode {
             "sendfile" => Some(Mode::Sendfile),
             "splice" => Some(Mode::Splice),
             "both" | "on" | "1" | "yes" => Some(Mode::Both),
+            "shards" => Some(Mode::Shards),
+            "shards-copy" => Some(Mode::ShardsCopy),
             _ => None,
         }
     }
 
-    /// Senders use `sendfile`.
+    /// Senders use `sendfile` (a shard mode where no shards run, too).
     pub fn sends_from_file(self) -> bool {
-        cfg!(target_os = "linux") && matches!(self, Mode::Sendfile | Mode::Both)
+        cfg!(target_os = "linux") && matches!(self, Mode::Sendfile | Mode::Both | Mode::Shards | Mode::ShardsCopy)
+    }
+
+    /// Large files' chunks go through the engine's shards (when the process started them).
+    pub fn on_shards(self) -> bool {
+        matches!(self, Mode::Shards | Mode::ShardsCopy)
     }
 
     /// Receivers splice into the file.
@@ -88,7 +105,10 @@ pub fn mode() -> Mode {
     *MODE.get_or_init(|| match std::env::var(ENV) {
         Err(_) => Mode::DEFAULT,
         Ok(v) => Mode::parse(&v).unwrap_or_else(|| {
-            eprintln!("fastsync: warning: {ENV}={v:?} is not off, sendfile, splice or both; using the default");
+            eprintln!(
+                "fastsync: warning: {ENV}={v:?} is not off, sendfile, splice, both, shards or shards-copy; using the \
+                 default"
+            );
             Mode::DEFAULT
         }),
     })
@@ -366,6 +386,9 @@ pub enum PutError {
 /// finds damaged (up to [`client::DIGEST_ATTEMPTS_MAX`] times). Returns how many bytes went (fewer at the end of the
 /// file; 0: none, nothing was sent). Uses `sendfile` on a plain connection when [`mode`] says so.
 pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: usize) -> Result<usize, PutError> {
+    if let Some(shards) = shards_for(conn) {
+        return put_chunk_on_shards(shards, conn, id, offset, file, len);
+    }
     if !mode().sends_from_file() || conn.plain_parts().is_none() {
         let mut buf = vec![0u8; len];
         let got = client::read_at_full(file, &mut buf, offset).map_err(PutError::Read)?;
@@ -407,6 +430,76 @@ pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: 
     }
 }
 
+/// The socket shards, when this process started them, [`mode`] says to use them and `conn` is plain.
+fn shards_for(conn: &mut Connection) -> Option<&'static shards::NetShards> {
+    if !mode().on_shards() {
+        return None;
+    }
+    let shards = shards::get()?;
+    conn.plain_parts().map(|_| shards)
+}
+
+/// The I/O timeout of a connection's socket (its read timeout; both are set alike).
+fn sock_timeout(sock: &TcpStream) -> std::time::Duration {
+    sock.read_timeout().ok().flatten().unwrap_or(client::DEFAULT_TIMEOUT)
+}
+
+/// [`put_chunk`] on the socket shards: each attempt is one [`SendJob`] (read into a registered buffer, hashed,
+/// head and payload sent as one write), then the answer is read here.
+fn put_chunk_on_shards(
+    shards: &shards::NetShards,
+    conn: &mut Connection,
+    id: u64,
+    offset: u64,
+    file: &File,
+    len: usize,
+) -> Result<usize, PutError> {
+    let addr = conn.addr().to_string();
+    let mut attempt = 1;
+    loop {
+        let (_, w) = conn.plain_parts().expect("checked by shards_for");
+        // Whatever the writer buffered goes first; then the shard owns the socket until the completion.
+        w.flush().map_err(|e| PutError::Req(lost(&addr, None, &e)))?;
+        let sock = w.get_ref().plain().expect("plain");
+        let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
+        let ran = shards.run(|reply| {
+            Job::Send(SendJob {
+                tag: 0,
+                sock: fd,
+                file: file.as_raw_fd(),
+                path: PathBuf::new(),
+                offset,
+                len: len as u64,
+                head: Box::new(move |digest, n| wire::put_data_head(id, offset, digest, n).to_vec()),
+                timeout,
+                zerocopy: shards.zerocopy(),
+                reply,
+            })
+        });
+        let got = match ran.map(|c| c.outcome) {
+            Ok(Outcome::Moved { bytes: 0, .. }) => return Ok(0),
+            Ok(Outcome::Moved { bytes, .. }) => bytes as usize,
+            Ok(Outcome::Failed(e)) if e.op == Op::Read => return Err(PutError::Read(e.source)),
+            Ok(Outcome::Failed(e)) => return Err(PutError::Req(lost(&addr, None, &e.source))),
+            Ok(other) => unreachable!("a send job ends moved or failed, not {other:?}"),
+            Err(e) => return Err(PutError::Req(lost(&addr, None, &e))),
+        };
+        match conn.recv().map_err(PutError::Req)? {
+            Msg::Ok => return Ok(got),
+            Msg::Error { code: code::DIGEST, .. } if attempt < client::DIGEST_ATTEMPTS_MAX => attempt += 1,
+            Msg::Error { code: code::DIGEST, message } => {
+                let message = format!("{message} (the chunk at offset {offset} was sent {attempt} times)");
+                return Err(PutError::Req(ReqError::Server { code: code::DIGEST, message }));
+            }
+            Msg::Error { code, message } => return Err(PutError::Req(ReqError::Server { code, message })),
+            other => {
+                let why = format!("protocol error from {addr}: {} instead of Ok", msg_kind(&other));
+                return Err(PutError::Req(ReqError::Broken(why)));
+            }
+        }
+    }
+}
+
 /// Read `[offset, offset + len)` of remote `path` into `file` at the same offsets, calling `on_bytes` for every
 /// chunk that arrived with a matching digest. Splices on a plain connection when [`mode`] says so; otherwise the
 /// ordinary [`Connection::get`], writing through `direct` when given. The errors are [`Connection::get`]'s, and so
@@ -420,7 +513,8 @@ pub fn get_into_file(
     direct: Option<&DirectFile>,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<DataEnd, GetError> {
-    if !mode().splices_into_file() || conn.plain_parts().is_none() {
+    let shards = shards_for(conn);
+    if shards.is_none() && (!mode().splices_into_file() || conn.plain_parts().is_none()) {
         let on_bytes = std::cell::RefCell::new(on_bytes);
         let mut hole = |at: u64, n: u64| {
             sparse::make_hole(file, at, n)?;
@@ -490,6 +584,44 @@ pub fn get_into_file(
         next += n;
         if failure.is_some() {
             discard(r, h.len).map_err(|e| broken(r, &e))?;
+            continue;
+        }
+        if let Some(shards) = shards {
+            // The payload's first bytes may sit in the reader: they go with the job, and the shard takes the rest
+            // from the socket, checks the digest, and only then writes.
+            let k = r.buffer().len().min(h.len);
+            let prefix = r.buffer()[..k].to_vec();
+            r.consume(k);
+            let sock = r.get_ref().plain().expect("plain");
+            let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
+            let ran = shards.run(|reply| {
+                Job::Recv(RecvJob {
+                    tag: 0,
+                    sock: fd,
+                    file: file.as_raw_fd(),
+                    direct: direct.map(DirectFile::raw_fd),
+                    path: PathBuf::new(),
+                    offset: at,
+                    len: n,
+                    prefix,
+                    digest: h.digest,
+                    timeout,
+                    reply,
+                })
+            });
+            match ran.map(|c| c.outcome) {
+                Ok(Outcome::Moved { .. }) => on_bytes(n),
+                // The payload was consumed: the connection is in step, the file failed.
+                Ok(Outcome::Failed(e)) if e.op == Op::Verify => {
+                    failure = Some(GetError::Corrupt(format!(
+                        "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
+                    )));
+                }
+                Ok(Outcome::Failed(e)) if e.op == Op::Write => failure = Some(GetError::Sink(e.source)),
+                Ok(Outcome::Failed(e)) => return Err(broken(r, &e.source)),
+                Ok(other) => unreachable!("a receive job ends moved or failed, not {other:?}"),
+                Err(e) => return Err(broken(r, &e)),
+            }
             continue;
         }
         match recv_into_file(r, file, at, h.len) {
