@@ -1045,6 +1045,7 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64, foll
     let mut pos = offset;
     let mut buf = Vec::new();
     let from_file = zerocopy::mode().sends_from_file() && conn.w.get_ref().plain().is_some();
+    let on_shards = zerocopy::shards().filter(|_| conn.w.get_ref().plain().is_some());
     // A sparse file's holes go as `Hole` messages, not as zeros, and a chunk stops where the next hole starts.
     let mut walker = sparse::Walker::for_file(&file);
     while pos < end {
@@ -1058,6 +1059,23 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64, foll
             None => end,
         };
         let want = (data_end - pos).min(GET_CHUNK_BYTES as u64) as usize;
+        if let Some(shards) = on_shards {
+            // Read into a registered buffer, hashed and sent with its head by a shard (net/shards.rs).
+            conn.w.flush()?;
+            let sock = conn.w.get_ref().plain().expect("plain");
+            let head = Box::new(move |digest: &[u8; 32], n| wire::data_head(pos, digest, n).to_vec());
+            let n = match zerocopy::send_on_shards(shards, sock, &file, pos, want, head) {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return send_fail(conn, Fail::io("cannot read", rel, e)),
+                Err(e) => return Err(WireError::Io(e)),
+            };
+            pos += n as u64;
+            if n < want {
+                break;
+            }
+            continue;
+        }
         if from_file {
             // The digest from the page cache, the payload straight from it with sendfile (net/zerocopy.rs).
             let n = match zerocopy::hash_range(&file, pos, want) {
@@ -1438,7 +1456,8 @@ fn put_begin(shared: &Shared, id: u64, rel: &[u8], size: u64) -> Result<(), Fail
 /// Read the next request. On the zero-copy path (`FASTSYNC_ZEROCOPY` splice or both, plain connection) a `PutData`
 /// is served here, its payload spliced from the socket into the file, and `None` is returned.
 fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<Option<Msg>, WireError> {
-    if !zerocopy::mode().splices_into_file() || conn.r.get_ref().plain().is_none() {
+    let zero_copy = zerocopy::mode().splices_into_file() || zerocopy::shards().is_some();
+    if !zero_copy || conn.r.get_ref().plain().is_none() {
         return wire::read_msg(conn).map(Some);
     }
     let mut head = [0u8; wire::PUT_DATA_HEAD_BYTES];
@@ -1486,20 +1505,37 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
         return Ok(Some(Msg::PutData { id, offset: start, digest: h.digest, bytes }));
     };
     let t = &lease.t;
-    let checked = match zerocopy::recv_into_file(&mut conn.r, &t.file, start, len) {
-        Ok(()) => match zerocopy::range_matches(&t.file, start, len, &h.digest) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
+    let checked = if let Some(shards) = zerocopy::shards() {
+        // Received into a registered buffer, checked, and only then written (net/shards.rs).
+        match zerocopy::recv_on_shards(shards, &mut conn.r, &t.file, t.direct.as_ref(), start, len, h.digest) {
+            Ok(zerocopy::Received::Written) => Ok(()),
+            Ok(zerocopy::Received::Mismatch) => {
                 let why =
                     format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
                 Err(Fail::new(code::DIGEST, why))
             }
-            Err(e) => Err(Fail::io("cannot read back", &t.rel, e)),
-        },
-        Err(SpliceError::File { cause, .. }) => Err(Fail::io("cannot write", &t.rel, cause)),
-        Err(SpliceError::Socket(e)) => {
-            t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
-            return Err(WireError::Io(e));
+            Ok(zerocopy::Received::File(e)) => Err(Fail::io("cannot write", &t.rel, e)),
+            Err(e) => {
+                t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
+                return Err(WireError::Io(e));
+            }
+        }
+    } else {
+        match zerocopy::recv_into_file(&mut conn.r, &t.file, start, len) {
+            Ok(()) => match zerocopy::range_matches(&t.file, start, len, &h.digest) {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    let why =
+                        format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
+                    Err(Fail::new(code::DIGEST, why))
+                }
+                Err(e) => Err(Fail::io("cannot read back", &t.rel, e)),
+            },
+            Err(SpliceError::File { cause, .. }) => Err(Fail::io("cannot write", &t.rel, cause)),
+            Err(SpliceError::Socket(e)) => {
+                t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
+                return Err(WireError::Io(e));
+            }
         }
     };
     let reply = {

@@ -369,6 +369,16 @@ fn lost(addr: &str, sock: Option<&TcpStream>, e: &io::Error) -> ReqError {
     ReqError::Broken(format!("connection to {addr} lost: {cause}"))
 }
 
+/// "connection to ADDR lost: CAUSE" for a socket job that failed on its connection: a stall is worded as the
+/// client words one mid-conversation (the job's error says "stalled: no progress for N s").
+fn lost_on_shard(addr: &str, e: &io::Error) -> ReqError {
+    let cause = match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        _ => e.to_string(),
+    };
+    ReqError::Broken(format!("connection to {addr} lost: {cause}"))
+}
+
 fn msg_kind(m: &Msg) -> String {
     let kind = format!("{m:?}");
     kind.split([' ', '(', '{']).next().unwrap_or("?").to_string()
@@ -430,6 +440,11 @@ pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: 
     }
 }
 
+/// The socket shards, when this process started them and [`mode`] says to use them.
+pub fn shards() -> Option<&'static shards::NetShards> {
+    if mode().on_shards() { shards::get() } else { None }
+}
+
 /// The socket shards, when this process started them, [`mode`] says to use them and `conn` is plain.
 fn shards_for(conn: &mut Connection) -> Option<&'static shards::NetShards> {
     if !mode().on_shards() {
@@ -442,6 +457,95 @@ fn shards_for(conn: &mut Connection) -> Option<&'static shards::NetShards> {
 /// The I/O timeout of a connection's socket (its read timeout; both are set alike).
 fn sock_timeout(sock: &TcpStream) -> std::time::Duration {
     sock.read_timeout().ok().flatten().unwrap_or(client::DEFAULT_TIMEOUT)
+}
+
+/// How a payload received on the shards ended, when the connection stayed in step.
+pub enum Received {
+    /// Checked and written.
+    Written,
+    /// Its digest did not match; nothing was written.
+    Mismatch,
+    /// The file could not be written.
+    File(io::Error),
+}
+
+/// Receive a `len`-byte payload whose head was read from `r` into `file` at `offset` on the socket shards: the
+/// bytes `r` already buffered go with the job, the shard reads the rest from the socket, checks the digest and only
+/// then writes (through `direct` where given). `Err`: the connection failed (or the job was interrupted) and is out
+/// of step.
+#[allow(clippy::too_many_arguments)]
+pub fn recv_on_shards(
+    shards: &shards::NetShards,
+    r: &mut BufReader<Reader<TcpStream>>,
+    file: &File,
+    direct: Option<&DirectFile>,
+    offset: u64,
+    len: usize,
+    digest: [u8; 32],
+) -> io::Result<Received> {
+    let k = r.buffer().len().min(len);
+    let prefix = r.buffer()[..k].to_vec();
+    r.consume(k);
+    let sock = r.get_ref().plain().expect("a plain connection");
+    let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
+    let ran = shards.run(|reply| {
+        Job::Recv(RecvJob {
+            tag: 0,
+            sock: fd,
+            file: file.as_raw_fd(),
+            direct: direct.map(DirectFile::raw_fd),
+            path: PathBuf::new(),
+            offset,
+            len: len as u64,
+            prefix,
+            digest,
+            timeout,
+            reply,
+        })
+    })?;
+    match ran.outcome {
+        Outcome::Moved { .. } => Ok(Received::Written),
+        // The payload was consumed: the connection is in step.
+        Outcome::Failed(e) if e.op == Op::Verify => Ok(Received::Mismatch),
+        Outcome::Failed(e) if e.op == Op::Write => Ok(Received::File(e.source)),
+        Outcome::Failed(e) => Err(e.source),
+        other => unreachable!("a receive job ends moved or failed, not {other:?}"),
+    }
+}
+
+/// Send up to `len` bytes of `file` from `offset` on `sock` as one frame on the socket shards: read into a
+/// registered buffer, hashed, then `head(digest, bytes)` and the bytes as one write. Returns how many payload bytes
+/// went (fewer at the end of the file; 0: nothing was sent). `Ok(Err)`: the file could not be read, nothing was
+/// sent (the connection is in step); `Err`: the connection failed.
+pub fn send_on_shards(
+    shards: &shards::NetShards,
+    sock: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: usize,
+    head: fastsync_engine::net::HeadFn,
+) -> io::Result<io::Result<usize>> {
+    let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
+    let ran = shards.run(|reply| {
+        Job::Send(SendJob {
+            tag: 0,
+            sock: fd,
+            file: file.as_raw_fd(),
+            path: PathBuf::new(),
+            offset,
+            len: len as u64,
+            head,
+            timeout,
+            zerocopy: shards.zerocopy(),
+            reply,
+        })
+    })?;
+    match ran.outcome {
+        Outcome::Moved { bytes, .. } => Ok(Ok(bytes as usize)),
+        Outcome::Failed(e) if e.op == Op::Read => Ok(Err(e.source)),
+        Outcome::Failed(e) => Err(e.source),
+        other => unreachable!("a send job ends moved or failed, not {other:?}"),
+    }
 }
 
 /// [`put_chunk`] on the socket shards: each attempt is one [`SendJob`] (read into a registered buffer, hashed,
@@ -461,28 +565,12 @@ fn put_chunk_on_shards(
         // Whatever the writer buffered goes first; then the shard owns the socket until the completion.
         w.flush().map_err(|e| PutError::Req(lost(&addr, None, &e)))?;
         let sock = w.get_ref().plain().expect("plain");
-        let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
-        let ran = shards.run(|reply| {
-            Job::Send(SendJob {
-                tag: 0,
-                sock: fd,
-                file: file.as_raw_fd(),
-                path: PathBuf::new(),
-                offset,
-                len: len as u64,
-                head: Box::new(move |digest, n| wire::put_data_head(id, offset, digest, n).to_vec()),
-                timeout,
-                zerocopy: shards.zerocopy(),
-                reply,
-            })
-        });
-        let got = match ran.map(|c| c.outcome) {
-            Ok(Outcome::Moved { bytes: 0, .. }) => return Ok(0),
-            Ok(Outcome::Moved { bytes, .. }) => bytes as usize,
-            Ok(Outcome::Failed(e)) if e.op == Op::Read => return Err(PutError::Read(e.source)),
-            Ok(Outcome::Failed(e)) => return Err(PutError::Req(lost(&addr, None, &e.source))),
-            Ok(other) => unreachable!("a send job ends moved or failed, not {other:?}"),
-            Err(e) => return Err(PutError::Req(lost(&addr, None, &e))),
+        let head = Box::new(move |digest: &[u8; 32], n| wire::put_data_head(id, offset, digest, n).to_vec());
+        let got = match send_on_shards(shards, sock, file, offset, len, head) {
+            Ok(Ok(0)) => return Ok(0),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(PutError::Read(e)),
+            Err(e) => return Err(PutError::Req(lost_on_shard(&addr, &e))),
         };
         match conn.recv().map_err(PutError::Req)? {
             Msg::Ok => return Ok(got),
@@ -589,38 +677,16 @@ pub fn get_into_file(
         if let Some(shards) = shards {
             // The payload's first bytes may sit in the reader: they go with the job, and the shard takes the rest
             // from the socket, checks the digest, and only then writes.
-            let k = r.buffer().len().min(h.len);
-            let prefix = r.buffer()[..k].to_vec();
-            r.consume(k);
-            let sock = r.get_ref().plain().expect("plain");
-            let (fd, timeout) = (sock.as_raw_fd(), sock_timeout(sock));
-            let ran = shards.run(|reply| {
-                Job::Recv(RecvJob {
-                    tag: 0,
-                    sock: fd,
-                    file: file.as_raw_fd(),
-                    direct: direct.map(DirectFile::raw_fd),
-                    path: PathBuf::new(),
-                    offset: at,
-                    len: n,
-                    prefix,
-                    digest: h.digest,
-                    timeout,
-                    reply,
-                })
-            });
-            match ran.map(|c| c.outcome) {
-                Ok(Outcome::Moved { .. }) => on_bytes(n),
+            match recv_on_shards(shards, r, file, direct, at, h.len, h.digest) {
+                Ok(Received::Written) => on_bytes(n),
                 // The payload was consumed: the connection is in step, the file failed.
-                Ok(Outcome::Failed(e)) if e.op == Op::Verify => {
+                Ok(Received::Mismatch) => {
                     failure = Some(GetError::Corrupt(format!(
                         "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
                     )));
                 }
-                Ok(Outcome::Failed(e)) if e.op == Op::Write => failure = Some(GetError::Sink(e.source)),
-                Ok(Outcome::Failed(e)) => return Err(broken(r, &e.source)),
-                Ok(other) => unreachable!("a receive job ends moved or failed, not {other:?}"),
-                Err(e) => return Err(broken(r, &e)),
+                Ok(Received::File(e)) => failure = Some(GetError::Sink(e)),
+                Err(e) => return Err(GetError::Req(lost_on_shard(&addr, &e))),
             }
             continue;
         }
