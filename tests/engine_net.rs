@@ -140,6 +140,7 @@ fn recv_job(
         prefix: payload[..prefix].to_vec(),
         digest: *blake3::hash(payload).as_bytes(),
         timeout,
+        gate: None,
         reply: tx,
     })
 }
@@ -238,6 +239,43 @@ fn receives_checks_and_writes(engine: &dyn Engine) {
     let mut next = [0u8; 4];
     (&ours).read_exact(&mut next).unwrap();
     assert_eq!(&next, b"next");
+}
+
+/// The gate decides, after the payload was checked, whether it is written: refused, nothing is written and the
+/// job completes with 0 bytes (and the connection is in step); allowed, the bytes are written.
+fn the_gate_decides_whether_a_checked_payload_is_written(engine: &dyn Engine) {
+    let dir = TempDir::new("gate");
+    let path = dir.join("dst");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    file.set_len(1 << 20).unwrap();
+    let session = start(engine);
+    let sub = session.submitter();
+    let (ours, mut peer) = pair();
+    let payload = content(200_000, 12);
+    for allow in [false, true] {
+        peer.write_all(&payload).unwrap();
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = run(&sub, |tx| {
+            let mut j = recv_job(tx, &ours, &file, &path, 4096, &payload, 0, LONG);
+            let asked = asked.clone();
+            if let Job::Recv(r) = &mut j {
+                r.gate = Some(Box::new(move || {
+                    asked.store(true, Ordering::SeqCst);
+                    allow
+                }));
+            }
+            j
+        });
+        assert!(asked.load(Ordering::SeqCst), "the gate was asked");
+        let want = if allow { payload.len() as u64 } else { 0 };
+        assert!(matches!(c.outcome, Outcome::Moved { bytes, .. } if bytes == want), "{:?}", c.outcome);
+        let got = fs::read(&path).unwrap();
+        if allow {
+            assert!(got[4096..4096 + payload.len()] == payload);
+        } else {
+            assert!(got.iter().all(|&b| b == 0), "a refused payload is not written");
+        }
+    }
 }
 
 /// A payload whose digest does not match is consumed (the connection stays in step) and never written.
@@ -456,6 +494,7 @@ on_both_engines!(
     sends_head_and_payload,
     short_file_sends_what_there_is,
     receives_checks_and_writes,
+    the_gate_decides_whether_a_checked_payload_is_written,
     digest_mismatch_writes_nothing,
     peer_closing_mid_payload_fails,
     stalled_peer_times_out,

@@ -46,6 +46,9 @@ use crate::{Completion, Op};
 /// send. A head longer than this fails the job.
 pub const HEAD_ROOM_BYTES: usize = 4096;
 
+/// Decides, on the shard, whether a received and checked payload is written (see [`RecvJob::gate`]).
+pub type GateFn = Box<dyn FnOnce() -> bool + Send>;
+
 /// Builds the frame head once the payload's BLAKE3 digest and length are known.
 pub type HeadFn = Box<dyn FnOnce(&[u8; 32], usize) -> Vec<u8> + Send>;
 
@@ -83,7 +86,6 @@ impl std::fmt::Debug for SendJob {
 
 /// Receive a `len`-byte payload from a connected stream socket (its first bytes may already have been read by the
 /// caller: `prefix`), check its BLAKE3 against `digest`, and only then write it at `offset` of the file.
-#[derive(Debug)]
 pub struct RecvJob {
     pub tag: u64,
     /// Connected stream socket, owned by the shard until the completion (module docs).
@@ -102,7 +104,23 @@ pub struct RecvJob {
     pub digest: [u8; 32],
     /// No progress on the socket for this long fails the job (`TimedOut`).
     pub timeout: Duration,
+    /// Called on the shard once the whole payload is in and matched its digest, just before it is written: `false`
+    /// drops it unwritten (the job then completes [`Moved`](crate::Outcome::Moved) with `bytes` 0). Lets a
+    /// receiver claim what the write needs (a server's transfer) only for the write, not while a slow peer sends.
+    pub gate: Option<GateFn>,
     pub reply: Sender<Completion>,
+}
+
+impl std::fmt::Debug for RecvJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvJob")
+            .field("tag", &self.tag)
+            .field("sock", &self.sock)
+            .field("path", &self.path)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The error of a job whose payload does not fit in a slot.

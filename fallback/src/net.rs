@@ -71,6 +71,11 @@ pub(crate) fn recv(arena: &AlignedArena, job: RecvJob, calls: &mut u64) -> Outco
     if digest != job.digest {
         return Outcome::Failed(net::mismatch(&job.path, job.offset));
     }
+    if let Some(gate) = job.gate
+        && !gate()
+    {
+        return Outcome::Moved { digest, bytes: 0 };
+    }
     // SAFETY: the submitter keeps both descriptors open until the completion (contract).
     let file = unsafe { BorrowedFd::borrow_raw(job.file) };
     let mut aligned = match job.direct {

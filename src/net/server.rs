@@ -125,7 +125,7 @@ pub fn run(
         max_clients: clients_max(args.max_clients as usize, memory_limit_bytes),
         active: AtomicUsize::new(0),
         turning_away: AtomicUsize::new(0),
-        transfers: Transfers::new(TRANSFERS_MAX),
+        transfers: Arc::new(Transfers::new(TRANSFERS_MAX)),
         seq: AtomicU64::new(0),
         direct_io,
     });
@@ -201,7 +201,7 @@ struct Shared {
     max_clients: usize,
     active: AtomicUsize,
     turning_away: AtomicUsize,
-    transfers: Transfers,
+    transfers: Arc<Transfers>,
     /// Numbers the temporaries of this process (`.NAME.fstmp-PID-N`).
     seq: AtomicU64,
     /// Large pushed files are written with O_DIRECT ([`DirectFile`]).
@@ -1286,6 +1286,34 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// A [`Lease`] that owns its hold on the table, for a socket job's gate (which runs on a shard, see
+/// [`put_data_on_shards`]).
+struct OwnedLease {
+    table: Arc<Transfers>,
+    id: u64,
+    t: Arc<Transfer>,
+}
+
+impl Drop for OwnedLease {
+    fn drop(&mut self) {
+        let mut map = self.table.lock();
+        if let Some(slot) = map.get_mut(&self.id).filter(|s| Arc::ptr_eq(&s.t, &self.t)) {
+            slot.inflight -= 1;
+            slot.last_used = Instant::now();
+        }
+    }
+}
+
+/// Hold transfer `id` of `table` (as [`Transfers::lease`]) when it is still the one `t` points to.
+fn lease_owned(table: &Arc<Transfers>, id: u64, t: &std::sync::Weak<Transfer>) -> Option<OwnedLease> {
+    let t = t.upgrade()?;
+    let mut map = table.lock();
+    let slot = map.get_mut(&id).filter(|s| Arc::ptr_eq(&s.t, &t))?;
+    slot.inflight += 1;
+    slot.last_used = Instant::now();
+    Some(OwnedLease { table: Arc::clone(table), id, t })
+}
+
 impl Transfers {
     fn new(cap: usize) -> Transfers {
         Transfers { map: Mutex::new(HashMap::new()), cap }
@@ -1491,6 +1519,9 @@ fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<O
 /// unknown transfer, range out of bounds or already received) reads the payload into memory and returns the request
 /// for the ordinary path, which answers it.
 fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Result<Option<Msg>, WireError> {
+    if let Some(shards) = zerocopy::shards() {
+        return put_data_on_shards(shared, conn, h, shards);
+    }
     let id = h.id.expect("a PutData head");
     let (start, len) = (h.offset, h.len);
     let lease = (!shared.read_only).then(|| shared.transfers.lease(id).ok()).flatten();
@@ -1505,37 +1536,20 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
         return Ok(Some(Msg::PutData { id, offset: start, digest: h.digest, bytes }));
     };
     let t = &lease.t;
-    let checked = if let Some(shards) = zerocopy::shards() {
-        // Received into a registered buffer, checked, and only then written (net/shards.rs).
-        match zerocopy::recv_on_shards(shards, &mut conn.r, &t.file, t.direct.as_ref(), start, len, h.digest) {
-            Ok(zerocopy::Received::Written) => Ok(()),
-            Ok(zerocopy::Received::Mismatch) => {
+    let checked = match zerocopy::recv_into_file(&mut conn.r, &t.file, start, len) {
+        Ok(()) => match zerocopy::range_matches(&t.file, start, len, &h.digest) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
                 let why =
                     format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
                 Err(Fail::new(code::DIGEST, why))
             }
-            Ok(zerocopy::Received::File(e)) => Err(Fail::io("cannot write", &t.rel, e)),
-            Err(e) => {
-                t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
-                return Err(WireError::Io(e));
-            }
-        }
-    } else {
-        match zerocopy::recv_into_file(&mut conn.r, &t.file, start, len) {
-            Ok(()) => match zerocopy::range_matches(&t.file, start, len, &h.digest) {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    let why =
-                        format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&t.rel));
-                    Err(Fail::new(code::DIGEST, why))
-                }
-                Err(e) => Err(Fail::io("cannot read back", &t.rel, e)),
-            },
-            Err(SpliceError::File { cause, .. }) => Err(Fail::io("cannot write", &t.rel, cause)),
-            Err(SpliceError::Socket(e)) => {
-                t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
-                return Err(WireError::Io(e));
-            }
+            Err(e) => Err(Fail::io("cannot read back", &t.rel, e)),
+        },
+        Err(SpliceError::File { cause, .. }) => Err(Fail::io("cannot write", &t.rel, cause)),
+        Err(SpliceError::Socket(e)) => {
+            t.received.lock().unwrap_or_else(|e| e.into_inner()).release(start, end);
+            return Err(WireError::Io(e));
         }
     };
     let reply = {
@@ -1553,6 +1567,79 @@ fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Resu
                 Err(f)
             }
         }
+    };
+    drop(lease);
+    match reply {
+        Ok(()) => wire::write_msg(conn, &Msg::Ok)?,
+        Err(f) => send_fail(conn, f)?,
+    }
+    Ok(None)
+}
+
+/// Serve a `PutData` whose head was read on the socket shards: a shard receives the payload into a registered
+/// buffer and checks its digest, then takes hold of the transfer (a gate, [`OwnedLease`]) only to write it — so a
+/// client that stalls mid-payload holds nothing (its stream is replaced and the chunk sent again; `PutEnd` and a
+/// resumed push do not wait for this connection's timeout), and a damaged chunk is never written. What the ordinary
+/// path answers (read-only server, unknown transfer, chunk out of bounds) is read into memory and returned for it.
+fn put_data_on_shards(
+    shared: &Shared,
+    conn: &mut Conn,
+    h: wire::DataHead,
+    shards: &crate::net::shards::NetShards,
+) -> Result<Option<Msg>, WireError> {
+    let id = h.id.expect("a PutData head");
+    let (start, len) = (h.offset, h.len);
+    let end = start.checked_add(len as u64);
+    // While the payload comes in, this connection holds neither the transfer nor (through it) its journal's lock:
+    // only its own duplicates of the temporary's descriptors, and a weak reference for the gate.
+    let target = (!shared.read_only)
+        .then(|| shared.transfers.lease(id).ok())
+        .flatten()
+        .filter(|l| end.is_some_and(|e| e <= l.t.size))
+        .and_then(|l| {
+            let file = l.t.file.try_clone().ok()?;
+            let direct = match &l.t.direct {
+                // SAFETY: the transfer's descriptor is open while the lease holds it.
+                Some(d) => Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(d.raw_fd()) }.try_clone_to_owned().ok()?),
+                None => None,
+            };
+            Some((Arc::downgrade(&l.t), l.t.rel.to_vec(), file, direct))
+        });
+    let (Some((t, rel, file, direct)), Some(end)) = (target, end) else {
+        let mut bytes = vec![0u8; len];
+        conn.r.read_exact(&mut bytes)?;
+        return Ok(Some(Msg::PutData { id, offset: start, digest: h.digest, bytes }));
+    };
+    let held: Arc<Mutex<Option<OwnedLease>>> = Arc::default();
+    let gate = {
+        let (table, held) = (Arc::clone(&shared.transfers), Arc::clone(&held));
+        Box::new(move || match lease_owned(&table, id, &t) {
+            Some(lease) => {
+                *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+                true
+            }
+            None => false,
+        })
+    };
+    let (fd, direct_fd) = (file.as_raw_fd(), direct.as_ref().map(|d| d.as_raw_fd()));
+    let got = zerocopy::recv_on_shards(shards, &mut conn.r, fd, direct_fd, start, len, h.digest, Some(gate));
+    drop((file, direct));
+    let lease = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let reply = match (got.map_err(WireError::Io)?, &lease) {
+        (zerocopy::Received::Written, Some(OwnedLease { t, .. })) => {
+            t.written(start, end - start);
+            let mut received = t.received.lock().unwrap_or_else(|e| e.into_inner());
+            received.add(start, end).map_err(|()| {
+                Fail::new(code::PROTOCOL, format!("'{}': too many separate chunks in flight", show(&t.rel)))
+            })
+        }
+        (zerocopy::Received::Written, None) => unreachable!("a written payload passed the gate, which holds it"),
+        (zerocopy::Received::Mismatch, _) => {
+            let why = format!("chunk at offset {start} of '{}': digest mismatch (damaged in transit)", show(&rel));
+            Err(Fail::new(code::DIGEST, why))
+        }
+        (zerocopy::Received::Refused, _) => Err(unknown_transfer(id)),
+        (zerocopy::Received::File(e), _) => Err(Fail::io("cannot write", &rel, e)),
     };
     drop(lease);
     match reply {

@@ -465,23 +465,26 @@ pub enum Received {
     Written,
     /// Its digest did not match; nothing was written.
     Mismatch,
+    /// Checked, but the gate refused it: nothing was written.
+    Refused,
     /// The file could not be written.
     File(io::Error),
 }
 
 /// Receive a `len`-byte payload whose head was read from `r` into `file` at `offset` on the socket shards: the
 /// bytes `r` already buffered go with the job, the shard reads the rest from the socket, checks the digest and only
-/// then writes (through `direct` where given). `Err`: the connection failed (or the job was interrupted) and is out
+/// then writes (through `direct` where given; the caller keeps both descriptors open until this returns). `Err`: the connection failed (or the job was interrupted) and is out
 /// of step.
 #[allow(clippy::too_many_arguments)]
 pub fn recv_on_shards(
     shards: &shards::NetShards,
     r: &mut BufReader<Reader<TcpStream>>,
-    file: &File,
-    direct: Option<&DirectFile>,
+    file: RawFd,
+    direct: Option<RawFd>,
     offset: u64,
     len: usize,
     digest: [u8; 32],
+    gate: Option<fastsync_engine::net::GateFn>,
 ) -> io::Result<Received> {
     let k = r.buffer().len().min(len);
     let prefix = r.buffer()[..k].to_vec();
@@ -492,18 +495,20 @@ pub fn recv_on_shards(
         Job::Recv(RecvJob {
             tag: 0,
             sock: fd,
-            file: file.as_raw_fd(),
-            direct: direct.map(DirectFile::raw_fd),
+            file,
+            direct,
             path: PathBuf::new(),
             offset,
             len: len as u64,
             prefix,
             digest,
             timeout,
+            gate,
             reply,
         })
     })?;
     match ran.outcome {
+        Outcome::Moved { bytes: 0, .. } if len > 0 => Ok(Received::Refused),
         Outcome::Moved { .. } => Ok(Received::Written),
         // The payload was consumed: the connection is in step.
         Outcome::Failed(e) if e.op == Op::Verify => Ok(Received::Mismatch),
@@ -677,8 +682,10 @@ pub fn get_into_file(
         if let Some(shards) = shards {
             // The payload's first bytes may sit in the reader: they go with the job, and the shard takes the rest
             // from the socket, checks the digest, and only then writes.
-            match recv_on_shards(shards, r, file, direct, at, h.len, h.digest) {
+            let (fd, direct_fd) = (file.as_raw_fd(), direct.map(DirectFile::raw_fd));
+            match recv_on_shards(shards, r, fd, direct_fd, at, h.len, h.digest, None) {
                 Ok(Received::Written) => on_bytes(n),
+                Ok(Received::Refused) => unreachable!("a pull's receive has no gate"),
                 // The payload was consumed: the connection is in step, the file failed.
                 Ok(Received::Mismatch) => {
                     failure = Some(GetError::Corrupt(format!(

@@ -328,8 +328,19 @@ impl Shard {
             let path = net_path(&self.task(slot).job).to_path_buf();
             return self.fail(slot, net::mismatch(&path, offset));
         }
+        let gate = match &mut self.task(slot).job {
+            Job::Recv(j) => j.gate.take(),
+            _ => unreachable!("a receive task"),
+        };
         let st = self.net(slot);
         st.digest = Some(digest);
+        if let Some(gate) = gate
+            && !gate()
+        {
+            // Dropped unwritten: the job completes with 0 bytes.
+            return;
+        }
+        let st = self.net(slot);
         if direct.is_some() && offset.is_multiple_of(DIRECT_ALIGN_BYTES as u64) {
             st.aligned = len / DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES;
         }
