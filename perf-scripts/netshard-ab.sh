@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A/B of the fastsync:// data paths on loopback: the thread paths (FASTSYNC_ZEROCOPY=sendfile, the default before
-# the shards, and both = sendfile + splice) against the engine's socket shards (shards = SEND_ZC from registered
-# buffers, shards-copy = SEND from them), for a push and a pull of one large file. Client and server run the same
+# the shards, and both = sendfile + splice) against the engine's socket shards (shards = SEND from registered
+# buffers, shards-zc = SEND_ZC from them), for a push and a pull of one large file. Client and server run the same
 # variant (each process reads FASTSYNC_ZEROCOPY). Variants alternate within each round; every output is compared
 # with cmp outside the timed region.
 #
 #   perf-scripts/netshard-ab.sh [SIZE_MIB] [ROUNDS] [VARIANTS...]
-#   perf-scripts/netshard-ab.sh 1024 3 sendfile both shards shards-copy
+#   perf-scripts/netshard-ab.sh 1024 3 sendfile shards shards-zc
 #
 # Wall time (ns clock) and client CPU (GNU /usr/bin/time: user + sys) per run; the server's CPU from
 # /proc/PID/stat (utime + stime) before and after. Writes results/netshard-ab-DATE.{csv,md}.
@@ -16,7 +16,7 @@ SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
 shift 2 || true
 VARIANTS=("$@")
-[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(sendfile both shards shards-copy)
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(sendfile shards shards-zc)
 BIN=${FASTSYNC_BIN:-target/release/fastsync}
 [ -x "$BIN" ] || nice -n 19 cargo build --release
 WORK=${NETSHARD_DIR:-/var/tmp/netshard-ab}

@@ -246,8 +246,15 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
             Overrides { memory_profile: g.memory_profile, memory_limit: g.memory_limit, ..Overrides::default() };
         let settings = Settings::load(g.config.as_deref(), &|k| std::env::var_os(k), &overrides)
             .map_err(|e| Error::Refused(e.to_string()))?;
-        let memory_limit_bytes = serve_shards(&settings, g.verbose);
-        return crate::net::server::run(a, g.token_file.as_deref(), memory_limit_bytes, settings.direct_io.value);
+        let limit = settings.memory_limit_bytes();
+        let shard_buffer_bytes = serve_shards(&settings, g.verbose);
+        return crate::net::server::run(
+            a,
+            g.token_file.as_deref(),
+            limit,
+            shard_buffer_bytes,
+            settings.direct_io.value,
+        );
     }
     let wishes = crate::net::auth::Wishes { encrypt: g.encrypt, compress: g.compress };
     let transfer = match &cli.command {
@@ -361,7 +368,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
                 net.streams_max,
                 settings.memory_limit_bytes(),
             );
-            let zerocopy = mode == crate::net::zerocopy::Mode::Shards;
+            let zerocopy = mode == crate::net::zerocopy::Mode::ShardsZc;
             if let Err(e) = crate::net::shards::start(selected.engine.as_ref(), &config, zerocopy) {
                 eprintln!("fastsync: warning: cannot start the socket shards ({e}); using the thread data path");
             }
@@ -398,20 +405,20 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     Ok(exit::OK)
 }
 
-/// `serve` with `FASTSYNC_ZEROCOPY=shards` (or `shards-copy`): start the socket shards (src/net/shards.rs) on the
-/// engine the settings choose, their buffers a share of the memory limit; returns what is left of the limit for the
-/// connections. Where they cannot start, the server says so and serves on its threads.
+/// `serve` with `FASTSYNC_ZEROCOPY=shards` (the default, or `shards-zc`): start the socket shards (src/net/shards.rs) on the
+/// engine the settings choose, their buffers a share of the memory limit; returns the bytes of those buffers (0
+/// without shards). Where they cannot start, the server says so and serves on its threads.
 fn serve_shards(settings: &Settings, verbose: u8) -> u64 {
     let limit = settings.memory_limit_bytes();
     let mode = crate::net::zerocopy::mode();
     if !mode.on_shards() {
-        return limit;
+        return 0;
     }
     let selected = match engines::select(settings.engine.value) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("fastsync: warning: no engine for the socket shards ({e}); serving on threads");
-            return limit;
+            return 0;
         }
     };
     let cores = settings
@@ -421,7 +428,7 @@ fn serve_shards(settings: &Settings, verbose: u8) -> u64 {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let connections = (limit / crate::net::server::CONNECTION_BYTES_MAX).max(1) as usize;
     let config = crate::net::shards::config(selected.engine.kind(), cores, connections, limit);
-    let zerocopy = mode == crate::net::zerocopy::Mode::Shards;
+    let zerocopy = mode == crate::net::zerocopy::Mode::ShardsZc;
     match crate::net::shards::start(selected.engine.as_ref(), &config, zerocopy) {
         Ok(()) => {
             if verbose > 0 {
@@ -433,11 +440,11 @@ fn serve_shards(settings: &Settings, verbose: u8) -> u64 {
                     config.block_bytes >> 10
                 );
             }
-            limit.saturating_sub(config.buffer_bytes() as u64).max(crate::net::server::CONNECTION_BYTES_MAX)
+            config.buffer_bytes() as u64
         }
         Err(e) => {
             eprintln!("fastsync: warning: cannot start the socket shards ({e}); serving on threads");
-            limit
+            0
         }
     }
 }

@@ -86,14 +86,14 @@ fn same_bytes(a: &Path, b: &Path, what: &str) {
     assert!(x.len() == 64 && x == y, "{what}: sha256sum {x} != {y}");
 }
 
-/// The shard data path (`FASTSYNC_ZEROCOPY=shards` / `shards-copy`): large files pushed and pulled on each engine's
+/// The shard data path (`FASTSYNC_ZEROCOPY=shards` / `shards-zc`): large files pushed and pulled on each engine's
 /// socket jobs arrive byte for byte — a multi-chunk file with a ragged end over four streams, and one large enough
 /// for the pulling client to write with O_DIRECT — and the client really moves them on its shards (strace: io_uring
 /// and no sendfile/splice on uring; the fallback shards' `poll` before each send and receive, no io_uring).
 #[test]
 fn large_files_go_both_ways_exactly_on_the_shards_of_both_engines() {
     let traced = Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
-    for (engine, mode) in [("uring", "shards"), ("uring", "shards-copy"), ("fallback", "shards")] {
+    for (engine, mode) in [("uring", "shards"), ("uring", "shards-zc"), ("fallback", "shards")] {
         let c = Case::new();
         let srv = Server::start(&c.path("served"), &c.token);
         mkdirs(&c.path("src"));

@@ -88,11 +88,13 @@ pub struct ServeArgs {
 
 /// Run the server until SIGINT/SIGTERM; returns the exit code. The token comes from `token_file` (the global
 /// `--token-file`), else `FASTSYNC_TOKEN`.
-/// `direct_io`: large pushed files are written with O_DIRECT (the `direct_io` setting).
+/// `direct_io`: large pushed files are written with O_DIRECT (the `direct_io` setting). `shard_buffer_bytes`: what the
+/// socket shards' buffers take of the memory limit (0 without them); the connections share the rest.
 pub fn run(
     args: &ServeArgs,
     token_file: Option<&Path>,
     memory_limit_bytes: u64,
+    shard_buffer_bytes: u64,
     direct_io: bool,
 ) -> Result<i32, Error> {
     let token = auth::load_token(token_file, std::env::var_os("FASTSYNC_TOKEN"))
@@ -122,7 +124,7 @@ pub fn run(
             no_compress: args.no_compress,
         },
         timeout: Duration::from_secs(args.timeout),
-        max_clients: clients_max(args.max_clients as usize, memory_limit_bytes),
+        max_clients: clients_max(args.max_clients as usize, memory_limit_bytes.saturating_sub(shard_buffer_bytes)),
         active: AtomicUsize::new(0),
         turning_away: AtomicUsize::new(0),
         transfers: Arc::new(Transfers::new(TRANSFERS_MAX)),
@@ -145,10 +147,15 @@ pub fn run(
     eprintln!("fastsync: serving {} on {local}{ro}{enc}", args.root.display());
     if shared.max_clients < args.max_clients as usize {
         eprintln!(
-            "fastsync: at most {} connections at once: the memory limit ({} MiB) allows {} MiB per connection; raise \
-             --memory-limit (or --memory-profile) for more",
+            "fastsync: at most {} connections at once: the memory limit ({} MiB{}) allows {} MiB per connection; \
+             raise --memory-limit (or --memory-profile) for more",
             shared.max_clients,
             memory_limit_bytes >> 20,
+            if shard_buffer_bytes > 0 {
+                format!(", {} MiB of it the socket shards' buffers", shard_buffer_bytes.div_ceil(1 << 20))
+            } else {
+                String::new()
+            },
             CONNECTION_BYTES_MAX >> 20
         );
     }

@@ -1,7 +1,7 @@
-//! The engine shards that move `fastsync://` payloads (`FASTSYNC_ZEROCOPY=shards` or `shards-copy`, see
+//! The engine shards that move `fastsync://` payloads (`FASTSYNC_ZEROCOPY=shards`, the default, or `shards-zc`, see
 //! [`super::zerocopy::Mode`]): one engine session per process, started once, whose shards run the socket jobs
 //! ([`fastsync_engine::net`]) that the stream threads hand them — a large file's chunks, read with READ_FIXED into
-//! a registered slot, hashed and sent with SEND_ZC (or SEND) by the io_uring engine; received, checked and written with
+//! a registered slot, hashed and sent with SEND (or SEND_ZC) by the io_uring engine; received, checked and written with
 //! WRITE_FIXED. The stream threads keep the protocol (requests, answers, retries, reconnections); each hands one
 //! frame at a time to a shard and waits for its completion, so the shards hold at most one job per stream.
 
@@ -36,16 +36,19 @@ static SHARDS: OnceLock<NetShards> = OnceLock::new();
 /// The session behind [`SHARDS`], kept alive for the rest of the process.
 static SESSION: Mutex<Option<Session>> = Mutex::new(None);
 
-/// The engine sizing for socket jobs of at most `streams` streams at once within `memory_limit_bytes` (buffers take
-/// at most a quarter of it, as for local copies, and at least 2 slots per shard).
+/// The engine sizing for socket jobs of at most `streams` streams at once within `memory_limit_bytes`: buffers take
+/// at most a quarter of it, as for local copies (at least one shard of one slot).
 pub fn config(kind: EngineKind, cores: usize, streams: usize, memory_limit_bytes: u64) -> EngineConfig {
+    let budget_bytes = memory_limit_bytes / 4;
+    // Shards of one slot each (in whole huge pages) that the budget affords, at least one.
+    let afford = (budget_bytes / fastsync_engine::AlignedArena::footprint_bytes(SLOT_BYTES, 1) as u64).max(1) as usize;
     let shards = match kind {
-        EngineKind::Uring => cores.max(1),
-        EngineKind::Fallback => (cores * 2).max(FALLBACK_SHARDS_MIN).min(streams.max(2)),
+        EngineKind::Uring => cores.max(1).min(afford),
+        EngineKind::Fallback => (cores * 2).max(FALLBACK_SHARDS_MIN).min(streams.max(2)).min(afford),
     };
-    let budget = (memory_limit_bytes / 4 / SLOT_BYTES as u64 / shards as u64) as usize;
+    let budget = (budget_bytes / SLOT_BYTES as u64 / shards as u64) as usize;
     let slots = match kind {
-        EngineKind::Uring => streams.div_ceil(shards).min(budget).clamp(2, URING_SLOTS_PER_SHARD_MAX),
+        EngineKind::Uring => streams.div_ceil(shards).min(budget).clamp(1, URING_SLOTS_PER_SHARD_MAX),
         EngineKind::Fallback => 1,
     };
     EngineConfig {
