@@ -12,7 +12,9 @@
 //!   [`HEAD_ROOM_BYTES`] (`len + HEAD_ROOM_BYTES <= block_bytes`), else the job fails ([`Op::Send`] / [`Op::Recv`],
 //!   `InvalidInput`) before touching the socket.
 //! - **Short reads and writes** are continued until the whole frame is sent or the whole payload received; `EINTR`
-//!   and `EAGAIN` are waited out (a socket in non-blocking mode is polled). Only no progress at all for
+//!   and `EAGAIN` are waited out by the shard (io_uring polls the socket itself; the fallback `poll`s it). The socket
+//!   must be in blocking mode (std's `TcpStream` is, unless told otherwise): io_uring hands `EAGAIN` back for a
+//!   non-blocking one instead of waiting, which fails the job. Only no progress at all for
 //!   [`SendJob::timeout`] / [`RecvJob::timeout`] fails the job, with `TimedOut` (a stalled peer); a peer that closes
 //!   mid-payload fails it with `UnexpectedEof`, a reset with the OS error (`ECONNRESET`, `EPIPE`).
 //! - **After a socket error the connection is out of step** (part of a frame may have gone or been consumed): the

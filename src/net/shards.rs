@@ -85,13 +85,6 @@ pub fn get() -> Option<&'static NetShards> {
     SHARDS.get()
 }
 
-/// Stop handing jobs to the shards that have not started (Ctrl-C): they complete as interrupted.
-pub fn cancel() {
-    if let Some(s) = get() {
-        s.submitter.cancel();
-    }
-}
-
 impl NetShards {
     /// Whether sends go out with io_uring's zero-copy send.
     pub fn zerocopy(&self) -> bool {

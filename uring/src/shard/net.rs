@@ -249,7 +249,7 @@ impl Shard {
             let path = net_path(&self.task(slot).job).to_path_buf();
             return self.fail(slot, JobError::new(Op::Read, path, io::Error::from_raw_os_error(-res)));
         }
-        let (offset, len) = job_len(&self.task(slot).job);
+        let (_, len) = job_len(&self.task(slot).job);
         let st = self.net(slot);
         st.got += res as usize;
         if res > 0 && (st.got as u64) < len {
@@ -279,7 +279,6 @@ impl Shard {
         let st = self.net(slot);
         st.frame_start = start;
         st.frame_len = head.len() + got;
-        let _ = offset;
         self.net_send(slot);
     }
 
