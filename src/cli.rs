@@ -235,7 +235,7 @@ fn clap_exit(e: clap::Error) -> i32 {
 
 fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     let g = &cli.global;
-    // `serve` needs no engine; of the settings, only the memory limit.
+    // `serve` needs of the settings the memory limit, and the engine for its socket shards.
     if let Command::Serve(a) = &cli.command {
         if g.encrypt || g.compress.is_some() {
             return Err(Error::Refused(
@@ -406,8 +406,8 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
 }
 
 /// `serve` with `FASTSYNC_ZEROCOPY=shards` (the default, or `shards-zc`): start the socket shards (src/net/shards.rs) on the
-/// engine the settings choose, their buffers a share of the memory limit; returns the bytes of those buffers (0
-/// without shards). Where they cannot start, the server says so and serves on its threads.
+/// io_uring engine when the settings choose it, their buffers a share of the memory limit; returns the bytes of those
+/// buffers (0 without shards). Where they cannot start, the server says so and serves on its threads.
 fn serve_shards(settings: &Settings, verbose: u8) -> u64 {
     let limit = settings.memory_limit_bytes();
     let mode = crate::net::zerocopy::mode();
@@ -421,6 +421,14 @@ fn serve_shards(settings: &Settings, verbose: u8) -> u64 {
             return 0;
         }
     };
+    if selected.engine.kind() == EngineKind::Fallback {
+        // A fallback shard blocks on one socket for a whole frame: a few slow clients would hold every shard thread
+        // and stall everybody else's transfers. The server's own thread per connection does the same work unshared.
+        if verbose > 0 {
+            eprintln!("fastsync: socket shards: not on the fallback engine (serving on one thread per connection)");
+        }
+        return 0;
+    }
     let cores = settings
         .cores
         .value

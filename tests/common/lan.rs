@@ -33,10 +33,11 @@ impl Server {
         fs::create_dir_all(root).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("serve").arg(root).args(["--listen", "127.0.0.1:0", "--token-file"]).arg(token_file).args(extra);
-        cmd.envs(env.iter().copied());
         for var in ["TOKEN", "ENGINE", "CORES", "MEMORY_PROFILE", "MEMORY_LIMIT", "CONFIG"] {
             cmd.env_remove(format!("FASTSYNC_{var}"));
         }
+        // What the caller asks for wins over the variables removed above.
+        cmd.envs(env.iter().copied());
         cmd.env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests");
         let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
