@@ -369,8 +369,18 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
                 settings.memory_limit_bytes(),
             );
             let zerocopy = mode == crate::net::zerocopy::Mode::ShardsZc;
-            if let Err(e) = crate::net::shards::start(selected.engine.as_ref(), &config, zerocopy) {
-                eprintln!("fastsync: warning: cannot start the socket shards ({e}); using the thread data path");
+            match crate::net::shards::start(selected.engine.as_ref(), &config, zerocopy) {
+                Ok(()) if g.verbose > 0 => eprintln!(
+                    "fastsync: socket shards: {} on {} shards x {} slots of {} KiB",
+                    selected.engine.kind().name(),
+                    config.shards,
+                    config.slots_per_shard,
+                    config.block_bytes >> 10
+                ),
+                Ok(()) => {}
+                Err(e) => {
+                    eprintln!("fastsync: warning: cannot start the socket shards ({e}); using the thread data path")
+                }
             }
         }
         match crate::remote::transfer(&t.src, &t.dst, &opts, &net) {
