@@ -336,6 +336,33 @@ fn stalled_peer_times_out(engine: &dyn Engine) {
     drop(peer);
 }
 
+/// A peer that sends slowly but steadily is not a stall: the timeout is "no progress for that long", not a deadline
+/// for the whole payload (here 1.2 s of trickle against a 400 ms timeout).
+fn a_slow_but_moving_peer_is_not_a_stall(engine: &dyn Engine) {
+    let dir = TempDir::new("trickle");
+    let path = dir.join("dst");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let session = start(engine);
+    let sub = session.submitter();
+    let (ours, peer) = pair();
+    let payload = content(120_000, 13);
+    let sender = {
+        let (payload, mut peer) = (payload.clone(), peer);
+        std::thread::spawn(move || {
+            for piece in payload.chunks(10_000) {
+                std::thread::sleep(Duration::from_millis(100));
+                peer.write_all(piece).unwrap();
+            }
+            peer
+        })
+    };
+    let t = Instant::now();
+    let c = run(&sub, |tx| recv_job(tx, &ours, &file, &path, 0, &payload, 0, Duration::from_millis(400)));
+    let _peer = sender.join().unwrap();
+    assert!(matches!(c.outcome, Outcome::Moved { .. }), "after {:?}: {:?}", t.elapsed(), c.outcome);
+    assert!(fs::read(&path).unwrap() == payload);
+}
+
 /// A receiver that stops reading stalls a send; it fails with TimedOut after the timeout.
 fn stalled_receiver_times_out_a_send(engine: &dyn Engine) {
     let dir = TempDir::new("stallsend");
@@ -498,6 +525,7 @@ on_both_engines!(
     digest_mismatch_writes_nothing,
     peer_closing_mid_payload_fails,
     stalled_peer_times_out,
+    a_slow_but_moving_peer_is_not_a_stall,
     stalled_receiver_times_out_a_send,
     payload_larger_than_a_slot_is_refused,
     receives_into_a_direct_descriptor,
