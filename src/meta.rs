@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use fastsync_engine::{FinishSpec, Timestamp};
+use fastsync_engine::{FinishSpec, Show, Timestamp};
 
 /// What the user asked to preserve beyond the defaults (mode, owner where permitted, times).
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,7 +41,7 @@ pub fn refuse_special_target(target: &Path, md: &Metadata, shown: &str) -> Optio
         format!(
             "refusing to replace '{}', {kind}, with '{shown}': fastsync writes a file under a temporary name and \
              renames it into place, which would replace the special file itself; name a regular file or a directory",
-            target.display()
+            target.shown()
         )
     })
 }

@@ -67,8 +67,8 @@ use crate::slab::Slab;
 use crate::stale;
 use crate::stats::Summary;
 use crate::sync::{self, Change, Facts, Itemizer, SyncOptions, Verdict};
-use fastsync_engine::Timestamp;
 use fastsync_engine::journal::{Journal, Opened, SourceId};
+use fastsync_engine::{Show, Timestamp};
 
 /// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
 const SOURCE_ATTEMPTS_MAX: u8 = 3;
@@ -192,12 +192,8 @@ fn dial(dialer: &Dialer) -> Result<Connection, Failure> {
     dialer.dial().map_err(|e| Failure::Fatal(e.to_string()))
 }
 
-fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(b)
-}
-
 fn url_of(addr: &str, wire: &[u8]) -> String {
-    format!("{}{addr}/{}", url::SCHEME, lossy(wire))
+    format!("{}{addr}/{}", url::SCHEME, wire.shown())
 }
 
 fn mtime_of(e: &EntryMeta) -> (i64, u32) {
@@ -1184,14 +1180,14 @@ impl<'a> Push<'a> {
         dialer: Arc<Dialer>,
     ) -> Result<Summary, Failure> {
         let lmd =
-            fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.display())))?;
+            fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.shown())))?;
         // The root is followed when it is a symlink to a directory, or with -L (as for a local copy).
         let md = if lmd.file_type().is_symlink() {
             match fs::metadata(src) {
                 Ok(m) if m.is_dir() || opts.dereference => m,
                 Ok(_) => lmd,
                 Err(e) if opts.dereference => {
-                    return Err(Failure::Fatal(format!("cannot follow '{}': {e}", src.display())));
+                    return Err(Failure::Fatal(format!("cannot follow '{}': {e}", src.shown())));
                 }
                 Err(_) => lmd,
             }
@@ -1220,7 +1216,7 @@ impl<'a> Push<'a> {
                 return Err(Failure::Usage(format!(
                     "cannot overwrite non-directory '{}' with directory '{}'",
                     remote.display(b""),
-                    src.display()
+                    src.shown()
                 )));
             }
             (remote.path.clone(), base)
@@ -1230,7 +1226,7 @@ impl<'a> Push<'a> {
                 || base.as_ref().is_some_and(|b| b.kind == EntryKind::Dir);
             if into_dir {
                 let name =
-                    src.file_name().ok_or_else(|| Failure::Usage(format!("'{}' has no file name", src.display())))?;
+                    src.file_name().ok_or_else(|| Failure::Usage(format!("'{}' has no file name", src.shown())))?;
                 let target = join(&remote.path, name.as_bytes());
                 let twin = stat(&mut ctl, &target)?;
                 (target, twin)
@@ -1242,7 +1238,7 @@ impl<'a> Push<'a> {
             return Err(Failure::Usage(format!(
                 "cannot overwrite directory '{}' with non-directory '{}'",
                 url_of(&remote.addr, &target),
-                src.display()
+                src.shown()
             )));
         }
         if !md.is_dir() && twin.as_ref().is_some_and(|t| t.kind == EntryKind::Other) {
@@ -1250,7 +1246,7 @@ impl<'a> Push<'a> {
                 "refusing to replace '{}', a special file (device, FIFO or socket), with '{}': name a regular file \
                  or a directory",
                 url_of(&remote.addr, &target),
-                src.display()
+                src.shown()
             )));
         }
         let streams = net.streams.max(1);
@@ -1334,7 +1330,7 @@ impl<'a> Push<'a> {
             let entry = match next {
                 None | Some(Err(_)) => {
                     if let Some(Err(e)) = next {
-                        let msg = format!("cannot read directory '{}': {e}", frame.src.display());
+                        let msg = format!("cannot read directory '{}': {e}", frame.src.shown());
                         self.core.run.fail(msg);
                     }
                     let frame = stack.pop().expect("non-empty");
@@ -1352,7 +1348,7 @@ impl<'a> Push<'a> {
             let md = match md {
                 Ok(md) => md,
                 Err(e) => {
-                    self.core.run.fail(format!("cannot stat '{}': {e}", path.display()));
+                    self.core.run.fail(format!("cannot stat '{}': {e}", path.shown()));
                     continue;
                 }
             };
@@ -1363,7 +1359,7 @@ impl<'a> Push<'a> {
             if md.is_dir() {
                 let key = (md.dev(), md.ino());
                 if stack.iter().any(|f| f.key == key) {
-                    self.core.run.fail(format!("symlink loop: '{}' is its own ancestor; not followed", path.display()));
+                    self.core.run.fail(format!("symlink loop: '{}' is its own ancestor; not followed", path.shown()));
                     continue;
                 }
                 if let Some(f) = self.core.open_dir(&path, &rel, &md, Some(node), twin.as_ref(), fresh) {
@@ -1391,7 +1387,7 @@ impl<'a> Push<'a> {
         let c = &mut self.core;
         let ft = md.file_type();
         if !(ft.is_file() || ft.is_symlink()) {
-            c.run.skip_special(&src.display().to_string());
+            c.run.skip_special(&src.shown().to_string());
             return;
         }
         let twin = if fresh { None } else { twin };
@@ -1419,7 +1415,7 @@ impl<'a> Push<'a> {
                     // --checksum: the server hashes its copy (the control connection is free between listings).
                     let local = hash_local(open_src(src, c.run.opts.dereference));
                     let theirs = c.ctl_do(|conn| conn.hash(&remote, 0, u64::MAX));
-                    match same_content(local, theirs, &src.display().to_string(), &url_of(&c.addr, &remote)) {
+                    match same_content(local, theirs, &src.shown().to_string(), &url_of(&c.addr, &remote)) {
                         Ok(true) => return c.unchanged(rel, &remote, md, t),
                         Ok(false) => {}
                         Err(Compared::Failed(m)) => return c.run.fail(m),
@@ -1454,12 +1450,12 @@ impl<'a> Push<'a> {
         let opened = open_src(&file.src, c.run.opts.dereference).and_then(|fd| Ok((fd.metadata()?, fd)));
         let (omd, fd) = match opened {
             Ok((m, _)) if !m.is_file() => {
-                c.run.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
+                c.run.fail(format!("'{}' is no longer a regular file; not copied", src.shown()));
                 return c.file_done(dir, None);
             }
             Ok(x) => x,
             Err(e) => {
-                c.run.fail(format!("cannot open '{}': {e}", src.display()));
+                c.run.fail(format!("cannot open '{}': {e}", src.shown()));
                 return c.file_done(dir, None);
             }
         };
@@ -1690,7 +1686,7 @@ impl PushCore<'_> {
         }
         for p in refused {
             let m =
-                format!("refused entry '{}' listed by {} in '{}': not a name", lossy(&p), self.addr, self.url(remote));
+                format!("refused entry '{}' listed by {} in '{}': not a name", p.shown(), self.addr, self.url(remote));
             self.run.fail(m);
         }
         match failed {
@@ -1742,14 +1738,14 @@ impl PushCore<'_> {
         let iter = match fs::read_dir(src) {
             Ok(it) => it,
             Err(e) => {
-                self.run.fail(format!("cannot open directory '{}': {e}", src.display()));
+                self.run.fail(format!("cannot open directory '{}': {e}", src.shown()));
                 return None;
             }
         };
         let (mode, owner, mtime) = (md.mode() & 0o7777, (md.uid(), md.gid()), md_mtime(md));
         let xattrs = match self.run.opts.preserve.xattrs.then(|| crate::meta::read_xattrs(src)) {
             Some(Err(e)) => {
-                self.run.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
+                self.run.fail(format!("cannot read extended attributes of '{}': {e}", src.shown()));
                 Vec::new()
             }
             Some(Ok(x)) => x,
@@ -1850,7 +1846,7 @@ impl PushCore<'_> {
     fn symlink(&mut self, src: &Path, rel: &[u8], remote: &[u8], md: &Metadata, twin: Option<&EntryMeta>) {
         let target = match fs::read_link(src) {
             Ok(t) => t,
-            Err(e) => return self.run.fail(format!("cannot read symlink '{}': {e}", src.display())),
+            Err(e) => return self.run.fail(format!("cannot read symlink '{}': {e}", src.shown())),
         };
         let target = target.as_os_str().as_bytes();
         if self.run.sync.is_some() && twin.is_some_and(|t| t.kind == EntryKind::Symlink && t.target == target) {
@@ -2192,7 +2188,7 @@ fn source_xattrs(cfg: &PushCfg, src: &Path) -> Result<Xattrs, String> {
     if !cfg.xattrs {
         return Ok(Vec::new());
     }
-    crate::meta::read_xattrs(src).map_err(|e| format!("cannot read extended attributes of '{}': {e}", src.display()))
+    crate::meta::read_xattrs(src).map_err(|e| format!("cannot read extended attributes of '{}': {e}", src.shown()))
 }
 
 /// `PutAbort`, where a broken connection is the only failure that matters.
@@ -2348,12 +2344,12 @@ fn push_whole(
     loop {
         let fd = match open_src(&f.src, cfg.follow) {
             Ok(fd) => fd,
-            Err(e) => return Ok(Err(format!("cannot open '{}': {e}", f.src.display()))),
+            Err(e) => return Ok(Err(format!("cannot open '{}': {e}", f.src.shown()))),
         };
         let md = match fd.metadata() {
             Ok(m) if m.is_file() => m,
-            Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.display()))),
-            Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.display()))),
+            Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.shown()))),
+            Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.shown()))),
         };
         let mut id = next_id();
         let begun = stream.retry(&Doing::push(&url, "its first step: the temporary"), done, |conn, n| {
@@ -2383,7 +2379,7 @@ fn push_whole(
             return Ok(Err(format!(
                 "source changed while copying '{}': its size or mtime changed while it was read (it kept changing \
                  during {SOURCE_ATTEMPTS_MAX} attempts)",
-                f.src.display()
+                f.src.shown()
             )));
         }
         let xattrs = match source_xattrs(cfg, &f.src) {
@@ -2848,13 +2844,13 @@ impl<'a> Pull<'a> {
         };
         let dst_md = fs::metadata(dst).ok();
         let streams = net.streams.max(1);
-        let io_fatal = |what: &str, p: &Path, e: io::Error| Failure::Fatal(format!("{what} '{}': {e}", p.display()));
+        let io_fatal = |what: &str, p: &Path, e: io::Error| Failure::Fatal(format!("{what} '{}': {e}", p.shown()));
         // The destination rule, as for a local copy.
         let (target, parent_dir) = if root.kind == EntryKind::Dir {
             if dst_md.as_ref().is_some_and(|m| !m.is_dir()) {
                 return Err(Failure::Usage(format!(
                     "cannot overwrite non-directory '{}' with directory '{shown_root}'",
-                    dst.display()
+                    dst.shown()
                 )));
             }
             (dst.to_path_buf(), dst.to_path_buf())
@@ -2873,7 +2869,7 @@ impl<'a> Pull<'a> {
                 if there.is_dir() {
                     return Err(Failure::Usage(format!(
                         "cannot overwrite directory '{}' with non-directory '{shown_root}'",
-                        target.display()
+                        target.shown()
                     )));
                 }
                 if let Some(m) = crate::meta::refuse_special_target(&target, &there, &shown_root) {
@@ -3026,7 +3022,7 @@ impl<'a> Pull<'a> {
         let c = &mut self.core;
         let path = item.path().to_vec();
         let refuse = |c: &mut PullCore<'_>, why: &str| {
-            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&path), c.addr);
+            let m = format!("refused entry '{}' listed by {}: {why}", path.shown(), c.addr);
             c.run.fail(m);
         };
         let comps = match safe_components(&path) {
@@ -3094,7 +3090,7 @@ impl<'a> Pull<'a> {
         let existing = match (&parent.fd, parent.fresh) {
             (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
                 Ok(st) => st,
-                Err(err) => return c.run.fail(format!("cannot stat '{}': {err}", shown.display())),
+                Err(err) => return c.run.fail(format!("cannot stat '{}': {err}", shown.shown())),
             },
             _ => None,
         };
@@ -3126,7 +3122,7 @@ impl<'a> Pull<'a> {
                         Ok(conn) => conn.hash(&remote, 0, u64::MAX),
                         Err(m) => return c.run.broken(m),
                     };
-                    match same_content(local, theirs, &shown.display().to_string(), &url_of(&c.addr, &remote)) {
+                    match same_content(local, theirs, &shown.shown().to_string(), &url_of(&c.addr, &remote)) {
                         Ok(true) => return c.unchanged(parent, &cname, rel, &shown, &e, st),
                         Ok(false) => {}
                         Err(Compared::Failed(m)) => return c.run.fail(m),
@@ -3170,7 +3166,7 @@ impl<'a> Pull<'a> {
         let (tmp, journal, recorded) = match created {
             Ok((t, j, r)) => (t.direct_for(file.meta.size, c.run.opts.direct_io), j, r),
             Err(err) => {
-                c.run.fail(format!("cannot create '{}': {err}", file.shown.display()));
+                c.run.fail(format!("cannot create '{}': {err}", file.shown.shown()));
                 return c.file_done(file.dir, false);
             }
         };
@@ -3254,17 +3250,15 @@ impl PullCore<'_> {
         };
         match linked {
             Ok(()) => self.run.summary.hardlinks += 1,
-            Err(e) => {
-                self.run.fail(format!("cannot link '{}' to '{}': {e}", me.shown.display(), first.shown.display()))
-            }
+            Err(e) => self.run.fail(format!("cannot link '{}' to '{}': {e}", me.shown.shown(), first.shown.shown())),
         }
     }
 
     fn link_failed(&mut self, me: &LocalName, first: &LocalName) {
         self.run.fail(format!(
             "cannot link '{}': its first name '{}' was not copied",
-            me.shown.display(),
-            first.shown.display()
+            me.shown.shown(),
+            first.shown.shown()
         ));
     }
 
@@ -3283,7 +3277,7 @@ impl PullCore<'_> {
             let Some(fd) = d.fd.filter(|_| !self.run.opts.dry_run) else { continue };
             let owner = self.cfg.owner(&d.meta);
             if let Err(e) = at::apply(fd.as_raw_fd(), owner, d.meta.mode, mtime_of(&d.meta)) {
-                self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.display()));
+                self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.shown()));
             }
         }
     }
@@ -3298,7 +3292,7 @@ impl PullCore<'_> {
             (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
                 Ok(st) => st,
                 Err(err) => {
-                    self.run.fail(format!("cannot stat '{}': {err}", shown.display()));
+                    self.run.fail(format!("cannot stat '{}': {err}", shown.shown()));
                     return frame;
                 }
             },
@@ -3324,7 +3318,7 @@ impl PullCore<'_> {
                 match made.and_then(|()| at::open_dir(pfd.as_raw_fd(), &cname)) {
                     Ok(fd) => Some(Arc::new(fd)),
                     Err(err) => {
-                        self.run.fail(format!("cannot create directory '{}': {err}", shown.display()));
+                        self.run.fail(format!("cannot create directory '{}': {err}", shown.shown()));
                         return frame;
                     }
                 }
@@ -3365,7 +3359,7 @@ impl PullCore<'_> {
                 }
                 Err(e) => {
                     let shown = self.dst.join(url::os_path(&frame.rel));
-                    self.run.fail(format!("cannot read directory '{}': {e}", shown.display()));
+                    self.run.fail(format!("cannot read directory '{}': {e}", shown.shown()));
                 }
             }
         }
@@ -3380,7 +3374,7 @@ impl PullCore<'_> {
             let what = if is_dir { "a directory" } else { "a non-directory" };
             self.run.fail(format!(
                 "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
-                shown.display()
+                shown.shown()
             ));
             return false;
         }
@@ -3395,7 +3389,7 @@ impl PullCore<'_> {
             match at::unlink(fd.as_raw_fd(), name, false) {
                 Ok(()) => 1,
                 Err(e) => {
-                    failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                    failures.push(format!("cannot delete '{}': {e}", shown.shown()));
                     0
                 }
             }
@@ -3434,7 +3428,7 @@ impl PullCore<'_> {
         let Some(fd) = fd else { return };
         let target = match CString::new(e.target.clone()) {
             Ok(t) if !t.as_bytes().is_empty() => t,
-            _ => return self.run.fail(format!("cannot create symlink '{}': empty or invalid target", shown.display())),
+            _ => return self.run.fail(format!("cannot create symlink '{}': empty or invalid target", shown.shown())),
         };
         let tmp = tmp_name(name);
         let made = at::symlink(&target, fd, &tmp)
@@ -3448,7 +3442,7 @@ impl PullCore<'_> {
             Ok(()) => self.run.summary.symlinks += 1,
             Err(err) => {
                 let _ = at::unlink(fd, &tmp, false);
-                self.run.fail(format!("cannot create symlink '{}': {err}", shown.display()));
+                self.run.fail(format!("cannot create symlink '{}': {err}", shown.shown()));
             }
         }
     }
@@ -3470,7 +3464,7 @@ impl PullCore<'_> {
         };
         let path = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
         if let Err(e) = crate::meta::write_xattrs(&path, &xattrs) {
-            self.run.fail(format!("cannot set extended attributes on '{}': {e}", shown.display()));
+            self.run.fail(format!("cannot set extended attributes on '{}': {e}", shown.shown()));
         }
     }
 
@@ -3501,7 +3495,7 @@ impl PullCore<'_> {
             .and_then(|f| at::apply(f.as_raw_fd(), owner_differs.then_some((e.uid, e.gid)), e.mode, mtime_of(e)));
         match r {
             Ok(()) => self.run.summary.attrs_updated += 1,
-            Err(err) => self.run.fail(format!("cannot set permissions and times on '{}': {err}", shown.display())),
+            Err(err) => self.run.fail(format!("cannot set permissions and times on '{}': {err}", shown.shown())),
         }
     }
 
@@ -3513,7 +3507,7 @@ impl PullCore<'_> {
         }
         let root = match Root::open(dst) {
             Ok(r) => r,
-            Err(e) => return self.run.fail(format!("cannot open directory '{}': {e}", dst.display())),
+            Err(e) => return self.run.fail(format!("cannot open directory '{}': {e}", dst.shown())),
         };
         let mut failures = Vec::new();
         if let Some(max) = self.run.sync.and_then(|s| s.max_delete) {
@@ -3539,7 +3533,7 @@ impl PullCore<'_> {
             if count > max {
                 return self.run.fail(format!(
                     "--max-delete {max}: {count} entries would be deleted from '{}'; nothing was deleted",
-                    dst.display()
+                    dst.shown()
                 ));
             }
         }
@@ -3550,7 +3544,7 @@ impl PullCore<'_> {
                 Ok(d) => d,
                 Err(e) => {
                     let shown = dst.join(url::os_path(&rec.rel));
-                    self.run.fail(format!("cannot open directory '{}': {e}", shown.display()));
+                    self.run.fail(format!("cannot open directory '{}': {e}", shown.shown()));
                     continue;
                 }
             };
@@ -3566,7 +3560,7 @@ impl PullCore<'_> {
                             Ok(()) => 1,
                             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0,
                             Err(e) => {
-                                failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                                failures.push(format!("cannot delete '{}': {e}", shown.shown()));
                                 0
                             }
                         },
@@ -3614,14 +3608,14 @@ fn remove_tree(
     let fd = match at::open_dir(dir, name) {
         Ok(fd) => fd,
         Err(e) => {
-            failures.push(format!("cannot open directory '{}': {e}", shown.display()));
+            failures.push(format!("cannot open directory '{}': {e}", shown.shown()));
             return 0;
         }
     };
     let names = match at::names(fd.as_raw_fd()) {
         Ok(n) => n,
         Err(e) => {
-            failures.push(format!("cannot read directory '{}': {e}", shown.display()));
+            failures.push(format!("cannot read directory '{}': {e}", shown.shown()));
             return 0;
         }
     };
@@ -3637,7 +3631,7 @@ fn remove_tree(
             itemizer.item(Change::Delete, url::os_path(&crel), false);
         }
         if unlink && let Err(e) = at::unlink(fd.as_raw_fd(), &child, false) {
-            failures.push(format!("cannot delete '{}': {e}", cshown.display()));
+            failures.push(format!("cannot delete '{}': {e}", cshown.shown()));
             continue;
         }
         n += 1;
@@ -3646,7 +3640,7 @@ fn remove_tree(
         itemizer.item(Change::Delete, url::os_path(rel), true);
     }
     if unlink && let Err(e) = at::unlink(dir, name, true) {
-        failures.push(format!("cannot delete '{}': {e}", shown.display()));
+        failures.push(format!("cannot delete '{}': {e}", shown.shown()));
         return n;
     }
     n + 1
@@ -3834,7 +3828,7 @@ fn get_failure(addr: &str, f: &PullFile, e: GetError) -> String {
     let shown = url_of(addr, &f.remote);
     match e {
         GetError::Req(e) => format!("cannot read '{shown}': {e}"),
-        GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.display()),
+        GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.shown()),
         GetError::Corrupt(m) => format!("corrupt data from '{shown}': {m}; nothing was written"),
     }
 }
@@ -3858,19 +3852,19 @@ fn pull_xattrs(
         Err(e) => return Ok(Err(format!("cannot read extended attributes of '{url}': {e}"))),
     };
     Ok(fastsync_engine::finish::set_xattrs(tmp.file.as_fd(), &xattrs)
-        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.display())))
+        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.shown())))
 }
 
 fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) -> Result<(), String> {
     let fd = tmp.file.as_raw_fd();
     at::apply(fd, cfg.owner(meta), meta.mode, mtime_of(meta))
-        .map_err(|e| format!("cannot set permissions and times on '{}': {e}", f.shown.display()))?;
+        .map_err(|e| format!("cannot set permissions and times on '{}': {e}", f.shown.shown()))?;
     if cfg.fsync {
-        at::fsync(fd).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+        at::fsync(fd).map_err(|e| format!("cannot write '{}': {e}", f.shown.shown()))?;
     }
-    tmp.commit(&f.name).map_err(|e| format!("cannot rename into place '{}': {e}", f.shown.display()))?;
+    tmp.commit(&f.name).map_err(|e| format!("cannot rename into place '{}': {e}", f.shown.shown()))?;
     if cfg.fsync {
-        at::fsync(f.dir_fd.as_raw_fd()).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+        at::fsync(f.dir_fd.as_raw_fd()).map_err(|e| format!("cannot write '{}': {e}", f.shown.shown()))?;
     }
     Ok(())
 }
@@ -3896,7 +3890,7 @@ fn pull_whole(
     loop {
         let tmp = match TempFile::create(&f.dir_fd, &f.name) {
             Ok(t) => t.direct_for(meta.size, cfg.direct_io),
-            Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
+            Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
         };
         let end = match fetch(stream, f, &meta, &tmp, 0, meta.size, done)? {
             Ok(end) => end,
@@ -4024,7 +4018,7 @@ impl<W: Write> RemoteLister<'_, W> {
         while let Some(r) = stream.next_entry() {
             match r {
                 Ok(e) if safe_components(&e.path).is_ok_and(|c| c.len() == 1) => entries.push(e),
-                Ok(e) => errors.push(format!("refused entry '{}' listed by {}: not a name", lossy(&e.path), self.addr)),
+                Ok(e) => errors.push(format!("refused entry '{}' listed by {}: not a name", e.path.shown(), self.addr)),
                 Err(ReqError::Broken(m)) => return Err(Halt::Broken(m)),
                 Err(ReqError::Server { message, .. }) => {
                     errors.push(format!("cannot read directory '{}': {message}", url_of(&self.addr, path)));

@@ -61,6 +61,7 @@ both_engines!(
     quiet_run_is_silent,
     verbose_run,
     nonexistent_src,
+    names_in_messages_are_escaped,
     file_onto_itself,
     file_onto_special_file_refused,
     foreign_url_scheme_refused,
@@ -1018,6 +1019,28 @@ fn nonexistent_src(e: Engine) {
     out.assert_code(1);
     out.assert_one_failure("does_not_exist", "No such file or directory");
     assert_no_tmp(t.path());
+}
+
+/// A name with a newline, an escape sequence and a byte that is not UTF-8 is named in one line per message, escaped
+/// (`\n`, `\x1b`, `\xff`): it cannot split a failure in two nor send the terminal a command.
+fn names_in_messages_are_escaped(e: Engine) {
+    let t = tmp();
+    let missing = t.path().join(os(b"no\nsuch\x1b[2J\xff"));
+    let out = copy(e, &[], &missing, t.path().join("dst"));
+    out.assert_code(1);
+    out.assert_one_failure("no\\nsuch\\x1b[2J\\xff", "No such file or directory");
+    out.check(!out.stderr.contains(&0x1b), "a raw escape character reached stderr");
+
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("ok"), b"fine");
+    mkfifo(&src.join(os(b"fifo\r\n\x1b]0;pwned\x07")));
+    let out = copy_cmd(e, &[], &src, t.path().join("dst2")).timeout(Duration::from_secs(20)).run();
+    out.assert_success();
+    let warnings: Vec<String> = out.stderr_lines().into_iter().filter(|l| l.contains("fifo")).collect();
+    out.check(warnings.len() == 1, "expected one warning line about the FIFO");
+    out.check(warnings[0].contains("fifo\\r\\n\\x1b]0;pwned\\x07"), "the FIFO's name is not escaped");
+    out.check(!out.stderr.iter().any(|&b| b == 0x1b || b == 0x07 || b == b'\r'), "a raw control character on stderr");
 }
 
 fn file_onto_itself(e: Engine) {

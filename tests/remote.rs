@@ -557,6 +557,7 @@ fn hostile_connection(mut s: TcpStream, outside: &Path) {
             Msg::Stat { .. } => vec![Msg::Entry(meta(b"", EntryKind::Dir, 0, b""))],
             Msg::List { .. } => vec![
                 Msg::Entry(meta(b"../evil", EntryKind::File, 4, b"")),
+                Msg::Entry(meta(b"../esc\x1b[2J\x07\nnext", EntryKind::File, 4, b"")),
                 Msg::Entry(meta(&evil_abs, EntryKind::File, 4, b"")),
                 Msg::Entry(meta(b"a", EntryKind::Symlink, 0, &outside)),
                 Msg::Entry(meta(b"a/x", EntryKind::File, 4, b"")),
@@ -588,10 +589,12 @@ fn a_hostile_server_cannot_write_outside_the_destination() {
     let out = c.cmd().arg("copy").arg(format!("fastsync://127.0.0.1:{port}/")).arg(&dst).run();
     out.assert_code(1);
     let refused: Vec<String> = out.stderr_lines().into_iter().filter(|l| l.contains("refused entry")).collect();
-    assert_eq!(refused.len(), 3, "one line per entry that leaves: {:?}", out.stderr_lines());
-    for name in ["../evil", "/abs", "a/x"] {
+    assert_eq!(refused.len(), 4, "one line per entry that leaves: {:?}", out.stderr_lines());
+    for name in ["../evil", "/abs", "a/x", "../esc\\x1b[2J\\x07\\nnext"] {
         assert!(refused.iter().any(|l| l.contains(name)), "{name} not refused: {refused:?}");
     }
+    // The server's names cannot send the user's terminal a command.
+    assert!(!out.stderr.iter().any(|&b| b == 0x1b || b == 0x07), "a raw control character on stderr");
     assert!(out.stderr_str().contains("corrupt data"), "{}", out.stderr_str());
     // Nothing outside, nothing through the symlink, no corrupt file, no temporaries.
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);

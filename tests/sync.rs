@@ -26,6 +26,7 @@ both_engines!(
     filters_in_order_and_from_file,
     dry_run_itemizes_and_changes_nothing,
     dry_run_json_items,
+    itemized_names_are_one_line_each,
     type_changes_need_delete,
     attributes_fixed_on_unchanged_files,
     large_directories_are_compared_entry_by_entry,
@@ -345,6 +346,29 @@ fn dry_run_json_items(e: Engine) {
     assert_eq!(lines[1]["dry_run"], true);
     assert_eq!(lines[1]["files"], 1);
     assert!(!dst.exists(), "a dry run created the destination");
+}
+
+/// Like rsync's itemized output, one line per change even for names with control characters (escaped) or bytes that
+/// are not UTF-8; `--json` carries the name itself.
+fn itemized_names_are_one_line_each(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_file(&src.join(os(b"two\nlines")), b"a");
+    write_file(&src.join(os(b"esc\x1b[31mred")), b"b");
+    write_file(&src.join(os(b"caf\xe9")), b"c");
+    let out = sync(e, &["--dry-run"], &src, &dst);
+    out.assert_success();
+    let mut lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["copy   caf\\xe9", "copy   esc\\x1b[31mred", "copy   two\\nlines"].map(String::from));
+    let out = sync(e, &["--dry-run", "--json"], &src, &dst);
+    let paths: Vec<String> = out
+        .stdout_str()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["path"].as_str().map(str::to_owned))
+        .collect();
+    assert!(paths.contains(&"two\nlines".to_owned()), "the JSON item holds the name itself: {paths:?}");
 }
 
 fn type_changes_need_delete(e: Engine) {

@@ -29,6 +29,7 @@ pub mod journal;
 pub mod offload;
 pub mod pool;
 pub mod session;
+pub mod show;
 
 pub use error::{EngineError, JobError, Op};
 pub use finish::{Created, abandon, create_dst, discard, finish_file};
@@ -36,6 +37,7 @@ pub use job::{ChunkedFile, Completion, FileJob, FinishSpec, HashJob, Job, Outcom
 pub use journal::Journal;
 pub use pool::AlignedArena;
 pub use session::{Session, ShardCtx, ShardStats};
+pub use show::Show;
 
 /// Which engine runs the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
