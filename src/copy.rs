@@ -208,7 +208,13 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
                 dst.shown()
             )));
         }
-        return Ok((md, dst.to_path_buf()));
+        // A destination that is a symlink to a directory stands for that directory, as for cp, rsync and rclone: the
+        // tree goes into what it points to and the link stays (the walk itself never follows a symlink).
+        let target = match fs::symlink_metadata(dst) {
+            Ok(l) if l.file_type().is_symlink() && dst_md.is_some() => canon_dst,
+            _ => dst.to_path_buf(),
+        };
+        return Ok((md, target));
     }
     let into_dir = dst_md.as_ref().is_some_and(|d| d.is_dir()) || trailing_slash;
     let target = if into_dir {

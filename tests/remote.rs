@@ -69,6 +69,28 @@ fn pull_a_tree() {
     assert_eq!(entry_of(&c.path("local/a.txt")).mtime, entry_of(&remote.join("a.txt")).mtime);
 }
 
+/// A destination that is a symlink to a directory stands for that directory (cp, rsync, rclone): a pull and a sync
+/// with --delete fill what it points to and leave the link alone; the second sync has nothing to do.
+#[test]
+fn a_pull_into_a_symlink_to_a_directory_fills_the_directory() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("tree");
+    build_small_tree(&remote);
+    let real = c.path("real");
+    mkdirs(&real);
+    let link = c.path("link");
+    ln_s(&real, &link);
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(&link).run().assert_success();
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    compare_trees(&remote, &real, CompareOpts::default());
+    let out = c.cmd().args(["sync", "--delete", "--json"]).arg(srv.url("tree")).arg(&link).run();
+    out.assert_success();
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "sync --delete replaced the link");
+    assert_eq!(json_summary(&out)["files"], 0, "an unchanged tree was copied again");
+    compare_trees(&remote, &real, CompareOpts::default());
+}
+
 #[test]
 fn a_large_file_goes_both_ways_over_four_streams() {
     let c = Case::new();

@@ -28,6 +28,7 @@ both_engines!(
     dry_run_json_items,
     itemized_names_are_one_line_each,
     type_changes_need_delete,
+    a_symlink_to_a_directory_as_destination_stands_for_it,
     attributes_fixed_on_unchanged_files,
     large_directories_are_compared_entry_by_entry,
     kill_at_any_moment_then_rerun_is_exact,
@@ -369,6 +370,31 @@ fn itemized_names_are_one_line_each(e: Engine) {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["path"].as_str().map(str::to_owned))
         .collect();
     assert!(paths.contains(&"two\nlines".to_owned()), "the JSON item holds the name itself: {paths:?}");
+}
+
+/// `/scratch -> /lustre/scratch/me`: a destination that is a symlink to a directory stands for that directory (cp,
+/// rsync and rclone follow it too). Before, a directory sync refused it, and with --delete replaced the link.
+fn a_symlink_to_a_directory_as_destination_stands_for_it(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    write_file(&src.join("a"), b"a");
+    write_file(&src.join("sub/b"), b"b");
+    let real = t.path().join("real");
+    write_file(&real.join("extra"), b"x");
+    let link = t.path().join("link");
+    ln_s(&real, &link);
+    let first = sync_json(e, &["--delete"], &src, &link);
+    assert_eq!((first["files"].as_u64(), first["deleted"].as_u64()), (Some(2), Some(1)));
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    compare_trees(&src, &real, CompareOpts::default());
+    let second = sync_json(e, &["--delete"], &src, &link);
+    assert_eq!(second["files"], 0, "an unchanged tree was copied again");
+    // A copy too; a link to a file is still refused as the destination of a directory.
+    let out = fastsync().args(["copy", "--engine", e.name()]).arg(&src).arg(&link).run();
+    out.assert_success();
+    ln_s(&src.join("a"), &t.path().join("filelink"));
+    let out = fastsync().args(["copy", "--engine", e.name()]).arg(&src).arg(t.path().join("filelink")).run();
+    out.assert_code(2);
 }
 
 fn type_changes_need_delete(e: Engine) {
