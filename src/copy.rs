@@ -444,7 +444,7 @@ impl Exec<'_> {
         if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty())
             && !self.opts.dry_run
         {
-            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
+            meta::make_dirs(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
         }
         if !root_md.is_dir() {
             let rel = PathBuf::from(target.file_name().unwrap_or_default());

@@ -50,6 +50,14 @@ pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// `mkdir -p`: `dir` and its missing parents. Where a file is in the way, the error says "Not a directory" (as cp's
+/// does), not the "File exists" that `mkdir` returns for it.
+pub fn make_dirs(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists { io::Error::from_raw_os_error(libc::ENOTDIR) } else { e }
+    })
+}
+
 /// Access and modification times of `md`, with nanoseconds.
 pub fn times(md: &Metadata) -> [Timestamp; 2] {
     [Timestamp { sec: md.atime(), nsec: md.atime_nsec() }, Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() }]

@@ -2884,7 +2884,7 @@ impl<'a> Pull<'a> {
         };
         let existed = parent_dir.is_dir();
         if !opts.dry_run {
-            fs::create_dir_all(&parent_dir).map_err(|e| io_fatal("cannot create directory", &parent_dir, e))?;
+            crate::meta::make_dirs(&parent_dir).map_err(|e| io_fatal("cannot create directory", &parent_dir, e))?;
         }
         let root_fd = if opts.dry_run && !existed {
             None

@@ -67,6 +67,7 @@ both_engines!(
     foreign_url_scheme_refused,
     dir_into_itself,
     dir_onto_existing_file,
+    file_under_a_file_fails_with_not_a_directory,
     usage_errors,
     permission_denied_as_nobody,
 );
@@ -1130,6 +1131,17 @@ fn dir_onto_existing_file(e: Engine) {
     assert!(fs::symlink_metadata(&f).unwrap().is_file(), "the existing file was replaced");
     assert_eq!(fs::read(&f).unwrap(), b"must stay");
     assert_no_tmp(t.path());
+}
+
+/// `copy a x/b` where `x` is a file: like cp, "Not a directory" naming `x`, not mkdir's misleading "File exists".
+fn file_under_a_file_fails_with_not_a_directory(e: Engine) {
+    let t = tmp();
+    write_file(&t.path().join("a"), b"a");
+    write_file(&t.path().join("x"), b"in the way");
+    let out = copy(e, &[], &t.path().join("a"), &t.path().join("x/sub/b"));
+    out.assert_code(1);
+    out.assert_one_failure("x/sub", "Not a directory");
+    assert_eq!(fs::read(t.path().join("x")).unwrap(), b"in the way");
 }
 
 fn usage_errors(e: Engine) {
