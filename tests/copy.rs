@@ -1138,7 +1138,7 @@ fn file_under_a_file_fails_with_not_a_directory(e: Engine) {
     let t = tmp();
     write_file(&t.path().join("a"), b"a");
     write_file(&t.path().join("x"), b"in the way");
-    let out = copy(e, &[], &t.path().join("a"), &t.path().join("x/sub/b"));
+    let out = copy(e, &[], t.path().join("a"), t.path().join("x/sub/b"));
     out.assert_code(1);
     out.assert_one_failure("x/sub", "Not a directory");
     assert_eq!(fs::read(t.path().join("x")).unwrap(), b"in the way");
