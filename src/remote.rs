@@ -60,7 +60,7 @@ use crate::net::sparse::{self, Piece};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::Xattrs;
-use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
+use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, Msg, code, safe_components};
 use crate::net::zerocopy::{self, PutError};
 use crate::progress::Progress;
 use crate::slab::Slab;
@@ -74,8 +74,6 @@ use fastsync_engine::{Show, Timestamp};
 const SOURCE_ATTEMPTS_MAX: u8 = 3;
 /// Files larger than one chunk are cut into ranges of at most this many bytes, spread over the connections.
 const RANGE_BYTES_MAX: u64 = 32 << 20;
-/// Tasks queued per connection (bounds memory: a task is a file or a range, never its data).
-const QUEUE_PER_STREAM: usize = 2;
 const CHUNK: u64 = CHUNK_BYTES_MAX as u64;
 /// How often an adaptive pool's monitor samples its streams.
 const STREAMS_SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -647,8 +645,24 @@ struct Pool<T> {
     monitor: Option<JoinHandle<()>>,
 }
 
-/// A worker's job: `Err` stops the worker (and the run).
-type Work<T> = dyn Fn(&mut Stream, T, &Sender<Done>) -> Result<(), StreamError> + Send + Sync;
+/// A worker's job: the tasks it took in one turn (one, or a run of batchable ones and the task after them), in queue
+/// order. `Err` stops the worker (and the run).
+type Work<T> = dyn Fn(&mut Stream, Vec<T>, &Sender<Done>) -> Result<(), StreamError> + Send + Sync;
+
+/// What a pool's queue carries.
+trait PoolTask: Send + 'static {
+    /// Tasks queued per stream the pool may run (a task is a file or a range, never its data).
+    const QUEUED_PER_STREAM: usize = 2;
+
+    /// A worker that takes this task may take the next ones from the queue in the same turn (small files, sent in
+    /// one round trip: [`push_smalls`]).
+    fn batchable(&self) -> bool {
+        false
+    }
+}
+
+/// Tasks a worker takes from the queue in one turn at most.
+const TASKS_PER_TURN_MAX: usize = SMALL_BATCH_FILES_MAX;
 
 /// What the main thread hears while it waits: a completion, or `None` after [`client::KEEPALIVE`] of silence (time
 /// to keep its own connection alive).
@@ -709,7 +723,7 @@ struct Spawner<T> {
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-impl<T: Send + 'static> Spawner<T> {
+impl<T: PoolTask> Spawner<T> {
     /// Start stream `number`'s worker: on `conn`, or on a connection it dials first (a stream added by the monitor).
     fn spawn(&self, number: usize, conn: Option<Connection>) {
         self.scaler.alive[number - 1].store(true, Ordering::Release);
@@ -724,7 +738,7 @@ impl<T: Send + 'static> Spawner<T> {
     }
 }
 
-impl<T: Send + 'static> Pool<T> {
+impl<T: PoolTask> Pool<T> {
     /// Workers on `conns`; with `adaptive` (the most streams), a monitor that follows the bandwidth-delay product.
     fn start(
         conns: Vec<Connection>,
@@ -738,7 +752,7 @@ impl<T: Send + 'static> Pool<T> {
         let slots = adaptive.map_or(initial, |max| max.max(initial)).max(1);
         let scaler = Arc::new(Scaler::new(initial, slots));
         // Tasks are files and ranges, never their data: the queue holds a few per stream the pool may run.
-        let (tx, rx) = bounded::<T>(slots * QUEUE_PER_STREAM);
+        let (tx, rx) = bounded::<T>(slots * T::QUEUED_PER_STREAM);
         let (dtx, drx) = unbounded();
         let handles = Arc::new(Mutex::new(Vec::new()));
         let spawner = Spawner { rx, dtx, stop, work, dialer: dialer.clone(), scaler: scaler.clone(), handles };
@@ -812,7 +826,7 @@ impl<T: Send + 'static> Pool<T> {
 
 /// The adaptive pool's monitor: every second, sample every stream's `TCP_INFO`, let [`StreamPolicy`] choose the
 /// number of streams, start the workers that are missing (retired ones notice the lower target themselves).
-fn monitor<T: Send + 'static>(sp: &Spawner<T>, initial: usize) {
+fn monitor<T: PoolTask>(sp: &Spawner<T>, initial: usize) {
     let scaler = &sp.scaler;
     let mut policy = StreamPolicy::new(initial.min(STREAMS_MIN), scaler.fds.len(), CHUNK);
     let started = Instant::now();
@@ -886,7 +900,7 @@ fn policy_throughput(p: &StreamPolicy) -> f64 {
 /// One worker: tasks until the queue closes or the pool no longer wants this stream; a connection left idle is
 /// kept alive. A stream the monitor added dials first, and when the server takes no more connections it retires
 /// and caps the pool below itself.
-fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
+fn worker<T: PoolTask>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
     if stream.conn.is_none() {
         match stream.dialer.dial() {
             Ok(c) => stream.set_conn(Some(c)),
@@ -904,19 +918,27 @@ fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &A
             // The pool shrank: this stream retires between tasks.
             break;
         }
-        let task = match rx.recv_timeout(STREAMS_SAMPLE_EVERY.min(client::KEEPALIVE)) {
-            Ok(t) => t,
+        let mut tasks = match rx.recv_timeout(STREAMS_SAMPLE_EVERY.min(client::KEEPALIVE)) {
+            Ok(t) => vec![t],
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 stream.keepalive();
                 continue;
             }
         };
+        // Small files waiting behind this one go in the same round trip; the pool's other streams take what is
+        // left (the queue holds several tasks per stream).
+        while tasks.len() < TASKS_PER_TURN_MAX
+            && tasks.last().is_some_and(PoolTask::batchable)
+            && let Ok(t) = rx.try_recv()
+        {
+            tasks.push(t);
+        }
         if stop.load(Ordering::Acquire) {
             // Dropped: a pulled file's temporary goes with it.
             continue;
         }
-        if let Err(e) = work(&mut stream, task, done) {
+        if let Err(e) = work(&mut stream, tasks, done) {
             stop.store(true, Ordering::Release);
             if let StreamError::GaveUp(m) = e {
                 let _ = done.send(Done::Broken(m));
@@ -1085,6 +1107,15 @@ struct BigPush {
 enum PushTask {
     Whole(PushFile),
     Range { big: Arc<BigPush>, offset: u64, len: u64 },
+}
+
+impl PoolTask for PushTask {
+    /// A push task is a name to read later: enough of them wait for a stream to fill a batch of small files.
+    const QUEUED_PER_STREAM: usize = 16;
+
+    fn batchable(&self) -> bool {
+        matches!(self, PushTask::Whole(_))
+    }
 }
 
 /// What push workers need to know.
@@ -1266,7 +1297,7 @@ impl<'a> Push<'a> {
         };
         let clean_parts = marker.as_ref().is_some_and(|m| m.dead_runs_found());
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync, xattrs: opts.preserve.xattrs });
-        let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
+        let work: Arc<Work<PushTask>> = Arc::new(move |stream, tasks, done| push_tasks(stream, &cfg, tasks, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
         let mut push = Push {
@@ -2012,6 +2043,44 @@ impl PushCore<'_> {
 }
 
 /// One worker task of a push.
+/// A worker's turn: runs of whole files go together ([`push_smalls`]), ranges one by one.
+fn push_tasks(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    tasks: Vec<PushTask>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut wholes = Vec::new();
+    for task in tasks {
+        match task {
+            PushTask::Whole(f) => wholes.push(f),
+            range => {
+                if !wholes.is_empty() {
+                    push_wholes(stream, cfg, std::mem::take(&mut wholes), done)?;
+                }
+                push_task(stream, cfg, range, done)?;
+            }
+        }
+    }
+    if wholes.is_empty() { Ok(()) } else { push_wholes(stream, cfg, wholes, done) }
+}
+
+/// Whole files: one alone as before, several in batches.
+fn push_wholes(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    mut files: Vec<PushFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    if files.len() > 1 {
+        return push_smalls(stream, cfg, files, done);
+    }
+    let f = files.pop().expect("one file");
+    let result = push_whole(stream, cfg, &f, done, 1)?;
+    let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
+    Ok(())
+}
+
 fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PushTask::Whole(f) => {
@@ -2254,9 +2323,178 @@ enum Small {
     StepByStep,
 }
 
-/// Send a small file in one round trip as transfer `id`: read it whole, check that it did not change while read,
-/// then pipeline its three requests. Anything unusual (a damaged chunk, a file that changed) falls back to the
-/// step-by-step path, which retries.
+/// A small file read whole and its requests ready: `PutBegin`, `PutData` (when not empty), `PutXattrs` (with -X and
+/// some), `PutEnd`, all for one transfer id.
+struct SmallFile {
+    msgs: Vec<Msg>,
+    bytes: u64,
+}
+
+impl SmallFile {
+    /// Read `f` whole and build its requests as transfer `id`; `None` when it is too large, changed while read, or
+    /// cannot be read here (the step-by-step path then retries, or says why).
+    fn read(cfg: &PushCfg, f: &PushFile, id: u64) -> Option<SmallFile> {
+        use std::io::Read;
+        let fd = open_src(&f.src, cfg.follow).ok()?;
+        let md = fd.metadata().ok().filter(|m| m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX)?;
+        let mut bytes = Vec::with_capacity(md.size() as usize);
+        // One byte more than expected shows a file that grew.
+        if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()
+            || bytes.len() as u64 != md.size()
+            || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md))
+        {
+            return None;
+        }
+        let len = bytes.len() as u64;
+        let mut msgs = vec![Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
+        if !bytes.is_empty() {
+            msgs.push(Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
+        }
+        match source_xattrs(cfg, &f.src) {
+            Ok(xattrs) if !xattrs.is_empty() => msgs.push(Msg::PutXattrs { id, xattrs }),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        let (mtime_sec, mtime_nsec) = md_mtime(&md);
+        msgs.push(Msg::PutEnd {
+            id,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_sec,
+            mtime_nsec,
+            fsync: cfg.fsync,
+        });
+        Some(SmallFile { msgs, bytes: len })
+    }
+
+    /// The transfer id its requests carry.
+    fn id(&self) -> u64 {
+        match self.msgs[0] {
+            Msg::PutBegin { id, .. } => id,
+            _ => unreachable!("a small file's requests start with PutBegin"),
+        }
+    }
+
+    /// Carry transfer `new` instead (a retry on a new connection, after the old transfer was aborted).
+    fn renumber(&mut self, new: u64) {
+        for m in &mut self.msgs {
+            match m {
+                Msg::PutBegin { id, .. }
+                | Msg::PutData { id, .. }
+                | Msg::PutXattrs { id, .. }
+                | Msg::PutEnd { id, .. } => *id = new,
+                _ => {}
+            }
+        }
+    }
+
+    /// What the server's answers to its requests mean (the group's result from [`Connection::pipeline_groups`]).
+    /// A failed later request leaves a transfer to abort (`Err(id)`), then the step-by-step path.
+    fn outcome(&self, answer: Result<(), (usize, ReqError)>, url: &str) -> Result<Small, u64> {
+        match answer {
+            Ok(()) => Ok(Small::Done),
+            // The server could not even create the temporary: the step-by-step path would fail the same way.
+            Err((0, ReqError::Server { message, .. })) => Ok(Small::Failed(format!("cannot write '{url}': {message}"))),
+            Err(_) => Err(self.id()),
+        }
+    }
+}
+
+/// Files of one batch at most: answers to a batch's requests wait in the socket until all are written.
+const SMALL_BATCH_FILES_MAX: usize = 64;
+
+/// Bytes of small files read for one batch at most (one more file may pass it): within what a stream may hold
+/// ([`crate::net::server::CONNECTION_BYTES_MAX`] is what each stream is given of the memory limit).
+const SMALL_BATCH_BYTES_MAX: u64 = 3 << 20;
+
+/// Send small files in as few round trips as possible: up to [`SMALL_BATCH_FILES_MAX`] files (and
+/// [`SMALL_BATCH_BYTES_MAX`] bytes) read whole, all their requests sent back to back, then all the answers read.
+/// On a stream with a queue of small files this replaces one round trip (and a sleep and a wake-up on each side)
+/// per file by one per batch. A connection that breaks is dialled again and the files not yet answered are sent
+/// again under new transfer ids (the old ones aborted). A file that cannot go this way — too large, changed while
+/// read, refused past its first request — takes [`push_whole`]'s path on its own. One [`Done::File`] per file.
+fn push_smalls(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    files: Vec<PushFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut queue = files.into_iter().peekable();
+    while queue.peek().is_some() {
+        let mut batch: Vec<(PushFile, Option<SmallFile>)> = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < SMALL_BATCH_FILES_MAX
+            && bytes < SMALL_BATCH_BYTES_MAX
+            && let Some(f) = queue.next()
+        {
+            let small = SmallFile::read(cfg, &f, next_id());
+            bytes += small.as_ref().map_or(0, |s| s.bytes);
+            batch.push((f, small));
+        }
+        let mut answers: Vec<Option<Result<(), (usize, ReqError)>>> = (0..batch.len()).map(|_| None).collect();
+        let first_url = url_of(stream.addr(), &batch[0].0.remote);
+        let doing = Doing::push(&first_url, &format!("with {} more small files in one round trip", batch.len() - 1));
+        stream.retry(&doing, done, |conn, attempt| {
+            let waiting: Vec<usize> =
+                (0..batch.len()).filter(|&i| batch[i].1.is_some() && answers[i].is_none()).collect();
+            if attempt > 1 {
+                // The broken try may have left these transfers on the server.
+                for &i in &waiting {
+                    let small = batch[i].1.as_mut().expect("waiting files were read");
+                    abort(conn, small.id())?;
+                    small.renumber(next_id());
+                }
+            }
+            let groups: Vec<&[Msg]> =
+                waiting.iter().map(|&i| batch[i].1.as_ref().expect("read").msgs.as_slice()).collect();
+            let (got, broke) = conn.pipeline_groups(&groups);
+            for (&i, answer) in waiting.iter().zip(got) {
+                answers[i] = Some(answer);
+            }
+            match broke {
+                Some((_, ReqError::Broken(m))) => Err(Broken::new(m)),
+                // An answer out of step is a broken connection too (`pipeline_groups` reports it as such).
+                Some((_, other)) => Err(Broken::new(other.cause().to_string())),
+                None => Ok(()),
+            }
+        })?;
+        let mut aborts = Vec::new();
+        let mut one_by_one = Vec::new();
+        for ((f, small), answer) in batch.into_iter().zip(answers) {
+            let url = url_of(stream.addr(), &f.remote);
+            let outcome = match (&small, answer) {
+                (Some(s), Some(a)) => s.outcome(a, &url),
+                _ => Ok(Small::StepByStep),
+            };
+            match outcome {
+                Ok(Small::Done) => {
+                    let _ = done.send(Done::Bytes(small.map_or(0, |s| s.bytes)));
+                    let _ = done.send(Done::File { dir: f.dir, link: f.link, result: Ok(0) });
+                }
+                Ok(Small::Failed(line)) => {
+                    let _ = done.send(Done::File { dir: f.dir, link: f.link, result: Err(line) });
+                }
+                Ok(Small::StepByStep) => one_by_one.push(f),
+                Err(id) => {
+                    aborts.push(id);
+                    one_by_one.push(f);
+                }
+            }
+        }
+        for id in aborts {
+            stream.best_effort(|c| c.put_abort(id));
+        }
+        for f in one_by_one {
+            let result = push_whole(stream, cfg, &f, done, 1)?;
+            let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
+        }
+    }
+    Ok(())
+}
+
+/// Send a small file in one round trip as transfer `id` ([`SmallFile`]); anything unusual (a damaged chunk, a file
+/// that changed) falls back to the step-by-step path, which retries.
 fn push_small(
     conn: &mut Connection,
     cfg: &PushCfg,
@@ -2264,55 +2502,21 @@ fn push_small(
     done: &Sender<Done>,
     id: u64,
 ) -> Result<Small, Broken> {
-    use std::io::Read;
-    let Ok(fd) = open_src(&f.src, cfg.follow) else { return Ok(Small::StepByStep) };
-    let md = match fd.metadata() {
-        Ok(m) if m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX => m,
-        _ => return Ok(Small::StepByStep),
-    };
-    let mut bytes = Vec::with_capacity(md.size() as usize);
-    // One byte more than expected shows a file that grew.
-    if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()
-        || bytes.len() as u64 != md.size()
-        || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md))
-    {
-        return Ok(Small::StepByStep);
-    }
-    let len = bytes.len() as u64;
-    let mut msgs =
-        vec![crate::net::wire::Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
-    if !bytes.is_empty() {
-        msgs.push(crate::net::wire::Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
-    }
-    match source_xattrs(cfg, &f.src) {
-        Ok(xattrs) if !xattrs.is_empty() => msgs.push(crate::net::wire::Msg::PutXattrs { id, xattrs }),
-        Ok(_) => {}
-        Err(_) => return Ok(Small::StepByStep),
-    }
-    let (mtime_sec, mtime_nsec) = md_mtime(&md);
-    msgs.push(crate::net::wire::Msg::PutEnd {
-        id,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_sec,
-        mtime_nsec,
-        fsync: cfg.fsync,
-    });
-    match conn.pipeline_ok(&msgs) {
-        Ok(()) => {
-            let _ = done.send(Done::Bytes(len));
-            Ok(Small::Done)
-        }
+    let Some(small) = SmallFile::read(cfg, f, id) else { return Ok(Small::StepByStep) };
+    let url = url_of(conn.addr(), &f.remote);
+    match conn.pipeline_ok(&small.msgs) {
         Err((_, ReqError::Broken(m))) => Err(Broken::new(m)),
-        // The server could not even create the temporary: the step-by-step path would fail the same way.
-        Err((0, ReqError::Server { message, .. })) => {
-            Ok(Small::Failed(format!("cannot write '{}': {message}", url_of(conn.addr(), &f.remote))))
-        }
-        Err((_, ReqError::Server { .. })) => {
-            abort(conn, id)?;
-            Ok(Small::StepByStep)
-        }
+        answer => match small.outcome(answer, &url) {
+            Ok(Small::Done) => {
+                let _ = done.send(Done::Bytes(small.bytes));
+                Ok(Small::Done)
+            }
+            Ok(other) => Ok(other),
+            Err(id) => {
+                abort(conn, id)?;
+                Ok(Small::StepByStep)
+            }
+        },
     }
 }
 
@@ -2753,6 +2957,9 @@ enum PullTask {
     Range { big: Arc<BigPull>, offset: u64, len: u64 },
 }
 
+/// A pull task holds its temporary file open: few wait.
+impl PoolTask for PullTask {}
+
 struct PullCfg {
     fsync: bool,
     /// -X: extended attributes are fetched (`GetXattrs`) and set.
@@ -2906,7 +3113,9 @@ impl<'a> Pull<'a> {
             id: run.id,
         });
         let wcfg = cfg.clone();
-        let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
+        let work: Arc<Work<PullTask>> = Arc::new(move |stream, tasks: Vec<PullTask>, done| {
+            tasks.into_iter().try_for_each(|task| pull_task(stream, &wcfg, task, done))
+        });
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let mut pull = Pull {
             core: PullCore {

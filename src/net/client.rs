@@ -300,29 +300,52 @@ impl Connection {
     /// and then their answers read in order. The first failure is returned with the index of its request; every
     /// answer is read either way, so the connection stays in step.
     pub fn pipeline_ok(&mut self, msgs: &[Msg]) -> Result<(), (usize, ReqError)> {
+        match self.pipeline_groups(&[msgs]) {
+            (mut answers, None) => answers.pop().expect("one group, answered"),
+            (_, Some((i, e))) => Err((i, e)),
+        }
+    }
+
+    /// Groups of requests (a small file's `PutBegin`, `PutData`, `PutEnd`, ...), each request answered by `Ok` or
+    /// `Error`: all sent back to back with one flush, then every answer read in order. Returns, for each group
+    /// answered in full, `Ok` or the index of its first failed request with the failure; and, when the connection
+    /// broke, the break with the index (within its group) of the request it broke at. The groups after the first
+    /// one not answered in full have no result: they may or may not have been carried out.
+    ///
+    /// The answers wait in the socket while the requests are written, so the caller keeps a pipeline to what the
+    /// socket buffers hold without reading (a few thousand answers of a few bytes each).
+    #[allow(clippy::type_complexity)]
+    pub fn pipeline_groups(
+        &mut self,
+        groups: &[&[Msg]],
+    ) -> (Vec<Result<(), (usize, ReqError)>>, Option<(usize, ReqError)>) {
         use std::io::Write;
         self.last_used = Instant::now();
-        for (i, msg) in msgs.iter().enumerate() {
+        for msg in groups.iter().flat_map(|g| g.iter()) {
             let body = msg.encode_body();
             let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
             if let Err(e) = r {
-                return Err((i, self.broken(&crate::net::wire::WireError::Io(e))));
+                return (Vec::new(), Some((0, self.broken(&crate::net::wire::WireError::Io(e)))));
             }
         }
         if let Err(e) = self.w.flush() {
-            return Err((0, self.broken(&crate::net::wire::WireError::Io(e))));
+            return (Vec::new(), Some((0, self.broken(&crate::net::wire::WireError::Io(e)))));
         }
-        let mut first = None;
-        for i in 0..msgs.len() {
-            let failure = match self.recv() {
-                Ok(Msg::Ok) => continue,
-                Ok(Msg::Error { code, message }) => ReqError::Server { code, message },
-                Ok(other) => return Err((i, self.unexpected("Ok", &other))),
-                Err(e) => return Err((i, e)),
-            };
-            first.get_or_insert((i, failure));
+        let mut answers = Vec::with_capacity(groups.len());
+        for group in groups {
+            let mut first = None;
+            for i in 0..group.len() {
+                let failure = match self.recv() {
+                    Ok(Msg::Ok) => continue,
+                    Ok(Msg::Error { code, message }) => ReqError::Server { code, message },
+                    Ok(other) => return (answers, Some((i, self.unexpected("Ok", &other)))),
+                    Err(e) => return (answers, Some((i, e))),
+                };
+                first.get_or_insert((i, failure));
+            }
+            answers.push(first.map_or(Ok(()), Err));
         }
-        first.map_or(Ok(()), Err)
+        (answers, None)
     }
 
     /// Metadata of `path` itself (not followed when it is a symlink, unless the connection follows); `None` when it

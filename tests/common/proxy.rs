@@ -64,6 +64,8 @@ struct Shared {
     /// Bytes forwarded client → server and server → client.
     up_bytes: AtomicU64,
     down_bytes: AtomicU64,
+    /// Reads forwarded from the server to clients: one per burst of answers a client waited for.
+    down_reads: AtomicU64,
     shutdown: AtomicBool,
 }
 
@@ -106,6 +108,7 @@ impl Proxy {
             open: AtomicUsize::new(0),
             up_bytes: AtomicU64::new(0),
             down_bytes: AtomicU64::new(0),
+            down_reads: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -146,6 +149,12 @@ impl Proxy {
     /// Bytes forwarded from the server to clients.
     pub fn down_bytes(&self) -> u64 {
         self.shared.down_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Reads forwarded from the server to clients (a client that waits for each answer before it asks again makes
+    /// at least one per request).
+    pub fn down_reads(&self) -> u64 {
+        self.shared.down_reads.load(Ordering::SeqCst)
     }
 }
 
@@ -243,6 +252,9 @@ fn pump(link: &Link, shared: &Shared, up: bool) {
             return;
         }
         counter.fetch_add(forward, Ordering::SeqCst);
+        if !up {
+            shared.down_reads.fetch_add(1, Ordering::SeqCst);
+        }
         if !fault {
             continue;
         }
