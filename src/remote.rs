@@ -2957,8 +2957,14 @@ enum PullTask {
     Range { big: Arc<BigPull>, offset: u64, len: u64 },
 }
 
-/// A pull task holds its temporary file open: few wait.
-impl PoolTask for PullTask {}
+impl PoolTask for PullTask {
+    /// A pull task is a name to fetch later (its temporary is made when it is fetched).
+    const QUEUED_PER_STREAM: usize = 16;
+
+    fn batchable(&self) -> bool {
+        matches!(self, PullTask::Whole(f) if f.meta.size <= PIPELINED_FILE_BYTES_MAX)
+    }
+}
 
 struct PullCfg {
     fsync: bool,
@@ -3113,9 +3119,7 @@ impl<'a> Pull<'a> {
             id: run.id,
         });
         let wcfg = cfg.clone();
-        let work: Arc<Work<PullTask>> = Arc::new(move |stream, tasks: Vec<PullTask>, done| {
-            tasks.into_iter().try_for_each(|task| pull_task(stream, &wcfg, task, done))
-        });
+        let work: Arc<Work<PullTask>> = Arc::new(move |stream, tasks, done| pull_tasks(stream, &wcfg, tasks, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let mut pull = Pull {
             core: PullCore {
@@ -3856,6 +3860,93 @@ fn remove_tree(
 }
 
 /// One worker task of a pull.
+/// A worker's turn: runs of small whole files go together ([`pull_smalls`]; not with -X, whose `GetXattrs` would
+/// come between the answers), everything else one by one.
+fn pull_tasks(
+    stream: &mut Stream,
+    cfg: &PullCfg,
+    tasks: Vec<PullTask>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut smalls = Vec::new();
+    for task in tasks {
+        match task {
+            PullTask::Whole(f) if !cfg.xattrs && f.meta.size <= PIPELINED_FILE_BYTES_MAX => smalls.push(f),
+            other => {
+                if !smalls.is_empty() {
+                    pull_smalls(stream, cfg, std::mem::take(&mut smalls), done)?;
+                }
+                pull_task(stream, cfg, other, done)?;
+            }
+        }
+    }
+    if smalls.is_empty() { Ok(()) } else { pull_smalls(stream, cfg, smalls, done) }
+}
+
+/// Pull small files in one round trip: the `Get`s of the files a worker took together go back to back, then each
+/// answer is read into its own temporary, which is finished and renamed into place at once (one temporary open at a
+/// time). A connection that breaks is dialled again and the files not yet in place are asked for again; a file
+/// whose answer is anything but complete and unchanged (changed, damaged, short, refused) takes [`pull_whole`]'s path
+/// alone, which retries and says why. One [`Done::File`] per file.
+fn pull_smalls(
+    stream: &mut Stream,
+    cfg: &PullCfg,
+    files: Vec<PullFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    if files.len() == 1 {
+        return files.into_iter().try_for_each(|f| pull_task(stream, cfg, PullTask::Whole(f), done));
+    }
+    /// What became of one file of the batch.
+    enum Got {
+        /// In place, or failed for a reason the step-by-step path would meet too.
+        Finished(Result<(), String>),
+        /// To be fetched on its own.
+        Alone,
+    }
+    let mut got: Vec<Option<Got>> = (0..files.len()).map(|_| None).collect();
+    let first_url = url_of(stream.addr(), &files[0].remote);
+    let doing = Doing::pull(&first_url, &format!("with {} more small files in one round trip", files.len() - 1));
+    stream.retry(&doing, done, |conn, _| {
+        let waiting: Vec<usize> = (0..files.len()).filter(|&i| got[i].is_none()).collect();
+        let gets: Vec<(&[u8], u64)> =
+            waiting.iter().map(|&i| (files[i].remote.as_slice(), files[i].meta.size)).collect();
+        conn.send_gets(&gets).map_err(|e| Broken::new(e.cause().to_string()))?;
+        let mut progressed = false;
+        for &i in &waiting {
+            let f = &files[i];
+            let tmp = TempFile::create(&f.dir_fd, &f.name);
+            let no_tmp = || io::Error::other("no temporary");
+            let mut sink = |at: u64, bytes: &[u8]| tmp.as_ref().map_err(|_| no_tmp())?.file.write_all_at(bytes, at);
+            let mut hole = |at: u64, n: u64| sparse::make_hole(&tmp.as_ref().map_err(|_| no_tmp())?.file, at, n);
+            let answer = conn.get_answer(0, f.meta.size, &mut sink, &mut hole);
+            let complete = |end: &client::DataEnd| {
+                (end.size, end.mtime, end.received_to) == (f.meta.size, mtime_of(&f.meta), f.meta.size)
+            };
+            got[i] = Some(match (answer, &tmp) {
+                (Err(GetError::Req(ReqError::Broken(message))), _) => return Err(Broken { message, progressed }),
+                (_, Err(e)) => Got::Finished(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
+                (Ok(end), Ok(tmp)) if complete(&end) => Got::Finished(finish_pull(cfg, tmp, f, &f.meta)),
+                _ => Got::Alone,
+            });
+            progressed = true;
+        }
+        Ok(())
+    })?;
+    for (f, got) in files.into_iter().zip(got) {
+        let result = match got.expect("every file of the batch was answered") {
+            Got::Finished(Ok(())) => {
+                let _ = done.send(Done::Bytes(f.meta.size));
+                Ok(0)
+            }
+            Got::Finished(Err(line)) => Err(line),
+            Got::Alone => pull_whole(stream, cfg, &f, done, 1)?,
+        };
+        let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
+    }
+    Ok(())
+}
+
 fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PullTask::Whole(f) => {

@@ -264,7 +264,8 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
 }
 
 /// Small files queued for a stream go in batches, all their requests before any answer is read: over one stream, 300
-/// files take far fewer bursts of answers than files (one round trip each took at least 300), and arrive exact.
+/// files take far fewer bursts of answers (push) or of requests (pull) than files (one round trip each took at least
+/// 300), and arrive exact both ways.
 #[test]
 fn small_files_share_round_trips() {
     let c = Case::new();
@@ -281,6 +282,15 @@ fn small_files_share_round_trips() {
     assert_no_tmp(&srv.root);
     let bursts = proxy.down_reads();
     assert!(bursts < 100, "{bursts} bursts of answers for 300 small files: not batched");
+
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let back = c.path("back");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], proxy.url("tree"), &back);
+    out.assert_success();
+    compare_trees(&src, &back, CompareOpts::default());
+    assert_no_tmp(&back);
+    let bursts = proxy.up_reads();
+    assert!(bursts < 100, "{bursts} bursts of requests for 300 small files: not batched");
 }
 
 /// A file of a batch that the server refuses (a directory is where it must go) fails alone, with one line; the rest

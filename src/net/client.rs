@@ -319,17 +319,8 @@ impl Connection {
         &mut self,
         groups: &[&[Msg]],
     ) -> (Vec<Result<(), (usize, ReqError)>>, Option<(usize, ReqError)>) {
-        use std::io::Write;
-        self.last_used = Instant::now();
-        for msg in groups.iter().flat_map(|g| g.iter()) {
-            let body = msg.encode_body();
-            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
-            if let Err(e) = r {
-                return (Vec::new(), Some((0, self.broken(&crate::net::wire::WireError::Io(e)))));
-            }
-        }
-        if let Err(e) = self.w.flush() {
-            return (Vec::new(), Some((0, self.broken(&crate::net::wire::WireError::Io(e)))));
+        if let Err(e) = self.send_all(groups.iter().flat_map(|g| g.iter())) {
+            return (Vec::new(), Some((0, e)));
         }
         let mut answers = Vec::with_capacity(groups.len());
         for group in groups {
@@ -410,6 +401,39 @@ impl Connection {
         hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
     ) -> Result<DataEnd, GetError> {
         self.send(&Msg::Get { path: path.to_vec(), offset, len, follow: self.follow })?;
+        self.get_answer(offset, len, sink, hole)
+    }
+
+    /// `Get`s of whole files (`path`, `len`), sent back to back with one flush: the answers are then read in the
+    /// same order, one [`Connection::get_answer`] each (a few requests of a few hundred bytes: nothing waits for
+    /// them to be read).
+    pub fn send_gets(&mut self, gets: &[(&[u8], u64)]) -> Result<(), ReqError> {
+        let follow = self.follow;
+        self.send_all(gets.iter().map(|&(path, len)| Msg::Get { path: path.to_vec(), offset: 0, len, follow }))
+    }
+
+    /// Requests written back to back, then flushed once (one record, one round trip).
+    fn send_all<M: std::borrow::Borrow<Msg>>(&mut self, msgs: impl IntoIterator<Item = M>) -> Result<(), ReqError> {
+        use std::io::Write;
+        self.last_used = Instant::now();
+        for msg in msgs {
+            let body = msg.borrow().encode_body();
+            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
+            if let Err(e) = r {
+                return Err(self.broken(&crate::net::wire::WireError::Io(e)));
+            }
+        }
+        self.w.flush().map_err(|e| self.broken(&crate::net::wire::WireError::Io(e)))
+    }
+
+    /// The answer to a `Get` of `[offset, offset + len)` sent earlier (see [`Connection::get`]).
+    pub fn get_answer(
+        &mut self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
+    ) -> Result<DataEnd, GetError> {
         let end = offset.saturating_add(len);
         let mut next = offset;
         let mut failure: Option<GetError> = None;
