@@ -2042,7 +2042,6 @@ impl PushCore<'_> {
     }
 }
 
-/// One worker task of a push.
 /// A worker's turn: runs of whole files go together ([`push_smalls`]), ranges one by one.
 fn push_tasks(
     stream: &mut Stream,
@@ -2065,22 +2064,20 @@ fn push_tasks(
     if wholes.is_empty() { Ok(()) } else { push_wholes(stream, cfg, wholes, done) }
 }
 
-/// Whole files: one alone as before, several in batches.
+/// Whole files: one alone, several in batches.
 fn push_wholes(
     stream: &mut Stream,
     cfg: &PushCfg,
-    mut files: Vec<PushFile>,
+    files: Vec<PushFile>,
     done: &Sender<Done>,
 ) -> Result<(), StreamError> {
     if files.len() > 1 {
         return push_smalls(stream, cfg, files, done);
     }
-    let f = files.pop().expect("one file");
-    let result = push_whole(stream, cfg, &f, done, 1)?;
-    let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
-    Ok(())
+    files.into_iter().try_for_each(|f| push_task(stream, cfg, PushTask::Whole(f), done))
 }
 
+/// One worker task of a push.
 fn push_task(stream: &mut Stream, cfg: &PushCfg, task: PushTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PushTask::Whole(f) => {
