@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use fastsync_engine::bench::{BenchJob, BenchReport, BenchWork, IoSpec, Live, MetaPhase, MetaSpec, OpStats};
-use fastsync_engine::{Engine, EngineConfig, EngineKind, Outcome, Session};
+use fastsync_engine::{Engine, EngineConfig, EngineKind, Outcome, Session, Show};
 
 use crate::error::exit;
 use crate::{Error, interrupt};
@@ -283,14 +283,14 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
         if !a.device {
             return Err(Error::Refused(format!(
                 "'{}' is a block device; benchmarking it directly needs --device (and --destroy-data for writes)",
-                a.path.display()
+                a.path.shown()
             )));
         }
         if writes && !a.destroy_data {
             return Err(Error::Refused(format!(
                 "--rw {} on '{}' would overwrite the device's data; add --destroy-data if that is what you want",
                 a.rw.name(),
-                a.path.display()
+                a.path.shown()
             )));
         }
         let device_bytes = device_size(&a.path)?;
@@ -301,19 +301,19 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
                 threads,
                 a.size,
                 need,
-                a.path.display(),
+                a.path.shown(),
                 device_bytes
             )));
         }
         return Ok(Target::Device { path: a.path.clone() });
     }
     if a.device {
-        return Err(Error::Refused(format!("--device: '{}' is not a block device", a.path.display())));
+        return Err(Error::Refused(format!("--device: '{}' is not a block device", a.path.shown())));
     }
     if !md.is_dir() {
         return Err(Error::Refused(format!(
             "'{}' is not a directory; fastsync bench writes only files it creates, inside a directory",
-            a.path.display()
+            a.path.shown()
         )));
     }
     let dir = a.path.join(WORK_DIR);
@@ -327,7 +327,7 @@ fn prepare_target(a: &BenchArgs, threads: usize, meta: bool) -> Result<Target, E
                 return Err(Error::Refused(format!(
                     "'{}' exists and was not made by fastsync bench (no {MARKER} in it); move it away or choose \
                      another PATH",
-                    dir.display()
+                    dir.shown()
                 )));
             }
         }
@@ -402,7 +402,7 @@ fn check_space(path: &Path, bytes: u64, inodes: u64) -> Result<(), Error> {
     if bytes > free {
         return Err(Error::Refused(format!(
             "'{}' has {} MiB free, and the benchmark's files need {} MiB; lower --size or --threads, or free space",
-            path.display(),
+            path.shown(),
             free >> 20,
             bytes.div_ceil(1 << 20)
         )));
@@ -411,7 +411,7 @@ fn check_space(path: &Path, bytes: u64, inodes: u64) -> Result<(), Error> {
     if st.f_files > 0 && inodes > st.f_favail as u64 {
         return Err(Error::Refused(format!(
             "'{}' has room for {} more files, and the benchmark needs {}",
-            path.display(),
+            path.shown(),
             st.f_favail,
             inodes
         )));

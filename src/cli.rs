@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use fastsync_engine::{EngineConfig, EngineKind};
+use fastsync_engine::{EngineConfig, EngineKind, Show};
 
 use crate::config::{MemoryProfile, Overrides, Settings};
 use crate::copy::CopyOptions;
@@ -284,8 +284,8 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
             writeln!(out, "{}", settings.to_json())
         } else {
             let file = match (&settings.file, crate::config::default_file(&|k| std::env::var_os(k))) {
-                (Some(f), _) => format!("# config file: {}", f.display()),
-                (None, Some(d)) => format!("# no config file ({} does not exist)", d.display()),
+                (Some(f), _) => format!("# config file: {}", f.shown()),
+                (None, Some(d)) => format!("# no config file ({} does not exist)", d.shown()),
                 (None, None) => "# no config file".to_string(),
             };
             let table = settings.render();
@@ -531,7 +531,7 @@ fn refuse_foreign_scheme(arg: &Path) -> Result<(), Error> {
         Some(scheme) => Err(Error::Refused(format!(
             "'{}': {scheme}:// URLs are not supported; fastsync copies between local paths and \
              fastsync://HOST[:PORT]/PATH (a server started with `fastsync serve`)",
-            arg.display()
+            arg.shown()
         ))),
         None => Ok(()),
     }

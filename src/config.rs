@@ -19,6 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use fastsync_engine::Show;
 use serde::Serialize;
 
 use crate::engines::EngineChoice;
@@ -118,7 +119,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Default => f.write_str("default"),
-            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::File(path) => write!(f, "file {}", path.shown()),
             Source::Env(var) => write!(f, "env {var}"),
             Source::Flag(flag) => write!(f, "flag {flag}"),
         }
@@ -176,19 +177,19 @@ pub struct Overrides {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A file named by `--config` or `FASTSYNC_CONFIG` does not exist.
-    #[error("config file '{}' (from {by}) does not exist", .path.display())]
+    #[error("config file '{}' (from {by}) does not exist", .path.shown())]
     Missing { path: PathBuf, by: &'static str },
     /// The file exists but cannot be read (a directory, no permission, not UTF-8).
-    #[error("config file '{}': cannot read it: {source}", .path.display())]
+    #[error("config file '{}': cannot read it: {source}", .path.shown())]
     Read { path: PathBuf, source: io::Error },
     /// The file is not valid TOML.
-    #[error("config file '{}': invalid TOML at line {line}, column {column}: {message}", .path.display())]
+    #[error("config file '{}': invalid TOML at line {line}, column {column}: {message}", .path.shown())]
     Syntax { path: PathBuf, line: usize, column: usize, message: String },
     /// The file has a key fastsync does not know.
-    #[error("config file '{}': unknown key '{key}' (known: {})", .path.display(), KEYS.join(", "))]
+    #[error("config file '{}': unknown key '{key}' (known: {})", .path.shown(), KEYS.join(", "))]
     UnknownKey { path: PathBuf, key: String },
     /// A key in the file has a value of the wrong type or out of range; `got` is the value as TOML.
-    #[error("config file '{}': key '{key}': {expected}, got {got}", .path.display())]
+    #[error("config file '{}': key '{key}': {expected}, got {got}", .path.shown())]
     FileValue { path: PathBuf, key: &'static str, expected: String, got: String },
     /// A known `FASTSYNC_*` variable holds a bad value.
     #[error("environment variable {var}: {expected}, got '{got}'")]
@@ -303,7 +304,7 @@ impl Settings {
             Entry { value: f(s.value), source: s.source.to_string() }
         }
         let out = Out {
-            file: self.file.as_ref().map(|p| p.display().to_string()),
+            file: self.file.as_ref().map(|p| p.shown().to_string()),
             settings: All {
                 engine: entry(&self.engine, engine_name),
                 cores: entry(&self.cores, |v| v),
@@ -509,11 +510,7 @@ fn env_text(env: EnvLookup<'_>, var: &'static str, expected: &str) -> Result<Opt
         Some(raw) => match raw.into_string() {
             Ok(s) if s.trim().is_empty() => Ok(None),
             Ok(s) => Ok(Some(s.trim().to_owned())),
-            Err(raw) => Err(ConfigError::EnvValue {
-                var,
-                expected: expected.to_owned(),
-                got: raw.to_string_lossy().into_owned(),
-            }),
+            Err(raw) => Err(ConfigError::EnvValue { var, expected: expected.to_owned(), got: raw.shown().to_string() }),
         },
     }
 }
@@ -822,10 +819,10 @@ mod tests {
         let missing = dir.path().join("nope.toml");
         let err = load_with(Some(&missing), &[], &Overrides::default()).unwrap_err();
         assert!(matches!(err, ConfigError::Missing { by: "--config", .. }), "{err:?}");
-        assert_eq!(err.to_string(), format!("config file '{}' (from --config) does not exist", missing.display()));
+        assert_eq!(err.to_string(), format!("config file '{}' (from --config) does not exist", missing.shown()));
 
         let msg = load_err(None, &[(ENV_CONFIG, missing.to_str().unwrap())]);
-        assert_eq!(msg, format!("config file '{}' (from FASTSYNC_CONFIG) does not exist", missing.display()));
+        assert_eq!(msg, format!("config file '{}' (from FASTSYNC_CONFIG) does not exist", missing.shown()));
     }
 
     #[test]
@@ -833,7 +830,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load_with(Some(dir.path()), &[], &Overrides::default()).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
-        assert!(err.to_string().starts_with(&format!("config file '{}': cannot read it: ", dir.path().display())));
+        assert!(err.to_string().starts_with(&format!("config file '{}': cannot read it: ", dir.path().shown())));
 
         // A default file that exists but cannot be read is an error too, not silently skipped.
         let xdg = dir.path().join("xdg");
@@ -851,7 +848,7 @@ mod tests {
             format!(
                 "config file '{}': unknown key 'cors' (known: engine, cores, memory_profile, memory_limit, fsync, \
                  verify, direct_io)",
-                file.display()
+                file.shown()
             )
         );
         // A table is an unknown key too.
@@ -867,10 +864,7 @@ mod tests {
         let ConfigError::Syntax { line, .. } = &err else { panic!("{err:?}") };
         assert_eq!(*line, 3);
         let msg = err.to_string();
-        assert!(
-            msg.starts_with(&format!("config file '{}': invalid TOML at line 3, column ", file.display())),
-            "{msg}"
-        );
+        assert!(msg.starts_with(&format!("config file '{}': invalid TOML at line 3, column ", file.shown())), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
 
         let file = write(dir.path(), "dup.toml", "cores = 1\ncores = 2\n");
@@ -902,14 +896,14 @@ mod tests {
             let file = write(dir.path(), "config.toml", &format!("{text}\n"));
             assert_eq!(
                 load_err(Some(&file), &[]),
-                format!("config file '{}': key '{key}': {expected}, got {got}", file.display()),
+                format!("config file '{}': key '{key}': {expected}, got {got}", file.shown()),
                 "{text}"
             );
         }
         let file = write(dir.path(), "config.toml", "cores = 0\n");
         assert_eq!(
             load_err(Some(&file), &[]),
-            format!("config file '{}': key 'cores': expected an integer from 1 to 1024, got 0", file.display())
+            format!("config file '{}': key 'cores': expected an integer from 1 to 1024, got 0", file.shown())
         );
     }
 
@@ -1133,10 +1127,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), KEYS.len());
         assert_eq!(lines[0], "engine         = \"fallback\"     # env FASTSYNC_ENGINE");
-        assert_eq!(lines[1], format!("cores          = 16             # file {}", file.display()));
+        assert_eq!(lines[1], format!("cores          = 16             # file {}", file.shown()));
         assert_eq!(lines[2], "memory_profile = \"high-memory\"  # flag --memory-profile");
         assert_eq!(lines[3], "memory_limit   = \"4GiB\"         # limit of memory_profile (flag --memory-profile)");
-        assert_eq!(lines[4], format!("fsync          = true           # file {}", file.display()));
+        assert_eq!(lines[4], format!("fsync          = true           # file {}", file.shown()));
         assert_eq!(lines[5], "verify         = true           # flag --verify");
         // Odd sizes stay integers.
         let s = load_with(None, &[("FASTSYNC_MEMORY_LIMIT", "1000")], &Overrides::default()).unwrap();
@@ -1173,8 +1167,8 @@ mod tests {
         let env = [("FASTSYNC_MEMORY_PROFILE", "max-throughput")];
         let s = load_with(Some(&file), &env, &flags).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
-        let file_label = format!("file {}", file.display());
-        assert_eq!(v["file"], serde_json::json!(file.display().to_string()));
+        let file_label = format!("file {}", file.shown());
+        assert_eq!(v["file"], serde_json::json!(file.shown().to_string()));
         assert_eq!(v["settings"]["cores"], serde_json::json!({"value": 3, "source": file_label}));
         assert_eq!(
             v["settings"]["memory_profile"],

@@ -20,7 +20,7 @@ use fastsync_engine::blocking::stamp_of;
 use fastsync_engine::journal::{Opened, SourceId};
 use fastsync_engine::{
     ChunkedFile, Completion, Engine, EngineConfig, FileJob, FinishSpec, HashJob, Job, Journal, Op, Outcome, RangeJob,
-    Session, Timestamp, abandon, finish::cstr,
+    Session, Show, Timestamp, abandon, finish::cstr,
 };
 
 use crate::Error;
@@ -188,8 +188,8 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
         if dst_md.as_ref().is_some_and(|d| !d.is_dir()) {
             return Err(Error::Refused(format!(
                 "cannot overwrite non-directory '{}' with directory '{}'",
-                dst.display(),
-                src.display()
+                dst.shown(),
+                src.shown()
             )));
         }
         let canon_src = fs::canonicalize(src).map_err(|e| Error::io("cannot resolve", src, e))?;
@@ -197,38 +197,44 @@ fn resolve(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<(Metadata, Path
         if canon_dst == canon_src {
             return Err(Error::Refused(format!(
                 "cannot copy directory '{}' onto itself ('{}')",
-                src.display(),
-                dst.display()
+                src.shown(),
+                dst.shown()
             )));
         }
         if canon_dst.starts_with(&canon_src) {
             return Err(Error::Refused(format!(
                 "cannot copy directory '{}' into itself ('{}')",
-                src.display(),
-                dst.display()
+                src.shown(),
+                dst.shown()
             )));
         }
-        return Ok((md, dst.to_path_buf()));
+        // A destination that is a symlink to a directory stands for that directory, as for cp, rsync and rclone: the
+        // tree goes into what it points to and the link stays (the walk itself never follows a symlink).
+        let target = match fs::symlink_metadata(dst) {
+            Ok(l) if l.file_type().is_symlink() && dst_md.is_some() => canon_dst,
+            _ => dst.to_path_buf(),
+        };
+        return Ok((md, target));
     }
     let into_dir = dst_md.as_ref().is_some_and(|d| d.is_dir()) || trailing_slash;
     let target = if into_dir {
-        let name = src.file_name().ok_or_else(|| Error::Refused(format!("'{}' has no file name", src.display())))?;
+        let name = src.file_name().ok_or_else(|| Error::Refused(format!("'{}' has no file name", src.shown())))?;
         dst.join(name)
     } else {
         dst.to_path_buf()
     };
     if let Ok(t) = fs::symlink_metadata(&target) {
         if t.dev() == md.dev() && t.ino() == md.ino() {
-            return Err(Error::Refused(format!("'{}' and '{}' are the same file", src.display(), target.display())));
+            return Err(Error::Refused(format!("'{}' and '{}' are the same file", src.shown(), target.shown())));
         }
         if t.is_dir() {
             return Err(Error::Refused(format!(
                 "cannot overwrite directory '{}' with non-directory '{}'",
-                target.display(),
-                src.display()
+                target.shown(),
+                src.shown()
             )));
         }
-        if let Some(m) = crate::meta::refuse_special_target(&target, &t, &src.display().to_string()) {
+        if let Some(m) = crate::meta::refuse_special_target(&target, &t, &src.shown().to_string()) {
             return Err(Error::Refused(m));
         }
     }
@@ -438,7 +444,7 @@ impl Exec<'_> {
         if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty())
             && !self.opts.dry_run
         {
-            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
+            meta::make_dirs(parent).map_err(|e| Error::io("cannot create directory", parent, e))?;
         }
         if !root_md.is_dir() {
             let rel = PathBuf::from(target.file_name().unwrap_or_default());
@@ -483,7 +489,7 @@ impl Exec<'_> {
                 }
                 Some(Err(e)) => {
                     let src = frame.src.clone();
-                    self.st.fail(format!("cannot read directory '{}': {e}", src.display()));
+                    self.st.fail(format!("cannot read directory '{}': {e}", src.shown()));
                 }
                 Some(Ok(scanned)) => {
                     let Scanned { name, path: src, md, dst: dst_known } = scanned;
@@ -496,7 +502,7 @@ impl Exec<'_> {
                     let md = match md {
                         Ok(md) => md,
                         Err(e) => {
-                            self.st.fail(format!("cannot stat '{}': {e}", src.display()));
+                            self.st.fail(format!("cannot stat '{}': {e}", src.shown()));
                             continue;
                         }
                     };
@@ -574,11 +580,11 @@ impl Exec<'_> {
                         }
                         Ok(md) if md.is_file() => self.submit_file(&src, &dst, &md, dir, link_key, attempt, false)?,
                         Ok(_) => {
-                            self.st.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
+                            self.st.fail(format!("'{}' is no longer a regular file; not copied", src.shown()));
                             self.st.link_failed(link_key);
                         }
                         Err(e) => {
-                            self.st.fail(format!("cannot stat '{}': {e}", src.display()));
+                            self.st.fail(format!("cannot stat '{}': {e}", src.shown()));
                             self.st.link_failed(link_key);
                         }
                     }
@@ -613,7 +619,7 @@ impl Exec<'_> {
     ) -> Option<Frame> {
         let key = (md.dev(), md.ino());
         if self.ancestors.contains(&key) {
-            self.st.fail(format!("symlink loop: '{}' is its own ancestor; not followed", src.display()));
+            self.st.fail(format!("symlink loop: '{}' is its own ancestor; not followed", src.shown()));
             return None;
         }
         let existing = if parent_fresh { None } else { fs::symlink_metadata(dst).ok() };
@@ -629,7 +635,7 @@ impl Exec<'_> {
             // An existing directory (just lstat'ed) is used as it is: no mkdir that fails with EEXIST on every
             // directory of a no-op sync.
             if fresh && let Err(e) = make_dir(dst) {
-                self.st.fail(format!("cannot create directory '{}': {e}", dst.display()));
+                self.st.fail(format!("cannot create directory '{}': {e}", dst.shown()));
                 return None;
             }
             if !fresh && self.scan_stale {
@@ -651,7 +657,7 @@ impl Exec<'_> {
         let spec = match spec {
             Ok(s) => s,
             Err(e) => {
-                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
+                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.shown()));
                 return None;
             }
         };
@@ -669,7 +675,7 @@ impl Exec<'_> {
         let iter = match scanner.open(src, dst, look, self.opts.dereference) {
             Ok(it) => it,
             Err(e) => {
-                self.st.fail(format!("cannot open directory '{}': {e}", src.display()));
+                self.st.fail(format!("cannot open directory '{}': {e}", src.shown()));
                 return None;
             }
         };
@@ -722,7 +728,7 @@ impl Exec<'_> {
             let what = if for_file { "a directory" } else { "a non-directory" };
             self.st.fail(format!(
                 "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
-                dst.display()
+                dst.shown()
             ));
             return false;
         }
@@ -737,7 +743,7 @@ impl Exec<'_> {
                 true
             }
             Err(e) => {
-                self.st.fail(format!("cannot delete '{}': {e}", dst.display()));
+                self.st.fail(format!("cannot delete '{}': {e}", dst.shown()));
                 false
             }
         }
@@ -750,7 +756,7 @@ impl Exec<'_> {
             let kind = crate::meta::special_kind(e.md).unwrap_or("a special file");
             self.st.summary.skipped += 1;
             if !self.opts.quiet {
-                self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", e.src.display()));
+                self.st.progress.println(&format!("fastsync: skipping {kind} '{}'", e.src.shown()));
             }
             return Ok(());
         }
@@ -835,7 +841,7 @@ impl Exec<'_> {
                 None
             }
             Some(LinkState::Failed) => {
-                self.st.fail(format!("cannot link '{}': its first copy failed", e.dst.display()));
+                self.st.fail(format!("cannot link '{}': its first copy failed", e.dst.shown()));
                 None
             }
             None => {
@@ -869,7 +875,7 @@ impl Exec<'_> {
         };
         match meta::apply_by_path(dst, &spec, false) {
             Ok(()) => self.st.summary.attrs_updated += 1,
-            Err(e) => self.st.fail(format!("{} '{}': {}", e.what, dst.display(), e.source)),
+            Err(e) => self.st.fail(format!("{} '{}': {}", e.what, dst.shown(), e.source)),
         }
     }
 
@@ -909,7 +915,7 @@ impl Exec<'_> {
         let target = match fs::read_link(e.src) {
             Ok(t) => t,
             Err(err) => {
-                self.st.fail(format!("cannot read symlink '{}': {err}", e.src.display()));
+                self.st.fail(format!("cannot read symlink '{}': {err}", e.src.shown()));
                 return Ok(());
             }
         };
@@ -936,13 +942,11 @@ impl Exec<'_> {
     fn symlink(&mut self, target: &Path, dst: &Path, md: &Metadata) -> Result<(), String> {
         let tmp = self.tmp_path(dst);
         std::os::unix::fs::symlink(target, &tmp)
-            .map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))?;
+            .map_err(|e| format!("cannot create symlink '{}': {e}", dst.shown()))?;
         let spec = FinishSpec { owner: Some((md.uid(), md.gid())), times: Some(meta::times(md)), ..Default::default() };
         let done = meta::apply_by_path(&tmp, &spec, true)
-            .map_err(|e| format!("{} '{}': {}", e.what, dst.display(), e.source))
-            .and_then(|()| {
-                fs::rename(&tmp, dst).map_err(|e| format!("cannot create symlink '{}': {e}", dst.display()))
-            });
+            .map_err(|e| format!("{} '{}': {}", e.what, dst.shown(), e.source))
+            .and_then(|()| fs::rename(&tmp, dst).map_err(|e| format!("cannot create symlink '{}': {e}", dst.shown())));
         if done.is_err() {
             abandon(&tmp);
         }
@@ -967,7 +971,7 @@ impl Exec<'_> {
         let mut spec = match meta::finish_spec(src, md, preserve, &self.id, setgid_dir, fsync, verify) {
             Ok(s) => s,
             Err(e) => {
-                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
+                self.st.fail(format!("cannot read extended attributes of '{}': {e}", src.shown()));
                 self.st.link_failed(link_key);
                 return Ok(());
             }
@@ -1276,7 +1280,7 @@ impl State {
             Ok(()) => self.summary.hardlinks += 1,
             Err(e) => {
                 abandon(&tmp);
-                self.fail(format!("cannot create hard link '{}': {e}", name.display()));
+                self.fail(format!("cannot create hard link '{}': {e}", name.shown()));
             }
         }
     }
@@ -1301,7 +1305,7 @@ impl State {
         let Some(key) = key else { return };
         if let Some(LinkState::Pending { waiters, .. }) = self.links.insert(key, LinkState::Failed) {
             for (name, dir) in waiters {
-                self.fail(format!("cannot link '{}': its first copy failed", name.display()));
+                self.fail(format!("cannot link '{}': its first copy failed", name.shown()));
                 if let Some(d) = dir {
                     self.child_done(d);
                 }
@@ -1333,7 +1337,7 @@ impl State {
             if (!node.in_place || node.touched)
                 && let Err(e) = meta::apply_by_path(&node.dst, &node.spec, false)
             {
-                self.fail(format!("{} '{}': {}", e.what, node.dst.display(), e.source));
+                self.fail(format!("{} '{}': {}", e.what, node.dst.shown(), e.source));
             }
             match node.parent {
                 Some(p) => {
@@ -1421,14 +1425,14 @@ fn open_pair(
         Ok(fd) => (fd, direct),
         Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => match open_src(false) {
             Ok(fd) => (fd, false),
-            Err(e) => return Err(format!("cannot open '{}': {e}", src.display())),
+            Err(e) => return Err(format!("cannot open '{}': {e}", src.shown())),
         },
-        Err(e) => return Err(format!("cannot open '{}': {e}", src.display())),
+        Err(e) => return Err(format!("cannot open '{}': {e}", src.shown())),
     };
-    let opened_md = fstat(&src_fd).map_err(|e| format!("cannot stat '{}': {e}", src.display()))?;
+    let opened_md = fstat(&src_fd).map_err(|e| format!("cannot stat '{}': {e}", src.shown()))?;
     let size = opened_md.st_size as u64;
     if direct && mostly_cached(&src_fd, size) {
-        clear_o_direct(&src_fd).map_err(|e| format!("cannot open '{}': {e}", src.display()))?;
+        clear_o_direct(&src_fd).map_err(|e| format!("cannot open '{}': {e}", src.shown()))?;
     }
     // The walk's mtime, not the open file's: a file that changed since the walk is caught by the stamp check.
     let id = SourceId { size, mtime: Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() }, ino: opened_md.st_ino };
@@ -1450,7 +1454,7 @@ fn open_pair(
         if let Some(j) = &journal {
             j.remove();
         }
-        format!("cannot create '{}': {e}", dst.display())
+        format!("cannot create '{}': {e}", dst.shown())
     };
     let dst_fd = match create(direct, flags) {
         Ok(fd) => fd,
@@ -1469,7 +1473,7 @@ fn open_pair(
         if journal.is_none() {
             abandon(&tmp);
         }
-        return Err(format!("cannot create '{}': {e}", dst.display()));
+        return Err(format!("cannot create '{}': {e}", dst.shown()));
     }
     Ok(Opened2 { src_fd, dst_fd, tmp, direct, journal, recorded, size })
 }

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use fastsync_engine::EngineError;
+use fastsync_engine::{EngineError, Show};
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -20,7 +20,7 @@ pub mod exit {
 #[non_exhaustive]
 pub enum Error {
     /// A syscall on a path failed; `what` is the verb phrase ("cannot stat").
-    #[error("{what} '{}': {source}", .path.display())]
+    #[error("{what} '{}': {source}", .path.shown())]
     Io { what: &'static str, path: PathBuf, source: io::Error },
     /// The request is refused (exit code 2).
     #[error("{0}")]

@@ -31,6 +31,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use fastsync_engine::Show;
+
 /// What a filter decides for an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -51,18 +53,18 @@ pub enum FilterError {
     #[error("invalid filter pattern '{pattern}': {reason}")]
     InvalidPattern { pattern: String, reason: &'static str },
     /// The filter file cannot be read.
-    #[error("cannot read filter file '{}': {source}", .path.display())]
+    #[error("cannot read filter file '{}': {source}", .path.shown())]
     Read { path: PathBuf, source: io::Error },
     /// A line of a filter file is not a rule.
     #[error(
         "filter file '{}' line {line}: unknown rule '{text}' \
          (expected '+ PATTERN', '- PATTERN', 'include PATTERN', 'exclude PATTERN')",
-        .path.display()
+        .path.shown()
     )]
     UnknownRule { path: PathBuf, line: usize, text: String },
     /// A rule of a filter file has a bad pattern (`source` is [`FilterError::EmptyPattern`] or
     /// [`FilterError::InvalidPattern`]).
-    #[error("filter file '{}' line {line}: {source}", .path.display())]
+    #[error("filter file '{}' line {line}: {source}", .path.shown())]
     InFile { path: PathBuf, line: usize, source: Box<FilterError> },
 }
 
@@ -104,7 +106,7 @@ impl Filter {
                 return Err(FilterError::UnknownRule {
                     path: path.to_path_buf(),
                     line: line_number,
-                    text: String::from_utf8_lossy(line).into_owned(),
+                    text: fastsync_engine::show::one_line(&String::from_utf8_lossy(line)),
                 });
             };
             let rule = Rule::new(decision, pattern).map_err(|source| FilterError::InFile {
@@ -182,8 +184,10 @@ struct Rule {
 
 impl Rule {
     fn new(decision: Decision, pattern: &[u8]) -> Result<Self, FilterError> {
-        let invalid =
-            |reason| FilterError::InvalidPattern { pattern: String::from_utf8_lossy(pattern).into_owned(), reason };
+        let invalid = |reason| FilterError::InvalidPattern {
+            pattern: fastsync_engine::show::one_line(&String::from_utf8_lossy(pattern)),
+            reason,
+        };
         if pattern.is_empty() {
             return Err(FilterError::EmptyPattern);
         }
@@ -795,7 +799,7 @@ mod tests {
             format!(
                 "filter file '{}' line 3: unknown rule 'x foo' \
                  (expected '+ PATTERN', '- PATTERN', 'include PATTERN', 'exclude PATTERN')",
-                path.display()
+                path.shown()
             )
         );
         assert!(filter.is_empty(), "no rule of a bad file is added");
@@ -819,7 +823,7 @@ mod tests {
 
         std::fs::write(&path, b"+ a\n- \n").expect("write");
         let error = filter.add_rules_from_file(&path).expect_err("empty pattern");
-        assert_eq!(error.to_string(), format!("filter file '{}' line 2: empty filter pattern", path.display()));
+        assert_eq!(error.to_string(), format!("filter file '{}' line 2: empty filter pattern", path.shown()));
         std::fs::write(&path, b"exclude\n").expect("write");
         let error = filter.add_rules_from_file(&path).expect_err("empty pattern");
         assert!(
@@ -831,7 +835,7 @@ mod tests {
             error.to_string(),
             format!(
                 "filter file '{}' line 3: invalid filter pattern '[x': a character class '[' has no closing ']'",
-                path.display()
+                path.shown()
             )
         );
         assert!(filter.is_empty());
@@ -840,7 +844,7 @@ mod tests {
         let error = filter.add_rules_from_file(&missing).expect_err("missing file");
         assert_eq!(
             error.to_string(),
-            format!("cannot read filter file '{}': No such file or directory (os error 2)", missing.display())
+            format!("cannot read filter file '{}': No such file or directory (os error 2)", missing.shown())
         );
     }
 

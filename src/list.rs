@@ -30,7 +30,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use fastsync_engine::{Completion, Engine, EngineConfig, HashJob, Job, Outcome, Session};
+use fastsync_engine::{Completion, Engine, EngineConfig, HashJob, Job, Outcome, Session, Show};
 
 use crate::Error;
 use crate::error::exit;
@@ -250,7 +250,7 @@ impl<W: Write> Lister<W> {
             let md = match fs::symlink_metadata(&full) {
                 Ok(md) => md,
                 Err(e) => {
-                    self.error(format!("cannot stat '{}': {e}", full.display()))?;
+                    self.error(format!("cannot stat '{}': {e}", full.shown()))?;
                     continue;
                 }
             };
@@ -272,7 +272,7 @@ impl<W: Write> Lister<W> {
         let rd = match fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) => {
-                self.error(format!("cannot read directory '{}': {e}", dir.display()))?;
+                self.error(format!("cannot read directory '{}': {e}", dir.shown()))?;
                 return Ok(None);
             }
         };
@@ -281,7 +281,7 @@ impl<W: Write> Lister<W> {
             match entry {
                 Ok(entry) => names.push(entry.file_name()),
                 Err(e) => {
-                    self.error(format!("cannot read directory '{}': {e}", dir.display()))?;
+                    self.error(format!("cannot read directory '{}': {e}", dir.shown()))?;
                     break;
                 }
             }
@@ -297,7 +297,7 @@ impl<W: Write> Lister<W> {
             match fs::read_link(full) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    self.error(format!("cannot read symlink '{}': {e}", full.display()))?;
+                    self.error(format!("cannot read symlink '{}': {e}", full.shown()))?;
                     None
                 }
             }
@@ -429,10 +429,22 @@ fn text_line(line: &mut Vec<u8>, e: &Entry, human: bool, digest: Option<&Digest>
         };
         line.extend_from_slice(format!("{column:<DIGEST_WIDTH$} ").as_bytes());
     }
-    line.extend_from_slice(e.rel.as_os_str().as_bytes());
+    name(line, e.rel.as_os_str().as_bytes());
     if let Some(t) = &e.target {
         line.extend_from_slice(b" -> ");
-        line.extend_from_slice(t.as_os_str().as_bytes());
+        name(line, t.as_os_str().as_bytes());
+    }
+}
+
+/// A name as `ls` prints it: on a terminal with control characters and bytes that are not UTF-8 escaped (a name
+/// must not move the cursor or split its line, see [`fastsync_engine::show`]); into a pipe or a file exactly as it
+/// is, for scripts (`--json` is the unambiguous form).
+fn name(line: &mut Vec<u8>, bytes: &[u8]) {
+    static ESCAPE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ESCAPE.get_or_init(|| io::IsTerminal::is_terminal(&io::stdout())) {
+        line.extend_from_slice(bytes.shown().to_string().as_bytes());
+    } else {
+        line.extend_from_slice(bytes);
     }
 }
 

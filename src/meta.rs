@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use fastsync_engine::{FinishSpec, Timestamp};
+use fastsync_engine::{FinishSpec, Show, Timestamp};
 
 /// What the user asked to preserve beyond the defaults (mode, owner where permitted, times).
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,13 +41,21 @@ pub fn refuse_special_target(target: &Path, md: &Metadata, shown: &str) -> Optio
         format!(
             "refusing to replace '{}', {kind}, with '{shown}': fastsync writes a file under a temporary name and \
              renames it into place, which would replace the special file itself; name a regular file or a directory",
-            target.display()
+            target.shown()
         )
     })
 }
 
 pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// `mkdir -p`: `dir` and its missing parents. Where a file is in the way, the error says "Not a directory" (as cp's
+/// does), not the "File exists" that `mkdir` returns for it.
+pub fn make_dirs(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists { io::Error::from_raw_os_error(libc::ENOTDIR) } else { e }
+    })
 }
 
 /// Access and modification times of `md`, with nanoseconds.

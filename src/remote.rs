@@ -60,22 +60,20 @@ use crate::net::sparse::{self, Piece};
 use crate::net::streams::{STREAMS_MAX, STREAMS_MIN, Sample, StreamPolicy, TcpStats, tcp_stats};
 use crate::net::url::{self, Remote, join};
 use crate::net::wire::Xattrs;
-use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, code, safe_components};
+use crate::net::wire::{CHUNK_BYTES_MAX, EntryKind, EntryMeta, Msg, code, safe_components};
 use crate::net::zerocopy::{self, PutError};
 use crate::progress::Progress;
 use crate::slab::Slab;
 use crate::stale;
 use crate::stats::Summary;
 use crate::sync::{self, Change, Facts, Itemizer, SyncOptions, Verdict};
-use fastsync_engine::Timestamp;
 use fastsync_engine::journal::{Journal, Opened, SourceId};
+use fastsync_engine::{Show, Timestamp};
 
 /// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
 const SOURCE_ATTEMPTS_MAX: u8 = 3;
 /// Files larger than one chunk are cut into ranges of at most this many bytes, spread over the connections.
 const RANGE_BYTES_MAX: u64 = 32 << 20;
-/// Tasks queued per connection (bounds memory: a task is a file or a range, never its data).
-const QUEUE_PER_STREAM: usize = 2;
 const CHUNK: u64 = CHUNK_BYTES_MAX as u64;
 /// How often an adaptive pool's monitor samples its streams.
 const STREAMS_SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -192,12 +190,8 @@ fn dial(dialer: &Dialer) -> Result<Connection, Failure> {
     dialer.dial().map_err(|e| Failure::Fatal(e.to_string()))
 }
 
-fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(b)
-}
-
 fn url_of(addr: &str, wire: &[u8]) -> String {
-    format!("{}{addr}/{}", url::SCHEME, lossy(wire))
+    format!("{}{addr}/{}", url::SCHEME, wire.shown())
 }
 
 fn mtime_of(e: &EntryMeta) -> (i64, u32) {
@@ -651,8 +645,24 @@ struct Pool<T> {
     monitor: Option<JoinHandle<()>>,
 }
 
-/// A worker's job: `Err` stops the worker (and the run).
-type Work<T> = dyn Fn(&mut Stream, T, &Sender<Done>) -> Result<(), StreamError> + Send + Sync;
+/// A worker's job: the tasks it took in one turn (one, or a run of batchable ones and the task after them), in queue
+/// order. `Err` stops the worker (and the run).
+type Work<T> = dyn Fn(&mut Stream, Vec<T>, &Sender<Done>) -> Result<(), StreamError> + Send + Sync;
+
+/// What a pool's queue carries.
+trait PoolTask: Send + 'static {
+    /// Tasks queued per stream the pool may run (a task is a file or a range, never its data).
+    const QUEUED_PER_STREAM: usize = 2;
+
+    /// A worker that takes this task may take the next ones from the queue in the same turn (small files, sent in
+    /// one round trip: [`push_smalls`]).
+    fn batchable(&self) -> bool {
+        false
+    }
+}
+
+/// Tasks a worker takes from the queue in one turn at most.
+const TASKS_PER_TURN_MAX: usize = SMALL_BATCH_FILES_MAX;
 
 /// What the main thread hears while it waits: a completion, or `None` after [`client::KEEPALIVE`] of silence (time
 /// to keep its own connection alive).
@@ -713,7 +723,7 @@ struct Spawner<T> {
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-impl<T: Send + 'static> Spawner<T> {
+impl<T: PoolTask> Spawner<T> {
     /// Start stream `number`'s worker: on `conn`, or on a connection it dials first (a stream added by the monitor).
     fn spawn(&self, number: usize, conn: Option<Connection>) {
         self.scaler.alive[number - 1].store(true, Ordering::Release);
@@ -728,7 +738,7 @@ impl<T: Send + 'static> Spawner<T> {
     }
 }
 
-impl<T: Send + 'static> Pool<T> {
+impl<T: PoolTask> Pool<T> {
     /// Workers on `conns`; with `adaptive` (the most streams), a monitor that follows the bandwidth-delay product.
     fn start(
         conns: Vec<Connection>,
@@ -742,7 +752,7 @@ impl<T: Send + 'static> Pool<T> {
         let slots = adaptive.map_or(initial, |max| max.max(initial)).max(1);
         let scaler = Arc::new(Scaler::new(initial, slots));
         // Tasks are files and ranges, never their data: the queue holds a few per stream the pool may run.
-        let (tx, rx) = bounded::<T>(slots * QUEUE_PER_STREAM);
+        let (tx, rx) = bounded::<T>(slots * T::QUEUED_PER_STREAM);
         let (dtx, drx) = unbounded();
         let handles = Arc::new(Mutex::new(Vec::new()));
         let spawner = Spawner { rx, dtx, stop, work, dialer: dialer.clone(), scaler: scaler.clone(), handles };
@@ -816,7 +826,7 @@ impl<T: Send + 'static> Pool<T> {
 
 /// The adaptive pool's monitor: every second, sample every stream's `TCP_INFO`, let [`StreamPolicy`] choose the
 /// number of streams, start the workers that are missing (retired ones notice the lower target themselves).
-fn monitor<T: Send + 'static>(sp: &Spawner<T>, initial: usize) {
+fn monitor<T: PoolTask>(sp: &Spawner<T>, initial: usize) {
     let scaler = &sp.scaler;
     let mut policy = StreamPolicy::new(initial.min(STREAMS_MIN), scaler.fds.len(), CHUNK);
     let started = Instant::now();
@@ -890,7 +900,7 @@ fn policy_throughput(p: &StreamPolicy) -> f64 {
 /// One worker: tasks until the queue closes or the pool no longer wants this stream; a connection left idle is
 /// kept alive. A stream the monitor added dials first, and when the server takes no more connections it retires
 /// and caps the pool below itself.
-fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
+fn worker<T: PoolTask>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &AtomicBool, work: &Work<T>) {
     if stream.conn.is_none() {
         match stream.dialer.dial() {
             Ok(c) => stream.set_conn(Some(c)),
@@ -908,19 +918,27 @@ fn worker<T>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>, stop: &A
             // The pool shrank: this stream retires between tasks.
             break;
         }
-        let task = match rx.recv_timeout(STREAMS_SAMPLE_EVERY.min(client::KEEPALIVE)) {
-            Ok(t) => t,
+        let mut tasks = match rx.recv_timeout(STREAMS_SAMPLE_EVERY.min(client::KEEPALIVE)) {
+            Ok(t) => vec![t],
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 stream.keepalive();
                 continue;
             }
         };
+        // Small files waiting behind this one go in the same round trip; the pool's other streams take what is
+        // left (the queue holds several tasks per stream).
+        while tasks.len() < TASKS_PER_TURN_MAX
+            && tasks.last().is_some_and(PoolTask::batchable)
+            && let Ok(t) = rx.try_recv()
+        {
+            tasks.push(t);
+        }
         if stop.load(Ordering::Acquire) {
             // Dropped: a pulled file's temporary goes with it.
             continue;
         }
-        if let Err(e) = work(&mut stream, task, done) {
+        if let Err(e) = work(&mut stream, tasks, done) {
             stop.store(true, Ordering::Release);
             if let StreamError::GaveUp(m) = e {
                 let _ = done.send(Done::Broken(m));
@@ -1091,6 +1109,15 @@ enum PushTask {
     Range { big: Arc<BigPush>, offset: u64, len: u64 },
 }
 
+impl PoolTask for PushTask {
+    /// A push task is a name to read later: enough of them wait for a stream to fill a batch of small files.
+    const QUEUED_PER_STREAM: usize = 16;
+
+    fn batchable(&self) -> bool {
+        matches!(self, PushTask::Whole(_))
+    }
+}
+
 /// What push workers need to know.
 struct PushCfg {
     follow: bool,
@@ -1184,14 +1211,14 @@ impl<'a> Push<'a> {
         dialer: Arc<Dialer>,
     ) -> Result<Summary, Failure> {
         let lmd =
-            fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.display())))?;
+            fs::symlink_metadata(src).map_err(|e| Failure::Fatal(format!("cannot stat '{}': {e}", src.shown())))?;
         // The root is followed when it is a symlink to a directory, or with -L (as for a local copy).
         let md = if lmd.file_type().is_symlink() {
             match fs::metadata(src) {
                 Ok(m) if m.is_dir() || opts.dereference => m,
                 Ok(_) => lmd,
                 Err(e) if opts.dereference => {
-                    return Err(Failure::Fatal(format!("cannot follow '{}': {e}", src.display())));
+                    return Err(Failure::Fatal(format!("cannot follow '{}': {e}", src.shown())));
                 }
                 Err(_) => lmd,
             }
@@ -1220,7 +1247,7 @@ impl<'a> Push<'a> {
                 return Err(Failure::Usage(format!(
                     "cannot overwrite non-directory '{}' with directory '{}'",
                     remote.display(b""),
-                    src.display()
+                    src.shown()
                 )));
             }
             (remote.path.clone(), base)
@@ -1230,7 +1257,7 @@ impl<'a> Push<'a> {
                 || base.as_ref().is_some_and(|b| b.kind == EntryKind::Dir);
             if into_dir {
                 let name =
-                    src.file_name().ok_or_else(|| Failure::Usage(format!("'{}' has no file name", src.display())))?;
+                    src.file_name().ok_or_else(|| Failure::Usage(format!("'{}' has no file name", src.shown())))?;
                 let target = join(&remote.path, name.as_bytes());
                 let twin = stat(&mut ctl, &target)?;
                 (target, twin)
@@ -1242,7 +1269,7 @@ impl<'a> Push<'a> {
             return Err(Failure::Usage(format!(
                 "cannot overwrite directory '{}' with non-directory '{}'",
                 url_of(&remote.addr, &target),
-                src.display()
+                src.shown()
             )));
         }
         if !md.is_dir() && twin.as_ref().is_some_and(|t| t.kind == EntryKind::Other) {
@@ -1250,7 +1277,7 @@ impl<'a> Push<'a> {
                 "refusing to replace '{}', a special file (device, FIFO or socket), with '{}': name a regular file \
                  or a directory",
                 url_of(&remote.addr, &target),
-                src.display()
+                src.shown()
             )));
         }
         let streams = net.streams.max(1);
@@ -1270,7 +1297,7 @@ impl<'a> Push<'a> {
         };
         let clean_parts = marker.as_ref().is_some_and(|m| m.dead_runs_found());
         let cfg = Arc::new(PushCfg { follow: opts.dereference, fsync: opts.fsync, xattrs: opts.preserve.xattrs });
-        let work: Arc<Work<PushTask>> = Arc::new(move |stream, task, done| push_task(stream, &cfg, task, done));
+        let work: Arc<Work<PushTask>> = Arc::new(move |stream, tasks, done| push_tasks(stream, &cfg, tasks, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let look_dst = opts.sync.is_some() || run.itemizer.enabled;
         let mut push = Push {
@@ -1334,7 +1361,7 @@ impl<'a> Push<'a> {
             let entry = match next {
                 None | Some(Err(_)) => {
                     if let Some(Err(e)) = next {
-                        let msg = format!("cannot read directory '{}': {e}", frame.src.display());
+                        let msg = format!("cannot read directory '{}': {e}", frame.src.shown());
                         self.core.run.fail(msg);
                     }
                     let frame = stack.pop().expect("non-empty");
@@ -1352,7 +1379,7 @@ impl<'a> Push<'a> {
             let md = match md {
                 Ok(md) => md,
                 Err(e) => {
-                    self.core.run.fail(format!("cannot stat '{}': {e}", path.display()));
+                    self.core.run.fail(format!("cannot stat '{}': {e}", path.shown()));
                     continue;
                 }
             };
@@ -1363,7 +1390,7 @@ impl<'a> Push<'a> {
             if md.is_dir() {
                 let key = (md.dev(), md.ino());
                 if stack.iter().any(|f| f.key == key) {
-                    self.core.run.fail(format!("symlink loop: '{}' is its own ancestor; not followed", path.display()));
+                    self.core.run.fail(format!("symlink loop: '{}' is its own ancestor; not followed", path.shown()));
                     continue;
                 }
                 if let Some(f) = self.core.open_dir(&path, &rel, &md, Some(node), twin.as_ref(), fresh) {
@@ -1391,7 +1418,7 @@ impl<'a> Push<'a> {
         let c = &mut self.core;
         let ft = md.file_type();
         if !(ft.is_file() || ft.is_symlink()) {
-            c.run.skip_special(&src.display().to_string());
+            c.run.skip_special(&src.shown().to_string());
             return;
         }
         let twin = if fresh { None } else { twin };
@@ -1419,7 +1446,7 @@ impl<'a> Push<'a> {
                     // --checksum: the server hashes its copy (the control connection is free between listings).
                     let local = hash_local(open_src(src, c.run.opts.dereference));
                     let theirs = c.ctl_do(|conn| conn.hash(&remote, 0, u64::MAX));
-                    match same_content(local, theirs, &src.display().to_string(), &url_of(&c.addr, &remote)) {
+                    match same_content(local, theirs, &src.shown().to_string(), &url_of(&c.addr, &remote)) {
                         Ok(true) => return c.unchanged(rel, &remote, md, t),
                         Ok(false) => {}
                         Err(Compared::Failed(m)) => return c.run.fail(m),
@@ -1454,12 +1481,12 @@ impl<'a> Push<'a> {
         let opened = open_src(&file.src, c.run.opts.dereference).and_then(|fd| Ok((fd.metadata()?, fd)));
         let (omd, fd) = match opened {
             Ok((m, _)) if !m.is_file() => {
-                c.run.fail(format!("'{}' is no longer a regular file; not copied", src.display()));
+                c.run.fail(format!("'{}' is no longer a regular file; not copied", src.shown()));
                 return c.file_done(dir, None);
             }
             Ok(x) => x,
             Err(e) => {
-                c.run.fail(format!("cannot open '{}': {e}", src.display()));
+                c.run.fail(format!("cannot open '{}': {e}", src.shown()));
                 return c.file_done(dir, None);
             }
         };
@@ -1690,7 +1717,7 @@ impl PushCore<'_> {
         }
         for p in refused {
             let m =
-                format!("refused entry '{}' listed by {} in '{}': not a name", lossy(&p), self.addr, self.url(remote));
+                format!("refused entry '{}' listed by {} in '{}': not a name", p.shown(), self.addr, self.url(remote));
             self.run.fail(m);
         }
         match failed {
@@ -1742,14 +1769,14 @@ impl PushCore<'_> {
         let iter = match fs::read_dir(src) {
             Ok(it) => it,
             Err(e) => {
-                self.run.fail(format!("cannot open directory '{}': {e}", src.display()));
+                self.run.fail(format!("cannot open directory '{}': {e}", src.shown()));
                 return None;
             }
         };
         let (mode, owner, mtime) = (md.mode() & 0o7777, (md.uid(), md.gid()), md_mtime(md));
         let xattrs = match self.run.opts.preserve.xattrs.then(|| crate::meta::read_xattrs(src)) {
             Some(Err(e)) => {
-                self.run.fail(format!("cannot read extended attributes of '{}': {e}", src.display()));
+                self.run.fail(format!("cannot read extended attributes of '{}': {e}", src.shown()));
                 Vec::new()
             }
             Some(Ok(x)) => x,
@@ -1850,7 +1877,7 @@ impl PushCore<'_> {
     fn symlink(&mut self, src: &Path, rel: &[u8], remote: &[u8], md: &Metadata, twin: Option<&EntryMeta>) {
         let target = match fs::read_link(src) {
             Ok(t) => t,
-            Err(e) => return self.run.fail(format!("cannot read symlink '{}': {e}", src.display())),
+            Err(e) => return self.run.fail(format!("cannot read symlink '{}': {e}", src.shown())),
         };
         let target = target.as_os_str().as_bytes();
         if self.run.sync.is_some() && twin.is_some_and(|t| t.kind == EntryKind::Symlink && t.target == target) {
@@ -2013,6 +2040,41 @@ impl PushCore<'_> {
             }
         }
     }
+}
+
+/// A worker's turn: runs of whole files go together ([`push_smalls`]), ranges one by one.
+fn push_tasks(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    tasks: Vec<PushTask>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut wholes = Vec::new();
+    for task in tasks {
+        match task {
+            PushTask::Whole(f) => wholes.push(f),
+            range => {
+                if !wholes.is_empty() {
+                    push_wholes(stream, cfg, std::mem::take(&mut wholes), done)?;
+                }
+                push_task(stream, cfg, range, done)?;
+            }
+        }
+    }
+    if wholes.is_empty() { Ok(()) } else { push_wholes(stream, cfg, wholes, done) }
+}
+
+/// Whole files: one alone, several in batches.
+fn push_wholes(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    files: Vec<PushFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    if files.len() > 1 {
+        return push_smalls(stream, cfg, files, done);
+    }
+    files.into_iter().try_for_each(|f| push_task(stream, cfg, PushTask::Whole(f), done))
 }
 
 /// One worker task of a push.
@@ -2192,7 +2254,7 @@ fn source_xattrs(cfg: &PushCfg, src: &Path) -> Result<Xattrs, String> {
     if !cfg.xattrs {
         return Ok(Vec::new());
     }
-    crate::meta::read_xattrs(src).map_err(|e| format!("cannot read extended attributes of '{}': {e}", src.display()))
+    crate::meta::read_xattrs(src).map_err(|e| format!("cannot read extended attributes of '{}': {e}", src.shown()))
 }
 
 /// `PutAbort`, where a broken connection is the only failure that matters.
@@ -2258,9 +2320,178 @@ enum Small {
     StepByStep,
 }
 
-/// Send a small file in one round trip as transfer `id`: read it whole, check that it did not change while read,
-/// then pipeline its three requests. Anything unusual (a damaged chunk, a file that changed) falls back to the
-/// step-by-step path, which retries.
+/// A small file read whole and its requests ready: `PutBegin`, `PutData` (when not empty), `PutXattrs` (with -X and
+/// some), `PutEnd`, all for one transfer id.
+struct SmallFile {
+    msgs: Vec<Msg>,
+    bytes: u64,
+}
+
+impl SmallFile {
+    /// Read `f` whole and build its requests as transfer `id`; `None` when it is too large, changed while read, or
+    /// cannot be read here (the step-by-step path then retries, or says why).
+    fn read(cfg: &PushCfg, f: &PushFile, id: u64) -> Option<SmallFile> {
+        use std::io::Read;
+        let fd = open_src(&f.src, cfg.follow).ok()?;
+        let md = fd.metadata().ok().filter(|m| m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX)?;
+        let mut bytes = Vec::with_capacity(md.size() as usize);
+        // One byte more than expected shows a file that grew.
+        if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()
+            || bytes.len() as u64 != md.size()
+            || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md))
+        {
+            return None;
+        }
+        let len = bytes.len() as u64;
+        let mut msgs = vec![Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
+        if !bytes.is_empty() {
+            msgs.push(Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
+        }
+        match source_xattrs(cfg, &f.src) {
+            Ok(xattrs) if !xattrs.is_empty() => msgs.push(Msg::PutXattrs { id, xattrs }),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        let (mtime_sec, mtime_nsec) = md_mtime(&md);
+        msgs.push(Msg::PutEnd {
+            id,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_sec,
+            mtime_nsec,
+            fsync: cfg.fsync,
+        });
+        Some(SmallFile { msgs, bytes: len })
+    }
+
+    /// The transfer id its requests carry.
+    fn id(&self) -> u64 {
+        match self.msgs[0] {
+            Msg::PutBegin { id, .. } => id,
+            _ => unreachable!("a small file's requests start with PutBegin"),
+        }
+    }
+
+    /// Carry transfer `new` instead (a retry on a new connection, after the old transfer was aborted).
+    fn renumber(&mut self, new: u64) {
+        for m in &mut self.msgs {
+            match m {
+                Msg::PutBegin { id, .. }
+                | Msg::PutData { id, .. }
+                | Msg::PutXattrs { id, .. }
+                | Msg::PutEnd { id, .. } => *id = new,
+                _ => {}
+            }
+        }
+    }
+
+    /// What the server's answers to its requests mean (the group's result from [`Connection::pipeline_groups`]).
+    /// A failed later request leaves a transfer to abort (`Err(id)`), then the step-by-step path.
+    fn outcome(&self, answer: Result<(), (usize, ReqError)>, url: &str) -> Result<Small, u64> {
+        match answer {
+            Ok(()) => Ok(Small::Done),
+            // The server could not even create the temporary: the step-by-step path would fail the same way.
+            Err((0, ReqError::Server { message, .. })) => Ok(Small::Failed(format!("cannot write '{url}': {message}"))),
+            Err(_) => Err(self.id()),
+        }
+    }
+}
+
+/// Files of one batch at most: answers to a batch's requests wait in the socket until all are written.
+const SMALL_BATCH_FILES_MAX: usize = 64;
+
+/// Bytes of small files read for one batch at most (one more file may pass it): within what a stream may hold
+/// ([`crate::net::server::CONNECTION_BYTES_MAX`] is what each stream is given of the memory limit).
+const SMALL_BATCH_BYTES_MAX: u64 = 3 << 20;
+
+/// Send small files in as few round trips as possible: up to [`SMALL_BATCH_FILES_MAX`] files (and
+/// [`SMALL_BATCH_BYTES_MAX`] bytes) read whole, all their requests sent back to back, then all the answers read.
+/// On a stream with a queue of small files this replaces one round trip (and a sleep and a wake-up on each side)
+/// per file by one per batch. A connection that breaks is dialled again and the files not yet answered are sent
+/// again under new transfer ids (the old ones aborted). A file that cannot go this way — too large, changed while
+/// read, refused past its first request — takes [`push_whole`]'s path on its own. One [`Done::File`] per file.
+fn push_smalls(
+    stream: &mut Stream,
+    cfg: &PushCfg,
+    files: Vec<PushFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut queue = files.into_iter().peekable();
+    while queue.peek().is_some() {
+        let mut batch: Vec<(PushFile, Option<SmallFile>)> = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < SMALL_BATCH_FILES_MAX
+            && bytes < SMALL_BATCH_BYTES_MAX
+            && let Some(f) = queue.next()
+        {
+            let small = SmallFile::read(cfg, &f, next_id());
+            bytes += small.as_ref().map_or(0, |s| s.bytes);
+            batch.push((f, small));
+        }
+        let mut answers: Vec<Option<Result<(), (usize, ReqError)>>> = (0..batch.len()).map(|_| None).collect();
+        let first_url = url_of(stream.addr(), &batch[0].0.remote);
+        let doing = Doing::push(&first_url, &format!("with {} more small files in one round trip", batch.len() - 1));
+        stream.retry(&doing, done, |conn, attempt| {
+            let waiting: Vec<usize> =
+                (0..batch.len()).filter(|&i| batch[i].1.is_some() && answers[i].is_none()).collect();
+            if attempt > 1 {
+                // The broken try may have left these transfers on the server.
+                for &i in &waiting {
+                    let small = batch[i].1.as_mut().expect("waiting files were read");
+                    abort(conn, small.id())?;
+                    small.renumber(next_id());
+                }
+            }
+            let groups: Vec<&[Msg]> =
+                waiting.iter().map(|&i| batch[i].1.as_ref().expect("read").msgs.as_slice()).collect();
+            let (got, broke) = conn.pipeline_groups(&groups);
+            for (&i, answer) in waiting.iter().zip(got) {
+                answers[i] = Some(answer);
+            }
+            match broke {
+                Some((_, ReqError::Broken(m))) => Err(Broken::new(m)),
+                // An answer out of step is a broken connection too (`pipeline_groups` reports it as such).
+                Some((_, other)) => Err(Broken::new(other.cause().to_string())),
+                None => Ok(()),
+            }
+        })?;
+        let mut aborts = Vec::new();
+        let mut one_by_one = Vec::new();
+        for ((f, small), answer) in batch.into_iter().zip(answers) {
+            let url = url_of(stream.addr(), &f.remote);
+            let outcome = match (&small, answer) {
+                (Some(s), Some(a)) => s.outcome(a, &url),
+                _ => Ok(Small::StepByStep),
+            };
+            match outcome {
+                Ok(Small::Done) => {
+                    let _ = done.send(Done::Bytes(small.map_or(0, |s| s.bytes)));
+                    let _ = done.send(Done::File { dir: f.dir, link: f.link, result: Ok(0) });
+                }
+                Ok(Small::Failed(line)) => {
+                    let _ = done.send(Done::File { dir: f.dir, link: f.link, result: Err(line) });
+                }
+                Ok(Small::StepByStep) => one_by_one.push(f),
+                Err(id) => {
+                    aborts.push(id);
+                    one_by_one.push(f);
+                }
+            }
+        }
+        for id in aborts {
+            stream.best_effort(|c| c.put_abort(id));
+        }
+        for f in one_by_one {
+            let result = push_whole(stream, cfg, &f, done, 1)?;
+            let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
+        }
+    }
+    Ok(())
+}
+
+/// Send a small file in one round trip as transfer `id` ([`SmallFile`]); anything unusual (a damaged chunk, a file
+/// that changed) falls back to the step-by-step path, which retries.
 fn push_small(
     conn: &mut Connection,
     cfg: &PushCfg,
@@ -2268,55 +2499,21 @@ fn push_small(
     done: &Sender<Done>,
     id: u64,
 ) -> Result<Small, Broken> {
-    use std::io::Read;
-    let Ok(fd) = open_src(&f.src, cfg.follow) else { return Ok(Small::StepByStep) };
-    let md = match fd.metadata() {
-        Ok(m) if m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX => m,
-        _ => return Ok(Small::StepByStep),
-    };
-    let mut bytes = Vec::with_capacity(md.size() as usize);
-    // One byte more than expected shows a file that grew.
-    if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()
-        || bytes.len() as u64 != md.size()
-        || fd.metadata().map(|m| stamp(&m)).ok() != Some(stamp(&md))
-    {
-        return Ok(Small::StepByStep);
-    }
-    let len = bytes.len() as u64;
-    let mut msgs =
-        vec![crate::net::wire::Msg::PutBegin { id, path: f.remote.clone(), size: len, mode: md.mode() & 0o7777 }];
-    if !bytes.is_empty() {
-        msgs.push(crate::net::wire::Msg::PutData { id, offset: 0, digest: *blake3::hash(&bytes).as_bytes(), bytes });
-    }
-    match source_xattrs(cfg, &f.src) {
-        Ok(xattrs) if !xattrs.is_empty() => msgs.push(crate::net::wire::Msg::PutXattrs { id, xattrs }),
-        Ok(_) => {}
-        Err(_) => return Ok(Small::StepByStep),
-    }
-    let (mtime_sec, mtime_nsec) = md_mtime(&md);
-    msgs.push(crate::net::wire::Msg::PutEnd {
-        id,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_sec,
-        mtime_nsec,
-        fsync: cfg.fsync,
-    });
-    match conn.pipeline_ok(&msgs) {
-        Ok(()) => {
-            let _ = done.send(Done::Bytes(len));
-            Ok(Small::Done)
-        }
+    let Some(small) = SmallFile::read(cfg, f, id) else { return Ok(Small::StepByStep) };
+    let url = url_of(conn.addr(), &f.remote);
+    match conn.pipeline_ok(&small.msgs) {
         Err((_, ReqError::Broken(m))) => Err(Broken::new(m)),
-        // The server could not even create the temporary: the step-by-step path would fail the same way.
-        Err((0, ReqError::Server { message, .. })) => {
-            Ok(Small::Failed(format!("cannot write '{}': {message}", url_of(conn.addr(), &f.remote))))
-        }
-        Err((_, ReqError::Server { .. })) => {
-            abort(conn, id)?;
-            Ok(Small::StepByStep)
-        }
+        answer => match small.outcome(answer, &url) {
+            Ok(Small::Done) => {
+                let _ = done.send(Done::Bytes(small.bytes));
+                Ok(Small::Done)
+            }
+            Ok(other) => Ok(other),
+            Err(id) => {
+                abort(conn, id)?;
+                Ok(Small::StepByStep)
+            }
+        },
     }
 }
 
@@ -2348,12 +2545,12 @@ fn push_whole(
     loop {
         let fd = match open_src(&f.src, cfg.follow) {
             Ok(fd) => fd,
-            Err(e) => return Ok(Err(format!("cannot open '{}': {e}", f.src.display()))),
+            Err(e) => return Ok(Err(format!("cannot open '{}': {e}", f.src.shown()))),
         };
         let md = match fd.metadata() {
             Ok(m) if m.is_file() => m,
-            Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.display()))),
-            Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.display()))),
+            Ok(_) => return Ok(Err(format!("'{}' is no longer a regular file; not copied", f.src.shown()))),
+            Err(e) => return Ok(Err(format!("cannot stat '{}': {e}", f.src.shown()))),
         };
         let mut id = next_id();
         let begun = stream.retry(&Doing::push(&url, "its first step: the temporary"), done, |conn, n| {
@@ -2383,7 +2580,7 @@ fn push_whole(
             return Ok(Err(format!(
                 "source changed while copying '{}': its size or mtime changed while it was read (it kept changing \
                  during {SOURCE_ATTEMPTS_MAX} attempts)",
-                f.src.display()
+                f.src.shown()
             )));
         }
         let xattrs = match source_xattrs(cfg, &f.src) {
@@ -2757,6 +2954,15 @@ enum PullTask {
     Range { big: Arc<BigPull>, offset: u64, len: u64 },
 }
 
+impl PoolTask for PullTask {
+    /// A pull task is a name to fetch later (its temporary is made when it is fetched).
+    const QUEUED_PER_STREAM: usize = 16;
+
+    fn batchable(&self) -> bool {
+        matches!(self, PullTask::Whole(f) if f.meta.size <= PIPELINED_FILE_BYTES_MAX)
+    }
+}
+
 struct PullCfg {
     fsync: bool,
     /// -X: extended attributes are fetched (`GetXattrs`) and set.
@@ -2848,13 +3054,13 @@ impl<'a> Pull<'a> {
         };
         let dst_md = fs::metadata(dst).ok();
         let streams = net.streams.max(1);
-        let io_fatal = |what: &str, p: &Path, e: io::Error| Failure::Fatal(format!("{what} '{}': {e}", p.display()));
+        let io_fatal = |what: &str, p: &Path, e: io::Error| Failure::Fatal(format!("{what} '{}': {e}", p.shown()));
         // The destination rule, as for a local copy.
         let (target, parent_dir) = if root.kind == EntryKind::Dir {
             if dst_md.as_ref().is_some_and(|m| !m.is_dir()) {
                 return Err(Failure::Usage(format!(
                     "cannot overwrite non-directory '{}' with directory '{shown_root}'",
-                    dst.display()
+                    dst.shown()
                 )));
             }
             (dst.to_path_buf(), dst.to_path_buf())
@@ -2873,7 +3079,7 @@ impl<'a> Pull<'a> {
                 if there.is_dir() {
                     return Err(Failure::Usage(format!(
                         "cannot overwrite directory '{}' with non-directory '{shown_root}'",
-                        target.display()
+                        target.shown()
                     )));
                 }
                 if let Some(m) = crate::meta::refuse_special_target(&target, &there, &shown_root) {
@@ -2888,7 +3094,7 @@ impl<'a> Pull<'a> {
         };
         let existed = parent_dir.is_dir();
         if !opts.dry_run {
-            fs::create_dir_all(&parent_dir).map_err(|e| io_fatal("cannot create directory", &parent_dir, e))?;
+            crate::meta::make_dirs(&parent_dir).map_err(|e| io_fatal("cannot create directory", &parent_dir, e))?;
         }
         let root_fd = if opts.dry_run && !existed {
             None
@@ -2910,7 +3116,7 @@ impl<'a> Pull<'a> {
             id: run.id,
         });
         let wcfg = cfg.clone();
-        let work: Arc<Work<PullTask>> = Arc::new(move |stream, task, done| pull_task(stream, &wcfg, task, done));
+        let work: Arc<Work<PullTask>> = Arc::new(move |stream, tasks, done| pull_tasks(stream, &wcfg, tasks, done));
         let pool = Pool::start(conns, &dialer, run.stop.clone(), work, net.adaptive.then_some(net.streams_max));
         let mut pull = Pull {
             core: PullCore {
@@ -3026,7 +3232,7 @@ impl<'a> Pull<'a> {
         let c = &mut self.core;
         let path = item.path().to_vec();
         let refuse = |c: &mut PullCore<'_>, why: &str| {
-            let m = format!("refused entry '{}' listed by {}: {why}", lossy(&path), c.addr);
+            let m = format!("refused entry '{}' listed by {}: {why}", path.shown(), c.addr);
             c.run.fail(m);
         };
         let comps = match safe_components(&path) {
@@ -3094,7 +3300,7 @@ impl<'a> Pull<'a> {
         let existing = match (&parent.fd, parent.fresh) {
             (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
                 Ok(st) => st,
-                Err(err) => return c.run.fail(format!("cannot stat '{}': {err}", shown.display())),
+                Err(err) => return c.run.fail(format!("cannot stat '{}': {err}", shown.shown())),
             },
             _ => None,
         };
@@ -3126,7 +3332,7 @@ impl<'a> Pull<'a> {
                         Ok(conn) => conn.hash(&remote, 0, u64::MAX),
                         Err(m) => return c.run.broken(m),
                     };
-                    match same_content(local, theirs, &shown.display().to_string(), &url_of(&c.addr, &remote)) {
+                    match same_content(local, theirs, &shown.shown().to_string(), &url_of(&c.addr, &remote)) {
                         Ok(true) => return c.unchanged(parent, &cname, rel, &shown, &e, st),
                         Ok(false) => {}
                         Err(Compared::Failed(m)) => return c.run.fail(m),
@@ -3170,7 +3376,7 @@ impl<'a> Pull<'a> {
         let (tmp, journal, recorded) = match created {
             Ok((t, j, r)) => (t.direct_for(file.meta.size, c.run.opts.direct_io), j, r),
             Err(err) => {
-                c.run.fail(format!("cannot create '{}': {err}", file.shown.display()));
+                c.run.fail(format!("cannot create '{}': {err}", file.shown.shown()));
                 return c.file_done(file.dir, false);
             }
         };
@@ -3254,17 +3460,15 @@ impl PullCore<'_> {
         };
         match linked {
             Ok(()) => self.run.summary.hardlinks += 1,
-            Err(e) => {
-                self.run.fail(format!("cannot link '{}' to '{}': {e}", me.shown.display(), first.shown.display()))
-            }
+            Err(e) => self.run.fail(format!("cannot link '{}' to '{}': {e}", me.shown.shown(), first.shown.shown())),
         }
     }
 
     fn link_failed(&mut self, me: &LocalName, first: &LocalName) {
         self.run.fail(format!(
             "cannot link '{}': its first name '{}' was not copied",
-            me.shown.display(),
-            first.shown.display()
+            me.shown.shown(),
+            first.shown.shown()
         ));
     }
 
@@ -3283,7 +3487,7 @@ impl PullCore<'_> {
             let Some(fd) = d.fd.filter(|_| !self.run.opts.dry_run) else { continue };
             let owner = self.cfg.owner(&d.meta);
             if let Err(e) = at::apply(fd.as_raw_fd(), owner, d.meta.mode, mtime_of(&d.meta)) {
-                self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.display()));
+                self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.shown()));
             }
         }
     }
@@ -3298,7 +3502,7 @@ impl PullCore<'_> {
             (Some(fd), false) => match at::lstat(fd.as_raw_fd(), &cname) {
                 Ok(st) => st,
                 Err(err) => {
-                    self.run.fail(format!("cannot stat '{}': {err}", shown.display()));
+                    self.run.fail(format!("cannot stat '{}': {err}", shown.shown()));
                     return frame;
                 }
             },
@@ -3324,7 +3528,7 @@ impl PullCore<'_> {
                 match made.and_then(|()| at::open_dir(pfd.as_raw_fd(), &cname)) {
                     Ok(fd) => Some(Arc::new(fd)),
                     Err(err) => {
-                        self.run.fail(format!("cannot create directory '{}': {err}", shown.display()));
+                        self.run.fail(format!("cannot create directory '{}': {err}", shown.shown()));
                         return frame;
                     }
                 }
@@ -3365,7 +3569,7 @@ impl PullCore<'_> {
                 }
                 Err(e) => {
                     let shown = self.dst.join(url::os_path(&frame.rel));
-                    self.run.fail(format!("cannot read directory '{}': {e}", shown.display()));
+                    self.run.fail(format!("cannot read directory '{}': {e}", shown.shown()));
                 }
             }
         }
@@ -3380,7 +3584,7 @@ impl PullCore<'_> {
             let what = if is_dir { "a directory" } else { "a non-directory" };
             self.run.fail(format!(
                 "cannot replace {what} at '{}' (the source has another type there; sync --delete replaces it)",
-                shown.display()
+                shown.shown()
             ));
             return false;
         }
@@ -3395,7 +3599,7 @@ impl PullCore<'_> {
             match at::unlink(fd.as_raw_fd(), name, false) {
                 Ok(()) => 1,
                 Err(e) => {
-                    failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                    failures.push(format!("cannot delete '{}': {e}", shown.shown()));
                     0
                 }
             }
@@ -3434,7 +3638,7 @@ impl PullCore<'_> {
         let Some(fd) = fd else { return };
         let target = match CString::new(e.target.clone()) {
             Ok(t) if !t.as_bytes().is_empty() => t,
-            _ => return self.run.fail(format!("cannot create symlink '{}': empty or invalid target", shown.display())),
+            _ => return self.run.fail(format!("cannot create symlink '{}': empty or invalid target", shown.shown())),
         };
         let tmp = tmp_name(name);
         let made = at::symlink(&target, fd, &tmp)
@@ -3448,7 +3652,7 @@ impl PullCore<'_> {
             Ok(()) => self.run.summary.symlinks += 1,
             Err(err) => {
                 let _ = at::unlink(fd, &tmp, false);
-                self.run.fail(format!("cannot create symlink '{}': {err}", shown.display()));
+                self.run.fail(format!("cannot create symlink '{}': {err}", shown.shown()));
             }
         }
     }
@@ -3470,7 +3674,7 @@ impl PullCore<'_> {
         };
         let path = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
         if let Err(e) = crate::meta::write_xattrs(&path, &xattrs) {
-            self.run.fail(format!("cannot set extended attributes on '{}': {e}", shown.display()));
+            self.run.fail(format!("cannot set extended attributes on '{}': {e}", shown.shown()));
         }
     }
 
@@ -3501,7 +3705,7 @@ impl PullCore<'_> {
             .and_then(|f| at::apply(f.as_raw_fd(), owner_differs.then_some((e.uid, e.gid)), e.mode, mtime_of(e)));
         match r {
             Ok(()) => self.run.summary.attrs_updated += 1,
-            Err(err) => self.run.fail(format!("cannot set permissions and times on '{}': {err}", shown.display())),
+            Err(err) => self.run.fail(format!("cannot set permissions and times on '{}': {err}", shown.shown())),
         }
     }
 
@@ -3513,7 +3717,7 @@ impl PullCore<'_> {
         }
         let root = match Root::open(dst) {
             Ok(r) => r,
-            Err(e) => return self.run.fail(format!("cannot open directory '{}': {e}", dst.display())),
+            Err(e) => return self.run.fail(format!("cannot open directory '{}': {e}", dst.shown())),
         };
         let mut failures = Vec::new();
         if let Some(max) = self.run.sync.and_then(|s| s.max_delete) {
@@ -3539,7 +3743,7 @@ impl PullCore<'_> {
             if count > max {
                 return self.run.fail(format!(
                     "--max-delete {max}: {count} entries would be deleted from '{}'; nothing was deleted",
-                    dst.display()
+                    dst.shown()
                 ));
             }
         }
@@ -3550,7 +3754,7 @@ impl PullCore<'_> {
                 Ok(d) => d,
                 Err(e) => {
                     let shown = dst.join(url::os_path(&rec.rel));
-                    self.run.fail(format!("cannot open directory '{}': {e}", shown.display()));
+                    self.run.fail(format!("cannot open directory '{}': {e}", shown.shown()));
                     continue;
                 }
             };
@@ -3566,7 +3770,7 @@ impl PullCore<'_> {
                             Ok(()) => 1,
                             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0,
                             Err(e) => {
-                                failures.push(format!("cannot delete '{}': {e}", shown.display()));
+                                failures.push(format!("cannot delete '{}': {e}", shown.shown()));
                                 0
                             }
                         },
@@ -3614,14 +3818,14 @@ fn remove_tree(
     let fd = match at::open_dir(dir, name) {
         Ok(fd) => fd,
         Err(e) => {
-            failures.push(format!("cannot open directory '{}': {e}", shown.display()));
+            failures.push(format!("cannot open directory '{}': {e}", shown.shown()));
             return 0;
         }
     };
     let names = match at::names(fd.as_raw_fd()) {
         Ok(n) => n,
         Err(e) => {
-            failures.push(format!("cannot read directory '{}': {e}", shown.display()));
+            failures.push(format!("cannot read directory '{}': {e}", shown.shown()));
             return 0;
         }
     };
@@ -3637,7 +3841,7 @@ fn remove_tree(
             itemizer.item(Change::Delete, url::os_path(&crel), false);
         }
         if unlink && let Err(e) = at::unlink(fd.as_raw_fd(), &child, false) {
-            failures.push(format!("cannot delete '{}': {e}", cshown.display()));
+            failures.push(format!("cannot delete '{}': {e}", cshown.shown()));
             continue;
         }
         n += 1;
@@ -3646,13 +3850,100 @@ fn remove_tree(
         itemizer.item(Change::Delete, url::os_path(rel), true);
     }
     if unlink && let Err(e) = at::unlink(dir, name, true) {
-        failures.push(format!("cannot delete '{}': {e}", shown.display()));
+        failures.push(format!("cannot delete '{}': {e}", shown.shown()));
         return n;
     }
     n + 1
 }
 
 /// One worker task of a pull.
+/// A worker's turn: runs of small whole files go together ([`pull_smalls`]; not with -X, whose `GetXattrs` would
+/// come between the answers), everything else one by one.
+fn pull_tasks(
+    stream: &mut Stream,
+    cfg: &PullCfg,
+    tasks: Vec<PullTask>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    let mut smalls = Vec::new();
+    for task in tasks {
+        match task {
+            PullTask::Whole(f) if !cfg.xattrs && f.meta.size <= PIPELINED_FILE_BYTES_MAX => smalls.push(f),
+            other => {
+                if !smalls.is_empty() {
+                    pull_smalls(stream, cfg, std::mem::take(&mut smalls), done)?;
+                }
+                pull_task(stream, cfg, other, done)?;
+            }
+        }
+    }
+    if smalls.is_empty() { Ok(()) } else { pull_smalls(stream, cfg, smalls, done) }
+}
+
+/// Pull small files in one round trip: the `Get`s of the files a worker took together go back to back, then each
+/// answer is read into its own temporary, which is finished and renamed into place at once (one temporary open at a
+/// time). A connection that breaks is dialled again and the files not yet in place are asked for again; a file
+/// whose answer is anything but complete and unchanged (changed, damaged, short, refused) takes [`pull_whole`]'s path
+/// alone, which retries and says why. One [`Done::File`] per file.
+fn pull_smalls(
+    stream: &mut Stream,
+    cfg: &PullCfg,
+    files: Vec<PullFile>,
+    done: &Sender<Done>,
+) -> Result<(), StreamError> {
+    if files.len() == 1 {
+        return files.into_iter().try_for_each(|f| pull_task(stream, cfg, PullTask::Whole(f), done));
+    }
+    /// What became of one file of the batch.
+    enum Got {
+        /// In place, or failed for a reason the step-by-step path would meet too.
+        Finished(Result<(), String>),
+        /// To be fetched on its own.
+        Alone,
+    }
+    let mut got: Vec<Option<Got>> = (0..files.len()).map(|_| None).collect();
+    let first_url = url_of(stream.addr(), &files[0].remote);
+    let doing = Doing::pull(&first_url, &format!("with {} more small files in one round trip", files.len() - 1));
+    stream.retry(&doing, done, |conn, _| {
+        let waiting: Vec<usize> = (0..files.len()).filter(|&i| got[i].is_none()).collect();
+        let gets: Vec<(&[u8], u64)> =
+            waiting.iter().map(|&i| (files[i].remote.as_slice(), files[i].meta.size)).collect();
+        conn.send_gets(&gets).map_err(|e| Broken::new(e.cause().to_string()))?;
+        let mut progressed = false;
+        for &i in &waiting {
+            let f = &files[i];
+            let tmp = TempFile::create(&f.dir_fd, &f.name);
+            let no_tmp = || io::Error::other("no temporary");
+            let mut sink = |at: u64, bytes: &[u8]| tmp.as_ref().map_err(|_| no_tmp())?.file.write_all_at(bytes, at);
+            let mut hole = |at: u64, n: u64| sparse::make_hole(&tmp.as_ref().map_err(|_| no_tmp())?.file, at, n);
+            let answer = conn.get_answer(0, f.meta.size, &mut sink, &mut hole);
+            let complete = |end: &client::DataEnd| {
+                (end.size, end.mtime, end.received_to) == (f.meta.size, mtime_of(&f.meta), f.meta.size)
+            };
+            got[i] = Some(match (answer, &tmp) {
+                (Err(GetError::Req(ReqError::Broken(message))), _) => return Err(Broken { message, progressed }),
+                (_, Err(e)) => Got::Finished(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
+                (Ok(end), Ok(tmp)) if complete(&end) => Got::Finished(finish_pull(cfg, tmp, f, &f.meta)),
+                _ => Got::Alone,
+            });
+            progressed = true;
+        }
+        Ok(())
+    })?;
+    for (f, got) in files.into_iter().zip(got) {
+        let result = match got.expect("every file of the batch was answered") {
+            Got::Finished(Ok(())) => {
+                let _ = done.send(Done::Bytes(f.meta.size));
+                Ok(0)
+            }
+            Got::Finished(Err(line)) => Err(line),
+            Got::Alone => pull_whole(stream, cfg, &f, done, 1)?,
+        };
+        let _ = done.send(Done::File { dir: f.dir, link: f.link, result });
+    }
+    Ok(())
+}
+
 fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<Done>) -> Result<(), StreamError> {
     match task {
         PullTask::Whole(f) => {
@@ -3834,7 +4125,7 @@ fn get_failure(addr: &str, f: &PullFile, e: GetError) -> String {
     let shown = url_of(addr, &f.remote);
     match e {
         GetError::Req(e) => format!("cannot read '{shown}': {e}"),
-        GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.display()),
+        GetError::Sink(e) => format!("cannot write '{}': {e}", f.shown.shown()),
         GetError::Corrupt(m) => format!("corrupt data from '{shown}': {m}; nothing was written"),
     }
 }
@@ -3858,19 +4149,19 @@ fn pull_xattrs(
         Err(e) => return Ok(Err(format!("cannot read extended attributes of '{url}': {e}"))),
     };
     Ok(fastsync_engine::finish::set_xattrs(tmp.file.as_fd(), &xattrs)
-        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.display())))
+        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.shown())))
 }
 
 fn finish_pull(cfg: &PullCfg, tmp: &TempFile, f: &PullFile, meta: &EntryMeta) -> Result<(), String> {
     let fd = tmp.file.as_raw_fd();
     at::apply(fd, cfg.owner(meta), meta.mode, mtime_of(meta))
-        .map_err(|e| format!("cannot set permissions and times on '{}': {e}", f.shown.display()))?;
+        .map_err(|e| format!("cannot set permissions and times on '{}': {e}", f.shown.shown()))?;
     if cfg.fsync {
-        at::fsync(fd).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+        at::fsync(fd).map_err(|e| format!("cannot write '{}': {e}", f.shown.shown()))?;
     }
-    tmp.commit(&f.name).map_err(|e| format!("cannot rename into place '{}': {e}", f.shown.display()))?;
+    tmp.commit(&f.name).map_err(|e| format!("cannot rename into place '{}': {e}", f.shown.shown()))?;
     if cfg.fsync {
-        at::fsync(f.dir_fd.as_raw_fd()).map_err(|e| format!("cannot write '{}': {e}", f.shown.display()))?;
+        at::fsync(f.dir_fd.as_raw_fd()).map_err(|e| format!("cannot write '{}': {e}", f.shown.shown()))?;
     }
     Ok(())
 }
@@ -3896,7 +4187,7 @@ fn pull_whole(
     loop {
         let tmp = match TempFile::create(&f.dir_fd, &f.name) {
             Ok(t) => t.direct_for(meta.size, cfg.direct_io),
-            Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.display()))),
+            Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
         };
         let end = match fetch(stream, f, &meta, &tmp, 0, meta.size, done)? {
             Ok(end) => end,
@@ -4024,7 +4315,7 @@ impl<W: Write> RemoteLister<'_, W> {
         while let Some(r) = stream.next_entry() {
             match r {
                 Ok(e) if safe_components(&e.path).is_ok_and(|c| c.len() == 1) => entries.push(e),
-                Ok(e) => errors.push(format!("refused entry '{}' listed by {}: not a name", lossy(&e.path), self.addr)),
+                Ok(e) => errors.push(format!("refused entry '{}' listed by {}: not a name", e.path.shown(), self.addr)),
                 Err(ReqError::Broken(m)) => return Err(Halt::Broken(m)),
                 Err(ReqError::Server { message, .. }) => {
                     errors.push(format!("cannot read directory '{}': {message}", url_of(&self.addr, path)));

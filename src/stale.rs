@@ -24,6 +24,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use fastsync_engine::Show;
+
 /// The part of every temporary name that marks it as ours.
 pub const MARK: &[u8] = b".fstmp-";
 
@@ -227,7 +229,7 @@ pub fn clean_dir(dst_dir: &Path, src_dir: Option<&Path>) -> (u64, Vec<String>) {
         match fs::remove_file(&path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(format!("cannot remove stale temporary '{}': {e}", path.display())),
+            Err(e) => failures.push(format!("cannot remove stale temporary '{}': {e}", path.shown())),
         }
     }
     (removed, failures)

@@ -12,6 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use fastsync_engine::Show;
+
 use crate::filter::{Decision, Filter};
 use crate::stale;
 
@@ -129,8 +131,7 @@ impl Itemizer {
         } else {
             let slash = if is_dir { "/" } else { "" };
             out.write_all(format!("{:<7}", change.name()).as_bytes())
-                .and_then(|()| out.write_all(rel.as_os_str().as_bytes()))
-                .and_then(|()| writeln!(out, "{slash}"))
+                .and_then(|()| writeln!(out, "{}{slash}", rel.shown()))
         };
     }
 }
@@ -179,7 +180,7 @@ impl DeletePass<'_> {
             if count > max {
                 return Err(format!(
                     "--max-delete {max}: {count} entries would be deleted from '{}'; nothing was deleted",
-                    self.dst_root.display()
+                    self.dst_root.shown()
                 ));
             }
         }
@@ -197,7 +198,7 @@ impl DeletePass<'_> {
                     self.restore_parent_times(rel);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => deleted.failures.push(format!("cannot delete '{}': {e}", path.display())),
+                Err(e) => deleted.failures.push(format!("cannot delete '{}': {e}", path.shown())),
             }
             Ok(())
         })?;
@@ -232,9 +233,9 @@ impl DeletePass<'_> {
                 None => None,
             };
             let entries =
-                fs::read_dir(&dst_dir).map_err(|e| format!("cannot read directory '{}': {e}", dst_dir.display()))?;
+                fs::read_dir(&dst_dir).map_err(|e| format!("cannot read directory '{}': {e}", dst_dir.shown()))?;
             for entry in entries {
-                let entry = entry.map_err(|e| format!("cannot read directory '{}': {e}", dst_dir.display()))?;
+                let entry = entry.map_err(|e| format!("cannot read directory '{}': {e}", dst_dir.shown()))?;
                 let name = entry.file_name();
                 if stale::is_temporary(&name) {
                     continue;
@@ -270,7 +271,7 @@ impl DeletePass<'_> {
     /// The names in source directory `dir`, each with whether it is a directory (followed through symlinks with
     /// `-L`). Memory: one directory's names at a time.
     fn names(&self, dir: &Path) -> Result<HashMap<OsString, bool>, String> {
-        let read_err = |e: io::Error| format!("cannot read directory '{}': {e}", dir.display());
+        let read_err = |e: io::Error| format!("cannot read directory '{}': {e}", dir.shown());
         let mut names = HashMap::new();
         for entry in fs::read_dir(dir).map_err(read_err)? {
             let entry = entry.map_err(read_err)?;

@@ -61,11 +61,13 @@ both_engines!(
     quiet_run_is_silent,
     verbose_run,
     nonexistent_src,
+    names_in_messages_are_escaped,
     file_onto_itself,
     file_onto_special_file_refused,
     foreign_url_scheme_refused,
     dir_into_itself,
     dir_onto_existing_file,
+    file_under_a_file_fails_with_not_a_directory,
     usage_errors,
     permission_denied_as_nobody,
 );
@@ -1020,6 +1022,28 @@ fn nonexistent_src(e: Engine) {
     assert_no_tmp(t.path());
 }
 
+/// A name with a newline, an escape sequence and a byte that is not UTF-8 is named in one line per message, escaped
+/// (`\n`, `\x1b`, `\xff`): it cannot split a failure in two nor send the terminal a command.
+fn names_in_messages_are_escaped(e: Engine) {
+    let t = tmp();
+    let missing = t.path().join(os(b"no\nsuch\x1b[2J\xff"));
+    let out = copy(e, &[], &missing, t.path().join("dst"));
+    out.assert_code(1);
+    out.assert_one_failure("no\\nsuch\\x1b[2J\\xff", "No such file or directory");
+    out.check(!out.stderr.contains(&0x1b), "a raw escape character reached stderr");
+
+    let src = t.path().join("src");
+    mkdirs(&src);
+    write_file(&src.join("ok"), b"fine");
+    mkfifo(&src.join(os(b"fifo\r\n\x1b]0;pwned\x07")));
+    let out = copy_cmd(e, &[], &src, t.path().join("dst2")).timeout(Duration::from_secs(20)).run();
+    out.assert_success();
+    let warnings: Vec<String> = out.stderr_lines().into_iter().filter(|l| l.contains("fifo")).collect();
+    out.check(warnings.len() == 1, "expected one warning line about the FIFO");
+    out.check(warnings[0].contains("fifo\\r\\n\\x1b]0;pwned\\x07"), "the FIFO's name is not escaped");
+    out.check(!out.stderr.iter().any(|&b| b == 0x1b || b == 0x07 || b == b'\r'), "a raw control character on stderr");
+}
+
 fn file_onto_itself(e: Engine) {
     let t = tmp();
     let dir = t.path().join("dir");
@@ -1107,6 +1131,17 @@ fn dir_onto_existing_file(e: Engine) {
     assert!(fs::symlink_metadata(&f).unwrap().is_file(), "the existing file was replaced");
     assert_eq!(fs::read(&f).unwrap(), b"must stay");
     assert_no_tmp(t.path());
+}
+
+/// `copy a x/b` where `x` is a file: like cp, "Not a directory" naming `x`, not mkdir's misleading "File exists".
+fn file_under_a_file_fails_with_not_a_directory(e: Engine) {
+    let t = tmp();
+    write_file(&t.path().join("a"), b"a");
+    write_file(&t.path().join("x"), b"in the way");
+    let out = copy(e, &[], t.path().join("a"), t.path().join("x/sub/b"));
+    out.assert_code(1);
+    out.assert_one_failure("x/sub", "Not a directory");
+    assert_eq!(fs::read(t.path().join("x")).unwrap(), b"in the way");
 }
 
 fn usage_errors(e: Engine) {

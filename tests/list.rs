@@ -23,6 +23,7 @@ both_engines!(
     checksum_digests_in_listing_order,
     symlinks_are_never_followed,
     non_utf8_names_are_written_raw,
+    names_are_escaped_on_a_terminal,
     nonexistent_path_fails,
     single_file_path,
     unreadable_entries_are_reported_and_listing_goes_on,
@@ -389,6 +390,27 @@ fn non_utf8_names_are_written_raw(e: Engine) {
         names,
         [("caf\u{fffd}", None), ("d\u{fffd}", None), ("d\u{fffd}/\u{fffd}.txt", None), ("lnk", Some("caf\u{fffd}"))]
     );
+}
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), as `ls` does, a name cannot move the cursor, split
+/// its line or hide bytes: control characters and bytes that are not UTF-8 are escaped.
+fn names_are_escaped_on_a_terminal(e: Engine) {
+    let t = tmp();
+    let root = t.path().join("root");
+    write_file(&root.join(os(b"two\nlines")), b"a");
+    write_file(&root.join(os(b"esc\x1b[2Jclear")), b"b");
+    write_file(&root.join(os(b"caf\xe9")), b"c");
+    let command = format!("{} list --engine {} {}", bin().display(), e.name(), root.display());
+    let out = Cmd::new("script").args(["-qec", command.as_str(), "/dev/null"]).run();
+    out.assert_success();
+    let mut names: Vec<String> = out
+        .stdout_str()
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').split(' ').next_back().map(str::to_owned))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["caf\\xe9", "esc\\x1b[2Jclear", "two\\nlines"].map(String::from), "{}", out.stdout_str());
+    out.check(!out.stdout.contains(&0x1b), "a raw escape character reached the terminal");
 }
 
 fn nonexistent_path_fails(e: Engine) {

@@ -69,6 +69,28 @@ fn pull_a_tree() {
     assert_eq!(entry_of(&c.path("local/a.txt")).mtime, entry_of(&remote.join("a.txt")).mtime);
 }
 
+/// A destination that is a symlink to a directory stands for that directory (cp, rsync, rclone): a pull and a sync
+/// with --delete fill what it points to and leave the link alone; the second sync has nothing to do.
+#[test]
+fn a_pull_into_a_symlink_to_a_directory_fills_the_directory() {
+    let c = Case::new();
+    let srv = c.serve();
+    let remote = srv.root.join("tree");
+    build_small_tree(&remote);
+    let real = c.path("real");
+    mkdirs(&real);
+    let link = c.path("link");
+    ln_s(&real, &link);
+    c.cmd().arg("copy").arg(srv.url("tree")).arg(&link).run().assert_success();
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    compare_trees(&remote, &real, CompareOpts::default());
+    let out = c.cmd().args(["sync", "--delete", "--json"]).arg(srv.url("tree")).arg(&link).run();
+    out.assert_success();
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "sync --delete replaced the link");
+    assert_eq!(json_summary(&out)["files"], 0, "an unchanged tree was copied again");
+    compare_trees(&remote, &real, CompareOpts::default());
+}
+
 #[test]
 fn a_large_file_goes_both_ways_over_four_streams() {
     let c = Case::new();
@@ -557,6 +579,7 @@ fn hostile_connection(mut s: TcpStream, outside: &Path) {
             Msg::Stat { .. } => vec![Msg::Entry(meta(b"", EntryKind::Dir, 0, b""))],
             Msg::List { .. } => vec![
                 Msg::Entry(meta(b"../evil", EntryKind::File, 4, b"")),
+                Msg::Entry(meta(b"../esc\x1b[2J\x07\nnext", EntryKind::File, 4, b"")),
                 Msg::Entry(meta(&evil_abs, EntryKind::File, 4, b"")),
                 Msg::Entry(meta(b"a", EntryKind::Symlink, 0, &outside)),
                 Msg::Entry(meta(b"a/x", EntryKind::File, 4, b"")),
@@ -588,10 +611,12 @@ fn a_hostile_server_cannot_write_outside_the_destination() {
     let out = c.cmd().arg("copy").arg(format!("fastsync://127.0.0.1:{port}/")).arg(&dst).run();
     out.assert_code(1);
     let refused: Vec<String> = out.stderr_lines().into_iter().filter(|l| l.contains("refused entry")).collect();
-    assert_eq!(refused.len(), 3, "one line per entry that leaves: {:?}", out.stderr_lines());
-    for name in ["../evil", "/abs", "a/x"] {
+    assert_eq!(refused.len(), 4, "one line per entry that leaves: {:?}", out.stderr_lines());
+    for name in ["../evil", "/abs", "a/x", "../esc\\x1b[2J\\x07\\nnext"] {
         assert!(refused.iter().any(|l| l.contains(name)), "{name} not refused: {refused:?}");
     }
+    // The server's names cannot send the user's terminal a command.
+    assert!(!out.stderr.iter().any(|&b| b == 0x1b || b == 0x07), "a raw control character on stderr");
     assert!(out.stderr_str().contains("corrupt data"), "{}", out.stderr_str());
     // Nothing outside, nothing through the symlink, no corrupt file, no temporaries.
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);

@@ -263,6 +263,58 @@ fn a_tree_of_small_files_survives_a_reset_both_ways() {
     assert_no_tmp(&back);
 }
 
+/// Small files queued for a stream go in batches, all their requests before any answer is read: over one stream, 300
+/// files take far fewer bursts of answers (push) or of requests (pull) than files (one round trip each took at least
+/// 300), and arrive exact both ways.
+#[test]
+fn small_files_share_round_trips() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    for i in 0..300u64 {
+        write_file(&src.join(format!("f{i:03}")), &random_bytes(i, 100 + i as usize));
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], &src, proxy.url("tree"));
+    out.assert_success();
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+    assert_no_tmp(&srv.root);
+    let bursts = proxy.down_reads();
+    assert!(bursts < 100, "{bursts} bursts of answers for 300 small files: not batched");
+
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let back = c.path("back");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["--streams", "1"], proxy.url("tree"), &back);
+    out.assert_success();
+    compare_trees(&src, &back, CompareOpts::default());
+    assert_no_tmp(&back);
+    let bursts = proxy.up_reads();
+    assert!(bursts < 100, "{bursts} bursts of requests for 300 small files: not batched");
+}
+
+/// A file of a batch that the server refuses (a directory is where it must go) fails alone, with one line; the rest
+/// of the batch arrives exact.
+#[test]
+fn a_refused_file_in_a_batch_fails_alone() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    for i in 0..50u64 {
+        write_file(&src.join(format!("f{i:02}")), &random_bytes(i, 1000));
+    }
+    write_file(&srv.root.join("tree/f10/inside"), b"keep");
+    let out = c.cmd().args(["copy", "--streams", "1"]).arg(&src).arg(srv.url("tree")).run();
+    out.assert_code(1);
+    out.assert_one_failure("tree/f10", "");
+    assert_eq!(fs::read(srv.root.join("tree/f10/inside")).unwrap(), b"keep");
+    for i in (0..50u64).filter(|&i| i != 10) {
+        let name = format!("f{i:02}");
+        assert_eq!(fs::read(srv.root.join("tree").join(&name)).unwrap(), random_bytes(i, 1000), "{name}");
+    }
+    assert_no_tmp(&srv.root);
+}
+
 /// 120 directories, each with a small file and a symlink: a control connection with a lot to say.
 fn many_dirs(root: &std::path::Path) {
     for i in 0..60u64 {

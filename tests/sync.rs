@@ -26,7 +26,9 @@ both_engines!(
     filters_in_order_and_from_file,
     dry_run_itemizes_and_changes_nothing,
     dry_run_json_items,
+    itemized_names_are_one_line_each,
     type_changes_need_delete,
+    a_symlink_to_a_directory_as_destination_stands_for_it,
     attributes_fixed_on_unchanged_files,
     large_directories_are_compared_entry_by_entry,
     kill_at_any_moment_then_rerun_is_exact,
@@ -345,6 +347,54 @@ fn dry_run_json_items(e: Engine) {
     assert_eq!(lines[1]["dry_run"], true);
     assert_eq!(lines[1]["files"], 1);
     assert!(!dst.exists(), "a dry run created the destination");
+}
+
+/// Like rsync's itemized output, one line per change even for names with control characters (escaped) or bytes that
+/// are not UTF-8; `--json` carries the name itself.
+fn itemized_names_are_one_line_each(e: Engine) {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    mkdirs(&src);
+    write_file(&src.join(os(b"two\nlines")), b"a");
+    write_file(&src.join(os(b"esc\x1b[31mred")), b"b");
+    write_file(&src.join(os(b"caf\xe9")), b"c");
+    let out = sync(e, &["--dry-run"], &src, &dst);
+    out.assert_success();
+    let mut lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["copy   caf\\xe9", "copy   esc\\x1b[31mred", "copy   two\\nlines"].map(String::from));
+    let out = sync(e, &["--dry-run", "--json"], &src, &dst);
+    let paths: Vec<String> = out
+        .stdout_str()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["path"].as_str().map(str::to_owned))
+        .collect();
+    assert!(paths.contains(&"two\nlines".to_owned()), "the JSON item holds the name itself: {paths:?}");
+}
+
+/// `/scratch -> /lustre/scratch/me`: a destination that is a symlink to a directory stands for that directory (cp,
+/// rsync and rclone follow it too). Before, a directory sync refused it, and with --delete replaced the link.
+fn a_symlink_to_a_directory_as_destination_stands_for_it(e: Engine) {
+    let t = tmp();
+    let src = t.path().join("src");
+    write_file(&src.join("a"), b"a");
+    write_file(&src.join("sub/b"), b"b");
+    let real = t.path().join("real");
+    write_file(&real.join("extra"), b"x");
+    let link = t.path().join("link");
+    ln_s(&real, &link);
+    let first = sync_json(e, &["--delete"], &src, &link);
+    assert_eq!((first["files"].as_u64(), first["deleted"].as_u64()), (Some(2), Some(1)));
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    compare_trees(&src, &real, CompareOpts::default());
+    let second = sync_json(e, &["--delete"], &src, &link);
+    assert_eq!(second["files"], 0, "an unchanged tree was copied again");
+    // A copy too; a link to a file is still refused as the destination of a directory.
+    let out = fastsync().args(["copy", "--engine", e.name()]).arg(&src).arg(&link).run();
+    out.assert_success();
+    ln_s(src.join("a"), &t.path().join("filelink"));
+    let out = fastsync().args(["copy", "--engine", e.name()]).arg(&src).arg(t.path().join("filelink")).run();
+    out.assert_code(2);
 }
 
 fn type_changes_need_delete(e: Engine) {

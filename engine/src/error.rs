@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::Show;
+
 /// The operation that failed, named the way users know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -65,7 +67,7 @@ impl Op {
 
 /// One job's failure: the operation, the path it was applied to, and the OS's reason.
 #[derive(Debug, thiserror::Error)]
-#[error("{} '{}': {}", .op.verb(), .path.display(), .source)]
+#[error("{} '{}': {}", .op.verb(), .path.shown(), .source)]
 pub struct JobError {
     pub op: Op,
     pub path: PathBuf,

@@ -34,6 +34,7 @@ pub mod net;
 pub mod offload;
 pub mod pool;
 pub mod session;
+pub mod show;
 
 pub use error::{EngineError, JobError, Op};
 pub use finish::{Created, abandon, create_dst, discard, finish_file};
@@ -42,6 +43,7 @@ pub use journal::Journal;
 pub use net::{RecvJob, SendJob};
 pub use pool::AlignedArena;
 pub use session::{Session, ShardCtx, ShardStats, Submitter};
+pub use show::Show;
 
 /// Which engine runs the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

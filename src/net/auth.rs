@@ -20,6 +20,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
+use fastsync_engine::Show;
 use x25519_dalek::{EphemeralSecret, PublicKey, SharedSecret};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -210,8 +211,8 @@ pub fn load_token(token_file: Option<&Path>, env: Option<std::ffi::OsString>) ->
     use std::os::unix::ffi::OsStringExt;
     let (token, from) = match (token_file, env) {
         (Some(path), _) => {
-            let t = std::fs::read(path).map_err(|e| format!("cannot read token file '{}': {e}", path.display()))?;
-            (t, format!("token file '{}'", path.display()))
+            let t = std::fs::read(path).map_err(|e| format!("cannot read token file '{}': {e}", path.shown()))?;
+            (t, format!("token file '{}'", path.shown()))
         }
         (None, Some(v)) => (v.into_vec(), "FASTSYNC_TOKEN".to_string()),
         (None, None) => return Ok(None),

@@ -300,29 +300,43 @@ impl Connection {
     /// and then their answers read in order. The first failure is returned with the index of its request; every
     /// answer is read either way, so the connection stays in step.
     pub fn pipeline_ok(&mut self, msgs: &[Msg]) -> Result<(), (usize, ReqError)> {
-        use std::io::Write;
-        self.last_used = Instant::now();
-        for (i, msg) in msgs.iter().enumerate() {
-            let body = msg.encode_body();
-            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
-            if let Err(e) = r {
-                return Err((i, self.broken(&crate::net::wire::WireError::Io(e))));
+        match self.pipeline_groups(&[msgs]) {
+            (mut answers, None) => answers.pop().expect("one group, answered"),
+            (_, Some((i, e))) => Err((i, e)),
+        }
+    }
+
+    /// Groups of requests (a small file's `PutBegin`, `PutData`, `PutEnd`, ...), each request answered by `Ok` or
+    /// `Error`: all sent back to back with one flush, then every answer read in order. Returns, for each group
+    /// answered in full, `Ok` or the index of its first failed request with the failure; and, when the connection
+    /// broke, the break with the index (within its group) of the request it broke at. The groups after the first
+    /// one not answered in full have no result: they may or may not have been carried out.
+    ///
+    /// The answers wait in the socket while the requests are written, so the caller keeps a pipeline to what the
+    /// socket buffers hold without reading (a few thousand answers of a few bytes each).
+    #[allow(clippy::type_complexity)]
+    pub fn pipeline_groups(
+        &mut self,
+        groups: &[&[Msg]],
+    ) -> (Vec<Result<(), (usize, ReqError)>>, Option<(usize, ReqError)>) {
+        if let Err(e) = self.send_all(groups.iter().flat_map(|g| g.iter())) {
+            return (Vec::new(), Some((0, e)));
+        }
+        let mut answers = Vec::with_capacity(groups.len());
+        for group in groups {
+            let mut first = None;
+            for i in 0..group.len() {
+                let failure = match self.recv() {
+                    Ok(Msg::Ok) => continue,
+                    Ok(Msg::Error { code, message }) => ReqError::Server { code, message },
+                    Ok(other) => return (answers, Some((i, self.unexpected("Ok", &other)))),
+                    Err(e) => return (answers, Some((i, e))),
+                };
+                first.get_or_insert((i, failure));
             }
+            answers.push(first.map_or(Ok(()), Err));
         }
-        if let Err(e) = self.w.flush() {
-            return Err((0, self.broken(&crate::net::wire::WireError::Io(e))));
-        }
-        let mut first = None;
-        for i in 0..msgs.len() {
-            let failure = match self.recv() {
-                Ok(Msg::Ok) => continue,
-                Ok(Msg::Error { code, message }) => ReqError::Server { code, message },
-                Ok(other) => return Err((i, self.unexpected("Ok", &other))),
-                Err(e) => return Err((i, e)),
-            };
-            first.get_or_insert((i, failure));
-        }
-        first.map_or(Ok(()), Err)
+        (answers, None)
     }
 
     /// Metadata of `path` itself (not followed when it is a symlink, unless the connection follows); `None` when it
@@ -387,6 +401,39 @@ impl Connection {
         hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
     ) -> Result<DataEnd, GetError> {
         self.send(&Msg::Get { path: path.to_vec(), offset, len, follow: self.follow })?;
+        self.get_answer(offset, len, sink, hole)
+    }
+
+    /// `Get`s of whole files (`path`, `len`), sent back to back with one flush: the answers are then read in the
+    /// same order, one [`Connection::get_answer`] each (a few requests of a few hundred bytes: nothing waits for
+    /// them to be read).
+    pub fn send_gets(&mut self, gets: &[(&[u8], u64)]) -> Result<(), ReqError> {
+        let follow = self.follow;
+        self.send_all(gets.iter().map(|&(path, len)| Msg::Get { path: path.to_vec(), offset: 0, len, follow }))
+    }
+
+    /// Requests written back to back, then flushed once (one record, one round trip).
+    fn send_all<M: std::borrow::Borrow<Msg>>(&mut self, msgs: impl IntoIterator<Item = M>) -> Result<(), ReqError> {
+        use std::io::Write;
+        self.last_used = Instant::now();
+        for msg in msgs {
+            let body = msg.borrow().encode_body();
+            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
+            if let Err(e) = r {
+                return Err(self.broken(&crate::net::wire::WireError::Io(e)));
+            }
+        }
+        self.w.flush().map_err(|e| self.broken(&crate::net::wire::WireError::Io(e)))
+    }
+
+    /// The answer to a `Get` of `[offset, offset + len)` sent earlier (see [`Connection::get`]).
+    pub fn get_answer(
+        &mut self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        hole: &mut dyn FnMut(u64, u64) -> io::Result<()>,
+    ) -> Result<DataEnd, GetError> {
         let end = offset.saturating_add(len);
         let mut next = offset;
         let mut failure: Option<GetError> = None;

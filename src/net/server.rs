@@ -33,8 +33,8 @@ use super::sparse::{self, Piece};
 use super::wire::{self, EntryKind, EntryMeta, Msg, WireError, code};
 use super::zerocopy::{self, SpliceError};
 use crate::{Error, interrupt, stale};
-use fastsync_engine::Timestamp;
 use fastsync_engine::journal::{Journal, Opened, SourceId};
+use fastsync_engine::{Show, Timestamp};
 
 /// Transfers registered at once (all connections together); `PutBegin` beyond it evicts an abandoned one or is
 /// answered `BUSY`.
@@ -144,7 +144,7 @@ pub fn run(
 
     let ro = if args.read_only { " (read-only)" } else { "" };
     let enc = if args.require_encrypt { " (encryption required)" } else { "" };
-    eprintln!("fastsync: serving {} on {local}{ro}{enc}", args.root.display());
+    eprintln!("fastsync: serving {} on {local}{ro}{enc}", args.root.shown());
     if shared.max_clients < args.max_clients as usize {
         eprintln!(
             "fastsync: at most {} connections at once: the memory limit ({} MiB{}) allows {} MiB per connection; \
@@ -471,7 +471,7 @@ impl Fail {
 
 /// A wire path for a message (`.` for the root).
 fn show(rel: &[u8]) -> String {
-    if rel.is_empty() { ".".into() } else { String::from_utf8_lossy(rel).into_owned() }
+    if rel.is_empty() { ".".into() } else { rel.shown().to_string() }
 }
 
 /// An error's text without the ` (os error N)` suffix.

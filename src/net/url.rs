@@ -14,6 +14,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use fastsync_engine::Show;
+
 use super::wire::{PATH_BYTES_MAX, safe_components};
 
 /// The scheme prefix of remote paths.
@@ -36,7 +38,7 @@ impl Remote {
     /// The URL of `rel` beneath this location, for messages: `fastsync://host:port/path/rel`.
     pub fn display(&self, rel: &[u8]) -> String {
         let joined = join(&self.path, rel);
-        format!("{SCHEME}{}/{}", self.addr, String::from_utf8_lossy(&joined))
+        format!("{SCHEME}{}/{}", self.addr, joined.shown())
     }
 
     /// The wire path of `rel` beneath this location.
@@ -97,7 +99,7 @@ pub fn endpoint(arg: &Path) -> Result<Endpoint, String> {
 
 /// Parse a `fastsync://host[:port]/path` URL.
 pub fn parse(url: &[u8]) -> Result<Remote, String> {
-    let shown = String::from_utf8_lossy(url);
+    let shown = url.shown();
     let bad = |what: &str| format!("invalid URL '{shown}': {what}");
     let rest = url.strip_prefix(SCHEME.as_bytes()).ok_or_else(|| bad("it does not start with fastsync://"))?;
     let (authority, path) = match rest.iter().position(|&b| b == b'/') {

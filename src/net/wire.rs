@@ -8,6 +8,8 @@
 
 use std::io::{self, Read, Write};
 
+use fastsync_engine::Show;
+
 /// Protocol version spoken by this build; a peer with another version is refused with a clear error.
 pub const VERSION: u16 = 3;
 /// Largest frame body (kind + fields): one data chunk plus headroom for its header.
@@ -524,7 +526,7 @@ impl<'a> In<'a> {
     }
     fn text(&mut self) -> Result<String, WireError> {
         let t = self.bytes(TEXT_BYTES_MAX, "text")?;
-        Ok(String::from_utf8_lossy(&t).into_owned())
+        Ok(fastsync_engine::show::one_line(&String::from_utf8_lossy(&t)))
     }
     fn kind(&mut self) -> Result<EntryKind, WireError> {
         Ok(match self.u8()? {
@@ -967,16 +969,13 @@ pub fn safe_components(path: &[u8]) -> Result<Vec<&[u8]>, String> {
         return Ok(Vec::new());
     }
     if path[0] == b'/' {
-        return Err(format!("absolute path '{}' refused", String::from_utf8_lossy(path)));
+        return Err(format!("absolute path '{}' refused", path.shown()));
     }
     let mut out = Vec::new();
     for c in path.split(|&b| b == b'/') {
         match c {
             b"" | b"." | b".." => {
-                return Err(format!(
-                    "path '{}' leaves its directory or is not canonical",
-                    String::from_utf8_lossy(path)
-                ));
+                return Err(format!("path '{}' leaves its directory or is not canonical", path.shown()));
             }
             c if c.contains(&0) => return Err("path contains a NUL byte".to_string()),
             c => out.push(c),

@@ -64,6 +64,10 @@ struct Shared {
     /// Bytes forwarded client → server and server → client.
     up_bytes: AtomicU64,
     down_bytes: AtomicU64,
+    /// Reads forwarded from clients to the server, and from the server to clients: one per burst of requests or
+    /// answers that the other side waited for.
+    up_reads: AtomicU64,
+    down_reads: AtomicU64,
     shutdown: AtomicBool,
 }
 
@@ -106,6 +110,8 @@ impl Proxy {
             open: AtomicUsize::new(0),
             up_bytes: AtomicU64::new(0),
             down_bytes: AtomicU64::new(0),
+            up_reads: AtomicU64::new(0),
+            down_reads: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -146,6 +152,17 @@ impl Proxy {
     /// Bytes forwarded from the server to clients.
     pub fn down_bytes(&self) -> u64 {
         self.shared.down_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Reads forwarded from clients to the server (a client that waits for each answer before it asks again makes
+    /// at least one per request).
+    pub fn up_reads(&self) -> u64 {
+        self.shared.up_reads.load(Ordering::SeqCst)
+    }
+
+    /// Reads forwarded from the server to clients (at least one per answer a client waited for).
+    pub fn down_reads(&self) -> u64 {
+        self.shared.down_reads.load(Ordering::SeqCst)
     }
 }
 
@@ -243,6 +260,8 @@ fn pump(link: &Link, shared: &Shared, up: bool) {
             return;
         }
         counter.fetch_add(forward, Ordering::SeqCst);
+        let reads = if up { &shared.up_reads } else { &shared.down_reads };
+        reads.fetch_add(1, Ordering::SeqCst);
         if !fault {
             continue;
         }
