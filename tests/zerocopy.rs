@@ -138,7 +138,10 @@ fn large_files_go_both_ways_exactly_on_the_shards_of_both_engines() {
         let chunks = |size: u64| files.iter().map(|(_, len)| len.div_ceil(size)).sum::<u64>();
         for (dir, table, chunks) in [("push", push, chunks(4 << 20)), ("pull", pull, chunks(1 << 20))] {
             let Some(table) = table.filter(|_| mode.starts_with("shards")) else { continue };
-            assert!(!table.contains("sendfile") && !table.contains("splice"), "{what}: {dir}:\n{table}");
+            // Payloads under 64 KiB (here the files' ragged ends) stay on the stream's thread: one sendfile each.
+            let small_tails = files.iter().filter(|(_, len)| len % (1 << 20) < (64 << 10)).count() as u64;
+            let sendfiles = calls(&table, "sendfile");
+            assert!(sendfiles <= small_tails && !table.contains("splice"), "{what}: {dir}:\n{table}");
             let (uring, polls) = (calls(&table, "io_uring_enter"), calls(&table, "poll"));
             if engine == "uring" {
                 assert!(uring >= chunks, "{what}: {dir}: {uring} io_uring_enter for {chunks} chunks:\n{table}");

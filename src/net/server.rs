@@ -1066,7 +1066,7 @@ fn get(shared: &Shared, conn: &mut Conn, rel: &[u8], offset: u64, len: u64, foll
             None => end,
         };
         let want = (data_end - pos).min(GET_CHUNK_BYTES as u64) as usize;
-        if let Some(shards) = on_shards {
+        if let Some(shards) = on_shards.filter(|_| want >= crate::net::shards::PAYLOAD_BYTES_MIN) {
             // Read into a registered buffer, hashed and sent with its head by a shard (net/shards.rs).
             conn.w.flush()?;
             let sock = conn.w.get_ref().plain().expect("plain");
@@ -1512,7 +1512,16 @@ fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<O
     }
     conn.r.read_exact(&mut head[5..])?;
     let h = wire::parse_data_head(&head)?;
-    let served = put_data_spliced(shared, conn, h)?;
+    let served = match zerocopy::shards() {
+        Some(shards) if h.len >= crate::net::shards::PAYLOAD_BYTES_MIN => put_data_on_shards(shared, conn, h, shards)?,
+        // A small payload on the shard path: read here (the ordinary path answers it).
+        Some(_) if !zerocopy::mode().splices_into_file() => {
+            let mut bytes = vec![0u8; h.len];
+            conn.r.read_exact(&mut bytes)?;
+            Some(Msg::PutData { id: h.id.expect("a PutData head"), offset: h.offset, digest: h.digest, bytes })
+        }
+        _ => put_data_spliced(shared, conn, h)?,
+    };
     if served.is_none()
         && let Some(id) = h.id
     {
@@ -1526,9 +1535,6 @@ fn next_request(shared: &Shared, conn: &mut Conn, holds: &mut Holds) -> Result<O
 /// unknown transfer, range out of bounds or already received) reads the payload into memory and returns the request
 /// for the ordinary path, which answers it.
 fn put_data_spliced(shared: &Shared, conn: &mut Conn, h: wire::DataHead) -> Result<Option<Msg>, WireError> {
-    if let Some(shards) = zerocopy::shards() {
-        return put_data_on_shards(shared, conn, h, shards);
-    }
     let id = h.id.expect("a PutData head");
     let (start, len) = (h.offset, h.len);
     let lease = (!shared.read_only).then(|| shared.transfers.lease(id).ok()).flatten();
@@ -1649,9 +1655,13 @@ fn put_data_on_shards(
         (zerocopy::Received::File(e), _) => Err(Fail::io("cannot write", &rel, e)),
     };
     drop(lease);
+    // Answered as `request` answers: together with the answers to requests that arrived with this one.
     match reply {
-        Ok(()) => wire::write_msg(conn, &Msg::Ok)?,
-        Err(f) => send_fail(conn, f)?,
+        Ok(()) => conn.queue(&Msg::Ok)?,
+        Err(f) => conn.queue(&Msg::Error { code: f.code, message: f.message })?,
+    }
+    if conn.r.buffer().is_empty() {
+        conn.flush()?;
     }
     Ok(None)
 }

@@ -18,6 +18,11 @@ use super::wire::CHUNK_BYTES_MAX;
 /// Bytes of one buffer slot: the largest payload (`CHUNK_BYTES_MAX`) after the room for its frame head.
 pub const SLOT_BYTES: usize = CHUNK_BYTES_MAX + HEAD_ROOM_BYTES;
 
+/// Payloads smaller than this move on the stream's own thread (the ordinary path: read into memory, checked,
+/// written; or sent from the page cache): a small file's few bytes mostly sit in the connection's read buffer already,
+/// and the hand-off to a shard and back costs more than it saves. Large files' chunks (1-4 MiB) are far above it.
+pub const PAYLOAD_BYTES_MIN: usize = 64 << 10;
+
 /// Buffer slots per io_uring shard at most (jobs in flight per core); a fallback shard runs one job at a time.
 const URING_SLOTS_PER_SHARD_MAX: usize = 8;
 

@@ -398,7 +398,7 @@ pub enum PutError {
 /// finds damaged (up to [`client::DIGEST_ATTEMPTS_MAX`] times). Returns how many bytes went (fewer at the end of the
 /// file; 0: none, nothing was sent). Uses `sendfile` on a plain connection when [`mode`] says so.
 pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: usize) -> Result<usize, PutError> {
-    if let Some(shards) = shards_for(conn) {
+    if let Some(shards) = shards_for(conn).filter(|_| len >= shards::PAYLOAD_BYTES_MIN) {
         return put_chunk_on_shards(shards, conn, id, offset, file, len);
     }
     if !mode().sends_from_file() || conn.plain_parts().is_none() {
