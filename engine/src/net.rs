@@ -22,7 +22,8 @@
 //!   nothing; a [`RecvJob`] always consumes its whole payload first, so a digest mismatch ([`Op::Verify`]) or a write
 //!   error ([`Op::Write`]) leaves the connection at the next frame.
 //! - **Check before write.** A [`RecvJob`] writes nothing into the file unless the payload's BLAKE3 equals
-//!   [`RecvJob::digest`]: a damaged chunk never lands in the file.
+//!   [`RecvJob::digest`]: a damaged chunk never lands in the file. Its [`RecvJob::gate`], when given, runs on the shard
+//!   between the check and the write and may still refuse the write.
 //! - **A file that shrinks** under a [`SendJob`]: the shard reads the payload before it builds the head, so the frame
 //!   it sends is always complete and its digest is that of the bytes sent; fewer bytes than asked means the file ended
 //!   ([`Outcome::Moved::bytes`](crate::Outcome::Moved) `< len`; 0: nothing was sent at all). The caller decides
