@@ -478,7 +478,8 @@ run_one() { # link set round position tool
         if ((rc != 0)); then
             status=FAILED note="exit status $rc: $(grep -v '^Command exited' "$lg.err" | tail -n1 | tr ',\n' '; ' | cut -c1-200)"
         elif [[ $tool == iperf3 ]]; then
-            rm -rf "$dst"
+            # iperf3 writes nothing there; a fresh filesystem's mount point goes with fresh_fs_down
+            ((FRESH_FS)) || rm -rf "$dst"
         elif ! verify "$s" "$dst"; then
             status=FAILED note="verify: $VERIFY_MSG"
         fi
