@@ -425,18 +425,27 @@ pub fn put_chunk(conn: &mut Connection, id: u64, offset: u64, file: &File, len: 
         if let Err(e) = sent {
             return Err(PutError::Req(lost(&addr, None, &e)));
         }
-        match conn.recv().map_err(PutError::Req)? {
-            Msg::Ok => return Ok(got),
-            Msg::Error { code: code::DIGEST, .. } if attempt < client::DIGEST_ATTEMPTS_MAX => attempt += 1,
-            Msg::Error { code: code::DIGEST, message } => {
-                let message = format!("{message} (the chunk at offset {offset} was sent {attempt} times)");
-                return Err(PutError::Req(ReqError::Server { code: code::DIGEST, message }));
-            }
-            Msg::Error { code, message } => return Err(PutError::Req(ReqError::Server { code, message })),
-            other => {
-                let why = format!("protocol error from {addr}: {} instead of Ok", msg_kind(&other));
-                return Err(PutError::Req(ReqError::Broken(why)));
-            }
+        match put_answer(conn, &addr, offset, attempt)? {
+            true => return Ok(got),
+            false => attempt += 1,
+        }
+    }
+}
+
+/// The server's answer to a chunk sent as attempt `attempt`: `true` when it counts, `false` when it arrived damaged
+/// and may be sent again ([`client::DIGEST_ATTEMPTS_MAX`] times in all); any other answer is the error.
+fn put_answer(conn: &mut Connection, addr: &str, offset: u64, attempt: u32) -> Result<bool, PutError> {
+    match conn.recv().map_err(PutError::Req)? {
+        Msg::Ok => Ok(true),
+        Msg::Error { code: code::DIGEST, .. } if attempt < client::DIGEST_ATTEMPTS_MAX => Ok(false),
+        Msg::Error { code: code::DIGEST, message } => {
+            let message = format!("{message} (the chunk at offset {offset} was sent {attempt} times)");
+            Err(PutError::Req(ReqError::Server { code: code::DIGEST, message }))
+        }
+        Msg::Error { code, message } => Err(PutError::Req(ReqError::Server { code, message })),
+        other => {
+            let why = format!("protocol error from {addr}: {} instead of Ok", msg_kind(&other));
+            Err(PutError::Req(ReqError::Broken(why)))
         }
     }
 }
@@ -578,18 +587,9 @@ fn put_chunk_on_shards(
             Ok(Err(e)) => return Err(PutError::Read(e)),
             Err(e) => return Err(PutError::Req(lost_on_shard(&addr, &e))),
         };
-        match conn.recv().map_err(PutError::Req)? {
-            Msg::Ok => return Ok(got),
-            Msg::Error { code: code::DIGEST, .. } if attempt < client::DIGEST_ATTEMPTS_MAX => attempt += 1,
-            Msg::Error { code: code::DIGEST, message } => {
-                let message = format!("{message} (the chunk at offset {offset} was sent {attempt} times)");
-                return Err(PutError::Req(ReqError::Server { code: code::DIGEST, message }));
-            }
-            Msg::Error { code, message } => return Err(PutError::Req(ReqError::Server { code, message })),
-            other => {
-                let why = format!("protocol error from {addr}: {} instead of Ok", msg_kind(&other));
-                return Err(PutError::Req(ReqError::Broken(why)));
-            }
+        match put_answer(conn, &addr, offset, attempt)? {
+            true => return Ok(got),
+            false => attempt += 1,
         }
     }
 }

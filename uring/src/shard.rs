@@ -435,7 +435,12 @@ impl Shard {
         self.tasks[slot] = Some(task);
         let first_read =
             self.read_sqe(slot, 0, self.arena.block_bytes() as u32, false).user_data(user_data(slot, Step::Read));
-        // Linked entries must be queued back to back; make room for both first.
+        self.push_linked_pair(open_src, first_read);
+    }
+
+    /// Queue two entries back to back (the first linked to the second), making room for both first: linked entries
+    /// must not be split by a submission.
+    fn push_linked_pair(&mut self, first: squeue::Entry, second: squeue::Entry) {
         let room = {
             let sq = self.ring.submission();
             sq.capacity() - sq.len()
@@ -444,8 +449,8 @@ impl Shard {
             self.stats.syscalls += 1;
             let _ = self.ring.submit();
         }
-        self.push(open_src);
-        self.push(first_read);
+        self.push(first);
+        self.push(second);
     }
 
     fn task(&mut self, slot: usize) -> &mut Task {

@@ -133,16 +133,7 @@ impl Shard {
         self.task(slot).ops_pending += 2;
         let op = sqe.flags(squeue::Flags::IO_LINK).user_data(user_data(slot, step));
         let timeout = opcode::LinkTimeout::new(ts).build().user_data(user_data(slot, Step::Timeout));
-        let room = {
-            let sq = self.ring.submission();
-            sq.capacity() - sq.len()
-        };
-        if room < 2 {
-            self.stats.syscalls += 1;
-            let _ = self.ring.submit();
-        }
-        self.push(op);
-        self.push(timeout);
+        self.push_linked_pair(op, timeout);
     }
 
     /// SendJob: send what is left of the frame.
