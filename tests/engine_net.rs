@@ -7,8 +7,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fastsync_engine::net::{HEAD_ROOM_BYTES, HeadFn};
@@ -18,27 +18,9 @@ use fastsync_uring::UringEngine;
 
 const BLOCK_BYTES: usize = 1 << 20;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("fastsync-engine-net-{}-{n}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A directory removed at the end of the test.
+fn tempdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("fastsync-engine-net-{name}-")).tempdir().unwrap()
 }
 
 fn start(engine: &dyn Engine) -> Session {
@@ -157,8 +139,8 @@ const LONG: Duration = Duration::from_secs(30);
 /// Frames go out whole: head then payload, the digest that of the payload, on both the copying and (uring) the
 /// zero-copy send; the peer reads them with plain `read`.
 fn sends_head_and_payload(engine: &dyn Engine) {
-    let dir = TempDir::new("send");
-    let path = dir.join("src");
+    let dir = tempdir("send");
+    let path = dir.path().join("src");
     let data = content(900 << 10, 1);
     fs::write(&path, &data).unwrap();
     let file = File::open(&path).unwrap();
@@ -188,8 +170,8 @@ fn sends_head_and_payload(engine: &dyn Engine) {
 /// A file shorter than asked: the frame carries what there is (complete, with its digest), and a range past the end
 /// sends nothing at all.
 fn short_file_sends_what_there_is(engine: &dyn Engine) {
-    let dir = TempDir::new("short");
-    let path = dir.join("src");
+    let dir = tempdir("short");
+    let path = dir.path().join("src");
     let data = content(100_000, 2);
     fs::write(&path, &data).unwrap();
     let file = File::open(&path).unwrap();
@@ -210,8 +192,8 @@ fn short_file_sends_what_there_is(engine: &dyn Engine) {
 
 /// A payload, part of which the caller had already read, is checked and written at its offset.
 fn receives_checks_and_writes(engine: &dyn Engine) {
-    let dir = TempDir::new("recv");
-    let path = dir.join("dst");
+    let dir = tempdir("recv");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     file.set_len(2 << 20).unwrap();
     let session = start(engine);
@@ -244,8 +226,8 @@ fn receives_checks_and_writes(engine: &dyn Engine) {
 /// The gate decides, after the payload was checked, whether it is written: refused, nothing is written and the
 /// job completes with 0 bytes (and the connection is in step); allowed, the bytes are written.
 fn the_gate_decides_whether_a_checked_payload_is_written(engine: &dyn Engine) {
-    let dir = TempDir::new("gate");
-    let path = dir.join("dst");
+    let dir = tempdir("gate");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     file.set_len(1 << 20).unwrap();
     let session = start(engine);
@@ -280,8 +262,8 @@ fn the_gate_decides_whether_a_checked_payload_is_written(engine: &dyn Engine) {
 
 /// A payload whose digest does not match is consumed (the connection stays in step) and never written.
 fn digest_mismatch_writes_nothing(engine: &dyn Engine) {
-    let dir = TempDir::new("mismatch");
-    let path = dir.join("dst");
+    let dir = tempdir("mismatch");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     file.set_len(1 << 20).unwrap();
     let session = start(engine);
@@ -303,8 +285,8 @@ fn digest_mismatch_writes_nothing(engine: &dyn Engine) {
 
 /// A peer that closes mid-payload fails the job as a connection error.
 fn peer_closing_mid_payload_fails(engine: &dyn Engine) {
-    let dir = TempDir::new("closed");
-    let path = dir.join("dst");
+    let dir = tempdir("closed");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -320,8 +302,8 @@ fn peer_closing_mid_payload_fails(engine: &dyn Engine) {
 
 /// A peer that sends nothing (or too little) is detected after the timeout of no progress, not hung on.
 fn stalled_peer_times_out(engine: &dyn Engine) {
-    let dir = TempDir::new("stall");
-    let path = dir.join("dst");
+    let dir = tempdir("stall");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -339,8 +321,8 @@ fn stalled_peer_times_out(engine: &dyn Engine) {
 /// A peer that sends slowly but steadily is not a stall: the timeout is "no progress for that long", not a deadline
 /// for the whole payload (here 1.2 s of trickle against a 400 ms timeout).
 fn a_slow_but_moving_peer_is_not_a_stall(engine: &dyn Engine) {
-    let dir = TempDir::new("trickle");
-    let path = dir.join("dst");
+    let dir = tempdir("trickle");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -365,8 +347,8 @@ fn a_slow_but_moving_peer_is_not_a_stall(engine: &dyn Engine) {
 
 /// A receiver that stops reading stalls a send; it fails with TimedOut after the timeout.
 fn stalled_receiver_times_out_a_send(engine: &dyn Engine) {
-    let dir = TempDir::new("stallsend");
-    let path = dir.join("src");
+    let dir = tempdir("stallsend");
+    let path = dir.path().join("src");
     let len = BLOCK_BYTES - HEAD_ROOM_BYTES;
     fs::write(&path, content(len, 7)).unwrap();
     let file = File::open(&path).unwrap();
@@ -398,8 +380,8 @@ fn stalled_receiver_times_out_a_send(engine: &dyn Engine) {
 
 /// A payload larger than a slot (after the head room) fails before the socket is touched.
 fn payload_larger_than_a_slot_is_refused(engine: &dyn Engine) {
-    let dir = TempDir::new("large");
-    let path = dir.join("src");
+    let dir = tempdir("large");
+    let path = dir.path().join("src");
     fs::write(&path, content(BLOCK_BYTES, 8)).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
@@ -417,8 +399,8 @@ fn payload_larger_than_a_slot_is_refused(engine: &dyn Engine) {
 /// With a direct descriptor, the aligned part goes through it and the ragged end through the page cache; the file
 /// holds exactly the payload.
 fn receives_into_a_direct_descriptor(engine: &dyn Engine) {
-    let dir = TempDir::new("direct");
-    let path = dir.join("dst");
+    let dir = tempdir("direct");
+    let path = dir.path().join("dst");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let Ok(direct) = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path) else {
         eprintln!("no O_DIRECT on {}: skipped", path.display());
@@ -444,8 +426,8 @@ fn receives_into_a_direct_descriptor(engine: &dyn Engine) {
 
 /// After a cancel, a socket job completes as interrupted without touching the socket.
 fn cancelled_jobs_leave_the_socket_alone(engine: &dyn Engine) {
-    let dir = TempDir::new("cancel");
-    let path = dir.join("src");
+    let dir = tempdir("cancel");
+    let path = dir.path().join("src");
     fs::write(&path, content(10_000, 10)).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
@@ -463,8 +445,8 @@ fn cancelled_jobs_leave_the_socket_alone(engine: &dyn Engine) {
 /// Many socket jobs from many threads at once, more than the shards have slots: each gets its own completion and
 /// every frame arrives whole on its own connection.
 fn many_threads_share_the_shards(engine: &dyn Engine) {
-    let dir = TempDir::new("threads");
-    let path = dir.join("src");
+    let dir = tempdir("threads");
+    let path = dir.path().join("src");
     let data = content(BLOCK_BYTES - HEAD_ROOM_BYTES, 11);
     fs::write(&path, &data).unwrap();
     let session = start(engine);
