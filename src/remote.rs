@@ -538,6 +538,10 @@ impl Stream {
         let mut broke: Option<String> = None;
         let mut redial: Option<String> = None;
         loop {
+            if interrupt::received().is_some() {
+                // Ctrl-C: the request in flight finished; stop before the next one, on every stream.
+                self.stop.store(true, Ordering::Release);
+            }
             if self.stop.load(Ordering::Acquire) {
                 return Err(StreamError::Stopped);
             }
@@ -934,8 +938,12 @@ fn worker<T: PoolTask>(mut stream: Stream, rx: &Receiver<T>, done: &Sender<Done>
         {
             tasks.push(t);
         }
+        if interrupt::received().is_some() {
+            // Ctrl-C: the tasks in flight finish; the queued ones are dropped, here and on every other stream.
+            stop.store(true, Ordering::Release);
+        }
         if stop.load(Ordering::Acquire) {
-            // Dropped: a pulled file's temporary goes with it.
+            // Dropped: a pulled file's temporary goes with it (a resumable part stays for the rerun).
             continue;
         }
         if let Err(e) = work(&mut stream, tasks, done) {
@@ -1524,6 +1532,10 @@ impl<'a> Push<'a> {
         });
         for (offset, len) in parts {
             let core = &mut self.core;
+            // Ctrl-C stops a large file between ranges: the ranges sent finish, the server keeps the part for a rerun.
+            if core.run.halted() {
+                return;
+            }
             if !self.pool.send(PushTask::Range { big: big.clone(), offset, len }, &mut |d| core.on_event(d)) {
                 return;
             }
@@ -3391,6 +3403,10 @@ impl<'a> Pull<'a> {
         });
         for (offset, len) in parts {
             let core = &mut self.core;
+            // Ctrl-C stops a large file between ranges: the ranges fetched are journaled, the part kept for a rerun.
+            if core.run.halted() {
+                return;
+            }
             if !self.pool.send(PullTask::Range { big: big.clone(), offset, len }, &mut |d| core.on_event(d)) {
                 return;
             }

@@ -293,6 +293,55 @@ fn small_files_share_round_trips() {
     assert!(bursts < 100, "{bursts} bursts of requests for 300 small files: not batched");
 }
 
+/// Ctrl-C during a large push stops it after the chunk each stream is sending: the rest of its ranges and the queued
+/// ones are dropped (before, every range already queued was still sent, so the whole file was finished first), the
+/// server keeps the part and its journal, and the rerun moves only what is missing. A slow path (the proxy holds every
+/// read 10 ms) keeps the file in flight.
+#[test]
+fn ctrl_c_stops_a_large_push_after_the_chunks_in_flight() {
+    let c = Case::new();
+    let srv = c.serve();
+    let size: u64 = 96 * MIB;
+    let src = c.path("src/big.bin");
+    mkdirs(&c.path("src"));
+    write_big_file(&src, 0xC7C, size);
+    let proxy = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
+    let child = std::process::Command::new(bin())
+        .arg("--token-file")
+        .arg(&c.token)
+        .args(["copy", "--streams", "4"])
+        .arg(&src)
+        .arg(proxy.url("up/big.bin"))
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the part holds data, and a little later (some chunks acknowledged).
+    let part = srv.root.join("up/.big.bin.fstmp-part");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !part.metadata().is_ok_and(|m| m.len() > 0) {
+        assert!(Instant::now() < deadline, "the push never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a plain syscall on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let final_name = srv.root.join("up/big.bin");
+    assert!(!final_name.exists(), "the file was finished after Ctrl-C");
+    assert!(part.exists(), "the part was not kept for the rerun");
+    let out = c.cmd().args(["copy", "--json"]).arg(&src).arg(srv.url("up/big.bin")).run();
+    out.assert_success();
+    let moved = json_summary(&out)["bytes"].as_u64().unwrap();
+    assert!(moved < size, "the rerun moved {moved} of {size} bytes: nothing was resumed");
+    assert_eq!(digest(&final_name), digest(&src));
+    assert!(!part.exists(), "the part stayed after the rerun");
+}
+
 /// A file of a batch that the server refuses (a directory is where it must go) fails alone, with one line; the rest
 /// of the batch arrives exact.
 #[test]
