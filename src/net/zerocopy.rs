@@ -680,6 +680,24 @@ pub fn get_into_file(
             discard(r, h.len).map_err(|e| broken(r, &e))?;
             continue;
         }
+        if shards.is_some() && h.len < shards::PAYLOAD_BYTES_MIN {
+            // A small payload stays on this thread (the hand-off would cost more): read, checked, then written.
+            let mut bytes = vec![0u8; h.len];
+            read_exact_direct(r, &mut bytes).map_err(|e| broken(r, &e))?;
+            if client::digest(&bytes) != h.digest {
+                failure = Some(corrupt_chunk(at));
+                continue;
+            }
+            let written = match direct {
+                Some(d) => d.write_at(file, &bytes, at),
+                None => file.write_all_at(&bytes, at),
+            };
+            match written {
+                Ok(()) => on_bytes(n),
+                Err(e) => failure = Some(GetError::Sink(e)),
+            }
+            continue;
+        }
         if let Some(shards) = shards {
             // The payload's first bytes may sit in the reader: they go with the job, and the shard takes the rest
             // from the socket, checks the digest, and only then writes.
@@ -689,9 +707,7 @@ pub fn get_into_file(
                 Ok(Received::Refused) => unreachable!("a pull's receive has no gate"),
                 // The payload was consumed: the connection is in step, the file failed.
                 Ok(Received::Mismatch) => {
-                    failure = Some(GetError::Corrupt(format!(
-                        "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
-                    )));
+                    failure = Some(corrupt_chunk(at));
                 }
                 Ok(Received::File(e)) => failure = Some(GetError::Sink(e)),
                 Err(e) => return Err(GetError::Req(lost_on_shard(&addr, &e))),
@@ -702,9 +718,7 @@ pub fn get_into_file(
             Ok(()) => match range_matches(file, at, h.len, &h.digest) {
                 Ok(true) => on_bytes(n),
                 Ok(false) => {
-                    failure = Some(GetError::Corrupt(format!(
-                        "the BLAKE3 digest of the chunk at offset {at} does not match its bytes"
-                    )));
+                    failure = Some(corrupt_chunk(at));
                 }
                 Err(e) => failure = Some(GetError::Sink(e)),
             },
@@ -712,6 +726,11 @@ pub fn get_into_file(
             Err(SpliceError::Socket(e)) => return Err(broken(r, &e)),
         }
     }
+}
+
+/// The failure of a chunk whose bytes do not match its digest (the rest of the answer is still read).
+fn corrupt_chunk(at: u64) -> GetError {
+    GetError::Corrupt(format!("the BLAKE3 digest of the chunk at offset {at} does not match its bytes"))
 }
 
 /// A chunk or hole of a `Get` answer must be the next bytes of the range: otherwise the conversation cannot be
