@@ -97,7 +97,8 @@ pub fn run(
         shards: config.shards,
         direct_ok,
         engine,
-        scan_threads: config.shards.min(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        // The walk thread looks entries up too while it waits for the scanner threads (scan.rs).
+        scan_threads: config.shards.min(std::thread::available_parallelism().map_or(1, |n| n.get())).saturating_sub(1),
         config,
         session: None,
         scanner: None,

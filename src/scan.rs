@@ -8,7 +8,9 @@
 //! names, hands the rest of the directory stream on as the request for the next chunk, and only then looks the
 //! names up, so that the threads stat consecutive chunks of one large directory at the same time (most entries of
 //! a real tree are in a few large directories). The executor still walks depth-first and decides everything; the
-//! scanner only reads. Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, a
+//! scanner only reads. When the walk needs a chunk that is not ready, it reads queued requests itself rather than
+//! sleeping until a scanner thread has (a sleep and a wake-up per chunk cost more than the chunk on a virtual machine):
+//! a no-op sync of 52,000 files went from about 0.20 s to 0.165 s on 2 cores, with one scanner thread beside the walk. Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, a
 //! directory the walk is in has at most [`AHEAD_CHUNKS`] chunks on their way, and the walk asks only for the next
 //! [`AHEAD_SUBDIRS`] subdirectories of each directory on its path, so what is read ahead is what it needs soonest.
 
@@ -106,6 +108,8 @@ struct Chunk {
 /// The scanner threads and the directories read ahead.
 pub struct Scanner {
     tx: Sender<Request>,
+    /// The request queue, for the walk to read from while it waits ([`Scanner::wait_for`]).
+    rx: Receiver<Request>,
     /// Dropped to tell the threads to exit (they hold senders of the request queue themselves, to pass a
     /// directory's stream on, so the queue never disconnects).
     shutdown: Option<Sender<()>>,
@@ -136,18 +140,30 @@ impl Scanner {
                         recv(rx) -> req => match req { Ok(req) => req, Err(_) => break },
                         recv(shutdown_rx) -> _ => break,
                     };
-                    if stopping.load(Ordering::Relaxed) {
-                        continue;
+                    if !stopping.load(Ordering::Relaxed) {
+                        serve(req, &tx);
                     }
-                    let reply = req.reply.clone();
-                    let chunk = read_chunk(req, &tx);
-                    // The walk may have stopped (interrupted): nobody listens any more.
-                    let _ = reply.send(chunk);
                 }
             })?;
             handles.push(handle);
         }
-        Ok(Scanner { tx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new(), count_dst })
+        Ok(Scanner { tx, rx, shutdown: Some(shutdown), stopping, threads: handles, ahead: HashMap::new(), count_dst })
+    }
+
+    /// The chunk `rx` brings, reading queued requests while it is not there: the walk does a scanner thread's work
+    /// instead of sleeping until one has done it. A sleep and a wake-up per chunk cost more than a chunk's lookups
+    /// on a virtual machine, and the walk thread is one more core's worth of `stat`s (so [`Scanner::new`] needs one
+    /// thread fewer than there are cores).
+    fn wait_for(&self, rx: &Receiver<Chunk>) -> io::Result<Chunk> {
+        loop {
+            if let Ok(chunk) = rx.try_recv() {
+                return Ok(chunk);
+            }
+            match self.rx.try_recv() {
+                Ok(req) => serve(req, &self.tx),
+                Err(_) => return rx.recv().map_err(|_| io::Error::other("directory scanner stopped")),
+            }
+        }
     }
 
     fn target(&self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> Target {
@@ -251,7 +267,7 @@ impl DirScan {
     /// Wait for the next chunk and ask for the one after it at once.
     fn fill(&mut self, scanner: &Scanner) -> io::Result<()> {
         let Some(rx) = self.next.take() else { return Ok(()) };
-        let chunk = rx.recv().map_err(|_| io::Error::other("directory scanner stopped"))?;
+        let chunk = scanner.wait_for(&rx)?;
         self.budget.outstanding.fetch_sub(1, Ordering::AcqRel);
         self.next = match (chunk.next, chunk.rest) {
             (Some(next), _) => Some(next),
@@ -276,6 +292,14 @@ impl DirScan {
             }
         }
     }
+}
+
+/// Read the chunk `req` asks for and send it to whoever asked.
+fn serve(req: Request, queue: &Sender<Request>) {
+    let reply = req.reply.clone();
+    let chunk = read_chunk(req, queue);
+    // The walk may have stopped (interrupted): nobody listens any more.
+    let _ = reply.send(chunk);
 }
 
 /// Read the next chunk of a directory (opening it first when `rest` is `None`), with the metadata of each entry. When
