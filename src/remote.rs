@@ -2834,8 +2834,12 @@ struct TempFile {
 struct Resumable {
     tmp: TempFile,
     journal: Journal,
-    recorded: HashSet<(u64, u64)>,
+    recorded: Recorded,
 }
+
+/// The ranges an earlier run recorded, by their first byte: the longest recorded from each offset (a range that
+/// was interrupted records the part it received, and a later run may record the whole).
+type Recorded = HashMap<u64, u64>;
 
 impl TempFile {
     /// A private temporary for `final_name`: unnamed where the filesystem allows (nothing left behind if this
@@ -2895,7 +2899,12 @@ impl TempFile {
             committed: AtomicBool::new(false),
             keep: AtomicBool::new(true),
         };
-        Ok(Some(Resumable { tmp, journal, recorded: recorded.into_iter().collect() }))
+        let mut longest = Recorded::new();
+        for (offset, len) in recorded {
+            let n = longest.entry(offset).or_insert(0);
+            *n = (*n).max(len);
+        }
+        Ok(Some(Resumable { tmp, journal, recorded: longest }))
     }
 
     /// Put the complete file under `final_name`: link the unnamed file there, or rename the temporary over
@@ -2945,7 +2954,7 @@ struct BigPull {
     tmp: TempFile,
     /// Resumable: the journal, and the ranges an earlier run recorded (compared by digest before they are reused).
     journal: Option<Journal>,
-    recorded: HashSet<(u64, u64)>,
+    recorded: Recorded,
     ranges_left: AtomicUsize,
     failure: Mutex<Option<String>>,
     changed: AtomicBool,
@@ -3382,7 +3391,7 @@ impl<'a> Pull<'a> {
         };
         let created = match TempFile::resumable(&file.dir_fd, &file.name, &file.meta) {
             Ok(Some(r)) => Ok((r.tmp, Some(r.journal), r.recorded)),
-            Ok(None) => TempFile::create(&file.dir_fd, &file.name).map(|t| (t, None, HashSet::new())),
+            Ok(None) => TempFile::create(&file.dir_fd, &file.name).map(|t| (t, None, Recorded::new())),
             Err(e) => Err(e),
         };
         let (tmp, journal, recorded) = match created {
@@ -3968,12 +3977,25 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
         }
         PullTask::Range { big, offset, len } => {
             let f = &big.file;
-            // A range an interrupted run recorded is reused when the server's bytes still hash the same.
-            let reused = big.failure.lock().expect("not poisoned").is_none()
-                && big.recorded.contains(&(offset, len))
-                && same_range(stream, f, &big.tmp.file, offset, len, done)?;
-            if !reused && big.failure.lock().expect("not poisoned").is_none() {
-                let failure = match fetch(stream, f, &f.meta, &big.tmp, offset, len, done)? {
+            let failed = || big.failure.lock().expect("not poisoned").is_some();
+            // What an interrupted run recorded of this range (all of it, or the part it had received) is reused
+            // when the server's bytes still hash the same.
+            let recorded = big.recorded.get(&offset).map_or(0, |&n| n.min(len));
+            let reused = if recorded > 0 && !failed() && same_range(stream, f, &big.tmp.file, offset, recorded, done)? {
+                recorded
+            } else {
+                0
+            };
+            if reused < len && !failed() {
+                let got = std::cell::Cell::new(offset + reused);
+                let fetched = fetch(stream, f, &f.meta, &big.tmp, offset + reused, len - reused, &got, done);
+                if let (Err(StreamError::Stopped), Some(j)) = (&fetched, &big.journal)
+                    && got.get() > offset
+                {
+                    // Stopped in the middle of the range (Ctrl-C): the next run reuses what arrived.
+                    let _ = j.record(offset, got.get() - offset);
+                }
+                let failure = match fetched? {
                     Ok(end) if (end.size, end.mtime) != (f.meta.size, mtime_of(&f.meta)) => {
                         big.changed.store(true, Ordering::Release);
                         None
@@ -4029,7 +4051,9 @@ fn pull_task(stream: &mut Stream, cfg: &PullCfg, task: PullTask, done: &Sender<D
 
 /// `Get` `[offset, offset + len)` of `f` into `tmp`, each chunk written in place once its digest is checked. When
 /// the connection breaks, the rest of the range (from the first byte not yet received) is asked for again on a new
-/// connection: what was received and checked is not fetched again.
+/// connection: what was received and checked is not fetched again. `next` starts at `offset` and follows the first
+/// byte not yet received (also when the run stops meanwhile).
+#[allow(clippy::too_many_arguments)]
 fn fetch(
     stream: &mut Stream,
     f: &PullFile,
@@ -4037,12 +4061,13 @@ fn fetch(
     tmp: &TempFile,
     offset: u64,
     len: u64,
+    next: &std::cell::Cell<u64>,
     done: &Sender<Done>,
 ) -> Result<Result<client::DataEnd, GetError>, StreamError> {
     let url = url_of(stream.addr(), &f.remote);
     let end = offset.saturating_add(len);
     let doing = Doing::pull(&url, &format!("bytes {offset}..{end}, resuming at the first byte not yet received"));
-    let next = std::cell::Cell::new(offset);
+    next.set(offset);
     stream.retry(&doing, done, |conn, _| {
         let from = next.get();
         // Each chunk is handed over once its digest is checked and it is written (in order, from `from`).
@@ -4205,7 +4230,7 @@ fn pull_whole(
             Ok(t) => t.direct_for(meta.size, cfg.direct_io),
             Err(e) => return Ok(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
         };
-        let end = match fetch(stream, f, &meta, &tmp, 0, meta.size, done)? {
+        let end = match fetch(stream, f, &meta, &tmp, 0, meta.size, &std::cell::Cell::new(0), done)? {
             Ok(end) => end,
             Err(e) => return Ok(Err(get_failure(stream.addr(), f, e))),
         };

@@ -9,6 +9,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use common::lan::*;
@@ -339,6 +340,58 @@ fn ctrl_c_stops_a_large_push_after_the_chunks_in_flight() {
     let moved = json_summary(&out)["bytes"].as_u64().unwrap();
     assert!(moved < size, "the rerun moved {moved} of {size} bytes: nothing was resumed");
     assert_eq!(digest(&final_name), digest(&src));
+    assert!(!part.exists(), "the part stayed after the rerun");
+}
+
+/// Ctrl-C during a large pull stops every stream after the chunk it is receiving, in the middle of its range (before,
+/// each stream finished its range first, up to 32 MiB: here the whole file); the part and the journal stay, the
+/// journal records what each range had received, and the rerun fetches only the rest. A slow path (the proxy holds
+/// every read 10 ms) keeps the ranges in flight.
+#[test]
+fn ctrl_c_stops_a_large_pull_in_the_middle_of_its_ranges() {
+    let c = Case::new();
+    let srv = c.serve();
+    let size: u64 = 96 * MIB;
+    let remote = srv.root.join("pub/big.bin");
+    mkdirs(&srv.root.join("pub"));
+    write_big_file(&remote, 0xC7D, size);
+    let proxy = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
+    let dst = c.path("dst");
+    mkdirs(&dst);
+    let child = std::process::Command::new(bin())
+        .arg("--token-file")
+        .arg(&c.token)
+        .args(["copy", "--streams", "4"])
+        .arg(proxy.url("pub/big.bin"))
+        .arg(dst.join("big.bin"))
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the part holds data (it is created at its full size, sparse), and a little later.
+    let part = dst.join(".big.bin.fstmp-part");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !part.metadata().is_ok_and(|m| m.blocks() > 0) {
+        assert!(Instant::now() < deadline, "the pull never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a plain syscall on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(!dst.join("big.bin").exists(), "the file was finished after Ctrl-C");
+    assert!(part.exists(), "the part was not kept for the rerun");
+    let journal = fs::read_to_string(dst.join(".big.bin.fstmp-journal")).expect("the journal was kept");
+    assert!(journal.lines().count() > 1, "no range recorded what it had received:\n{journal}");
+    let out = c.cmd().args(["copy", "--json"]).arg(srv.url("pub/big.bin")).arg(dst.join("big.bin")).run();
+    out.assert_success();
+    let moved = json_summary(&out)["bytes"].as_u64().unwrap();
+    assert!(moved < size, "the rerun moved {moved} of {size} bytes: nothing was resumed");
+    assert_eq!(digest(&dst.join("big.bin")), digest(&remote));
     assert!(!part.exists(), "the part stayed after the rerun");
 }
 

@@ -86,6 +86,16 @@ impl From<ReqError> for GetError {
     }
 }
 
+/// Ctrl-C between two chunks of a `Get`'s answer: the rest of it is not read and the connection is given up, so that
+/// the stream stops now rather than after its whole range (up to 32 MiB); what was checked and written stays for the
+/// rerun. The caller's retry sees the signal and stops instead of dialling again.
+pub fn stop_if_interrupted(addr: &str) -> Result<(), GetError> {
+    match crate::interrupt::received() {
+        Some(_) => Err(GetError::Req(ReqError::Broken(format!("connection to {addr} given up: interrupted")))),
+        None => Ok(()),
+    }
+}
+
 /// The end of a `Get`: the file's size and mtime after it was read, and where the data ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataEnd {
@@ -438,6 +448,7 @@ impl Connection {
         let mut next = offset;
         let mut failure: Option<GetError> = None;
         loop {
+            stop_if_interrupted(&self.addr)?;
             match self.recv()? {
                 Msg::Data { offset: at, digest: d, bytes } => {
                     if at != next || bytes.is_empty() || at.saturating_add(bytes.len() as u64) > end {

@@ -633,6 +633,7 @@ pub fn get_into_file(
     let mut next = offset;
     let mut failure: Option<GetError> = None;
     loop {
+        client::stop_if_interrupted(&addr)?;
         let mut head = [0u8; wire::DATA_HEAD_BYTES];
         read_exact_direct(r, &mut head[..5]).map_err(|e| broken(r, &e))?;
         if head[4] != wire::KIND_DATA {
