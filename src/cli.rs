@@ -296,7 +296,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     if let Command::List(a) = &cli.command {
         refuse_foreign_scheme(&a.path)?;
         if crate::net::url::is_url(&a.path) {
-            // A fastsync:// listing (src/remote.rs).
+            // A fastsync:// listing (src/remote/listing.rs).
             let net =
                 crate::remote::NetOptions { wishes, ..crate::remote::NetOptions::new(1, g.token_file.as_deref()) };
             return crate::remote::list(a, g.json, &net).or_else(crate::remote::Failure::into_exit);
@@ -348,7 +348,7 @@ fn run(cli: &Cli, sub: Option<&ArgMatches>) -> Result<i32, Error> {
     };
     interrupt::install();
     let mut summary = if crate::remote::involved(&t.src, &t.dst) {
-        // A fastsync:// side: a LAN transfer (src/remote.rs).
+        // A fastsync:// side: a LAN transfer (src/remote/).
         let streams = t.streams.map_or(crate::net::streams::STREAMS_MIN, usize::from);
         let net = crate::remote::NetOptions {
             wishes,

@@ -398,7 +398,7 @@ impl<W: Write> Lister<W> {
 }
 
 /// One entry's line (newline included), with a digest column when `digest` is given (`--checksum`): shared with
-/// remote listings (`src/remote.rs`).
+/// remote listings (`src/remote/listing.rs`).
 pub(crate) fn entry_line(e: &Entry, human: bool, json: bool, digest: Option<&Digest>) -> Vec<u8> {
     let mut line = Vec::with_capacity(128);
     if json {
