@@ -1,0 +1,130 @@
+//! Directory tree requests: `Mkdir`, `SetMeta`, `Symlink`, `Link` and `Delete`.
+
+use super::*;
+
+pub(super) fn mkdir(shared: &Shared, rel: &[u8], mode: u32) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create directory", rel, e))?;
+    let Some(name) = &p.name else { return Ok(()) };
+    // SAFETY: valid descriptor and C string.
+    match cvt(unsafe { libc::mkdirat(p.raw(), name.as_ptr(), (mode & 0o7777) as libc::mode_t) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            if is_dir_at(p.raw(), name) {
+                Ok(())
+            } else {
+                Err(Fail::new(code::IO, format!("cannot create directory '{}': a non-directory is there", show(rel))))
+            }
+        }
+        Err(e) => Err(Fail::io("cannot create directory", rel, e)),
+    }
+}
+
+/// Give `name` in `dir` (or `dir` itself, with `AT_EMPTY_PATH` and an empty name) to `owner`, never following a
+/// symlink. Not being allowed to give entries away (a server that is not root) is expected: the owner stays the
+/// server's, as with `rsync` run by an ordinary user.
+pub(super) fn chown_at(dir: RawFd, name: &CStr, owner: (u32, u32), flags: libc::c_int, rel: &[u8]) -> Result<(), Fail> {
+    // SAFETY: valid descriptor and C string.
+    match cvt(unsafe { libc::fchownat(dir, name.as_ptr(), owner.0, owner.1, flags | libc::AT_SYMLINK_NOFOLLOW) }) {
+        Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Fail::io("cannot set owner of", rel, e)),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn set_meta(
+    shared: &Shared,
+    rel: &[u8],
+    mode: u32,
+    owner: (u32, u32),
+    mtime: (i64, u32),
+) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+    let mode = (mode & 0o7777) as libc::mode_t;
+    let Some(name) = &p.name else {
+        // The root itself. Owner first: chown clears set-id bits, which the chmod then sets.
+        chown_at(p.raw(), c"", owner, libc::AT_EMPTY_PATH, rel)?;
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+        return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));
+    };
+    let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+    if (st.st_uid, st.st_gid) != owner {
+        chown_at(p.raw(), name, owner, 0, rel)?;
+    }
+    if kind_of(&st) != EntryKind::Symlink {
+        // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
+        // stat, the call fails instead of changing what it points to.
+        cvt(unsafe { libc::fchmodat(p.raw(), name.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
+            .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+    }
+    set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))
+}
+
+pub(super) fn symlink(
+    shared: &Shared,
+    rel: &[u8],
+    target: &[u8],
+    owner: (u32, u32),
+    mtime: (i64, u32),
+) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create symlink", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::IO, "cannot replace the served root with a symlink"));
+    };
+    let target = CString::new(target)
+        .map_err(|_| Fail::new(code::PROTOCOL, format!("symlink '{}': target contains a NUL byte", show(rel))))?;
+    let (tmp, ()) = create_temporary(shared, p.raw(), name, |dir, tmp| {
+        // SAFETY: valid descriptor and C strings.
+        cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, tmp.as_ptr()) }).map(drop)
+    })
+    .map_err(|e| Fail::io("cannot create symlink", rel, e))?;
+    let placed = chown_at(p.raw(), &tmp, owner, 0, rel)
+        .and_then(|()| set_mtime_at(p.raw(), &tmp, mtime).map_err(|e| Fail::io("cannot set times on", rel, e)))
+        .and_then(|()| rename_into_place(p.raw(), &tmp, name, rel));
+    if placed.is_err() {
+        let _ = unlink_at(p.raw(), &tmp, 0);
+    }
+    placed
+}
+
+/// `Link`: `rel` becomes another name of the regular file `target` (both beneath the root), through a temporary
+/// name renamed over whatever `rel` was.
+pub(super) fn link(shared: &Shared, rel: &[u8], target: &[u8]) -> Result<(), Fail> {
+    let t = shared.root.parent(target).map_err(|e| Fail::io("cannot link to", target, e))?;
+    let Some(t_name) = &t.name else {
+        return Err(Fail::new(code::IO, "cannot link to the served root"));
+    };
+    let st = lstat_at(t.raw(), t_name).map_err(|e| Fail::io("cannot link to", target, e))?;
+    if kind_of(&st) != EntryKind::File {
+        return Err(Fail::new(code::IO, format!("cannot link to '{}': not a regular file", show(target))));
+    }
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot create link", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::IO, "cannot replace the served root with a link"));
+    };
+    if is_dir_at(p.raw(), name) {
+        return Err(Fail::new(code::IO, format!("cannot create link '{}': a directory is in the way", show(rel))));
+    }
+    let (tmp, ()) = create_temporary(shared, p.raw(), name, |dir, tmp| {
+        // SAFETY: valid descriptors and C strings; flags 0: a symlink is never followed.
+        cvt(unsafe { libc::linkat(t.raw(), t_name.as_ptr(), dir, tmp.as_ptr(), 0) }).map(drop)
+    })
+    .map_err(|e| Fail::io("cannot create link", rel, e))?;
+    let placed = rename_into_place(p.raw(), &tmp, name, rel);
+    if placed.is_err() {
+        let _ = unlink_at(p.raw(), &tmp, 0);
+    }
+    placed
+}
+
+pub(super) fn delete(shared: &Shared, rel: &[u8]) -> Result<(), Fail> {
+    let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot delete", rel, e))?;
+    let Some(name) = &p.name else {
+        return Err(Fail::new(code::PERMISSION, "refusing to delete the served root"));
+    };
+    let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot delete", rel, e))?;
+    if kind_of(&st) == EntryKind::Dir {
+        remove_tree(p.raw(), name).map_err(|e| Fail::io("cannot delete", rel, e))
+    } else {
+        unlink_at(p.raw(), name, 0).map_err(|e| Fail::io("cannot delete", rel, e))
+    }
+}
