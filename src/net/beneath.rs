@@ -56,7 +56,7 @@ fn open_dir_at(dir: RawFd, name: &CString) -> io::Result<OwnedFd> {
             _ => false,
         };
         if symlink {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a symlink on the way is not followed"));
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, SYMLINK_ON_THE_WAY));
         }
         return Err(e);
     }
@@ -92,9 +92,20 @@ impl Root {
         self.fd.as_raw_fd()
     }
 
-    /// Open the directory `rel` (a wire path; `""` is the root) beneath the root, following no symlink.
+    /// Open the directory `rel` (a wire path; `""` is the root) beneath the root, following no symlink: in one
+    /// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel has it, else one component at a time.
     pub fn dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
         let parts = safe_components(rel).map_err(|m| io::Error::new(io::ErrorKind::PermissionDenied, m))?;
+        if !parts.is_empty()
+            && let Some(r) = openat2_dir(self.raw(), rel)
+        {
+            return r;
+        }
+        self.dir_walk(&parts)
+    }
+
+    /// [`Root::dir`] one component at a time, each opened with `O_NOFOLLOW | O_DIRECTORY` relative to the last.
+    fn dir_walk(&self, parts: &[&[u8]]) -> io::Result<OwnedFd> {
         // SAFETY: duplicating our own descriptor.
         let dup = unsafe { libc::fcntl(self.raw(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
@@ -102,7 +113,7 @@ impl Root {
         }
         // SAFETY: a fresh descriptor, owned by nobody else.
         let mut cur = unsafe { OwnedFd::from_raw_fd(dup) };
-        for part in parts {
+        for &part in parts {
             cur = open_dir_at(cur.as_raw_fd(), &cname(part)?)?;
         }
         Ok(cur)
@@ -134,6 +145,64 @@ impl Root {
         }
         Ok(Parent { dir: self.dir(&dir_path)?, name: Some(cname(last)?) })
     }
+}
+
+/// What a symlink on the way of a path that must not follow any is reported as.
+const SYMLINK_ON_THE_WAY: &str = "a symlink on the way is not followed";
+
+/// Set once `openat2` turned out to be missing (an old kernel, or a seccomp profile that refuses it): the walk is
+/// used from then on.
+#[cfg(target_os = "linux")]
+static NO_OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The directory `rel` (checked by `safe_components`, not empty) opened by the kernel in one call, refusing any
+/// symlink on the way; `None` where `openat2` is unavailable (the caller walks instead).
+#[cfg(target_os = "linux")]
+fn openat2_dir(root: RawFd, rel: &[u8]) -> Option<io::Result<OwnedFd>> {
+    use std::sync::atomic::Ordering;
+    if NO_OPENAT2.load(Ordering::Relaxed) {
+        return None;
+    }
+    let path = match cname(rel) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // A rename elsewhere in the tree during the walk makes the kernel answer EAGAIN: try again a few times.
+    for _ in 0..16 {
+        // SAFETY: valid descriptor, C string and open_how of the size passed; the result is owned below.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, root, path.as_ptr(), &how as *const libc::open_how, size_of_val(&how))
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor.
+            return Some(Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }));
+        }
+        let e = io::Error::last_os_error();
+        return Some(Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) => continue,
+            // RESOLVE_NO_SYMLINKS: a symlink anywhere on the way, the last component included.
+            Some(libc::ELOOP) => io::Error::new(io::ErrorKind::PermissionDenied, SYMLINK_ON_THE_WAY),
+            Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
+            // Something on the way is not a directory: the walk says which (a symlink, with O_DIRECTORY, is one).
+            Some(libc::ENOTDIR) => return None,
+            // No openat2 here (ENOSYS; EPERM from some seccomp profiles), or not these flags (E2BIG, EINVAL).
+            Some(libc::ENOSYS | libc::EPERM | libc::E2BIG | libc::EINVAL) => {
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+                return None;
+            }
+            _ => e,
+        }));
+    }
+    Some(Err(io::Error::new(io::ErrorKind::Interrupted, "the tree kept changing while the path was resolved")))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn openat2_dir(_root: RawFd, _rel: &[u8]) -> Option<io::Result<OwnedFd>> {
+    None
 }
 
 /// What a followed symlink that would leave the root is reported as.
@@ -192,12 +261,29 @@ mod tests {
         std::fs::create_dir_all(base.join("outside")).unwrap();
         std::os::unix::fs::symlink(base.join("outside"), root.join("escape")).unwrap();
         std::os::unix::fs::symlink("a", root.join("inner_link")).unwrap();
+        std::fs::write(root.join("a/file"), b"").unwrap();
         let r = Root::open(&root).unwrap();
         assert!(r.dir(b"a/b").is_ok());
         let p = r.parent(b"a/b/new").unwrap();
         assert_eq!(p.name.unwrap().as_bytes(), b"new");
         for bad in [&b"escape"[..], b"escape/x", b"inner_link/b", b"../outside", b"/etc", b"a/../../outside"] {
             assert!(r.dir(bad).is_err(), "{} opened", String::from_utf8_lossy(bad));
+        }
+        // The kernel's resolution (openat2) and the walk agree on every answer, and on the words of each refusal.
+        let walk = |rel: &[u8]| r.dir_walk(&safe_components(rel).unwrap());
+        for rel in [&b"a"[..], b"a/b", b"escape", b"escape/x", b"inner_link", b"inner_link/b", b"a/file", b"a/nope/c"] {
+            let (one, other) = (r.dir(rel), walk(rel));
+            let shown = String::from_utf8_lossy(rel);
+            match (one, other) {
+                (Ok(_), Ok(_)) => {}
+                (Err(a), Err(b)) => {
+                    assert_eq!((a.kind(), a.to_string()), (b.kind(), b.to_string()), "{shown}");
+                    if ["escape", "escape/x", "inner_link", "inner_link/b"].contains(&&*shown) {
+                        assert_eq!(a.to_string(), SYMLINK_ON_THE_WAY, "{shown}");
+                    }
+                }
+                (a, b) => panic!("{shown}: dir {:?}, walk {:?}", a.map(|_| ()), b.map(|_| ())),
+            }
         }
         assert!(r.parent(b"escape/file").is_err());
         // The final component itself is not resolved by `parent`: callers use *at calls with NOFOLLOW on it.
