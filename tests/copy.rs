@@ -35,6 +35,7 @@ both_engines!(
     large_files,
     huge_file,
     full_disk_fails_cleanly,
+    unnamed_files_link_through_proc_where_by_descriptor_is_refused,
     direct_io_exact,
     direct_io_verify_exact,
     buffered_io_exact,
@@ -1237,9 +1238,7 @@ fn engine_auto_reports_a_real_engine() {
 /// `strace` making `io_uring_setup` fail the way a container's seccomp profile or `kernel.io_uring_disabled` does.
 /// Returns `None` (and says so) where strace is missing or cannot trace here.
 fn under_failing_io_uring(errno: &str) -> Option<Cmd> {
-    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
-    if probe.code != Some(0) {
-        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
+    if !strace_usable() {
         return None;
     }
     let inject = format!("inject=io_uring_setup:error={errno}");
@@ -1248,6 +1247,58 @@ fn under_failing_io_uring(errno: &str) -> Option<Cmd> {
             .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=io_uring_setup", "-e", &inject])
             .arg(bin()),
     )
+}
+
+/// Whether strace can trace here (says so when it cannot).
+fn strace_usable() -> bool {
+    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
+    if probe.code != Some(0) {
+        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
+    }
+    probe.code == Some(0)
+}
+
+/// Where linking an unnamed temporary by its descriptor (`linkat` with `AT_EMPTY_PATH`) is refused, as kernels before
+/// 6.10 refuse it without CAP_DAC_READ_SEARCH, the file is linked through `/proc/self/fd` instead. strace fails the
+/// first `linkat` that names one file (`-P`), the way such a kernel does: the tree still arrives exact.
+fn unnamed_files_link_through_proc_where_by_descriptor_is_refused(e: Engine) {
+    if !strace_usable() {
+        return;
+    }
+    let t = tmp();
+    let src = t.path().join("src");
+    for i in 0..20u64 {
+        write_file(&src.join(format!("f{i:02}")), &random_bytes(300 + i, 3000));
+    }
+    let dst = t.path().join("dst");
+    let trace = t.path().join("trace");
+    let out = Cmd::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg("-P")
+        .arg(dst.join("f07"))
+        .args(["-e", "trace=linkat", "-e", "inject=linkat:error=ENOENT:when=1"])
+        .arg(bin())
+        .args(["copy", "--engine", e.name()])
+        .arg(&src)
+        .arg(&dst)
+        .run();
+    out.assert_success();
+    compare_trees(&src, &dst, CompareOpts::default());
+    let trace = fs::read_to_string(&trace).unwrap();
+    if !trace.contains("AT_EMPTY_PATH") {
+        // O_TMPFILE is unavailable here (named temporaries are renamed instead): nothing to check.
+        eprintln!("SKIP: no unnamed temporaries on this filesystem:\n{trace}");
+        return;
+    }
+    let lines: Vec<&str> = trace.lines().collect();
+    out.check(
+        lines.len() == 2
+            && lines[0].contains("INJECTED")
+            && lines[1].contains("/proc/self/fd/")
+            && lines[1].ends_with("= 0"),
+        &format!("f07 was not linked through /proc after the refusal:\n{trace}"),
+    );
 }
 
 #[test]

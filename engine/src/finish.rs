@@ -94,7 +94,8 @@ fn place_unnamed(fd: BorrowedFd<'_>, dir: RawFd, name: &CStr, tmp: &CStr) -> io:
 
 #[cfg(target_os = "linux")]
 mod unnamed {
-    //! `O_TMPFILE` files and linking them into place through `/proc/self/fd`.
+    //! `O_TMPFILE` files and linking them into place: by descriptor (`AT_EMPTY_PATH`) where the process may, else
+    //! through `/proc/self/fd`.
 
     use std::ffi::{CStr, CString};
     use std::io;
@@ -136,11 +137,35 @@ mod unnamed {
         None
     }
 
-    /// Give the unnamed file `fd` the name `to` (relative to `dir`); `EEXIST` when something is there.
+    /// Set once `linkat(AT_EMPTY_PATH)` was refused (it needs `CAP_DAC_READ_SEARCH`): links go through `/proc`.
+    static NO_EMPTY_PATH: AtomicBool = AtomicBool::new(false);
+
+    /// Give the unnamed file `fd` the name `to` (relative to `dir`); `EEXIST` when something is there. Linking a
+    /// file with no name is allowed because it was not opened with `O_EXCL`.
     pub(super) fn link(fd: BorrowedFd<'_>, dir: RawFd, to: &CStr) -> io::Result<()> {
+        if !NO_EMPTY_PATH.load(Ordering::Relaxed) {
+            // The descriptor itself, where the caller may (root): no path through /proc to resolve.
+            // SAFETY: valid descriptors and C strings.
+            let rc = unsafe { libc::linkat(fd.as_raw_fd(), c"".as_ptr(), dir, to.as_ptr(), libc::AT_EMPTY_PATH) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Err(e);
+            }
+            // ENOENT without the capability (or refused otherwise): the /proc link decides, and if it works, is
+            // used from now on.
+            link_through_proc(fd, dir, to)?;
+            NO_EMPTY_PATH.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        link_through_proc(fd, dir, to)
+    }
+
+    fn link_through_proc(fd: BorrowedFd<'_>, dir: RawFd, to: &CStr) -> io::Result<()> {
         let from = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
-        // SAFETY: valid C strings and descriptor. AT_SYMLINK_FOLLOW resolves the /proc link to the open file itself
-        // (linking a file with no name is allowed because it was not opened with O_EXCL).
+        // SAFETY: valid C strings and descriptor. AT_SYMLINK_FOLLOW resolves the /proc link to the open file itself.
         let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), dir, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
