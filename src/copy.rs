@@ -391,6 +391,14 @@ struct Exec<'a> {
 }
 
 /// One open level of the depth-first walk.
+/// `base` joined with `name` (`name` alone when `base` is empty), in `buf`, whose allocation is reused.
+fn join_into<'b>(buf: &'b mut PathBuf, base: &Path, name: &std::ffi::OsStr) -> &'b Path {
+    buf.as_mut_os_string().clear();
+    buf.push(base);
+    buf.push(name);
+    buf
+}
+
 struct Frame {
     iter: DirScan,
     src: PathBuf,
@@ -458,6 +466,8 @@ impl Exec<'_> {
         };
         let mut stack = vec![root];
         let mut resumed = false;
+        // Each entry's paths, built in buffers that keep their allocation from one entry to the next.
+        let (mut src_buf, mut dst_buf, mut rel_buf) = (PathBuf::new(), PathBuf::new(), PathBuf::new());
         while let Some(frame) = stack.last_mut() {
             if let Some(signal) = interrupt::received() {
                 self.interrupted = Some(signal);
@@ -470,7 +480,8 @@ impl Exec<'_> {
                 let look = !frame.fresh && self.look_dst;
                 for sub in frame.iter.subdirs().take(scan::AHEAD_SUBDIRS) {
                     if !sync::excluded(&self.opts.filter, &sync::child_rel(&frame.rel, &sub.name), true) {
-                        scanner.read_ahead(&sub.path, &frame.dst.join(&sub.name), look, self.opts.dereference);
+                        let (src, dst) = (frame.src.join(&sub.name), frame.dst.join(&sub.name));
+                        scanner.read_ahead(&src, &dst, look, self.opts.dereference);
                     }
                 }
             }
@@ -493,12 +504,13 @@ impl Exec<'_> {
                     self.st.fail(format!("cannot read directory '{}': {e}", src.shown()));
                 }
                 Some(Ok(scanned)) => {
-                    let Scanned { name, path: src, md, dst: dst_known } = scanned;
+                    let Scanned { name, md, dst: dst_known } = scanned;
                     if matches!(dst_known, Some(Some(_))) {
                         frame.present += 1;
                     }
-                    let dst = frame.dst.join(&name);
-                    let rel = sync::child_rel(&frame.rel, &name);
+                    let src = join_into(&mut src_buf, &frame.src, &name);
+                    let dst = join_into(&mut dst_buf, &frame.dst, &name);
+                    let rel = join_into(&mut rel_buf, &frame.rel, &name);
                     let (dir, fresh) = (frame.dir, frame.fresh);
                     let md = match md {
                         Ok(md) => md,
@@ -507,24 +519,16 @@ impl Exec<'_> {
                             continue;
                         }
                     };
-                    if sync::excluded(&self.opts.filter, &rel, md.is_dir()) {
+                    if sync::excluded(&self.opts.filter, rel, md.is_dir()) {
                         self.st.summary.excluded += 1;
                         continue;
                     }
                     if md.is_dir() {
-                        if let Some(f) = self.open_dir(&src, &dst, &rel, &md, Some(dir), fresh) {
+                        if let Some(f) = self.open_dir(src, dst, rel, &md, Some(dir), fresh) {
                             stack.push(f);
                         }
                     } else {
-                        let e = Entry {
-                            src: &src,
-                            dst: &dst,
-                            rel: &rel,
-                            md: &md,
-                            dir: Some(dir),
-                            dst_absent: fresh,
-                            dst_known,
-                        };
+                        let e = Entry { src, dst, rel, md: &md, dir: Some(dir), dst_absent: fresh, dst_known };
                         self.entry(&e)?;
                     }
                 }

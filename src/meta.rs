@@ -286,7 +286,20 @@ impl Stat {
 
     /// `lstat` of `name` inside the directory open as `dir`.
     pub fn at(dir: std::os::fd::RawFd, name: &std::ffi::OsStr) -> io::Result<Stat> {
-        let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // A name fits in NAME_MAX (255) bytes: made a C string on the stack, as this runs for every entry of a walk.
+        let mut buf = [0u8; 256];
+        let bytes = name.as_bytes();
+        let heap;
+        let c: &std::ffi::CStr = match buf.get_mut(..bytes.len()) {
+            Some(head) if bytes.len() < 256 && !bytes.contains(&0) => {
+                head.copy_from_slice(bytes);
+                std::ffi::CStr::from_bytes_until_nul(&buf).expect("a NUL follows the name")
+            }
+            _ => {
+                heap = CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+                &heap
+            }
+        };
         // SAFETY: zeroed stat is a valid out-parameter.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid directory descriptor (owned by the caller), C string and out-pointer.
@@ -349,4 +362,30 @@ pub fn buffered_writes_nonblocking(path: &Path) -> bool {
 #[cfg(not(target_os = "linux"))]
 pub fn buffered_writes_nonblocking(_path: &Path) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn stat_at_takes_names_up_to_name_max_and_refuses_a_nul() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = fs::File::open(t.path()).unwrap();
+        for len in [1, 100, 255] {
+            let name = "n".repeat(len);
+            fs::write(t.path().join(&name), vec![7u8; len]).unwrap();
+            let st = Stat::at(dir.as_raw_fd(), std::ffi::OsStr::new(&name)).unwrap();
+            assert_eq!(st.size, len as u64, "{len}-byte name");
+        }
+        let missing = Stat::at(dir.as_raw_fd(), std::ffi::OsStr::new("absent")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let nul = Stat::at(dir.as_raw_fd(), std::ffi::OsStr::new("a\0b")).unwrap_err();
+        assert_eq!(nul.kind(), io::ErrorKind::InvalidInput);
+        // Longer than any name: the kernel's answer, not a panic.
+        let long = Stat::at(dir.as_raw_fd(), std::ffi::OsStr::new(&"n".repeat(300))).unwrap_err();
+        assert_eq!(long.raw_os_error(), Some(libc::ENAMETOOLONG));
+    }
 }

@@ -40,7 +40,6 @@ pub const AHEAD_CHUNKS: usize = 4;
 /// One source entry, with what the destination has under the same name.
 pub struct Scanned {
     pub name: OsString,
-    pub path: PathBuf,
     /// `lstat` (or `stat` with `-L`) of the source entry.
     pub md: io::Result<Metadata>,
     /// `lstat` of the destination's entry of the same name: `None` when it was not looked up (the destination
@@ -342,10 +341,9 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
         .map(|entry| {
             entry.map(|entry| {
                 let name = entry.file_name();
-                let path = entry.path();
-                let md = if target.dereference { fs::metadata(&path) } else { entry.metadata() };
+                let md = if target.dereference { fs::metadata(entry.path()) } else { entry.metadata() };
                 let dst = dst_dir.as_ref().map(|d| Stat::at(d.as_raw_fd(), &name).ok());
-                Scanned { name, path, md, dst }
+                Scanned { name, md, dst }
             })
         })
         .collect();
