@@ -390,7 +390,6 @@ struct Exec<'a> {
     interrupted: Option<i32>,
 }
 
-/// One open level of the depth-first walk.
 /// `base` joined with `name` (`name` alone when `base` is empty), in `buf`, whose allocation is reused.
 fn join_into<'b>(buf: &'b mut PathBuf, base: &Path, name: &std::ffi::OsStr) -> &'b Path {
     buf.as_mut_os_string().clear();
@@ -399,6 +398,7 @@ fn join_into<'b>(buf: &'b mut PathBuf, base: &Path, name: &std::ffi::OsStr) -> &
     buf
 }
 
+/// One open level of the depth-first walk.
 struct Frame {
     iter: DirScan,
     src: PathBuf,

@@ -9,10 +9,11 @@
 //! names up, so that the threads stat consecutive chunks of one large directory at the same time (most entries of
 //! a real tree are in a few large directories). The executor still walks depth-first and decides everything; the
 //! scanner only reads. When the walk needs a chunk that is not ready, it reads queued requests itself rather than
-//! sleeping until a scanner thread has (a sleep and a wake-up per chunk cost more than the chunk on a virtual machine):
-//! a no-op sync of 52,000 files went from about 0.20 s to 0.165 s on 2 cores, with one scanner thread beside the walk. Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, a
-//! directory the walk is in has at most [`AHEAD_CHUNKS`] chunks on their way, and the walk asks only for the next
-//! [`AHEAD_SUBDIRS`] subdirectories of each directory on its path, so what is read ahead is what it needs soonest.
+//! sleeping until a scanner thread has: a sleep and a wake-up per chunk cost more than the chunk on a virtual
+//! machine (a no-op sync of 52,000 files: 0.224 → 0.193 s median on 2 cores, one scanner thread beside the walk).
+//! Memory is bounded: at most [`AHEAD_DIRS_MAX`] directories are read ahead, one chunk each, a directory the walk is
+//! in has at most [`AHEAD_CHUNKS`] chunks on their way, and the walk asks only for the next [`AHEAD_SUBDIRS`]
+//! subdirectories of each directory on its path, so what is read ahead is what it needs soonest.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
