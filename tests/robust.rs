@@ -10,6 +10,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::lan::*;
@@ -294,6 +295,40 @@ fn small_files_share_round_trips() {
     assert!(bursts < 100, "{bursts} bursts of requests for 300 small files: not batched");
 }
 
+/// Start `fastsync copy --streams 4 SRC DST`, wait until `part` shows `started`, then 300 ms more, and send SIGINT:
+/// the run must end with exit 130.
+fn ctrl_c_once(
+    c: &Case,
+    src: impl AsRef<std::ffi::OsStr>,
+    dst: impl AsRef<std::ffi::OsStr>,
+    part: &Path,
+    started: impl Fn(&fs::Metadata) -> bool,
+) {
+    let child = std::process::Command::new(bin())
+        .arg("--token-file")
+        .arg(&c.token)
+        .args(["copy", "--streams", "4"])
+        .arg(src)
+        .arg(dst)
+        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !part.metadata().is_ok_and(|m| started(&m)) {
+        assert!(Instant::now() < deadline, "the transfer never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a plain syscall on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+}
+
 /// Ctrl-C during a large push stops it after the chunk each stream is sending: the rest of its ranges and the queued
 /// ones are dropped (before, every range already queued was still sent, so the whole file was finished first), the
 /// server keeps the part and its journal, and the rerun moves only what is missing. A slow path (the proxy holds every
@@ -307,31 +342,9 @@ fn ctrl_c_stops_a_large_push_after_the_chunks_in_flight() {
     mkdirs(&c.path("src"));
     write_big_file(&src, 0xC7C, size);
     let proxy = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
-    let child = std::process::Command::new(bin())
-        .arg("--token-file")
-        .arg(&c.token)
-        .args(["copy", "--streams", "4"])
-        .arg(&src)
-        .arg(proxy.url("up/big.bin"))
-        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Interrupt once the part holds data, and a little later (some chunks acknowledged).
+    // Interrupted once the part holds data, and a little later (some chunks acknowledged).
     let part = srv.root.join("up/.big.bin.fstmp-part");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !part.metadata().is_ok_and(|m| m.len() > 0) {
-        assert!(Instant::now() < deadline, "the push never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: a plain syscall on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    ctrl_c_once(&c, &src, proxy.url("up/big.bin"), &part, |m| m.len() > 0);
     let final_name = srv.root.join("up/big.bin");
     assert!(!final_name.exists(), "the file was finished after Ctrl-C");
     assert!(part.exists(), "the part was not kept for the rerun");
@@ -358,31 +371,9 @@ fn ctrl_c_stops_a_large_pull_in_the_middle_of_its_ranges() {
     let proxy = Proxy::start(&srv.addr(), Plan::long_path(Duration::from_millis(10)));
     let dst = c.path("dst");
     mkdirs(&dst);
-    let child = std::process::Command::new(bin())
-        .arg("--token-file")
-        .arg(&c.token)
-        .args(["copy", "--streams", "4"])
-        .arg(proxy.url("pub/big.bin"))
-        .arg(dst.join("big.bin"))
-        .env("XDG_CONFIG_HOME", "/nonexistent/fastsync-tests")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Interrupt once the part holds data (it is created at its full size, sparse), and a little later.
+    // Interrupted once the part holds data (it is created at its full size, sparse), and a little later.
     let part = dst.join(".big.bin.fstmp-part");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !part.metadata().is_ok_and(|m| m.blocks() > 0) {
-        assert!(Instant::now() < deadline, "the pull never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: a plain syscall on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    ctrl_c_once(&c, proxy.url("pub/big.bin"), dst.join("big.bin"), &part, |m| m.blocks() > 0);
     assert!(!dst.join("big.bin").exists(), "the file was finished after Ctrl-C");
     assert!(part.exists(), "the part was not kept for the rerun");
     let journal = fs::read_to_string(dst.join(".big.bin.fstmp-journal")).expect("the journal was kept");
