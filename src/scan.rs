@@ -335,8 +335,9 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
     }
     // Counted on the first chunk (once the next one is on its way): with the number of source names found there,
     // it tells whether the destination has extraneous entries (`sync --delete`) without keeping any list of names.
-    let dst_entries =
-        (target.count_dst && target.look_dst && rest_was_none).then(|| count_entries(&target.dst)).flatten();
+    let dst_entries = (target.count_dst && target.look_dst && rest_was_none)
+        .then(|| count_entries(dst_dir.as_deref(), &target.dst))
+        .flatten();
     let entries = names
         .into_iter()
         .map(|entry| {
@@ -351,8 +352,54 @@ fn read_chunk(req: Request, queue: &Sender<Request>) -> Chunk {
     Chunk { entries: Ok(entries), rest, next, dst_entries }
 }
 
-/// Entries of directory `path` that are not our temporaries; `None` when it cannot be read (or does not exist).
-fn count_entries(path: &Path) -> Option<u64> {
+/// Entries of the destination directory `path`, open (`O_PATH`) as `dir`, that are not our temporaries; `None`
+/// when it cannot be read (or does not exist). Read through `dir`, with `getdents64`, and the names are looked at
+/// where the kernel put them, none copied: this reads every destination directory of a `sync --delete` once more.
+#[cfg(target_os = "linux")]
+fn count_entries(dir: Option<&OwnedFd>, _path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a valid descriptor (O_PATH serves as the directory of an *at call) and C string.
+    let fd =
+        unsafe { libc::openat(dir?.as_raw_fd(), c".".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // u64s: the records (`struct linux_dirent64`) are 8-byte aligned.
+    let mut buf = vec![0u64; 8192];
+    let mut count = 0;
+    loop {
+        // SAFETY: a buffer of the size given, written by the kernel.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len() * 8) };
+        if n < 0 {
+            return None;
+        }
+        if n == 0 {
+            return Some(count);
+        }
+        // SAFETY: the kernel wrote `n` bytes of the buffer.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+        let mut at = 0;
+        // Each record: d_ino (8), d_off (8), d_reclen (2), d_type (1), then the name and its NUL.
+        while at + 19 <= bytes.len() {
+            let reclen = u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]) as usize;
+            if reclen == 0 || at + reclen > bytes.len() {
+                return None;
+            }
+            let raw = &bytes[at + 19..at + reclen];
+            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            if name != b"." && name != b".." && !crate::stale::is_temporary(std::ffi::OsStr::from_bytes(name)) {
+                count += 1;
+            }
+            at += reclen;
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn count_entries(dir: Option<&OwnedFd>, path: &Path) -> Option<u64> {
+    dir?;
     let iter = fs::read_dir(path).ok()?;
     Some(iter.flatten().filter(|e| !crate::stale::is_temporary(&e.file_name())).count() as u64)
 }
@@ -409,6 +456,24 @@ mod tests {
             assert_eq!(seen, order, "{threads} thread(s): entries missing, repeated or out of order");
             assert_eq!(scan.dst_entries(), Some(n.div_ceil(3) as u64));
         }
+    }
+
+    #[test]
+    fn destination_entries_are_counted_without_our_temporaries() {
+        let t = tempfile::tempdir().unwrap();
+        let dst = t.path().join("dst");
+        fs::create_dir(&dst).unwrap();
+        // Enough names for several getdents64 buffers.
+        for i in 0..5000 {
+            fs::write(dst.join(format!("an-entry-with-a-longish-name-{i:05}")), b"").unwrap();
+        }
+        for i in 0..7 {
+            fs::write(dst.join(crate::stale::part(Path::new(&format!("big{i}")))), b"").unwrap();
+        }
+        fs::create_dir(dst.join("sub")).unwrap();
+        let dir = open_dir_path(&dst);
+        assert_eq!(count_entries(dir.as_deref(), &dst), Some(5001));
+        assert_eq!(count_entries(None, &t.path().join("absent")), None);
     }
 
     #[test]
