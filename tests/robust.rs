@@ -293,6 +293,27 @@ fn small_files_share_round_trips() {
     assert_no_tmp(&back);
     let bursts = proxy.up_reads();
     assert!(bursts < 100, "{bursts} bursts of requests for 300 small files: not batched");
+
+    // -X: every file's attributes are asked for in the same batch, right after its Get, and arrive with it.
+    if !xattrs_supported(&src) {
+        eprintln!("skipped the -X part: user xattrs not supported on the temp filesystem");
+        return;
+    }
+    for i in (0..300u64).step_by(3) {
+        lsetxattr(&src.join(format!("f{i:03}")), "user.n", i.to_string().as_bytes()).unwrap();
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let with = CompareOpts { xattrs: true, hardlinks: false };
+    c.cmd().args(["copy", "-X", "--streams", "1"]).arg(&src).arg(srv.url("tree-x")).run().assert_success();
+    compare_trees(&src, &srv.root.join("tree-x"), with);
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let back = c.path("back-x");
+    let (out, _) = copy_via(&c, RESET_TIMEOUT_SECS, &["-X", "--streams", "1"], proxy.url("tree-x"), &back);
+    out.assert_success();
+    compare_trees(&src, &back, with);
+    assert_no_tmp(&back);
+    let bursts = proxy.up_reads();
+    assert!(bursts < 100, "{bursts} bursts of requests for 300 small files with -X: not batched");
 }
 
 /// Start `fastsync copy --streams 4 SRC DST`, wait until `part` shows `started`, then 300 ms more, and send SIGINT:

@@ -375,6 +375,11 @@ impl Connection {
     /// `GetXattrs`: the extended attributes of `path` itself.
     pub fn get_xattrs(&mut self, path: &[u8]) -> Result<Xattrs, ReqError> {
         self.send(&Msg::GetXattrs { path: path.to_vec(), follow: self.follow })?;
+        self.xattrs_answer()
+    }
+
+    /// The answer to a `GetXattrs` sent earlier (see [`Connection::send_gets`]).
+    pub fn xattrs_answer(&mut self) -> Result<Xattrs, ReqError> {
         match self.recv()? {
             Msg::XattrList { xattrs } => Ok(xattrs),
             Msg::Error { code, message } => Err(ReqError::Server { code, message }),
@@ -414,12 +419,17 @@ impl Connection {
         self.get_answer(offset, len, sink, hole)
     }
 
-    /// `Get`s of whole files (`path`, `len`), sent back to back with one flush: the answers are then read in the
-    /// same order, one [`Connection::get_answer`] each (a few requests of a few hundred bytes: nothing waits for
-    /// them to be read).
-    pub fn send_gets(&mut self, gets: &[(&[u8], u64)]) -> Result<(), ReqError> {
+    /// `Get`s of whole files (`path`, `len`), each followed by a `GetXattrs` of the same file when `xattrs`, sent
+    /// back to back with one flush: the answers are then read in the same order, one [`Connection::get_answer`] (and
+    /// [`Connection::xattrs_answer`]) each (a few requests of a few hundred bytes: nothing waits for them to be
+    /// read).
+    pub fn send_gets(&mut self, gets: &[(&[u8], u64)], xattrs: bool) -> Result<(), ReqError> {
         let follow = self.follow;
-        self.send_all(gets.iter().map(|&(path, len)| Msg::Get { path: path.to_vec(), offset: 0, len, follow }))
+        self.send_all(gets.iter().flat_map(|&(path, len)| {
+            let get = Msg::Get { path: path.to_vec(), offset: 0, len, follow };
+            let x = xattrs.then(|| Msg::GetXattrs { path: path.to_vec(), follow });
+            std::iter::once(get).chain(x)
+        }))
     }
 
     /// Requests written back to back, then flushed once (one record, one round trip).

@@ -1277,7 +1277,7 @@ fn pull_tasks(
     let mut smalls = Vec::new();
     for task in tasks {
         match task {
-            PullTask::Whole(f) if !cfg.xattrs && f.meta.size <= PIPELINED_FILE_BYTES_MAX => smalls.push(f),
+            PullTask::Whole(f) if f.meta.size <= PIPELINED_FILE_BYTES_MAX => smalls.push(f),
             other => {
                 if !smalls.is_empty() {
                     pull_smalls(stream, cfg, std::mem::take(&mut smalls), done)?;
@@ -1289,9 +1289,9 @@ fn pull_tasks(
     if smalls.is_empty() { Ok(()) } else { pull_smalls(stream, cfg, smalls, done) }
 }
 
-/// Pull small files in one round trip: the `Get`s of the files a worker took together go back to back, then each
-/// answer is read into its own temporary, which is finished and renamed into place at once (one temporary open at a
-/// time). A connection that breaks is dialled again and the files not yet in place are asked for again; a file
+/// Pull small files in one round trip: the `Get`s of the files a worker took together go back to back (with `-X`,
+/// each followed by its `GetXattrs`), then each answer is read into its own temporary, which is finished and renamed
+/// into place at once (one temporary open at a time). A connection that breaks is dialled again and the files not yet in place are asked for again; a file
 /// whose answer is anything but complete and unchanged (changed, damaged, short, refused) takes [`pull_whole`]'s path
 /// alone, which retries and says why. One [`Done::File`] per file.
 fn pull_smalls(
@@ -1317,7 +1317,7 @@ fn pull_smalls(
         let waiting: Vec<usize> = (0..files.len()).filter(|&i| got[i].is_none()).collect();
         let gets: Vec<(&[u8], u64)> =
             waiting.iter().map(|&i| (files[i].remote.as_slice(), files[i].meta.size)).collect();
-        conn.send_gets(&gets).map_err(|e| Broken::new(e.cause().to_string()))?;
+        conn.send_gets(&gets, cfg.xattrs).map_err(|e| Broken::new(e.cause().to_string()))?;
         let mut progressed = false;
         for &i in &waiting {
             let f = &files[i];
@@ -1326,13 +1326,27 @@ fn pull_smalls(
             let mut sink = |at: u64, bytes: &[u8]| tmp.as_ref().map_err(|_| no_tmp())?.file.write_all_at(bytes, at);
             let mut hole = |at: u64, n: u64| sparse::make_hole(&tmp.as_ref().map_err(|_| no_tmp())?.file, at, n);
             let answer = conn.get_answer(0, f.meta.size, &mut sink, &mut hole);
+            if let Err(GetError::Req(ReqError::Broken(message))) = answer {
+                return Err(Broken { message, progressed });
+            }
+            // -X: the answer to the GetXattrs that followed the Get (read whatever became of the Get).
+            let xattrs = match cfg.xattrs.then(|| conn.xattrs_answer()) {
+                Some(Err(ReqError::Broken(message))) => return Err(Broken { message, progressed }),
+                Some(Err(ReqError::Server { .. })) => None,
+                Some(Ok(x)) => Some(x),
+                None => Some(Vec::new()),
+            };
             let complete = |end: &client::DataEnd| {
                 (end.size, end.mtime, end.received_to) == (f.meta.size, mtime_of(&f.meta), f.meta.size)
             };
-            got[i] = Some(match (answer, &tmp) {
-                (Err(GetError::Req(ReqError::Broken(message))), _) => return Err(Broken { message, progressed }),
-                (_, Err(e)) => Got::Finished(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
-                (Ok(end), Ok(tmp)) if complete(&end) => Got::Finished(finish_pull(cfg, tmp, f, &f.meta)),
+            got[i] = Some(match (answer, &tmp, xattrs) {
+                (_, Err(e), _) => Got::Finished(Err(format!("cannot create '{}': {e}", f.shown.shown()))),
+                (Ok(end), Ok(tmp), Some(x)) if complete(&end) => Got::Finished(
+                    fastsync_engine::finish::set_xattrs(tmp.file.as_fd(), &x)
+                        .map_err(|e| format!("cannot set extended attributes on '{}': {e}", f.shown.shown()))
+                        .and_then(|()| finish_pull(cfg, tmp, f, &f.meta)),
+                ),
+                // Refused, changed, short, damaged, or its attributes unreadable: alone, it retries and says why.
                 _ => Got::Alone,
             });
             progressed = true;
