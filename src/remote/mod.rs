@@ -26,7 +26,7 @@
 //! being pulled (from the first byte not yet received and checked). Each request gets [`STREAM_ATTEMPTS_MAX`] attempts
 //! with a short backoff between them; then the run stops with one line naming the file and the cause. A push's
 //! control connection (directories, symlinks, metadata, one directory's listing at a time) is dialled again the same
-//! way ([`PushCore::ctl_do`]: each of its requests can be sent twice), and a pull's, which streams the recursive
+//! way (`push::PushCore::ctl_do`: each of its requests can be sent twice), and a pull's, which streams the recursive
 //! listing, lists again on the new connection and skips the entries it handled. A server that cannot be reached
 //! again stops the whole run with one line naming the server; temporaries are removed (pull) or abandoned to the
 //! server, which removes them (push), so nothing partial appears under a final name, and a rerun finishes the work.

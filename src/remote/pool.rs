@@ -372,7 +372,7 @@ pub(super) trait PoolTask: Send + 'static {
     const QUEUED_PER_STREAM: usize = 2;
 
     /// A worker that takes this task may take the next ones from the queue in the same turn (small files, sent in
-    /// one round trip: [`push_smalls`]).
+    /// one round trip: `push::push_smalls`).
     fn batchable(&self) -> bool {
         false
     }
