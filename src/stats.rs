@@ -31,6 +31,7 @@ pub struct Summary {
     pub stale_removed: u64,
     /// The signal (2: SIGINT, 15: SIGTERM) that interrupted the run.
     pub interrupted: Option<i32>,
+    /// Directories walked: created, or already there (their metadata set or checked).
     pub directories: u64,
     pub symlinks: u64,
     pub hardlinks: u64,
