@@ -949,15 +949,38 @@ pub fn parse_data_head(head: &[u8]) -> Result<DataHead, WireError> {
 }
 
 /// Read one frame and decode it. The length is checked against [`FRAME_BYTES_MAX`] before anything is allocated.
+///
+/// A data frame (`Data`, `PutData`) has its head read and checked first ([`parse_data_head`]), then its payload read
+/// straight into the buffer the message keeps: the bulk of the traffic is copied once, not into a frame buffer and
+/// again out of it.
 pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
+    let mut head = [0u8; PUT_DATA_HEAD_BYTES];
+    r.read_exact(&mut head[..4])?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    // Checked before anything else is read: a peer that sent only a bad length is answered at once.
     if len == 0 || len > FRAME_BYTES_MAX {
         return Err(bad(format!("frame of {len} bytes (the limit is {FRAME_BYTES_MAX})")));
     }
+    r.read_exact(&mut head[4..5])?;
+    let head_bytes = match head[4] {
+        K_DATA => DATA_HEAD_BYTES,
+        K_PUT_DATA => PUT_DATA_HEAD_BYTES,
+        _ => usize::MAX,
+    };
+    if len + 4 >= head_bytes {
+        r.read_exact(&mut head[5..head_bytes])?;
+        let h = parse_data_head(&head[..head_bytes])?;
+        let mut bytes = vec![0u8; h.len];
+        r.read_exact(&mut bytes)?;
+        let (offset, digest) = (h.offset, h.digest);
+        return Ok(match h.id {
+            None => Msg::Data { offset, digest, bytes },
+            Some(id) => Msg::PutData { id, offset, digest, bytes },
+        });
+    }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    body[0] = head[4];
+    r.read_exact(&mut body[1..])?;
     Msg::decode_body(&body)
 }
 
@@ -1085,6 +1108,23 @@ mod tests {
             let mut buf = Vec::new();
             write_msg(&mut buf, &m).unwrap();
             assert_eq!(read_msg(&mut buf.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn read_msg_refuses_cut_and_padded_frames_of_every_kind() {
+        // Data frames take their own path through read_msg (head first, then the payload into its buffer).
+        for m in all() {
+            let mut frame = Vec::new();
+            write_msg(&mut frame, &m).unwrap();
+            for cut in 0..frame.len() {
+                assert!(read_msg(&mut &frame[..cut]).is_err(), "{m:?} cut at {cut} was read");
+            }
+            let mut padded = frame.clone();
+            let len = u32::from_le_bytes(padded[..4].try_into().unwrap()) + 1;
+            padded[..4].copy_from_slice(&len.to_le_bytes());
+            padded.push(0);
+            assert!(read_msg(&mut padded.as_slice()).is_err(), "{m:?} with a byte more in its frame was read");
         }
     }
 
