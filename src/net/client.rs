@@ -437,9 +437,7 @@ impl Connection {
         use std::io::Write;
         self.last_used = Instant::now();
         for msg in msgs {
-            let body = msg.borrow().encode_body();
-            let r = self.w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| self.w.write_all(&body));
-            if let Err(e) = r {
+            if let Err(e) = crate::net::wire::write_frame(&mut self.w, msg.borrow()) {
                 return Err(self.broken(&crate::net::wire::WireError::Io(e)));
             }
         }

@@ -869,12 +869,30 @@ impl Msg {
 
 /// Write one message as a frame (length prefix + body) and flush it.
 pub fn write_msg(w: &mut impl Write, msg: &Msg) -> Result<(), WireError> {
-    let body = msg.encode_body();
-    debug_assert!(body.len() <= FRAME_BYTES_MAX);
-    w.write_all(&(body.len() as u32).to_le_bytes())?;
-    w.write_all(&body)?;
+    write_frame(w, msg)?;
     w.flush()?;
     Ok(())
+}
+
+/// Write one message as a frame (length prefix + body), without flushing. A data frame (`Data`, `PutData`) is its
+/// head and then its payload from where it is: the bulk of the traffic is not copied into a frame buffer first.
+pub fn write_frame(w: &mut impl Write, msg: &Msg) -> io::Result<()> {
+    match msg {
+        Msg::Data { offset, digest, bytes } => {
+            w.write_all(&data_head(*offset, digest, bytes.len()))?;
+            w.write_all(bytes)
+        }
+        Msg::PutData { id, offset, digest, bytes } => {
+            w.write_all(&put_data_head(*id, *offset, digest, bytes.len()))?;
+            w.write_all(bytes)
+        }
+        _ => {
+            let body = msg.encode_body();
+            debug_assert!(body.len() <= FRAME_BYTES_MAX);
+            w.write_all(&(body.len() as u32).to_le_bytes())?;
+            w.write_all(&body)
+        }
+    }
 }
 
 /// Bytes of a `Data` frame before its payload: length prefix, kind, offset, digest, payload length.
@@ -1108,6 +1126,18 @@ mod tests {
             let mut buf = Vec::new();
             write_msg(&mut buf, &m).unwrap();
             assert_eq!(read_msg(&mut buf.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn frames_are_the_length_and_the_encoded_body() {
+        // write_frame writes data frames from their parts: the same bytes as the length and the encoded body.
+        for m in all() {
+            let mut frame = Vec::new();
+            write_frame(&mut frame, &m).unwrap();
+            let body = m.encode_body();
+            assert_eq!(frame[..4], (body.len() as u32).to_le_bytes(), "{m:?}");
+            assert_eq!(frame[4..], body[..], "{m:?}");
         }
     }
 

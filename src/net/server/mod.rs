@@ -353,9 +353,7 @@ impl Write for Conn {
 impl Conn {
     /// Queue a frame without flushing (listings: one flush per buffer, not per entry).
     fn queue(&mut self, msg: &Msg) -> io::Result<()> {
-        let body = msg.encode_body();
-        self.w.write_all(&(body.len() as u32).to_le_bytes())?;
-        self.w.write_all(&body)
+        wire::write_frame(&mut self.w, msg)
     }
 }
 
