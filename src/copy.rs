@@ -461,7 +461,8 @@ impl Exec<'_> {
             let e = Entry { src, dst: target, rel: &rel, md: &root_md, dir: None, dst_absent: absent, dst_known: None };
             return self.entry(&e);
         }
-        let Some(root) = self.open_dir(src, target, Path::new(""), &root_md, None, !root_existed) else {
+        let Some(root) = self.open_dir(src, target, Path::new(""), &root_md, None, (!root_existed).then_some(None))
+        else {
             return Ok(());
         };
         let mut stack = vec![root];
@@ -524,7 +525,9 @@ impl Exec<'_> {
                         continue;
                     }
                     if md.is_dir() {
-                        if let Some(f) = self.open_dir(src, dst, rel, &md, Some(dir), fresh) {
+                        // Nothing is in a directory this run created.
+                        let known = if fresh { Some(None) } else { dst_known };
+                        if let Some(f) = self.open_dir(src, dst, rel, &md, Some(dir), known) {
                             stack.push(f);
                         }
                     } else {
@@ -612,7 +615,8 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// Create the destination directory and start walking the source one. `None` when it failed (reported).
+    /// Create the destination directory and start walking the source one. `dst_known`: what is at `dst` when already
+    /// known (`Some(None)`: nothing). `None` when it failed (reported).
     fn open_dir(
         &mut self,
         src: &Path,
@@ -620,14 +624,19 @@ impl Exec<'_> {
         rel: &Path,
         md: &Metadata,
         parent: Option<usize>,
-        parent_fresh: bool,
+        dst_known: Option<Option<Stat>>,
     ) -> Option<Frame> {
         let key = (md.dev(), md.ino());
         if self.ancestors.contains(&key) {
             self.st.fail(format!("symlink loop: '{}' is its own ancestor; not followed", src.shown()));
             return None;
         }
-        let existing = if parent_fresh { None } else { fs::symlink_metadata(dst).ok() };
+        // What is at `dst`: known (nothing, in a directory this run created; or what the scanner found with the
+        // parent's entries), or looked at now.
+        let existing = match dst_known {
+            Some(known) => known,
+            None => fs::symlink_metadata(dst).ok().map(|m| Stat::from(&m)),
+        };
         if existing.as_ref().is_some_and(|m| !m.is_dir()) && !self.replace_in_the_way(dst, false) {
             return None;
         }
@@ -651,7 +660,7 @@ impl Exec<'_> {
         }
         let setgid = !self.opts.dry_run
             && match &existing {
-                Some(m) if !fresh => m.mode() & 0o2000 != 0,
+                Some(m) if !fresh => m.mode & 0o2000 != 0,
                 _ => fs::metadata(dst).map(|m| m.mode() & 0o2000 != 0).unwrap_or(false),
             };
         let spec = meta::finish_spec(src, md, self.opts.preserve, &self.id, true, false, false).map(|mut s| {
@@ -687,10 +696,10 @@ impl Exec<'_> {
         let in_place = !self.opts.preserve.xattrs
             && existing.as_ref().is_some_and(|m| {
                 m.is_dir()
-                    && (m.mode() ^ md.mode()) & 0o7777 == 0
-                    && (m.mtime(), m.mtime_nsec()) == (md.mtime(), md.mtime_nsec())
+                    && (m.mode ^ md.mode()) & 0o7777 == 0
+                    && m.mtime == (md.mtime(), md.mtime_nsec())
                     // An ordinary user cannot give a directory away: the owner only matters to root.
-                    && ((m.uid(), m.gid()) == (md.uid(), md.gid()) || self.id.euid != 0)
+                    && ((m.uid, m.gid) == (md.uid(), md.gid()) || self.id.euid != 0)
             });
         if fresh && let Some(p) = parent {
             self.st.dirs.get_mut(p).touched = true;
