@@ -16,6 +16,7 @@ const LARGE_FILE_BYTES: usize = 64 << 20;
 const CHUNK_BYTES: u64 = 4 << 20;
 
 fn engines() -> Vec<(&'static str, Box<dyn Engine>)> {
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
     let mut v: Vec<(&'static str, Box<dyn Engine>)> =
         vec![("fallback", Box::new(fastsync_fallback::FallbackEngine::new()))];
     #[cfg(target_os = "linux")]

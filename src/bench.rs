@@ -8,7 +8,9 @@
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
+#[cfg(target_os = "linux")]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -421,6 +423,7 @@ fn check_space(path: &Path, bytes: u64, inodes: u64) -> Result<(), Error> {
 
 /// Make each thread's file `size` bytes long, reusing what a kept run left. Reads need real data (written, like
 /// fio, with incompressible bytes and fsynced); writes only need the space (allocated, like fio's fallocate).
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))] // `with_data`: no fallocate there
 fn lay_out(dir: &Path, threads: usize, size: u64, with_data: bool) -> Result<(), Error> {
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -438,6 +441,7 @@ fn lay_out(dir: &Path, threads: usize, size: u64, with_data: bool) -> Result<(),
                     if have >= size {
                         return Ok(());
                     }
+                    #[cfg(target_os = "linux")]
                     if !with_data {
                         // SAFETY: valid descriptor.
                         let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
@@ -466,10 +470,13 @@ fn lay_out(dir: &Path, threads: usize, size: u64, with_data: bool) -> Result<(),
 }
 
 /// Drop the page cache of a file before a run (fio's `invalidate=1`), so reads come from the device.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 fn invalidate(path: &Path, direct: bool) {
     if direct {
         return;
     }
+    // Elsewhere (no posix_fadvise on macOS) the cache stays as it is.
+    #[cfg(target_os = "linux")]
     if let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
         // SAFETY: valid descriptor; advice only.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };

@@ -1512,7 +1512,7 @@ fn mostly_cached(fd: &OwnedFd, size: u64) -> bool {
         let mut resident = 0u8;
         // SAFETY: one page inside the mapping; one byte of output for it.
         let page = unsafe { map.cast::<u8>().add(offset) };
-        if unsafe { libc::mincore(page.cast(), 1, &mut resident) } == 0 && resident & 1 == 1 {
+        if unsafe { libc::mincore(page.cast(), 1, (&mut resident as *mut u8).cast()) } == 0 && resident & 1 == 1 {
             cached += 1;
         }
     }

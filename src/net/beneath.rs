@@ -13,7 +13,7 @@
 //! missing (another OS, or a Linux before 5.6), following is refused: there is no safe way to do it by hand.
 
 use std::ffi::CString;
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -146,6 +146,13 @@ impl Root {
         Ok(Parent { dir: self.dir(&dir_path)?, name: Some(cname(last)?) })
     }
 }
+
+/// The `open` flag for a descriptor that only names an inode (`O_PATH`); where there is none, plain `O_RDONLY` (and
+/// [`Root::follow`], the only user, is refused there anyway).
+#[cfg(target_os = "linux")]
+pub const O_PATH: libc::c_int = libc::O_PATH;
+#[cfg(not(target_os = "linux"))]
+pub const O_PATH: libc::c_int = libc::O_RDONLY;
 
 /// What a symlink on the way of a path that must not follow any is reported as.
 const SYMLINK_ON_THE_WAY: &str = "a symlink on the way is not followed";

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+#[cfg(any(target_os = "linux", target_os = "freebsd"))]
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
@@ -79,6 +80,7 @@ fn hole_at(file: &File, pos: u64, end: u64, size: u64) -> Option<u64> {
 
 /// Where the data that starts at `pos` ends: the next hole, at most `end` and `size` (`end.min(size)` when the
 /// system cannot tell).
+#[cfg_attr(not(any(target_os = "linux", target_os = "freebsd")), allow(unused_variables))]
 fn data_end(file: &File, pos: u64, end: u64, size: u64) -> u64 {
     let limit = end.min(size);
     #[cfg(any(target_os = "linux", target_os = "freebsd"))]

@@ -30,6 +30,12 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// More of the frame follows (Linux: the head waits for its payload in one segment); elsewhere no such flag.
+#[cfg(target_os = "linux")]
+const MSG_MORE: libc::c_int = libc::MSG_MORE;
+#[cfg(not(target_os = "linux"))]
+const MSG_MORE: libc::c_int = 0;
+
 use fastsync_engine::{Job, Op, Outcome, RecvJob, SendJob};
 
 use super::client::{self, Connection, DataEnd, GetError, ReqError};
@@ -163,9 +169,8 @@ pub fn send_head_and_file(sock: &TcpStream, head: &[u8], file: &File, offset: u6
     while sent < head.len() {
         let rest = &head[sent..];
         // SAFETY: a valid socket descriptor and a live buffer of the given length.
-        let n = unsafe {
-            libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_MORE | libc::MSG_NOSIGNAL)
-        };
+        let n =
+            unsafe { libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), MSG_MORE | libc::MSG_NOSIGNAL) };
         match n {
             n if n > 0 => sent += n as usize,
             0 => return Err(io::ErrorKind::WriteZero.into()),
@@ -230,7 +235,13 @@ impl Pipe {
         use std::os::fd::FromRawFd;
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: a two-element array for the two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        #[cfg(target_os = "linux")]
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        // No pipe2 elsewhere; nothing splices there either (the pipe is only made where `mode` says so).
+        // SAFETY: as above.
+        #[cfg(not(target_os = "linux"))]
+        let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+        if rc != 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: two fresh descriptors, owned from here on.

@@ -1102,7 +1102,8 @@ impl PullCore<'_> {
             self.links.entry((e.dev, e.ino)).or_insert_with(|| LinkState::Done(me));
         }
         let id = self.cfg.id;
-        let mode_differs = (st.st_mode & 0o7777) != e.mode;
+        #[allow(clippy::unnecessary_cast)] // mode_t is u16 on macOS
+        let mode_differs = (st.st_mode as u32 & 0o7777) != e.mode;
         let mtime_differs = (st.st_mtime, st.st_mtime_nsec) != (e.mtime_sec, i64::from(e.mtime_nsec));
         let owner_differs = (e.uid, e.gid) != (st.st_uid, st.st_gid) && (id.euid == 0 || e.uid == id.euid);
         if !(mode_differs || mtime_differs || owner_differs) {

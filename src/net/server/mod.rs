@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::auth::{self, AuthError, Key, Policy};
-use super::beneath::Root;
+use super::beneath::{O_PATH, Root};
 use super::direct::{self, DirectFile};
 use super::record::{Reader, Writer};
 use super::sparse::{self, Piece};

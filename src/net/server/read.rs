@@ -4,7 +4,7 @@ use super::*;
 
 pub(super) fn stat(shared: &Shared, rel: &[u8], follow: bool) -> Result<EntryMeta, Fail> {
     if follow {
-        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot stat", rel, e))?;
+        let fd = shared.root.follow(rel, O_PATH).map_err(|e| Fail::io("cannot stat", rel, e))?;
         return fstat(fd.as_raw_fd())
             .map(|st| entry(Vec::new(), &st, Vec::new()))
             .map_err(|e| Fail::io("cannot stat", rel, e));
@@ -59,7 +59,7 @@ fn open_listable(dir: &OwnedFd) -> io::Result<OwnedFd> {
 /// The top of a `follow` listing: what `rel` leads to beneath the root; a directory opened for reading, or the
 /// entry of what else it is.
 fn follow_top(shared: &Shared, rel: &[u8]) -> io::Result<Result<OwnedFd, EntryMeta>> {
-    let fd = shared.root.follow(rel, libc::O_PATH)?;
+    let fd = shared.root.follow(rel, O_PATH)?;
     let st = fstat(fd.as_raw_fd())?;
     if kind_of(&st) != EntryKind::Dir {
         return Ok(Err(entry(Vec::new(), &st, Vec::new())));
@@ -156,7 +156,7 @@ fn list_from(
         // With `follow`, a symlink is replaced by what it leads to (and a directory there is opened through it).
         let mut followed = None;
         if follow && e.kind == EntryKind::Symlink {
-            let target = shared.root.follow(&full(&path), libc::O_PATH).and_then(|fd| Ok((fstat(fd.as_raw_fd())?, fd)));
+            let target = shared.root.follow(&full(&path), O_PATH).and_then(|fd| Ok((fstat(fd.as_raw_fd())?, fd)));
             match target {
                 Ok((st, fd)) => {
                     e = entry(path.clone(), &st, Vec::new());
@@ -232,7 +232,7 @@ fn open_regular(shared: &Shared, rel: &[u8], follow: bool) -> Result<File, Fail>
 /// `open_regular` with `follow`: resolved beneath the root to an `O_PATH` descriptor, checked to be a regular file,
 /// and only then opened for reading, through that very inode (`/proc/self/fd/N`), so nothing else is ever opened.
 fn open_regular_followed(shared: &Shared, rel: &[u8]) -> Result<File, Fail> {
-    let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io("cannot read", rel, e))?;
+    let fd = shared.root.follow(rel, O_PATH).map_err(|e| Fail::io("cannot read", rel, e))?;
     let st = fstat(fd.as_raw_fd()).map_err(|e| Fail::io("cannot read", rel, e))?;
     match kind_of(&st) {
         EntryKind::File => {}

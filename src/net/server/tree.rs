@@ -30,6 +30,15 @@ pub(super) fn chown_at(dir: RawFd, name: &CStr, owner: (u32, u32), flags: libc::
     }
 }
 
+/// Give the open file or directory `fd` to `owner` (an ordinary user cannot: EPERM is not an error).
+pub(super) fn chown_fd(fd: RawFd, owner: (u32, u32), rel: &[u8]) -> Result<(), Fail> {
+    // SAFETY: valid descriptor.
+    match cvt(unsafe { libc::fchown(fd, owner.0, owner.1) }) {
+        Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Fail::io("cannot set owner of", rel, e)),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn set_meta(
     shared: &Shared,
     rel: &[u8],
@@ -41,7 +50,7 @@ pub(super) fn set_meta(
     let mode = (mode & 0o7777) as libc::mode_t;
     let Some(name) = &p.name else {
         // The root itself. Owner first: chown clears set-id bits, which the chmod then sets.
-        chown_at(p.raw(), c"", owner, libc::AT_EMPTY_PATH, rel)?;
+        chown_fd(p.raw(), owner, rel)?;
         // SAFETY: valid descriptor.
         cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
         return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));

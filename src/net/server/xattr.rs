@@ -13,7 +13,7 @@ pub(super) fn get_xattrs(shared: &Shared, rel: &[u8], follow: bool) -> Result<wi
     let what = "cannot read extended attributes of";
     let xattrs = if follow {
         // The O_PATH descriptor's magic link leads to the very inode resolved beneath the root.
-        let fd = shared.root.follow(rel, libc::O_PATH).map_err(|e| Fail::io(what, rel, e))?;
+        let fd = shared.root.follow(rel, O_PATH).map_err(|e| Fail::io(what, rel, e))?;
         crate::meta::read_xattrs_following(&PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
     } else {
         let p = shared.root.parent(rel).map_err(|e| Fail::io(what, rel, e))?;
@@ -79,8 +79,8 @@ fn finish(t: &Transfer, f: &Finish) -> Result<(), Fail> {
     let fd = t.file.as_raw_fd();
     let rel = &t.rel;
     t.file.set_len(t.size).map_err(|e| Fail::io("cannot write", rel, e))?;
-    // Owner first: chown clears set-id bits, which the chmod then sets. AT_EMPTY_PATH: the descriptor itself.
-    chown_at(fd, c"", (f.uid, f.gid), libc::AT_EMPTY_PATH, rel)?;
+    // Owner first: chown clears set-id bits, which the chmod then sets.
+    chown_fd(fd, (f.uid, f.gid), rel)?;
     // SAFETY: valid descriptor.
     cvt(unsafe { libc::fchmod(fd, (f.mode & 0o7777) as libc::mode_t) })
         .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
