@@ -203,6 +203,60 @@ fn sparse_files_keep_their_holes_both_ways() {
     assert_no_tmp(&srv.root);
 }
 
+/// Where `openat2` is refused (an old kernel: ENOSYS; some container seccomp profiles: EPERM), the server resolves
+/// every path beneath its root one component at a time instead: strace, attached to a running server, fails its
+/// `openat2` calls, and a push and a pull of a tree still arrive exact (the walk's answers and refusals are tested
+/// against openat2's in `net::beneath`).
+#[test]
+fn a_server_without_openat2_walks_each_path_instead() {
+    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
+    if probe.code != Some(0) {
+        eprintln!("skipped: strace is unavailable or cannot trace here");
+        return;
+    }
+    for errno in ["ENOSYS", "EPERM"] {
+        let c = Case::new();
+        let srv = c.serve();
+        let trace = c.path("trace");
+        let mut strace = Command::new("strace")
+            .args(["-f", "-qq", "-o"])
+            .arg(&trace)
+            .args(["-e", "trace=openat2", "-e", &format!("inject=openat2:error={errno}"), "-p"])
+            .arg(srv.child.id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Traced once the kernel says so (every thread of the server is, with -f).
+        let status = format!("/proc/{}/status", srv.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&status)
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        {
+            assert!(Instant::now() < deadline, "strace did not attach");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let src = c.path("src");
+        tree_with_empty_dirs(&src);
+        mkdirs(&src.join("deep/er/still"));
+        write_file(&src.join("deep/er/still/f"), b"far down");
+        c.cmd().args(["copy", "--streams", "2"]).arg(&src).arg(srv.url("up/t")).run().assert_success();
+        compare_trees(&src, &srv.root.join("up/t"), CompareOpts::default());
+        let back = c.path("back");
+        c.cmd().args(["copy", "--streams", "2"]).arg(srv.url("up/t")).arg(&back).run().assert_success();
+        compare_trees(&src, &back, CompareOpts::default());
+        // SAFETY: a plain syscall on our child's pid; strace detaches on SIGINT and the server goes on.
+        unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+        strace.wait().unwrap();
+        let trace = fs::read_to_string(&trace).unwrap();
+        assert!(trace.contains("INJECTED"), "the server never tried openat2 ({errno}):\n{trace}");
+        assert_no_tmp(&srv.root);
+    }
+}
+
 /// -X over fastsync://: the user.* extended attributes of files (small, pipelined; large, in ranges), of the root
 /// and of subdirectories arrive both ways; without -X none do.
 #[test]
