@@ -1249,15 +1249,6 @@ fn under_failing_io_uring(errno: &str) -> Option<Cmd> {
     )
 }
 
-/// Whether strace can trace here (says so when it cannot).
-fn strace_usable() -> bool {
-    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
-    if probe.code != Some(0) {
-        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
-    }
-    probe.code == Some(0)
-}
-
 /// Where linking an unnamed temporary by its descriptor (`linkat` with `AT_EMPTY_PATH`) is refused, as kernels before
 /// 6.10 refuse it without CAP_DAC_READ_SEARCH, the file is linked through `/proc/self/fd` instead. strace fails the
 /// first `linkat` that names one file (`-P`), the way such a kernel does: the tree still arrives exact.

@@ -209,9 +209,7 @@ fn sparse_files_keep_their_holes_both_ways() {
 /// against openat2's in `net::beneath`).
 #[test]
 fn a_server_without_openat2_walks_each_path_instead() {
-    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
-    if probe.code != Some(0) {
-        eprintln!("skipped: strace is unavailable or cannot trace here");
+    if !strace_usable() {
         return;
     }
     for errno in ["ENOSYS", "EPERM"] {

@@ -165,6 +165,15 @@ pub struct Cmd {
 
 /// `fastsync` with no arguments yet (FASTSYNC_* settings and the user's config file kept out of its environment, so
 /// the outer environment cannot change how it runs).
+/// Whether strace can trace here (says so when it cannot).
+pub fn strace_usable() -> bool {
+    let probe = Cmd::new("strace").args(["-f", "-qq", "-o", "/dev/null", "true"]).run();
+    if probe.code != Some(0) {
+        eprintln!("SKIP: strace is unavailable or cannot trace here ({})", probe.stderr_str().trim());
+    }
+    probe.code == Some(0)
+}
+
 pub fn fastsync() -> Cmd {
     Cmd::new(bin())
 }
