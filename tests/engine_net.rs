@@ -11,6 +11,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::random_bytes;
 use fastsync_engine::net::{HEAD_ROOM_BYTES, HeadFn};
 use fastsync_engine::{Completion, Engine, EngineConfig, Job, Op, Outcome, RecvJob, SendJob, Session, Submitter};
 use fastsync_fallback::FallbackEngine;
@@ -51,16 +54,11 @@ fn run(sub: &Submitter, job: impl FnOnce(crossbeam_channel::Sender<Completion>) 
     rx.recv_timeout(Duration::from_secs(60)).expect("a completion within 60 s")
 }
 
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// A new, empty file `dst` in `dir`, open for reading and writing.
+fn dst_file(dir: &tempfile::TempDir) -> (std::path::PathBuf, File) {
+    let path = dir.path().join("dst");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    (path, file)
 }
 
 /// A head like the protocol's: a marker, the length and the digest.
@@ -141,7 +139,7 @@ const LONG: Duration = Duration::from_secs(30);
 fn sends_head_and_payload(engine: &dyn Engine) {
     let dir = tempdir("send");
     let path = dir.path().join("src");
-    let data = content(900 << 10, 1);
+    let data = random_bytes(1, 900 << 10);
     fs::write(&path, &data).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
@@ -172,7 +170,7 @@ fn sends_head_and_payload(engine: &dyn Engine) {
 fn short_file_sends_what_there_is(engine: &dyn Engine) {
     let dir = tempdir("short");
     let path = dir.path().join("src");
-    let data = content(100_000, 2);
+    let data = random_bytes(2, 100_000);
     fs::write(&path, &data).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
@@ -193,13 +191,12 @@ fn short_file_sends_what_there_is(engine: &dyn Engine) {
 /// A payload, part of which the caller had already read, is checked and written at its offset.
 fn receives_checks_and_writes(engine: &dyn Engine) {
     let dir = tempdir("recv");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     file.set_len(2 << 20).unwrap();
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(700_001, 3);
+    let payload = random_bytes(3, 700_001);
     let sender = {
         let (payload, mut peer) = (payload.clone(), peer.try_clone().unwrap());
         std::thread::spawn(move || peer.write_all(&payload[1234..]).unwrap())
@@ -227,13 +224,12 @@ fn receives_checks_and_writes(engine: &dyn Engine) {
 /// job completes with 0 bytes (and the connection is in step); allowed, the bytes are written.
 fn the_gate_decides_whether_a_checked_payload_is_written(engine: &dyn Engine) {
     let dir = tempdir("gate");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     file.set_len(1 << 20).unwrap();
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(200_000, 12);
+    let payload = random_bytes(12, 200_000);
     for allow in [false, true] {
         peer.write_all(&payload).unwrap();
         let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -263,13 +259,12 @@ fn the_gate_decides_whether_a_checked_payload_is_written(engine: &dyn Engine) {
 /// A payload whose digest does not match is consumed (the connection stays in step) and never written.
 fn digest_mismatch_writes_nothing(engine: &dyn Engine) {
     let dir = tempdir("mismatch");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     file.set_len(1 << 20).unwrap();
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(300_000, 4);
+    let payload = random_bytes(4, 300_000);
     let mut damaged = payload.clone();
     damaged[150_000] ^= 1;
     peer.write_all(&damaged).unwrap();
@@ -286,12 +281,11 @@ fn digest_mismatch_writes_nothing(engine: &dyn Engine) {
 /// A peer that closes mid-payload fails the job as a connection error.
 fn peer_closing_mid_payload_fails(engine: &dyn Engine) {
     let dir = tempdir("closed");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(500_000, 5);
+    let payload = random_bytes(5, 500_000);
     peer.write_all(&payload[..200_000]).unwrap();
     drop(peer);
     let e = failed(run(&sub, |tx| recv_job(tx, &ours, &file, &path, 0, &payload, 0, LONG)));
@@ -303,12 +297,11 @@ fn peer_closing_mid_payload_fails(engine: &dyn Engine) {
 /// A peer that sends nothing (or too little) is detected after the timeout of no progress, not hung on.
 fn stalled_peer_times_out(engine: &dyn Engine) {
     let dir = tempdir("stall");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(400_000, 6);
+    let payload = random_bytes(6, 400_000);
     peer.write_all(&payload[..100_000]).unwrap();
     let t = Instant::now();
     let e = failed(run(&sub, |tx| recv_job(tx, &ours, &file, &path, 0, &payload, 0, Duration::from_millis(400))));
@@ -322,12 +315,11 @@ fn stalled_peer_times_out(engine: &dyn Engine) {
 /// for the whole payload (here 1.2 s of trickle against a 400 ms timeout).
 fn a_slow_but_moving_peer_is_not_a_stall(engine: &dyn Engine) {
     let dir = tempdir("trickle");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     let session = start(engine);
     let sub = session.submitter();
     let (ours, peer) = pair();
-    let payload = content(120_000, 13);
+    let payload = random_bytes(13, 120_000);
     let sender = {
         let (payload, mut peer) = (payload.clone(), peer);
         std::thread::spawn(move || {
@@ -350,7 +342,7 @@ fn stalled_receiver_times_out_a_send(engine: &dyn Engine) {
     let dir = tempdir("stallsend");
     let path = dir.path().join("src");
     let len = BLOCK_BYTES - HEAD_ROOM_BYTES;
-    fs::write(&path, content(len, 7)).unwrap();
+    fs::write(&path, random_bytes(7, len)).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -382,7 +374,7 @@ fn stalled_receiver_times_out_a_send(engine: &dyn Engine) {
 fn payload_larger_than_a_slot_is_refused(engine: &dyn Engine) {
     let dir = tempdir("large");
     let path = dir.path().join("src");
-    fs::write(&path, content(BLOCK_BYTES, 8)).unwrap();
+    fs::write(&path, random_bytes(8, BLOCK_BYTES)).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -400,8 +392,7 @@ fn payload_larger_than_a_slot_is_refused(engine: &dyn Engine) {
 /// holds exactly the payload.
 fn receives_into_a_direct_descriptor(engine: &dyn Engine) {
     let dir = tempdir("direct");
-    let path = dir.path().join("dst");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let (path, file) = dst_file(&dir);
     let Ok(direct) = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path) else {
         eprintln!("no O_DIRECT on {}: skipped", path.display());
         return;
@@ -409,7 +400,7 @@ fn receives_into_a_direct_descriptor(engine: &dyn Engine) {
     let session = start(engine);
     let sub = session.submitter();
     let (ours, mut peer) = pair();
-    let payload = content(3 * 4096 + 100, 9);
+    let payload = random_bytes(9, 3 * 4096 + 100);
     peer.write_all(&payload).unwrap();
     let c = run(&sub, |tx| {
         let mut j = recv_job(tx, &ours, &file, &path, 8192, &payload, 0, LONG);
@@ -428,7 +419,7 @@ fn receives_into_a_direct_descriptor(engine: &dyn Engine) {
 fn cancelled_jobs_leave_the_socket_alone(engine: &dyn Engine) {
     let dir = tempdir("cancel");
     let path = dir.path().join("src");
-    fs::write(&path, content(10_000, 10)).unwrap();
+    fs::write(&path, random_bytes(10, 10_000)).unwrap();
     let file = File::open(&path).unwrap();
     let session = start(engine);
     let sub = session.submitter();
@@ -447,7 +438,7 @@ fn cancelled_jobs_leave_the_socket_alone(engine: &dyn Engine) {
 fn many_threads_share_the_shards(engine: &dyn Engine) {
     let dir = tempdir("threads");
     let path = dir.path().join("src");
-    let data = content(BLOCK_BYTES - HEAD_ROOM_BYTES, 11);
+    let data = random_bytes(11, BLOCK_BYTES - HEAD_ROOM_BYTES);
     fs::write(&path, &data).unwrap();
     let session = start(engine);
     let zerocopy = engine.capabilities().zerocopy_send;

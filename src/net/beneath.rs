@@ -174,37 +174,25 @@ fn openat2_dir(root: RawFd, rel: &[u8]) -> Option<io::Result<OwnedFd>> {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    // SAFETY: an all-zero open_how is valid; the fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // A rename elsewhere in the tree during the walk makes the kernel answer EAGAIN: try again a few times.
-    for _ in 0..16 {
-        // SAFETY: valid descriptor, C string and open_how of the size passed; the result is owned below.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_openat2, root, path.as_ptr(), &how as *const libc::open_how, size_of_val(&how))
-        };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor.
-            return Some(Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }));
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    let e = match openat2(root, &path, flags, resolve) {
+        Ok(fd) => return Some(Ok(fd)),
+        Err(e) => e,
+    };
+    Some(Err(match e.raw_os_error() {
+        // RESOLVE_NO_SYMLINKS: a symlink anywhere on the way, the last component included.
+        Some(libc::ELOOP) => io::Error::new(io::ErrorKind::PermissionDenied, SYMLINK_ON_THE_WAY),
+        Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
+        // Something on the way is not a directory: the walk says which (a symlink, with O_DIRECTORY, is one).
+        Some(libc::ENOTDIR) => return None,
+        // No openat2 here (ENOSYS; EPERM from some seccomp profiles), or not these flags (E2BIG, EINVAL).
+        Some(libc::ENOSYS | libc::EPERM | libc::E2BIG | libc::EINVAL) => {
+            NO_OPENAT2.store(true, Ordering::Relaxed);
+            return None;
         }
-        let e = io::Error::last_os_error();
-        return Some(Err(match e.raw_os_error() {
-            Some(libc::EAGAIN) => continue,
-            // RESOLVE_NO_SYMLINKS: a symlink anywhere on the way, the last component included.
-            Some(libc::ELOOP) => io::Error::new(io::ErrorKind::PermissionDenied, SYMLINK_ON_THE_WAY),
-            Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
-            // Something on the way is not a directory: the walk says which (a symlink, with O_DIRECTORY, is one).
-            Some(libc::ENOTDIR) => return None,
-            // No openat2 here (ENOSYS; EPERM from some seccomp profiles), or not these flags (E2BIG, EINVAL).
-            Some(libc::ENOSYS | libc::EPERM | libc::E2BIG | libc::EINVAL) => {
-                NO_OPENAT2.store(true, Ordering::Relaxed);
-                return None;
-            }
-            _ => e,
-        }));
-    }
-    Some(Err(io::Error::new(io::ErrorKind::Interrupted, "the tree kept changing while the path was resolved")))
+        _ => e,
+    }))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -217,13 +205,30 @@ pub const ESCAPES: &str = "the symlink leads outside the served root (not follow
 
 #[cfg(target_os = "linux")]
 fn openat2_beneath(dir: RawFd, path: &CString, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: an all-zero open_how is valid; the fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     // openat2 refuses O_PATH with flags other than O_CLOEXEC, O_DIRECTORY and O_NOFOLLOW.
     let noctty = if flags & libc::O_PATH == 0 { libc::O_NOCTTY } else { 0 };
-    how.flags = (flags | libc::O_CLOEXEC | noctty) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-    // A rename elsewhere in the tree during the walk makes the kernel answer EAGAIN: try again a few times.
+    openat2(dir, path, flags | libc::O_CLOEXEC | noctty, libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS).map_err(
+        |e| match e.raw_os_error() {
+            Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
+            Some(libc::ENOSYS) => unsupported(),
+            _ => e,
+        },
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn openat2_beneath(_dir: RawFd, _path: &CString, _flags: libc::c_int) -> io::Result<OwnedFd> {
+    Err(unsupported())
+}
+
+/// `openat2(dir, path, {flags, resolve})`, the kernel's errors as they are. A rename elsewhere in the tree during the
+/// resolution makes it answer EAGAIN: that is tried again a few times.
+#[cfg(target_os = "linux")]
+fn openat2(dir: RawFd, path: &std::ffi::CStr, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = resolve;
     for _ in 0..16 {
         // SAFETY: valid descriptor, C string and open_how of the size passed; the result is owned below.
         let fd = unsafe {
@@ -234,19 +239,11 @@ fn openat2_beneath(dir: RawFd, path: &CString, flags: libc::c_int) -> io::Result
             return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         }
         let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EAGAIN) => continue,
-            Some(libc::EXDEV) => io::Error::new(io::ErrorKind::PermissionDenied, ESCAPES),
-            Some(libc::ENOSYS) => unsupported(),
-            _ => e,
-        });
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
     }
     Err(io::Error::new(io::ErrorKind::Interrupted, "the tree kept changing while the path was resolved"))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn openat2_beneath(_dir: RawFd, _path: &CString, _flags: libc::c_int) -> io::Result<OwnedFd> {
-    Err(unsupported())
 }
 
 fn unsupported() -> io::Error {

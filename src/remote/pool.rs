@@ -614,6 +614,30 @@ fn policy_throughput(p: &StreamPolicy) -> f64 {
     p.throughput_bytes_per_s().unwrap_or(0.0)
 }
 
+/// A worker's turn, in order: consecutive tasks that `batch` takes (`Ok`) go together to `run`, the others (`Err`)
+/// one by one to `one`.
+pub(super) fn in_runs<T, U>(
+    stream: &mut Stream,
+    tasks: Vec<T>,
+    batch: impl Fn(T) -> Result<U, T>,
+    mut run: impl FnMut(&mut Stream, Vec<U>) -> Result<(), StreamError>,
+    mut one: impl FnMut(&mut Stream, T) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
+    let mut batched = Vec::new();
+    for task in tasks {
+        match batch(task) {
+            Ok(u) => batched.push(u),
+            Err(task) => {
+                if !batched.is_empty() {
+                    run(stream, std::mem::take(&mut batched))?;
+                }
+                one(stream, task)?;
+            }
+        }
+    }
+    if batched.is_empty() { Ok(()) } else { run(stream, batched) }
+}
+
 /// One worker: tasks until the queue closes or the pool no longer wants this stream; a connection left idle is
 /// kept alive. A stream the monitor added dials first, and when the server takes no more connections it retires
 /// and caps the pool below itself.

@@ -1267,34 +1267,26 @@ fn remove_tree(
 }
 
 /// One worker task of a pull.
-/// A worker's turn: runs of small whole files go together ([`pull_smalls`]; not with -X, whose `GetXattrs` would
-/// come between the answers), everything else one by one.
+/// A worker's turn: runs of small whole files go together ([`pull_smalls`]), everything else one by one.
 fn pull_tasks(
     stream: &mut Stream,
     cfg: &PullCfg,
     tasks: Vec<PullTask>,
     done: &Sender<Done>,
 ) -> Result<(), StreamError> {
-    let mut smalls = Vec::new();
-    for task in tasks {
-        match task {
-            PullTask::Whole(f) if f.meta.size <= PIPELINED_FILE_BYTES_MAX => smalls.push(f),
-            other => {
-                if !smalls.is_empty() {
-                    pull_smalls(stream, cfg, std::mem::take(&mut smalls), done)?;
-                }
-                pull_task(stream, cfg, other, done)?;
-            }
-        }
-    }
-    if smalls.is_empty() { Ok(()) } else { pull_smalls(stream, cfg, smalls, done) }
+    #[allow(clippy::result_large_err)] // a task handed back whole, once per task
+    let small = |task| match task {
+        PullTask::Whole(f) if f.meta.size <= PIPELINED_FILE_BYTES_MAX => Ok(f),
+        other => Err(other),
+    };
+    in_runs(stream, tasks, small, |s, files| pull_smalls(s, cfg, files, done), |s, t| pull_task(s, cfg, t, done))
 }
 
 /// Pull small files in one round trip: the `Get`s of the files a worker took together go back to back (with `-X`,
 /// each followed by its `GetXattrs`), then each answer is read into its own temporary, which is finished and renamed
-/// into place at once (one temporary open at a time). A connection that breaks is dialled again and the files not yet in place are asked for again; a file
-/// whose answer is anything but complete and unchanged (changed, damaged, short, refused) takes [`pull_whole`]'s path
-/// alone, which retries and says why. One [`Done::File`] per file.
+/// into place at once (one temporary open at a time). A connection that breaks is dialled again and the files not
+/// yet in place are asked for again; a file whose answer is anything but complete and unchanged (changed, damaged,
+/// short, refused) takes [`pull_whole`]'s path alone, which retries and says why. One [`Done::File`] per file.
 fn pull_smalls(
     stream: &mut Stream,
     cfg: &PullCfg,

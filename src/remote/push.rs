@@ -1041,19 +1041,11 @@ fn push_tasks(
     tasks: Vec<PushTask>,
     done: &Sender<Done>,
 ) -> Result<(), StreamError> {
-    let mut wholes = Vec::new();
-    for task in tasks {
-        match task {
-            PushTask::Whole(f) => wholes.push(f),
-            range => {
-                if !wholes.is_empty() {
-                    push_wholes(stream, cfg, std::mem::take(&mut wholes), done)?;
-                }
-                push_task(stream, cfg, range, done)?;
-            }
-        }
-    }
-    if wholes.is_empty() { Ok(()) } else { push_wholes(stream, cfg, wholes, done) }
+    let whole = |task| match task {
+        PushTask::Whole(f) => Ok(f),
+        range => Err(range),
+    };
+    in_runs(stream, tasks, whole, |s, files| push_wholes(s, cfg, files, done), |s, t| push_task(s, cfg, t, done))
 }
 
 /// Whole files: one alone, several in batches.

@@ -20,6 +20,7 @@ pub mod lan;
 pub mod proxy;
 
 /// Expands each case `fn name(engine: Engine)` into `name::uring` and `name::fallback` tests.
+#[allow(unused_macros)] // not every test binary runs CLI cases
 macro_rules! both_engines {
     ($($case:ident),* $(,)?) => {
         $(

@@ -19,21 +19,22 @@ pub(super) fn mkdir(shared: &Shared, rel: &[u8], mode: u32) -> Result<(), Fail> 
     }
 }
 
-/// Give `name` in `dir` (or `dir` itself, with `AT_EMPTY_PATH` and an empty name) to `owner`, never following a
-/// symlink. Not being allowed to give entries away (a server that is not root) is expected: the owner stays the
-/// server's, as with `rsync` run by an ordinary user.
-pub(super) fn chown_at(dir: RawFd, name: &CStr, owner: (u32, u32), flags: libc::c_int, rel: &[u8]) -> Result<(), Fail> {
+/// Give `name` in `dir` to `owner`, never following a symlink. Not being allowed to give entries away (a server that
+/// is not root) is expected: the owner stays the server's, as with `rsync` run by an ordinary user.
+pub(super) fn chown_at(dir: RawFd, name: &CStr, owner: (u32, u32), rel: &[u8]) -> Result<(), Fail> {
     // SAFETY: valid descriptor and C string.
-    match cvt(unsafe { libc::fchownat(dir, name.as_ptr(), owner.0, owner.1, flags | libc::AT_SYMLINK_NOFOLLOW) }) {
-        Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Fail::io("cannot set owner of", rel, e)),
-        _ => Ok(()),
-    }
+    owner_set(cvt(unsafe { libc::fchownat(dir, name.as_ptr(), owner.0, owner.1, libc::AT_SYMLINK_NOFOLLOW) }), rel)
 }
 
-/// Give the open file or directory `fd` to `owner` (an ordinary user cannot: EPERM is not an error).
+/// As [`chown_at`], for the open file or directory `fd` itself.
 pub(super) fn chown_fd(fd: RawFd, owner: (u32, u32), rel: &[u8]) -> Result<(), Fail> {
     // SAFETY: valid descriptor.
-    match cvt(unsafe { libc::fchown(fd, owner.0, owner.1) }) {
+    owner_set(cvt(unsafe { libc::fchown(fd, owner.0, owner.1) }), rel)
+}
+
+/// A chown's result: refused for want of privilege (EPERM) is not an error.
+fn owner_set(r: io::Result<libc::c_int>, rel: &[u8]) -> Result<(), Fail> {
+    match r {
         Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Fail::io("cannot set owner of", rel, e)),
         _ => Ok(()),
     }
@@ -57,7 +58,7 @@ pub(super) fn set_meta(
     };
     let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
     if (st.st_uid, st.st_gid) != owner {
-        chown_at(p.raw(), name, owner, 0, rel)?;
+        chown_at(p.raw(), name, owner, rel)?;
     }
     if kind_of(&st) != EntryKind::Symlink {
         // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
@@ -86,7 +87,7 @@ pub(super) fn symlink(
         cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, tmp.as_ptr()) }).map(drop)
     })
     .map_err(|e| Fail::io("cannot create symlink", rel, e))?;
-    let placed = chown_at(p.raw(), &tmp, owner, 0, rel)
+    let placed = chown_at(p.raw(), &tmp, owner, rel)
         .and_then(|()| set_mtime_at(p.raw(), &tmp, mtime).map_err(|e| Fail::io("cannot set times on", rel, e)))
         .and_then(|()| rename_into_place(p.raw(), &tmp, name, rel));
     if placed.is_err() {
