@@ -479,11 +479,16 @@ impl Exec<'_> {
             if frame.iter.take_new_chunk() || std::mem::take(&mut resumed) {
                 // The walk enters these next (depth first): have the scanner read them meanwhile.
                 let look = !frame.fresh && self.look_dst;
-                for sub in frame.iter.subdirs().take(scan::AHEAD_SUBDIRS) {
-                    if !sync::excluded(&self.opts.filter, &sync::child_rel(&frame.rel, &sub.name), true) {
-                        let (src, dst) = (frame.src.join(&sub.name), frame.dst.join(&sub.name));
-                        scanner.read_ahead(&src, &dst, look, self.opts.dereference);
-                    }
+                let subdirs: Vec<std::ffi::OsString> = frame
+                    .iter
+                    .subdirs()
+                    .take(scan::AHEAD_SUBDIRS)
+                    .filter(|sub| !sync::excluded(&self.opts.filter, &sync::child_rel(&frame.rel, &sub.name), true))
+                    .map(|sub| sub.name.clone())
+                    .collect();
+                for name in subdirs {
+                    let (src, dst) = (frame.src.join(&name), frame.dst.join(&name));
+                    frame.iter.read_ahead(scanner, src, &dst, look, self.opts.dereference);
                 }
             }
             match next {
@@ -499,6 +504,7 @@ impl Exec<'_> {
                     self.ancestors.pop();
                     self.st.dirs.get_mut(frame.dir).walked = true;
                     self.st.maybe_finish_dir(frame.dir);
+                    scanner.close(frame.iter);
                 }
                 Some(Err(e)) => {
                     let src = frame.src.clone();
@@ -677,7 +683,11 @@ impl Exec<'_> {
         };
         let scanner = match &mut self.scanner {
             Some(s) => s,
-            None => match Scanner::new(self.scan_threads, self.opts.sync.as_ref().is_some_and(|s| s.delete)) {
+            None => match Scanner::new(
+                self.scan_threads,
+                self.opts.sync.as_ref().is_some_and(|s| s.delete),
+                self.opts.filter.is_empty(),
+            ) {
                 Ok(s) => self.scanner.insert(s),
                 Err(e) => {
                     self.st.fail(format!("cannot start directory scanner threads: {e}"));
