@@ -74,11 +74,13 @@ mod listing;
 mod pool;
 mod pull;
 mod push;
+mod tally;
 
 pub use listing::list;
 use pool::*;
 use pull::*;
 use push::*;
+use tally::*;
 
 /// A file that changes while it is sent or fetched is transferred again, up to this many attempts in all.
 const SOURCE_ATTEMPTS_MAX: u8 = 3;

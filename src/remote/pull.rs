@@ -751,11 +751,8 @@ impl<'a> Pull<'a> {
         let key = (c.run.opts.hard_links && e.nlink > 1).then_some((e.dev, e.ino));
         if let (Some(_), Some(dir)) = (key, parent.fd.clone()) {
             let me = LocalName { dir, name: cname.clone(), shown: shown.clone() };
-            match plan_link(&mut c.links, key, &me, parent.node, c.run.opts.dry_run) {
-                LinkPlan::Transfer => {}
-                LinkPlan::Wait => return c.dirs.add(parent.node),
-                LinkPlan::LinkTo(first) => return c.link(&me, &first),
-                LinkPlan::FirstFailed(first) => return c.link_failed(&me, &first),
+            if !c.transfer_first(key, &me, parent.node) {
+                return;
             }
         }
         if c.run.opts.dry_run {
@@ -807,47 +804,24 @@ impl<'a> Pull<'a> {
     }
 }
 
-impl PullCore<'_> {
-    /// The control connection streams the listing meanwhile (or is no longer needed): nothing to keep alive.
-    fn on_event(&mut self, e: Option<Done>) {
-        if let Some(d) = e {
-            self.on_done(d);
-        }
+impl<'a> Tally<'a> for PullCore<'a> {
+    type Name = LocalName;
+    type Dir = LocalDir;
+
+    fn run(&mut self) -> &mut Run<'a> {
+        &mut self.run
     }
 
-    fn on_done(&mut self, d: Done) {
-        match d {
-            Done::Bytes(n) => {
-                self.run.summary.bytes += n;
-                self.run.progress.inc(n);
-            }
-            Done::File { dir, link, result } => {
-                let ok = result.is_ok();
-                match result {
-                    Ok(retried) => {
-                        self.run.summary.retried += u64::from(retried);
-                        self.file_done(dir, true);
-                    }
-                    Err(m) => {
-                        self.run.fail(m);
-                        self.file_done(dir, false);
-                    }
-                }
-                if let Some((first, waiters)) = link.and_then(|k| links_ready(&mut self.links, k, ok)) {
-                    for (me, dir) in waiters {
-                        if ok {
-                            self.link(&me, &first);
-                        } else {
-                            self.link_failed(&me, &first);
-                        }
-                        self.file_done(dir, false);
-                    }
-                }
-            }
-            Done::Warn(m) => self.run.warn(&m),
-            Done::Broken(m) => self.run.broken(m),
-            Done::Note(m) => self.run.note(&m),
-        }
+    fn links(&mut self) -> &mut HashMap<(u64, u64), LinkState<LocalName>> {
+        &mut self.links
+    }
+
+    fn dirs(&mut self) -> &mut Dirs<LocalDir> {
+        &mut self.dirs
+    }
+
+    fn shown(&self, name: &LocalName) -> String {
+        name.shown.shown().to_string()
     }
 
     /// `-H`: local name `me` becomes another name of `first` (already in place): linked under a temporary name, then
@@ -873,24 +847,6 @@ impl PullCore<'_> {
         }
     }
 
-    fn link_failed(&mut self, me: &LocalName, first: &LocalName) {
-        self.run.fail(format!(
-            "cannot link '{}': its first name '{}' was not copied",
-            me.shown.shown(),
-            first.shown.shown()
-        ));
-    }
-
-    fn file_done(&mut self, dir: Option<usize>, ok: bool) {
-        if ok {
-            self.run.summary.files += 1;
-            self.run.progress.file_done();
-        }
-        let mut finished = Vec::new();
-        self.dirs.done(dir, &mut finished);
-        self.finish_dirs(finished);
-    }
-
     fn finish_dirs(&mut self, finished: Vec<LocalDir>) {
         for d in finished {
             let Some(fd) = d.fd.filter(|_| !self.run.opts.dry_run) else { continue };
@@ -898,6 +854,15 @@ impl PullCore<'_> {
             if let Err(e) = at::apply(fd.as_raw_fd(), owner, d.meta.mode, mtime_of(&d.meta)) {
                 self.run.fail(format!("cannot set permissions and times on '{}': {e}", d.shown.shown()));
             }
+        }
+    }
+}
+
+impl PullCore<'_> {
+    /// The control connection streams the listing meanwhile (or is no longer needed): nothing to keep alive.
+    fn on_event(&mut self, e: Option<Done>) {
+        if let Some(d) = e {
+            self.on_done(d);
         }
     }
 
@@ -1099,7 +1064,7 @@ impl PullCore<'_> {
         // -H: the inode's other names link to this one, which is in place.
         if let Some(dir) = parent.fd.clone().filter(|_| self.run.opts.hard_links && e.nlink > 1) {
             let me = LocalName { dir, name: name.to_owned(), shown: shown.to_path_buf() };
-            self.links.entry((e.dev, e.ino)).or_insert_with(|| LinkState::Done(me));
+            self.in_place((e.dev, e.ino), me);
         }
         let id = self.cfg.id;
         #[allow(clippy::unnecessary_cast)] // mode_t is u16 on macOS

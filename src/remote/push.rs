@@ -13,71 +13,6 @@ struct PushFile {
     link: Option<(u64, u64)>,
 }
 
-/// `-H`: what became of an inode with several names (a push keys it by the local (dev, ino), a pull by the server's).
-pub(super) enum LinkState<T: Clone> {
-    /// Its first name is being transferred; these names wait for it: (their destination, their parent node).
-    Pending { first: T, waiters: Waiters<T> },
-    /// Its first name is in place: later names are linked to it.
-    Done(T),
-    /// Its first name failed: later names fail too (they would only be its copies).
-    Failed(T),
-}
-
-/// What to do with a name of a multiply-linked inode under `-H`.
-pub(super) enum LinkPlan<T> {
-    /// Transfer it: it is the first name (or nothing is known).
-    Transfer,
-    /// Link it to the first name, which is in place.
-    LinkTo(T),
-    /// It waits for the first name (counted in its directory).
-    Wait,
-    /// The first name failed.
-    FirstFailed(T),
-}
-
-/// Decide for name `me` of inode `key` (none: not multiply linked, or no `-H`); a first name is recorded as pending
-/// (in a dry run as done: nothing will complete).
-pub(super) fn plan_link<T: Clone>(
-    links: &mut HashMap<(u64, u64), LinkState<T>>,
-    key: Option<(u64, u64)>,
-    me: &T,
-    dir: Option<usize>,
-    dry_run: bool,
-) -> LinkPlan<T> {
-    let Some(key) = key else { return LinkPlan::Transfer };
-    match links.get_mut(&key) {
-        None => {
-            let state = if dry_run {
-                LinkState::Done(me.clone())
-            } else {
-                LinkState::Pending { first: me.clone(), waiters: Vec::new() }
-            };
-            links.insert(key, state);
-            LinkPlan::Transfer
-        }
-        Some(LinkState::Pending { waiters, .. }) => {
-            waiters.push((me.clone(), dir));
-            LinkPlan::Wait
-        }
-        Some(LinkState::Done(first)) => LinkPlan::LinkTo(first.clone()),
-        Some(LinkState::Failed(first)) => LinkPlan::FirstFailed(first.clone()),
-    }
-}
-
-/// Names waiting for a first name: (their destination, their parent node).
-type Waiters<T> = Vec<(T, Option<usize>)>;
-
-/// The first name of inode `key` is done (`ok`) or failed: its waiters, and what they link to.
-pub(super) fn links_ready<T: Clone>(
-    links: &mut HashMap<(u64, u64), LinkState<T>>,
-    key: (u64, u64),
-    ok: bool,
-) -> Option<(T, Waiters<T>)> {
-    let Some(LinkState::Pending { first, waiters }) = links.remove(&key) else { return None };
-    links.insert(key, if ok { LinkState::Done(first.clone()) } else { LinkState::Failed(first.clone()) });
-    Some((first, waiters))
-}
-
 /// A large file sent in ranges by several workers; the last range to finish ends the transfer.
 struct BigPush {
     file: PushFile,
@@ -446,11 +381,8 @@ impl<'a> Push<'a> {
         }
         c.run.item(if twin.is_some() { Change::Update } else { Change::Copy }, rel, false);
         let key = (c.run.opts.hard_links && md.nlink() > 1).then(|| (md.dev(), md.ino()));
-        match plan_link(&mut c.links, key, &remote, dir, c.run.opts.dry_run) {
-            LinkPlan::Transfer => {}
-            LinkPlan::Wait => return c.dirs.add(dir),
-            LinkPlan::LinkTo(first) => return c.link(&remote, &first),
-            LinkPlan::FirstFailed(first) => return c.link_failed(&remote, &first),
+        if !c.transfer_first(key, &remote, dir) {
+            return;
         }
         if c.run.opts.dry_run {
             c.run.summary.files += 1;
@@ -470,12 +402,12 @@ impl<'a> Push<'a> {
         let (omd, fd) = match opened {
             Ok((m, _)) if !m.is_file() => {
                 c.run.fail(format!("'{}' is no longer a regular file; not copied", src.shown()));
-                return c.file_done(dir, None);
+                return c.file_done(dir, false);
             }
             Ok(x) => x,
             Err(e) => {
                 c.run.fail(format!("cannot open '{}': {e}", src.shown()));
-                return c.file_done(dir, None);
+                return c.file_done(dir, false);
             }
         };
         let parts = ranges(omd.size(), c.streams.split_for()).unwrap_or_else(|| vec![(0, omd.size())]);
@@ -497,7 +429,7 @@ impl<'a> Push<'a> {
             Err(e) => {
                 let shown = url_of(&c.addr, &file.remote);
                 c.run.req_failed(e, |m| format!("cannot write '{shown}': {m}"));
-                return c.file_done(dir, None);
+                return c.file_done(dir, false);
             }
         };
         let big = Arc::new(BigPush {
@@ -518,6 +450,60 @@ impl<'a> Push<'a> {
             }
             if !self.pool.send(PushTask::Range { big: big.clone(), offset, len }, &mut |d| core.on_event(d)) {
                 return;
+            }
+        }
+    }
+}
+
+impl<'a> Tally<'a> for PushCore<'a> {
+    type Name = Vec<u8>;
+    type Dir = RemoteDir;
+
+    fn run(&mut self) -> &mut Run<'a> {
+        &mut self.run
+    }
+
+    fn links(&mut self) -> &mut HashMap<(u64, u64), LinkState<Vec<u8>>> {
+        &mut self.links
+    }
+
+    fn dirs(&mut self) -> &mut Dirs<RemoteDir> {
+        &mut self.dirs
+    }
+
+    fn shown(&self, name: &Vec<u8>) -> String {
+        self.url(name)
+    }
+
+    /// `-H`: remote `path` becomes another name of `first` (already on the server).
+    fn link(&mut self, path: &Vec<u8>, first: &Vec<u8>) {
+        if self.run.opts.dry_run {
+            self.run.summary.hardlinks += 1;
+            return;
+        }
+        match self.ctl_do(|conn| conn.link(path, first)) {
+            Ok(()) => self.run.summary.hardlinks += 1,
+            Err(e) => {
+                let (shown, to) = (self.url(path), self.url(first));
+                self.run.req_failed(e, |m| format!("cannot link '{shown}' to '{to}': {m}"));
+            }
+        }
+    }
+
+    fn finish_dirs(&mut self, finished: Vec<RemoteDir>) {
+        for d in finished {
+            if !d.apply || self.run.fatal.is_some() {
+                continue;
+            }
+            if !d.xattrs.is_empty()
+                && let Err(e) = self.ctl_do(|conn| conn.set_xattrs(&d.remote, d.xattrs.clone()))
+            {
+                let shown = self.url(&d.remote);
+                self.run.req_failed(e, |m| format!("cannot set extended attributes on '{shown}': {m}"));
+            }
+            if let Err(e) = self.ctl_do(|conn| conn.set_meta(&d.remote, d.mode, d.owner, d.mtime)) {
+                let shown = self.url(&d.remote);
+                self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
             }
         }
     }
@@ -591,89 +577,6 @@ impl PushCore<'_> {
             }
         }
         true
-    }
-
-    fn on_done(&mut self, d: Done) {
-        match d {
-            Done::Bytes(n) => {
-                self.run.summary.bytes += n;
-                self.run.progress.inc(n);
-            }
-            Done::File { dir, link, result } => {
-                let ok = result.is_ok();
-                match result {
-                    Ok(retried) => {
-                        self.run.summary.retried += u64::from(retried);
-                        self.file_done(dir, Some(()));
-                    }
-                    Err(m) => {
-                        self.run.fail(m);
-                        self.file_done(dir, None);
-                    }
-                }
-                if let Some((first, waiters)) = link.and_then(|k| links_ready(&mut self.links, k, ok)) {
-                    for (remote, dir) in waiters {
-                        if ok {
-                            self.link(&remote, &first);
-                        } else {
-                            self.link_failed(&remote, &first);
-                        }
-                        self.file_done(dir, None);
-                    }
-                }
-            }
-            Done::Warn(m) => self.run.warn(&m),
-            Done::Broken(m) => self.run.broken(m),
-            Done::Note(m) => self.run.note(&m),
-        }
-    }
-
-    /// `-H`: remote `path` becomes another name of `first` (already on the server).
-    fn link(&mut self, path: &[u8], first: &[u8]) {
-        if self.run.opts.dry_run {
-            self.run.summary.hardlinks += 1;
-            return;
-        }
-        match self.ctl_do(|conn| conn.link(path, first)) {
-            Ok(()) => self.run.summary.hardlinks += 1,
-            Err(e) => {
-                let (shown, to) = (self.url(path), self.url(first));
-                self.run.req_failed(e, |m| format!("cannot link '{shown}' to '{to}': {m}"));
-            }
-        }
-    }
-
-    fn link_failed(&mut self, path: &[u8], first: &[u8]) {
-        let (shown, to) = (self.url(path), self.url(first));
-        self.run.fail(format!("cannot link '{shown}': its first name '{to}' was not copied"));
-    }
-
-    fn file_done(&mut self, dir: Option<usize>, ok: Option<()>) {
-        if ok.is_some() {
-            self.run.summary.files += 1;
-            self.run.progress.file_done();
-        }
-        let mut finished = Vec::new();
-        self.dirs.done(dir, &mut finished);
-        self.finish_dirs(finished);
-    }
-
-    fn finish_dirs(&mut self, finished: Vec<RemoteDir>) {
-        for d in finished {
-            if !d.apply || self.run.fatal.is_some() {
-                continue;
-            }
-            if !d.xattrs.is_empty()
-                && let Err(e) = self.ctl_do(|conn| conn.set_xattrs(&d.remote, d.xattrs.clone()))
-            {
-                let shown = self.url(&d.remote);
-                self.run.req_failed(e, |m| format!("cannot set extended attributes on '{shown}': {m}"));
-            }
-            if let Err(e) = self.ctl_do(|conn| conn.set_meta(&d.remote, d.mode, d.owner, d.mtime)) {
-                let shown = self.url(&d.remote);
-                self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
-            }
-        }
     }
 
     /// The remote entries of directory `remote`, by name (`None` when it cannot be listed; reported).
@@ -895,7 +798,7 @@ impl PushCore<'_> {
         self.run.summary.unchanged += 1;
         // -H: the inode's other names link to this one, which is in place.
         if self.run.opts.hard_links && md.nlink() > 1 {
-            self.links.entry((md.dev(), md.ino())).or_insert_with(|| LinkState::Done(remote.to_vec()));
+            self.in_place((md.dev(), md.ino()), remote.to_vec());
         }
         let mode = md.mode() & 0o7777;
         if mode == twin.mode && md_mtime(md) == mtime_of(twin) {
