@@ -1,18 +1,65 @@
 //! Integration tests of `fastsync sync` (comparison, deletion, filters, dry run) and of what every transfer
 //! guarantees when interrupted (SIGKILL, SIGINT), when a source changes under it, and when stale temporaries of
-//! dead runs are found. Every case runs on both engines; results are checked with independent means.
+//! dead runs are found. The comparison, deletion, filter and dry-run cases are one conformance suite run every way a
+//! sync can go: on both local engines, and over `fastsync://` both ways against a real `fastsync serve`; the rest
+//! run on both engines. Results are checked with independent means.
 
 #[macro_use]
 mod common;
 
+use common::lan::{Server, TOKEN};
 use common::*;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-both_engines!(
+/// How a sync runs: on one of the local engines, or over `fastsync://` against a real `fastsync serve` of the case's
+/// directory — a push (the destination is served) or a pull (the source is) — so that a case reads and checks both
+/// sides as local paths whichever way it ran.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Way {
+    Local(Engine),
+    Push,
+    Pull,
+}
+
+impl From<Engine> for Way {
+    fn from(e: Engine) -> Way {
+        Way::Local(e)
+    }
+}
+
+/// Expands each case `fn name(way: Way)` into `name::{uring, fallback, push, pull}` tests.
+macro_rules! every_way {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::*;
+                #[test]
+                fn uring() {
+                    super::$case(Way::Local(Engine::Uring))
+                }
+                #[test]
+                fn fallback() {
+                    super::$case(Way::Local(Engine::Fallback))
+                }
+                #[test]
+                fn push() {
+                    super::$case(Way::Push)
+                }
+                #[test]
+                fn pull() {
+                    super::$case(Way::Pull)
+                }
+            }
+        )*
+    };
+}
+
+every_way!(
     first_sync_copies_and_second_transfers_nothing,
     quick_check_uses_size_and_mtime,
     checksum_finds_same_size_same_time_changes,
@@ -28,9 +75,12 @@ both_engines!(
     dry_run_json_items,
     itemized_names_are_one_line_each,
     type_changes_need_delete,
-    a_symlink_to_a_directory_as_destination_stands_for_it,
     attributes_fixed_on_unchanged_files,
     large_directories_are_compared_entry_by_entry,
+);
+
+both_engines!(
+    a_symlink_to_a_directory_as_destination_stands_for_it,
     kill_at_any_moment_then_rerun_is_exact,
     sigint_stops_cleanly_and_resume_continues,
     torn_source_is_never_copied_silently,
@@ -41,19 +91,48 @@ both_engines!(
     memory_limit_bounds_buffers_and_rss,
 );
 
-fn sync_cmd(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> Cmd {
-    fastsync().arg("sync").arg("--engine").arg(engine.name()).args(extra).arg(src).arg(dst)
+/// The token file every server of this binary is started with (and every client given).
+fn token_file() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tmp();
+        fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        dir
+    });
+    dir.path().join("token")
 }
 
-fn sync(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> Output {
-    sync_cmd(engine, extra, src, dst).run()
+/// `fastsync CMD [EXTRA] SRC DST` run the way `way` says. Over `fastsync://` a server of the remote side's parent
+/// directory runs for this one command, and the remote side is named by URL.
+fn run_way(way: impl Into<Way>, cmd: &str, extra: &[&str], src: &Path, dst: &Path) -> Output {
+    let served = |side: &Path| {
+        let server = Server::start(side.parent().unwrap(), &token_file());
+        let url = server.url(side.file_name().unwrap().to_str().unwrap());
+        (server, url)
+    };
+    let client = || fastsync().arg("--token-file").arg(token_file()).arg(cmd).args(extra);
+    match way.into() {
+        Way::Local(e) => fastsync().args([cmd, "--engine", e.name()]).args(extra).arg(src).arg(dst).run(),
+        Way::Push => {
+            let (_server, url) = served(dst);
+            client().arg(src).arg(url).run()
+        }
+        Way::Pull => {
+            let (_server, url) = served(src);
+            client().arg(url).arg(dst).run()
+        }
+    }
+}
+
+fn sync(way: impl Into<Way>, extra: &[&str], src: &Path, dst: &Path) -> Output {
+    run_way(way, "sync", extra, src, dst)
 }
 
 /// Runs a sync that must succeed with `--json`, and returns the summary (the last stdout line).
-fn sync_json(engine: Engine, extra: &[&str], src: &Path, dst: &Path) -> serde_json::Value {
+fn sync_json(way: impl Into<Way>, extra: &[&str], src: &Path, dst: &Path) -> serde_json::Value {
     let mut args = vec!["--json"];
     args.extend_from_slice(extra);
-    let out = sync(engine, &args, src, dst);
+    let out = sync(way, &args, src, dst);
     out.assert_success();
     assert_no_tmp(dst);
     let stdout = out.stdout_str();
@@ -71,7 +150,7 @@ fn names(root: &Path) -> Vec<String> {
     snapshot(root).keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
 }
 
-fn first_sync_copies_and_second_transfers_nothing(e: Engine) {
+fn first_sync_copies_and_second_transfers_nothing(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     let total = build_small_tree(&src);
@@ -110,7 +189,7 @@ fn first_sync_copies_and_second_transfers_nothing(e: Engine) {
     out.check(out.stderr_str().contains("already up to date, 0 bytes transferred"), "a no-op sync must say so");
 }
 
-fn quick_check_uses_size_and_mtime(e: Engine) {
+fn quick_check_uses_size_and_mtime(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -126,7 +205,7 @@ fn quick_check_uses_size_and_mtime(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn checksum_finds_same_size_same_time_changes(e: Engine) {
+fn checksum_finds_same_size_same_time_changes(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -152,7 +231,7 @@ fn checksum_finds_same_size_same_time_changes(e: Engine) {
     assert_eq!((v["files"].as_u64(), v["unchanged"].as_u64()), (Some(0), Some(3)));
 }
 
-fn size_only_ignores_times_but_fixes_them(e: Engine) {
+fn size_only_ignores_times_but_fixes_them(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -167,7 +246,7 @@ fn size_only_ignores_times_but_fixes_them(e: Engine) {
     assert_eq!(fs::metadata(dst.join("f")).unwrap().mtime(), 1_100_000_000, "times of skipped files are set");
 }
 
-fn ignore_existing_and_update(e: Engine) {
+fn ignore_existing_and_update(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -187,7 +266,7 @@ fn ignore_existing_and_update(e: Engine) {
     assert_eq!(fs::read(dst.join("newer_dst")).unwrap(), b"dest is newer");
 }
 
-fn delete_removes_extraneous_only_after_success(e: Engine) {
+fn delete_removes_extraneous_only_after_success(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     build_small_tree(&src);
@@ -205,7 +284,7 @@ fn delete_removes_extraneous_only_after_success(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn delete_never_follows_symlinks_out(e: Engine) {
+fn delete_never_follows_symlinks_out(e: Way) {
     let t = tmp();
     let (src, dst, outside) = (t.path().join("src"), t.path().join("dst"), t.path().join("outside"));
     mkdirs(&src);
@@ -226,7 +305,7 @@ fn delete_never_follows_symlinks_out(e: Engine) {
     assert_eq!(fs::read(outside.join("sub/precious2")).unwrap(), b"p", "deletion followed a symlink out");
 }
 
-fn delete_keeps_excluded_entries(e: Engine) {
+fn delete_keeps_excluded_entries(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -240,7 +319,7 @@ fn delete_keeps_excluded_entries(e: Engine) {
     assert!(!dst.join("stale.txt").exists());
 }
 
-fn max_delete_aborts_before_deleting(e: Engine) {
+fn max_delete_aborts_before_deleting(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -256,7 +335,7 @@ fn max_delete_aborts_before_deleting(e: Engine) {
     assert_eq!(v["deleted"], 5);
 }
 
-fn errors_prevent_deletion(e: Engine) {
+fn errors_prevent_deletion(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src.join("locked"));
@@ -280,7 +359,7 @@ fn errors_prevent_deletion(e: Engine) {
     assert!(v["deletions_skipped"].as_str().unwrap().contains("nothing was deleted"));
 }
 
-fn filters_in_order_and_from_file(e: Engine) {
+fn filters_in_order_and_from_file(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     for f in ["a.rs", "b.txt", "keep.log", "x.log", "target/out.rs", "sub/c.rs", "sub/d.txt", "sub/target/e.rs"] {
@@ -298,19 +377,19 @@ fn filters_in_order_and_from_file(e: Engine) {
     let rules = t.path().join("rules");
     fs::write(&rules, "# only Rust sources\n+ */\n+ *.rs\n- *\n").unwrap();
     let dst2 = t.path().join("dst2");
-    let out = fastsync().args(["sync", "--engine", e.name(), "--filter-from"]).arg(&rules).arg(&src).arg(&dst2).run();
+    let out = sync(e, &["--filter-from", rules.to_str().unwrap()], &src, &dst2);
     out.assert_success();
     let mut got = names(&dst2);
     got.retain(|n| !fs::symlink_metadata(dst2.join(n)).unwrap().is_dir());
     assert_eq!(got, ["a.rs", "sub/c.rs", "sub/target/e.rs", "target/out.rs"]);
     // A bad rule is a usage error naming the file and line.
     fs::write(&rules, "+ *.rs\nbogus\n").unwrap();
-    let out = fastsync().args(["sync", "--engine", e.name(), "--filter-from"]).arg(&rules).arg(&src).arg(&dst2).run();
+    let out = sync(e, &["--filter-from", rules.to_str().unwrap()], &src, &dst2);
     out.assert_code(2);
     out.check(out.stderr_str().contains("line 2"), "the error must name the line");
 }
 
-fn dry_run_itemizes_and_changes_nothing(e: Engine) {
+fn dry_run_itemizes_and_changes_nothing(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -333,7 +412,7 @@ fn dry_run_itemizes_and_changes_nothing(e: Engine) {
     assert_no_tmp(&dst);
 }
 
-fn dry_run_json_items(e: Engine) {
+fn dry_run_json_items(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -351,7 +430,7 @@ fn dry_run_json_items(e: Engine) {
 
 /// Like rsync's itemized output, one line per change even for names with control characters (escaped) or bytes that
 /// are not UTF-8; `--json` carries the name itself.
-fn itemized_names_are_one_line_each(e: Engine) {
+fn itemized_names_are_one_line_each(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -397,7 +476,7 @@ fn a_symlink_to_a_directory_as_destination_stands_for_it(e: Engine) {
     out.assert_code(2);
 }
 
-fn type_changes_need_delete(e: Engine) {
+fn type_changes_need_delete(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     write_file(&src.join("was_dir"), b"now a file");
@@ -412,7 +491,7 @@ fn type_changes_need_delete(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn attributes_fixed_on_unchanged_files(e: Engine) {
+fn attributes_fixed_on_unchanged_files(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     mkdirs(&src);
@@ -427,7 +506,7 @@ fn attributes_fixed_on_unchanged_files(e: Engine) {
 
 /// Directories larger than the scanner's chunk (256 entries), nested, with changes spread over them: exactly the
 /// changed files are copied, and every unchanged one is seen as such.
-fn large_directories_are_compared_entry_by_entry(e: Engine) {
+fn large_directories_are_compared_entry_by_entry(e: Way) {
     let t = tmp();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     for d in ["", "a", "a/b"] {

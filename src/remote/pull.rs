@@ -130,14 +130,28 @@ mod at {
     }
 
     /// Owner (where permitted), permission bits and mtime of an open file or directory, in that order (`chown`
-    /// clears the set-user-ID bit, so the mode comes after it).
+    /// clears the set-user-ID bit, so the mode comes after it); each only where it differs, so that what is already
+    /// right (a directory of a no-op sync) keeps even its ctime.
     pub fn apply(fd: RawFd, owner: Option<(u32, u32)>, mode: u32, mtime: (i64, u32)) -> io::Result<()> {
-        if let Some((uid, gid)) = owner {
+        // SAFETY: zeroed stat is a valid out-parameter; valid descriptor and pointer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        check(unsafe { libc::fstat(fd, &mut st) })?;
+        let chowned = match owner {
+            Some((uid, gid)) if (st.st_uid, st.st_gid) != (uid, gid) => {
+                // SAFETY: plain syscall on a valid descriptor.
+                eperm_ok(check(unsafe { libc::fchown(fd, uid, gid) }))?;
+                true
+            }
+            _ => false,
+        };
+        #[allow(clippy::unnecessary_cast)] // mode_t is u16 on macOS
+        if chowned || st.st_mode as u32 & 0o7777 != mode & 0o7777 {
             // SAFETY: plain syscall on a valid descriptor.
-            eperm_ok(check(unsafe { libc::fchown(fd, uid, gid) }))?;
+            check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })?;
         }
-        // SAFETY: plain syscall on a valid descriptor.
-        check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })?;
+        if (st.st_mtime, st.st_mtime_nsec) == (mtime.0 as libc::time_t, mtime.1 as _) {
+            return Ok(());
+        }
         let ts = times(mtime);
         // SAFETY: valid descriptor and timespec array.
         check(unsafe { libc::futimens(fd, ts.as_ptr()) })
@@ -660,7 +674,7 @@ impl<'a> Pull<'a> {
         }
         let frame = stack.last_mut().expect("pos exists");
         if frame.node.is_none() {
-            // Inside a directory that could not be made (reported once).
+            // Inside a directory that could not be made (reported once), or that is excluded.
             return;
         }
         if let Some(n) = frame.names.as_mut() {
@@ -681,6 +695,11 @@ impl<'a> Pull<'a> {
         };
         if sync::excluded(&c.run.opts.filter, url::os_path(&rel), e.kind == EntryKind::Dir) {
             c.run.summary.excluded += 1;
+            if e.kind == EntryKind::Dir {
+                // The listing goes on inside it: what it lists there is left out with it.
+                let mtime = mtime_of(&e);
+                stack.push(PullFrame { rel, fd: None, node: None, fresh: true, names: None, mtime });
+            }
             return;
         }
         let parent = Parent { fd: frame.fd.clone(), node: frame.node, fresh: frame.fresh };

@@ -49,24 +49,45 @@ pub(super) fn set_meta(
 ) -> Result<(), Fail> {
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
     let mode = (mode & 0o7777) as libc::mode_t;
+    // Each attribute only where it differs, so that what is already right (a directory of a no-op sync) keeps even
+    // its ctime. Owner first: chown clears set-id bits, which the chmod then sets.
     let Some(name) = &p.name else {
-        // The root itself. Owner first: chown clears set-id bits, which the chmod then sets.
-        chown_fd(p.raw(), owner, rel)?;
-        // SAFETY: valid descriptor.
-        cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+        // The root itself.
+        let st = fstat(p.raw()).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
+        let chowned = (st.st_uid, st.st_gid) != owner;
+        if chowned {
+            chown_fd(p.raw(), owner, rel)?;
+        }
+        if chowned || st.st_mode & 0o7777 != mode {
+            // SAFETY: valid descriptor.
+            cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
+        }
+        if mtime_of_stat(&st) == mtime {
+            return Ok(());
+        }
         return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));
     };
     let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
-    if (st.st_uid, st.st_gid) != owner {
+    let chowned = (st.st_uid, st.st_gid) != owner;
+    if chowned {
         chown_at(p.raw(), name, owner, rel)?;
     }
-    if kind_of(&st) != EntryKind::Symlink {
+    if kind_of(&st) != EntryKind::Symlink && (chowned || st.st_mode & 0o7777 != mode) {
         // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
         // stat, the call fails instead of changing what it points to.
         cvt(unsafe { libc::fchmodat(p.raw(), name.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
             .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
     }
+    if mtime_of_stat(&st) == mtime {
+        return Ok(());
+    }
     set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))
+}
+
+/// A stat's mtime as the wire carries it.
+#[allow(clippy::unnecessary_cast)] // time_t is not i64 on every target
+fn mtime_of_stat(st: &libc::stat) -> (i64, u32) {
+    (st.st_mtime as i64, st.st_mtime_nsec as u32)
 }
 
 pub(super) fn symlink(
