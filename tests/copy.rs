@@ -1,6 +1,7 @@
-//! Integration tests of `fastsync copy`: every copy case runs on both engines (`case::uring`, `case::fallback`), and
-//! results are checked with independent means (std::fs, lstat, libc xattr calls, BLAKE3 digests), never with
-//! fastsync itself.
+//! Integration tests of `fastsync copy`: what a copy preserves and where it puts things is one conformance suite run
+//! every way a copy can go (`case::uring`, `case::fallback`, `case::push` and `case::pull` against a real `fastsync
+//! serve`); the engine-specific cases (I/O paths, flags, errors) run on both engines. Results are checked with
+//! independent means (std::fs, lstat, libc xattr calls, BLAKE3 digests), never with fastsync itself.
 
 #[macro_use]
 mod common;
@@ -12,7 +13,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-both_engines!(
+every_way!(
     everything_tree,
     everything_tree_default_flags,
     dir_into_new_nested_dst,
@@ -34,21 +35,24 @@ both_engines!(
     sparse_small,
     large_files,
     huge_file,
+    chunk_boundaries,
+    many_small_files,
+    deep_nesting,
+    hardlinks_preserved,
+    hardlinks_without_flag,
+    xattrs_copied,
+    xattrs_not_copied_without_flag,
+);
+
+both_engines!(
+    dereference_file_symlinks,
+    dereference_dir_symlink,
+    dereference_dangling_fails,
     full_disk_fails_cleanly,
     unnamed_files_link_through_proc_where_by_descriptor_is_refused,
     direct_io_exact,
     direct_io_verify_exact,
     buffered_io_exact,
-    chunk_boundaries,
-    many_small_files,
-    deep_nesting,
-    dereference_file_symlinks,
-    dereference_dir_symlink,
-    dereference_dangling_fails,
-    hardlinks_preserved,
-    hardlinks_without_flag,
-    xattrs_copied,
-    xattrs_not_copied_without_flag,
     special_files_skipped,
     fsync_exact,
     verify_exact,
@@ -110,7 +114,7 @@ fn json_u64(out: &Output, v: &serde_json::Value, key: &str) -> u64 {
 // Whole trees
 // ---------------------------------------------------------------------------------------------------------------
 
-fn everything_tree(e: Engine) {
+fn everything_tree(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -128,7 +132,7 @@ fn everything_tree(e: Engine) {
     compare_trees(&src, &dst, CompareOpts { xattrs: true, hardlinks: true });
 }
 
-fn everything_tree_default_flags(e: Engine) {
+fn everything_tree_default_flags(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -142,7 +146,7 @@ fn everything_tree_default_flags(e: Engine) {
 // Where things land (rclone's rule)
 // ---------------------------------------------------------------------------------------------------------------
 
-fn dir_into_new_nested_dst(e: Engine) {
+fn dir_into_new_nested_dst(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     build_small_tree(&src);
@@ -152,7 +156,7 @@ fn dir_into_new_nested_dst(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn dir_into_existing_dst(e: Engine) {
+fn dir_into_existing_dst(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     build_small_tree(&src);
@@ -170,7 +174,7 @@ fn dir_into_existing_dst(e: Engine) {
     compare_trees(&src, &dst2, CompareOpts::default());
 }
 
-fn empty_source_dir(e: Engine) {
+fn empty_source_dir(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -181,7 +185,7 @@ fn empty_source_dir(e: Engine) {
 }
 
 /// The directory DST created from SRC gets SRC's mode and mtime (directories' metadata is preserved).
-fn root_dir_metadata(e: Engine) {
+fn root_dir_metadata(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     build_small_tree(&src);
@@ -194,7 +198,7 @@ fn root_dir_metadata(e: Engine) {
     assert_eq!(mtime_of(&dst), (1_234_567_890, 987_654_321), "mtime of the created DST directory");
 }
 
-fn file_to_new_path(e: Engine) {
+fn file_to_new_path(e: Way) {
     let t = tmp();
     let src = t.path().join("in.bin");
     write_file(&src, &random_bytes(1, 10_000));
@@ -212,7 +216,7 @@ fn file_to_new_path(e: Engine) {
     assert_no_tmp(t.path());
 }
 
-fn file_into_existing_dir(e: Engine) {
+fn file_into_existing_dir(e: Way) {
     let t = tmp();
     let src = t.path().join("in.bin");
     write_file(&src, &random_bytes(2, 5000));
@@ -232,7 +236,7 @@ fn file_into_existing_dir(e: Engine) {
     assert_same_bytes(&odd, &dir.join(os(b"caf\xe9.bin")));
 }
 
-fn file_into_dir_with_trailing_slash(e: Engine) {
+fn file_into_dir_with_trailing_slash(e: Way) {
     let t = tmp();
     let src = t.path().join("in.bin");
     write_file(&src, &random_bytes(3, 7000));
@@ -248,7 +252,7 @@ fn file_into_dir_with_trailing_slash(e: Engine) {
     assert_same_bytes(&src, &newdir.join("in.bin"));
 }
 
-fn file_onto_existing_file_overwrites(e: Engine) {
+fn file_onto_existing_file_overwrites(e: Way) {
     let t = tmp();
     let src = t.path().join("in.bin");
     write_file(&src, &random_bytes(4, 3000));
@@ -263,7 +267,7 @@ fn file_onto_existing_file_overwrites(e: Engine) {
     assert_eq!(mtime_of(&dst), (1_000_000_000, 1));
 }
 
-fn overwrite_existing_tree(e: Engine) {
+fn overwrite_existing_tree(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     build_small_tree(&src);
@@ -284,7 +288,7 @@ fn overwrite_existing_tree(e: Engine) {
 // Metadata
 // ---------------------------------------------------------------------------------------------------------------
 
-fn modes_and_owners(e: Engine) {
+fn modes_and_owners(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -335,7 +339,7 @@ fn modes_and_owners(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn mtimes_ns(e: Engine) {
+fn mtimes_ns(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src.join("d1/d2"));
@@ -357,7 +361,7 @@ fn mtimes_ns(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn mtimes_extreme(e: Engine) {
+fn mtimes_extreme(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -379,7 +383,7 @@ fn mtimes_extreme(e: Engine) {
     }
 }
 
-fn symlinks_not_followed(e: Engine) {
+fn symlinks_not_followed(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src.join("dir/inner"));
@@ -405,7 +409,7 @@ fn symlinks_not_followed(e: Engine) {
     assert!(fs::symlink_metadata(dst.join("to_dir")).unwrap().file_type().is_symlink());
 }
 
-fn empty_files_and_dirs(e: Engine) {
+fn empty_files_and_dirs(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src.join("e1"));
@@ -420,7 +424,7 @@ fn empty_files_and_dirs(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn non_utf8_names(e: Engine) {
+fn non_utf8_names(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -440,7 +444,7 @@ fn non_utf8_names(e: Engine) {
 // Sparse and large files
 // ---------------------------------------------------------------------------------------------------------------
 
-fn sparse_large(e: Engine) {
+fn sparse_large(e: Way) {
     use std::os::unix::fs::FileExt;
     const MIB: u64 = 1 << 20;
     let t = tmp();
@@ -469,7 +473,7 @@ fn sparse_large(e: Engine) {
     );
 }
 
-fn sparse_small(e: Engine) {
+fn sparse_small(e: Way) {
     use std::os::unix::fs::FileExt;
     let t = tmp();
     let src = t.path().join("src");
@@ -498,7 +502,7 @@ fn sparse_small(e: Engine) {
     );
 }
 
-fn large_files(e: Engine) {
+fn large_files(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -513,7 +517,7 @@ fn large_files(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn huge_file(e: Engine) {
+fn huge_file(e: Way) {
     let t = tmp();
     let src = t.path().join("huge.bin");
     let len = (130u64 << 20) + 4097;
@@ -571,7 +575,7 @@ fn buffered_io_exact(e: Engine) {
     direct_io_copies(e, &["--no-direct-io"]);
 }
 
-fn chunk_boundaries(e: Engine) {
+fn chunk_boundaries(e: Way) {
     const K: usize = 1024;
     const M: usize = 1 << 20;
     let t = tmp();
@@ -604,7 +608,7 @@ fn chunk_boundaries(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn many_small_files(e: Engine) {
+fn many_small_files(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     let mut rng = Rng::new(1500);
@@ -619,7 +623,7 @@ fn many_small_files(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn deep_nesting(e: Engine) {
+fn deep_nesting(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     let mut p = src.clone();
@@ -716,7 +720,7 @@ fn hardlink_tree(src: &Path) {
     stamp_dir_times(src, 1_440_000_000);
 }
 
-fn hardlinks_preserved(e: Engine) {
+fn hardlinks_preserved(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -734,7 +738,7 @@ fn hardlinks_preserved(e: Engine) {
     compare_trees(&src, &dst, CompareOpts { xattrs: false, hardlinks: true });
 }
 
-fn hardlinks_without_flag(e: Engine) {
+fn hardlinks_without_flag(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
@@ -765,7 +769,7 @@ fn xattr_tree(src: &Path) -> bool {
     true
 }
 
-fn xattrs_copied(e: Engine) {
+fn xattrs_copied(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     if !xattr_tree(&src) {
@@ -779,7 +783,7 @@ fn xattrs_copied(e: Engine) {
     compare_trees(&src, &dst, CompareOpts { xattrs: true, hardlinks: false });
 }
 
-fn xattrs_not_copied_without_flag(e: Engine) {
+fn xattrs_not_copied_without_flag(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     if !xattr_tree(&src) {

@@ -7,57 +7,12 @@
 #[macro_use]
 mod common;
 
-use common::lan::{Server, TOKEN};
 use common::*;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// How a sync runs: on one of the local engines, or over `fastsync://` against a real `fastsync serve` of the case's
-/// directory — a push (the destination is served) or a pull (the source is) — so that a case reads and checks both
-/// sides as local paths whichever way it ran.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Way {
-    Local(Engine),
-    Push,
-    Pull,
-}
-
-impl From<Engine> for Way {
-    fn from(e: Engine) -> Way {
-        Way::Local(e)
-    }
-}
-
-/// Expands each case `fn name(way: Way)` into `name::{uring, fallback, push, pull}` tests.
-macro_rules! every_way {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use super::*;
-                #[test]
-                fn uring() {
-                    super::$case(Way::Local(Engine::Uring))
-                }
-                #[test]
-                fn fallback() {
-                    super::$case(Way::Local(Engine::Fallback))
-                }
-                #[test]
-                fn push() {
-                    super::$case(Way::Push)
-                }
-                #[test]
-                fn pull() {
-                    super::$case(Way::Pull)
-                }
-            }
-        )*
-    };
-}
 
 every_way!(
     first_sync_copies_and_second_transfers_nothing,
@@ -90,39 +45,6 @@ both_engines!(
     io_errors_fail_each_file_cleanly,
     memory_limit_bounds_buffers_and_rss,
 );
-
-/// The token file every server of this binary is started with (and every client given).
-fn token_file() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let dir = tmp();
-        fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
-        dir
-    });
-    dir.path().join("token")
-}
-
-/// `fastsync CMD [EXTRA] SRC DST` run the way `way` says. Over `fastsync://` a server of the remote side's parent
-/// directory runs for this one command, and the remote side is named by URL.
-fn run_way(way: impl Into<Way>, cmd: &str, extra: &[&str], src: &Path, dst: &Path) -> Output {
-    let served = |side: &Path| {
-        let server = Server::start(side.parent().unwrap(), &token_file());
-        let url = server.url(side.file_name().unwrap().to_str().unwrap());
-        (server, url)
-    };
-    let client = || fastsync().arg("--token-file").arg(token_file()).arg(cmd).args(extra);
-    match way.into() {
-        Way::Local(e) => fastsync().args([cmd, "--engine", e.name()]).args(extra).arg(src).arg(dst).run(),
-        Way::Push => {
-            let (_server, url) = served(dst);
-            client().arg(src).arg(url).run()
-        }
-        Way::Pull => {
-            let (_server, url) = served(src);
-            client().arg(url).arg(dst).run()
-        }
-    }
-}
 
 fn sync(way: impl Into<Way>, extra: &[&str], src: &Path, dst: &Path) -> Output {
     run_way(way, "sync", extra, src, dst)

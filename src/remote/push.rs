@@ -1215,12 +1215,14 @@ struct SmallFile {
 }
 
 impl SmallFile {
-    /// Read `f` whole and build its requests as transfer `id`; `None` when it is too large, changed while read, or
-    /// cannot be read here (the step-by-step path then retries, or says why).
+    /// Read `f` whole and build its requests as transfer `id`; `None` when it is too large, may have holes (fewer
+    /// blocks than bytes: the step-by-step path sends them as holes), changed while read, or cannot be read here (the
+    /// step-by-step path then retries, or says why).
     fn read(cfg: &PushCfg, f: &PushFile, id: u64) -> Option<SmallFile> {
         use std::io::Read;
         let fd = open_src(&f.src, cfg.follow).ok()?;
-        let md = fd.metadata().ok().filter(|m| m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX)?;
+        let dense = |m: &Metadata| m.blocks().saturating_mul(512) >= m.size();
+        let md = fd.metadata().ok().filter(|m| m.is_file() && m.size() <= PIPELINED_FILE_BYTES_MAX && dense(m))?;
         let mut bytes = Vec::with_capacity(md.size() as usize);
         // One byte more than expected shows a file that grew.
         if (&fd).take(md.size() + 1).read_to_end(&mut bytes).is_err()

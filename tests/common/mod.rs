@@ -294,20 +294,110 @@ impl Cmd {
     }
 }
 
+/// How a transfer runs: on one of the local engines, or over `fastsync://` against a real `fastsync serve` of the
+/// case's directory — a push (the destination is served) or a pull (the source is) — so that a case reads and checks
+/// both sides as local paths whichever way it ran.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Way {
+    Local(Engine),
+    Push,
+    Pull,
+}
+
+impl From<Engine> for Way {
+    fn from(e: Engine) -> Way {
+        Way::Local(e)
+    }
+}
+
+/// Expands each case `fn name(way: Way)` into `name::{uring, fallback, push, pull}` tests: one conformance suite run
+/// every way a transfer can go.
+#[allow(unused_macros)] // not every test binary runs conformance cases
+macro_rules! every_way {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use crate::common::{Engine, Way};
+                #[test]
+                fn uring() {
+                    super::$case(Way::Local(Engine::Uring))
+                }
+                #[test]
+                fn fallback() {
+                    super::$case(Way::Local(Engine::Fallback))
+                }
+                #[test]
+                fn push() {
+                    super::$case(Way::Push)
+                }
+                #[test]
+                fn pull() {
+                    super::$case(Way::Pull)
+                }
+            }
+        )*
+    };
+}
+
+/// The token file every server started by [`run_way`] gets (and every client).
+fn way_token_file() -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tmp();
+        fs::write(dir.path().join("token"), format!("{}\n", lan::TOKEN)).unwrap();
+        dir
+    });
+    dir.path().join("token")
+}
+
+/// `fastsync CMD [EXTRA] SRC DST` run the way `way` says. Over `fastsync://` a server of the remote side's parent
+/// directory runs for this one command, and the remote side is named by URL (a trailing `/` kept).
+pub fn run_way(
+    way: impl Into<Way>,
+    cmd: &str,
+    extra: &[&str],
+    src: impl AsRef<OsStr>,
+    dst: impl AsRef<OsStr>,
+) -> Output {
+    let (src, dst) = (Path::new(src.as_ref()), Path::new(dst.as_ref()));
+    // The URL carries the name's bytes as they are (a name need not be UTF-8).
+    let served = |side: &Path| {
+        let server = lan::Server::start(side.parent().unwrap(), &way_token_file());
+        let mut url = server.url("").into_bytes();
+        url.extend_from_slice(side.file_name().unwrap().as_bytes());
+        if side.as_os_str().as_bytes().ends_with(b"/") {
+            url.push(b'/');
+        }
+        (server, OsString::from_vec(url))
+    };
+    let client = || fastsync().arg("--token-file").arg(way_token_file()).arg(cmd).args(extra);
+    match way.into() {
+        Way::Local(e) => fastsync().args([cmd, "--engine", e.name()]).args(extra).arg(src).arg(dst).run(),
+        Way::Push => {
+            let (_server, url) = served(dst);
+            client().arg(src).arg(url).run()
+        }
+        Way::Pull => {
+            let (_server, url) = served(src);
+            client().arg(url).arg(dst).run()
+        }
+    }
+}
+
 /// `fastsync copy --engine E <extra...> SRC DST`.
 pub fn copy_cmd(engine: Engine, extra: &[&str], src: impl AsRef<OsStr>, dst: impl AsRef<OsStr>) -> Cmd {
     fastsync().arg("copy").arg("--engine").arg(engine.name()).args(extra).arg(src).arg(dst)
 }
 
-/// Runs `fastsync copy --engine E <extra...> SRC DST` and returns its output (no exit code check).
-pub fn copy(engine: Engine, extra: &[&str], src: impl AsRef<OsStr>, dst: impl AsRef<OsStr>) -> Output {
-    copy_cmd(engine, extra, src, dst).run()
+/// Runs `fastsync copy <extra...> SRC DST` the way `way` says and returns its output (no exit code check).
+pub fn copy(way: impl Into<Way>, extra: &[&str], src: impl AsRef<OsStr>, dst: impl AsRef<OsStr>) -> Output {
+    run_way(way, "copy", extra, src, dst)
 }
 
 /// Runs the copy, expects exit 0 and no leftover temporary files under `dst_root`.
-pub fn copy_ok(engine: Engine, extra: &[&str], src: impl AsRef<OsStr>, dst: impl AsRef<OsStr>) -> Output {
+pub fn copy_ok(way: impl Into<Way>, extra: &[&str], src: impl AsRef<OsStr>, dst: impl AsRef<OsStr>) -> Output {
     let dst_root = PathBuf::from(dst.as_ref());
-    let out = copy(engine, extra, src, dst);
+    let out = copy(way, extra, src, dst);
     out.assert_success();
     if dst_root.exists() {
         assert_no_tmp(&dst_root);
