@@ -12,7 +12,7 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
     let mut conn = connect(&remote.addr, &key, net)?;
     let root = match conn.stat(&remote.path) {
         Ok(Some(e)) => e,
-        Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown}': no such file or directory"))),
+        Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown}': No such file or directory"))),
         Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
         Err(ReqError::Server { message, .. }) => {
             return Err(Failure::Fatal(format!("cannot stat '{shown}': {message}")));

@@ -467,7 +467,7 @@ impl<'a> Pull<'a> {
         let shown_root = remote.display(b"");
         let root = match ctl.stat(&remote.path) {
             Ok(Some(e)) => e,
-            Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': no such file or directory"))),
+            Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': No such file or directory"))),
             Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
             Err(e) => return Err(Failure::Fatal(format!("cannot stat '{shown_root}': {}", e.cause()))),
         };

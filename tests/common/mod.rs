@@ -350,8 +350,9 @@ fn way_token_file() -> PathBuf {
     dir.path().join("token")
 }
 
-/// `fastsync CMD [EXTRA] SRC DST` run the way `way` says. Over `fastsync://` a server of the remote side's parent
-/// directory runs for this one command, and the remote side is named by URL (a trailing `/` kept).
+/// `fastsync CMD [EXTRA] SRC DST` run the way `way` says. Over `fastsync://` a server of the remote side's nearest
+/// existing ancestor directory runs for this one command, and the remote side is named by URL (the rest of its
+/// path, a trailing `/` kept).
 pub fn run_way(
     way: impl Into<Way>,
     cmd: &str,
@@ -360,11 +361,12 @@ pub fn run_way(
     dst: impl AsRef<OsStr>,
 ) -> Output {
     let (src, dst) = (Path::new(src.as_ref()), Path::new(dst.as_ref()));
-    // The URL carries the name's bytes as they are (a name need not be UTF-8).
+    // The URL carries the names' bytes as they are (a name need not be UTF-8).
     let served = |side: &Path| {
-        let server = lan::Server::start(side.parent().unwrap(), &way_token_file());
+        let root = side.ancestors().skip(1).find(|a| a.is_dir()).expect("an existing ancestor");
+        let server = lan::Server::start(root, &way_token_file());
         let mut url = server.url("").into_bytes();
-        url.extend_from_slice(side.file_name().unwrap().as_bytes());
+        url.extend_from_slice(side.strip_prefix(root).unwrap().as_os_str().as_bytes());
         if side.as_os_str().as_bytes().ends_with(b"/") {
             url.push(b'/');
         }

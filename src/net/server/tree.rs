@@ -12,7 +12,8 @@ pub(super) fn mkdir(shared: &Shared, rel: &[u8], mode: u32) -> Result<(), Fail> 
             if is_dir_at(p.raw(), name) {
                 Ok(())
             } else {
-                Err(Fail::new(code::IO, format!("cannot create directory '{}': a non-directory is there", show(rel))))
+                // As `mkdir -p` says it (the code stays IO: a non-directory is in the way).
+                Err(Fail::new(code::IO, format!("cannot create directory '{}': Not a directory", show(rel))))
             }
         }
         Err(e) => Err(Fail::io("cannot create directory", rel, e)),
