@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 every_way!(
+    stats_output,
+    fsync_and_verify_exact,
+    verify_exact,
+    fsync_exact,
     file_under_a_file_fails_with_not_a_directory,
     dir_onto_existing_file,
     quiet_run_is_silent,
@@ -58,10 +62,6 @@ both_engines!(
     direct_io_exact,
     direct_io_verify_exact,
     buffered_io_exact,
-    fsync_exact,
-    verify_exact,
-    fsync_and_verify_exact,
-    stats_output,
     json_output,
     json_reports_failures,
     env_selects_engine,
@@ -834,7 +834,7 @@ fn durable_tree(src: &Path) {
     stamp_dir_times(src, 1_200_000_000);
 }
 
-fn fsync_exact(e: Engine) {
+fn fsync_exact(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     durable_tree(&src);
@@ -843,7 +843,7 @@ fn fsync_exact(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn verify_exact(e: Engine) {
+fn verify_exact(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     durable_tree(&src);
@@ -852,7 +852,7 @@ fn verify_exact(e: Engine) {
     compare_trees(&src, &dst, CompareOpts::default());
 }
 
-fn fsync_and_verify_exact(e: Engine) {
+fn fsync_and_verify_exact(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     durable_tree(&src);
@@ -865,7 +865,7 @@ fn fsync_and_verify_exact(e: Engine) {
 // Output: --stats, --json, -q, -v
 // ---------------------------------------------------------------------------------------------------------------
 
-fn stats_output(e: Engine) {
+fn stats_output(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     for i in 0..13 {
