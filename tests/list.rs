@@ -1,6 +1,7 @@
 //! Integration tests of `fastsync list`: exact lines for trees with fixed times and modes, depth-first order,
 //! human-readable sizes, JSON objects, BLAKE3 digests computed on the engine (checked against `blake3::hash`),
-//! symlinks never followed, raw non-UTF-8 names, errors, and a closed stdout. Every case runs on both engines.
+//! symlinks never followed, raw non-UTF-8 names, errors, and a closed stdout. Every case runs on both engines, and what
+//! a listing shows is also checked listing the same directory through a real `fastsync serve`.
 
 #[macro_use]
 mod common;
@@ -15,17 +16,44 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-both_engines!(
+/// Expands each case `fn name(way: Way)` into `name::uring`, `name::fallback` and `name::remote` (the listed
+/// directory served by a real `fastsync serve`, listed by URL): one conformance suite for local and remote listings.
+macro_rules! local_and_remote {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use crate::common::{Engine, Way};
+                #[test]
+                fn uring() {
+                    super::$case(Way::Local(Engine::Uring))
+                }
+                #[test]
+                fn fallback() {
+                    super::$case(Way::Local(Engine::Fallback))
+                }
+                #[test]
+                fn remote() {
+                    super::$case(Way::Pull)
+                }
+            }
+        )*
+    };
+}
+
+local_and_remote!(
     plain_listing_exact_lines,
     recursive_is_depth_first_in_byte_order,
-    human_readable_sizes,
-    json_fields,
     checksum_digests_in_listing_order,
     symlinks_are_never_followed,
     non_utf8_names_are_written_raw,
-    names_are_escaped_on_a_terminal,
     nonexistent_path_fails,
     single_file_path,
+);
+
+both_engines!(
+    human_readable_sizes,
+    json_fields,
+    names_are_escaped_on_a_terminal,
     unreadable_entries_are_reported_and_listing_goes_on,
     closed_stdout_ends_quietly,
 );
@@ -34,13 +62,20 @@ fn list_cmd(engine: Engine, extra: &[&str], path: impl AsRef<OsStr>) -> Cmd {
     fastsync().arg("list").arg("--engine").arg(engine.name()).args(extra).arg(path)
 }
 
-fn list(engine: Engine, extra: &[&str], path: impl AsRef<OsStr>) -> Output {
-    list_cmd(engine, extra, path).run()
+/// `fastsync list [EXTRA] PATH` on a local engine, or of PATH served by a real server (by URL).
+fn list(way: impl Into<Way>, extra: &[&str], path: impl AsRef<OsStr>) -> Output {
+    match way.into() {
+        Way::Local(e) => list_cmd(e, extra, path).run(),
+        Way::Push | Way::Pull => {
+            let (_server, url) = served(Path::new(path.as_ref()));
+            remote_client().arg("list").args(extra).arg(url).run()
+        }
+    }
 }
 
 /// Runs a listing that must succeed with nothing on stderr; returns its stdout lines (raw bytes).
-fn list_ok(engine: Engine, extra: &[&str], path: impl AsRef<OsStr>) -> Vec<Vec<u8>> {
-    let out = list(engine, extra, path);
+fn list_ok(way: impl Into<Way>, extra: &[&str], path: impl AsRef<OsStr>) -> Vec<Vec<u8>> {
+    let out = list(way, extra, path);
     out.assert_success();
     out.check(out.stderr.is_empty(), "a good listing prints nothing on stderr");
     raw_lines(&out.stdout)
@@ -110,7 +145,7 @@ fn hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
-fn plain_listing_exact_lines(e: Engine) {
+fn plain_listing_exact_lines(e: Way) {
     let t = tmp();
     let root = t.path().join("root");
     mkdirs(&root);
@@ -166,7 +201,7 @@ fn plain_listing_exact_lines(e: Engine) {
     assert!(list_ok(e, &[], &empty).is_empty());
 }
 
-fn recursive_is_depth_first_in_byte_order(e: Engine) {
+fn recursive_is_depth_first_in_byte_order(e: Way) {
     let t = tmp();
     let root = t.path().join("root");
     for f in ["Z", "a/x", "a/y/deep", "a-b", "a.b/k", "b"] {
@@ -289,7 +324,7 @@ fn json_fields(e: Engine) {
     assert_eq!(got, [d_obj, with(inner_obj, b"inner!"), with(f_obj, b"abc"), l_obj, p_obj]);
 }
 
-fn checksum_digests_in_listing_order(e: Engine) {
+fn checksum_digests_in_listing_order(e: Way) {
     let t = tmp();
     let root = t.path().join("root");
     let mut rng = Rng::new(0x11_57);
@@ -345,7 +380,7 @@ fn checksum_digests_in_listing_order(e: Engine) {
     }
 }
 
-fn symlinks_are_never_followed(e: Engine) {
+fn symlinks_are_never_followed(e: Way) {
     let t = tmp();
     let root = t.path().join("root");
     write_file(&root.join("d/inner"), b"inner");
@@ -372,7 +407,7 @@ fn symlinks_are_never_followed(e: Engine) {
     assert_eq!(paths(&list_ok(e, &[], with_slash(&root.join("ld"))), false), ["inner"]);
 }
 
-fn non_utf8_names_are_written_raw(e: Engine) {
+fn non_utf8_names_are_written_raw(e: Way) {
     let t = tmp();
     let root = t.path().join("root");
     write_file(&root.join(os(b"caf\xe9")), b"latin-1");
@@ -413,19 +448,34 @@ fn names_are_escaped_on_a_terminal(e: Engine) {
     out.check(!out.stdout.contains(&0x1b), "a raw escape character reached the terminal");
 }
 
-fn nonexistent_path_fails(e: Engine) {
+fn nonexistent_path_fails(e: Way) {
     let t = tmp();
     let missing = t.path().join("no/such/thing");
     for extra in [&[][..], &["-R", "--checksum"][..], &["--json"][..]] {
         let out = list(e, extra, &missing);
         out.assert_code(1);
         out.check(out.stdout.is_empty(), "nothing on stdout");
-        let want = format!("fastsync: cannot stat '{}': No such file or directory (os error 2)", missing.display());
-        out.check(out.stderr_lines() == [want], "exactly the cannot-stat line on stderr");
+        let lines = out.stderr_lines();
+        let ok = match e {
+            Way::Local(_) => {
+                lines
+                    == [format!(
+                        "fastsync: cannot stat '{}': No such file or directory (os error 2)",
+                        missing.display()
+                    )]
+            }
+            // The server's path, by URL: fastsync://127.0.0.1:PORT/no/such/thing.
+            _ => {
+                lines.len() == 1
+                    && lines[0].starts_with("fastsync: cannot stat 'fastsync://127.0.0.1:")
+                    && lines[0].ends_with("/no/such/thing': No such file or directory")
+            }
+        };
+        out.check(ok, "exactly the cannot-stat line on stderr");
     }
 }
 
-fn single_file_path(e: Engine) {
+fn single_file_path(e: Way) {
     let t = tmp();
     let f = t.path().join("one.bin");
     let data = random_bytes(9, 70_000);

@@ -410,6 +410,18 @@ fn list_a_remote_directory_like_a_local_one() {
     assert_eq!(file.stdout_str(), fastsync().args(["list", "--json"]).arg(remote.join("a.txt")).run().stdout_str());
     let missing = c.cmd().arg("list").arg(srv.url("nope")).run();
     missing.assert_code(1);
+    // `PATH/` follows a symlink there as ls does, but never out of the served root (nor in a circle).
+    ln_s("/etc", &srv.root.join("out"));
+    ln_s("../..", &srv.root.join("tree/up"));
+    ln_s("round", &srv.root.join("round"));
+    for (link, why) in [("out/", "leads outside the served root"), ("tree/up/", "leads outside the served root")] {
+        let out = c.cmd().arg("list").arg(srv.url(link)).run();
+        out.assert_code(1);
+        out.check(out.stdout.is_empty() && out.stderr_str().contains(why), &format!("list {link}"));
+    }
+    let out = c.cmd().arg("list").arg(srv.url("round/")).run();
+    out.assert_code(1);
+    out.check(out.stderr_str().contains("Too many levels of symbolic links"), "list round/");
     // --checksum: the server hashes; the lines are those of a local listing, and a digest is BLAKE3 of the bytes.
     for flags in [&["--checksum"][..], &["--checksum", "-R"], &["--checksum", "-R", "--json"]] {
         let local = fastsync().arg("list").args(flags).arg(&remote).run();

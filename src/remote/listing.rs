@@ -10,14 +10,29 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
     let shown = remote.display(b"");
     let key = load_key(net, &shown)?;
     let mut conn = connect(&remote.addr, &key, net)?;
-    let root = match conn.stat(&remote.path) {
-        Ok(Some(e)) => e,
-        Ok(None) => return Err(Failure::Fatal(format!("cannot stat '{shown}': No such file or directory"))),
-        Err(ReqError::Broken(m)) => return Err(Failure::Fatal(m)),
-        Err(ReqError::Server { message, .. }) => {
-            return Err(Failure::Fatal(format!("cannot stat '{shown}': {message}")));
-        }
+    let stat = |conn: &mut Connection, path: &[u8]| match conn.stat(path) {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => Err(Failure::Fatal(format!("cannot stat '{shown}': No such file or directory"))),
+        Err(ReqError::Broken(m)) => Err(Failure::Fatal(m)),
+        Err(ReqError::Server { message, .. }) => Err(Failure::Fatal(format!("cannot stat '{shown}': {message}"))),
     };
+    let mut path = remote.path.clone();
+    let mut root = stat(&mut conn, &path)?;
+    // `PATH/` names what a symlink there points to, as for ls: followed here one link at a time, each new path
+    // resolved by the server beneath its root like any other (it never follows a symlink itself).
+    let mut hops = 0;
+    while remote.trailing_slash && root.kind == EntryKind::Symlink {
+        hops += 1;
+        path = match link_target(&path, &root.target) {
+            Some(p) if hops <= SYMLINK_HOPS_MAX => p,
+            Some(_) => return Err(Failure::Fatal(format!("cannot stat '{shown}': Too many levels of symbolic links"))),
+            None => {
+                let why = "the symlink leads outside the served root (not followed)";
+                return Err(Failure::Fatal(format!("cannot stat '{shown}': {why}")));
+            }
+        };
+        root = stat(&mut conn, &path)?;
+    }
     let mut l = RemoteLister {
         conn: &mut conn,
         addr: remote.addr.clone(),
@@ -25,11 +40,11 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
         human: args.human_readable,
         json,
         checksum: args.checksum,
-        base: remote.path.clone(),
+        base: path.clone(),
         single: root.kind != EntryKind::Dir,
         errors: 0,
     };
-    let r = l.run(&remote.path, root, args.recursive);
+    let r = l.run(&path, root, args.recursive);
     let errors = l.errors;
     let flushed = l.out.flush();
     drop(l);
@@ -40,6 +55,29 @@ pub fn list(args: &ListArgs, json: bool, net: &NetOptions) -> Result<i32, Failur
         Err(Halt::Write(e)) => Err(Failure::Fatal(format!("error writing 'standard output': {e}"))),
         Err(Halt::Broken(m)) => Err(Failure::Fatal(m)),
     }
+}
+
+/// Symlinks followed at most in a row (as Linux's `ELOOP` limit).
+const SYMLINK_HOPS_MAX: usize = 40;
+
+/// The wire path a symlink at wire path `link` with `target` points to; `None` when it leads outside the served root
+/// (an absolute target, or more `..` than there are directories above it).
+fn link_target(link: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+    if target.starts_with(b"/") {
+        return None;
+    }
+    let mut parts: Vec<&[u8]> = link.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+    parts.pop();
+    for c in target.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join(&b'/'))
 }
 
 enum Halt {
@@ -157,5 +195,20 @@ impl<W: Write> RemoteLister<'_, W> {
             self.error(&m)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_targets_resolve_beneath_the_root_or_not_at_all() {
+        assert_eq!(link_target(b"a/ld", b"d"), Some(b"a/d".to_vec()));
+        assert_eq!(link_target(b"ld", b"d/inner/"), Some(b"d/inner".to_vec()));
+        assert_eq!(link_target(b"a/b/l", b"../c/./d"), Some(b"a/c/d".to_vec()));
+        assert_eq!(link_target(b"a/l", b".."), Some(Vec::new()), "the root itself");
+        assert_eq!(link_target(b"a/l", b"../.."), None, "above the root");
+        assert_eq!(link_target(b"l", b"/etc"), None, "absolute");
     }
 }

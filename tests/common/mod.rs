@@ -361,18 +361,7 @@ pub fn run_way(
     dst: impl AsRef<OsStr>,
 ) -> Output {
     let (src, dst) = (Path::new(src.as_ref()), Path::new(dst.as_ref()));
-    // The URL carries the names' bytes as they are (a name need not be UTF-8).
-    let served = |side: &Path| {
-        let root = side.ancestors().skip(1).find(|a| a.is_dir()).expect("an existing ancestor");
-        let server = lan::Server::start(root, &way_token_file());
-        let mut url = server.url("").into_bytes();
-        url.extend_from_slice(side.strip_prefix(root).unwrap().as_os_str().as_bytes());
-        if side.as_os_str().as_bytes().ends_with(b"/") {
-            url.push(b'/');
-        }
-        (server, OsString::from_vec(url))
-    };
-    let client = || fastsync().arg("--token-file").arg(way_token_file()).arg(cmd).args(extra);
+    let client = || remote_client().arg(cmd).args(extra);
     match way.into() {
         Way::Local(e) => fastsync().args([cmd, "--engine", e.name()]).args(extra).arg(src).arg(dst).run(),
         Way::Push => {
@@ -384,6 +373,24 @@ pub fn run_way(
             client().arg(url).arg(dst).run()
         }
     }
+}
+
+/// A server of `side`'s nearest existing ancestor directory, and the URL that names `side` there (its names' bytes
+/// as they are: a name need not be UTF-8; a trailing `/` kept).
+pub fn served(side: &Path) -> (lan::Server, OsString) {
+    let root = side.ancestors().skip(1).find(|a| a.is_dir()).expect("an existing ancestor");
+    let server = lan::Server::start(root, &way_token_file());
+    let mut url = server.url("").into_bytes();
+    url.extend_from_slice(side.strip_prefix(root).unwrap().as_os_str().as_bytes());
+    if side.as_os_str().as_bytes().ends_with(b"/") {
+        url.push(b'/');
+    }
+    (server, OsString::from_vec(url))
+}
+
+/// `fastsync --token-file T` for a server started by [`served`] (arguments follow).
+pub fn remote_client() -> Cmd {
+    fastsync().arg("--token-file").arg(way_token_file())
 }
 
 /// `fastsync copy --engine E <extra...> SRC DST`.
