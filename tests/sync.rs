@@ -32,6 +32,8 @@ every_way!(
     type_changes_need_delete,
     attributes_fixed_on_unchanged_files,
     large_directories_are_compared_entry_by_entry,
+    full_disk_sync_continues_and_fails_cleanly,
+    read_only_destination_fails_cleanly,
 );
 
 both_engines!(
@@ -40,8 +42,6 @@ both_engines!(
     sigint_stops_cleanly_and_resume_continues,
     torn_source_is_never_copied_silently,
     stale_temporaries_of_dead_runs_are_cleaned,
-    full_disk_sync_continues_and_fails_cleanly,
-    read_only_destination_fails_cleanly,
     io_errors_fail_each_file_cleanly,
     memory_limit_bounds_buffers_and_rss,
 );
@@ -665,7 +665,7 @@ fn sync_json_allow_tmp(engine: Engine, src: &Path, dst: &Path) -> serde_json::Va
     serde_json::from_str(out.stdout_str().lines().last().unwrap()).unwrap()
 }
 
-fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
+fn full_disk_sync_continues_and_fails_cleanly(e: Way) {
     let t = tmp();
     let mnt = t.path().join("tiny");
     let Some(_mounted) = mount_tmpfs(&mnt, "size=3m") else { return };
@@ -695,7 +695,7 @@ fn full_disk_sync_continues_and_fails_cleanly(e: Engine) {
     assert_no_tmp(&mnt);
 }
 
-fn read_only_destination_fails_cleanly(e: Engine) {
+fn read_only_destination_fails_cleanly(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     build_small_tree(&src);
