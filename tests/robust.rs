@@ -316,6 +316,46 @@ fn small_files_share_round_trips() {
     assert!(bursts < 100, "{bursts} bursts of requests for 300 small files with -X: not batched");
 }
 
+/// A no-op `sync` push of many small directories: no `Mkdir` for a directory the listing shows, the listings read
+/// ahead on connections of their own, the directories' `SetMeta`s sent together — about one answer burst per
+/// directory in all (three before: listing, `Mkdir`, `SetMeta`, each waited for in turn).
+#[test]
+fn a_no_op_sync_push_does_not_wait_on_each_directory() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    for d in 0..12 {
+        for s in 0..5 {
+            for f in 0..3u64 {
+                write_file(&src.join(format!("d{d:02}/s{s}/f{f}")), &random_bytes(f, 10 + f as usize));
+            }
+        }
+    }
+    stamp_dir_times(&src, 1_200_000_000);
+    let dirs = 1 + 12 + 12 * 5;
+    c.cmd().args(["sync"]).arg(&src).arg(srv.url("tree")).run().assert_success();
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, u64::MAX, 0));
+    let out = c.cmd().args(["sync", "--json"]).arg(&src).arg(proxy.url("tree")).run();
+    out.assert_success();
+    let s = json_summary(&out);
+    assert_eq!((s["files"].as_u64(), s["unchanged"].as_u64()), (Some(0), Some(180)), "{s}");
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+    let bursts = proxy.down_reads();
+    assert!(bursts < dirs * 3 / 2, "{bursts} bursts of answers for a no-op sync of {dirs} directories");
+    assert!(proxy.connections() >= 2, "the listings were not read ahead on a connection of their own");
+    // Connections reset in the middle of listings (the look-ahead's, or the control connection): what was not read
+    // whole is asked for again, and the sync still finds everything unchanged.
+    write_file(&src.join("d03/s2/new"), b"new");
+    let proxy = Proxy::start(&srv.addr(), Plan::new(Fault::Reset, 3000, 2));
+    let out = c.cmd().args(["sync", "--json"]).arg(&src).arg(proxy.url("tree"));
+    let out = out.env("FASTSYNC_IO_TIMEOUT", RESET_TIMEOUT_SECS).timeout(Duration::from_secs(60)).run();
+    out.assert_success();
+    assert!(proxy.faults() >= 1, "no connection was reset");
+    let s = json_summary(&out);
+    assert_eq!((s["files"].as_u64(), s["unchanged"].as_u64()), (Some(1), Some(180)), "{s}");
+    compare_trees(&src, &srv.root.join("tree"), CompareOpts::default());
+}
+
 /// Start `fastsync copy --streams 4 SRC DST`, wait until `part` shows `started`, then 300 ms more, and send SIGINT:
 /// the run must end with exit 130.
 fn ctrl_c_once(

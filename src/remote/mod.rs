@@ -31,7 +31,7 @@
 //! again stops the whole run with one line naming the server; temporaries are removed (pull) or abandoned to the
 //! server, which removes them (push), so nothing partial appears under a final name, and a rerun finishes the work.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Write};
@@ -70,12 +70,14 @@ use crate::sync::{self, Change, Facts, Itemizer, SyncOptions, Verdict};
 use fastsync_engine::journal::{Journal, Opened, SourceId};
 use fastsync_engine::{Show, Timestamp};
 
+mod ahead;
 mod listing;
 mod pool;
 mod pull;
 mod push;
 mod tally;
 
+use ahead::*;
 pub use listing::list;
 use pool::*;
 use pull::*;

@@ -3,6 +3,30 @@
 
 use super::*;
 
+/// Ask `ahead` for the listings of the subdirectories of `frame` the walk enters next (in its order) that the remote
+/// side has as directories, while there is room.
+fn read_ahead(ahead: &mut ListAhead, target: &[u8], frame: &mut PushFrame) {
+    let Some(listing) = frame.remote.as_ref() else { return };
+    frame.ahead_seen = frame.ahead_seen.max(frame.taken);
+    while frame.ahead_asked.front().is_some_and(|&i| i < frame.taken) {
+        frame.ahead_asked.pop_front();
+    }
+    // A few per directory, so that the window holds what a depth-first walk needs soonest (the next subdirectories
+    // of every directory on its path) rather than all of one large directory's.
+    while ahead.has_room() && frame.ahead_asked.len() < LISTINGS_AHEAD_PER_DIR {
+        let i = frame.ahead_seen;
+        let Some(next) = frame.entries.as_slice().get(i - frame.taken) else { return };
+        frame.ahead_seen += 1;
+        let Ok(entry) = next else { continue };
+        let name = entry.file_name();
+        let remote_dir = listing.get(name.as_bytes()).is_some_and(|e| e.kind == EntryKind::Dir);
+        if remote_dir && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            ahead.ask(join(target, &join(&frame.rel, name.as_bytes())));
+            frame.ahead_asked.push_back(i);
+        }
+    }
+}
+
 /// A local file to send.
 struct PushFile {
     src: PathBuf,
@@ -71,7 +95,15 @@ struct RemoteDelete {
 
 /// One open level of the local walk.
 struct PushFrame {
-    iter: fs::ReadDir,
+    /// The source directory's entries not walked yet, read whole when it is entered (their order is the walk's, and
+    /// the listings of the subdirectories among them are read ahead in that order).
+    entries: std::vec::IntoIter<io::Result<fs::DirEntry>>,
+    /// Entries taken from `entries` so far.
+    taken: usize,
+    /// Entries considered for reading ahead so far (from the first).
+    ahead_seen: usize,
+    /// The entries (by index) whose listings were asked for and that the walk has not reached yet.
+    ahead_asked: VecDeque<usize>,
     src: PathBuf,
     rel: Vec<u8>,
     node: usize,
@@ -103,6 +135,10 @@ struct PushCore<'a> {
     /// A push to this destination was interrupted (its run marker is a dead process's): every destination directory
     /// visited is cleaned of what it may have left ([`PushCore::clean_remote_dir`]).
     clean_parts: bool,
+    /// The destination listings of the directories the walk enters next, read ahead (when they are compared).
+    ahead: Option<ListAhead>,
+    /// Finished directories whose metadata is to be set ([`PushCore::flush_dir_metas`]).
+    dir_metas: Vec<RemoteDir>,
 }
 
 pub(super) struct Push<'a> {
@@ -236,6 +272,8 @@ impl<'a> Push<'a> {
                 links: HashMap::new(),
                 dialer: dialer.clone(),
                 clean_parts,
+                ahead: (look_dst && md.is_dir()).then(|| ListAhead::start(dialer.clone())),
+                dir_metas: Vec::new(),
             },
             pool,
         };
@@ -254,6 +292,7 @@ impl<'a> Push<'a> {
         }
         let Push { mut core, mut pool } = push;
         core.run.summary.streams = pool.finish(&mut |d| core.on_event(d));
+        core.flush_dir_metas();
         if md.is_dir() && core.run.may_delete() {
             core.delete_pass();
         }
@@ -280,7 +319,11 @@ impl<'a> Push<'a> {
             let core = &mut self.core;
             self.pool.poll(&mut |d| core.on_event(d));
             core.keepalive();
-            let next = frame.iter.next();
+            if let Some(ahead) = core.ahead.as_mut() {
+                read_ahead(ahead, &core.target, frame);
+            }
+            let next = frame.entries.next();
+            frame.taken += 1;
             let entry = match next {
                 None | Some(Err(_)) => {
                     if let Some(Err(e)) = next {
@@ -490,6 +533,9 @@ impl<'a> Tally<'a> for PushCore<'a> {
         }
     }
 
+    /// Finished directories get their metadata: queued, and sent [`DIR_METAS_BATCH`] at a time in one pipelined
+    /// burst ([`PushCore::flush_dir_metas`]) rather than a round trip each; nothing changes in a finished directory
+    /// any more, so a later `SetMeta` sets the same thing.
     fn finish_dirs(&mut self, finished: Vec<RemoteDir>) {
         for d in finished {
             if !d.apply || self.run.fatal.is_some() {
@@ -501,15 +547,53 @@ impl<'a> Tally<'a> for PushCore<'a> {
                 let shown = self.url(&d.remote);
                 self.run.req_failed(e, |m| format!("cannot set extended attributes on '{shown}': {m}"));
             }
-            if let Err(e) = self.ctl_do(|conn| conn.set_meta(&d.remote, d.mode, d.owner, d.mtime)) {
-                let shown = self.url(&d.remote);
-                self.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
-            }
+            self.dir_metas.push(d);
+        }
+        if self.dir_metas.len() >= DIR_METAS_BATCH {
+            self.flush_dir_metas();
         }
     }
 }
 
+/// Directories whose `SetMeta` requests go out together, at most.
+const DIR_METAS_BATCH: usize = 64;
+
 impl PushCore<'_> {
+    /// Send the queued directories' `SetMeta`s back to back and read the answers; what a broken connection left
+    /// unanswered goes again one by one ([`PushCore::ctl_do`] dials again).
+    fn flush_dir_metas(&mut self) {
+        let dirs = std::mem::take(&mut self.dir_metas);
+        if dirs.is_empty() || self.run.fatal.is_some() {
+            return;
+        }
+        let msgs: Vec<[Msg; 1]> = dirs
+            .iter()
+            .map(|d| {
+                let (uid, gid) = d.owner;
+                let path = d.remote.clone();
+                [Msg::SetMeta { path, mode: d.mode, uid, gid, mtime_sec: d.mtime.0, mtime_nsec: d.mtime.1 }]
+            })
+            .collect();
+        let groups: Vec<&[Msg]> = msgs.iter().map(|m| &m[..]).collect();
+        let (answers, broke) = self.ctl.pipeline_groups(&groups);
+        let failed = |c: &mut Self, d: &RemoteDir, e: ReqError| {
+            let shown = c.url(&d.remote);
+            c.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
+        };
+        for (d, answer) in dirs.iter().zip(&answers) {
+            if let Err((_, e)) = answer {
+                failed(self, d, e.clone());
+            }
+        }
+        if broke.is_some() {
+            for d in &dirs[answers.len()..] {
+                if let Err(e) = self.ctl_do(|conn| conn.set_meta(&d.remote, d.mode, d.owner, d.mtime)) {
+                    failed(self, d, e);
+                }
+            }
+        }
+    }
+
     fn url(&self, wire: &[u8]) -> String {
         url_of(&self.addr, wire)
     }
@@ -584,18 +668,10 @@ impl PushCore<'_> {
         let mut out = HashMap::new();
         let mut refused = Vec::new();
         // The whole directory is read before any of it is used, so a listing cut short is simply asked for again.
-        let listed = self.ctl_do(|conn| {
-            let mut stream = conn.list(remote, false)?;
-            let (mut entries, mut failed) = (Vec::new(), None);
-            while let Some(r) = stream.next_entry() {
-                match r {
-                    Ok(e) => entries.push(e),
-                    Err(ReqError::Broken(m)) => return Err(ReqError::Broken(m)),
-                    Err(e) => failed = Some(e),
-                }
-            }
-            Ok((entries, failed))
-        });
+        let listed = match self.ahead.as_mut().and_then(|a| a.take(remote)) {
+            Some(listing) => Ok(listing),
+            None => self.ctl_do(|conn| read_listing(conn, remote)),
+        };
         let (entries, failed) = match listed {
             Ok(l) => l,
             Err(e) => {
@@ -647,7 +723,9 @@ impl PushCore<'_> {
         if fresh && !rel.is_empty() {
             self.run.item(Change::Mkdir, rel, true);
         }
+        // A directory the parent's listing showed is there already: no `Mkdir` round trip for it.
         if !self.run.opts.dry_run
+            && !exists
             && let Err(e) = self.ctl_do(|conn| conn.mkdir(&remote, 0o700))
         {
             let shown = self.url(&remote);
@@ -661,8 +739,8 @@ impl PushCore<'_> {
         if self.run.fatal.is_some() {
             return None;
         }
-        let iter = match fs::read_dir(src) {
-            Ok(it) => it,
+        let entries = match fs::read_dir(src) {
+            Ok(it) => it.collect::<Vec<_>>().into_iter(),
             Err(e) => {
                 self.run.fail(format!("cannot open directory '{}': {e}", src.shown()));
                 return None;
@@ -681,7 +759,10 @@ impl PushCore<'_> {
         let node = self.dirs.open(parent, RemoteDir { remote, mode, owner, mtime, xattrs, apply });
         self.run.summary.directories += 1;
         Some(PushFrame {
-            iter,
+            entries,
+            taken: 0,
+            ahead_seen: 0,
+            ahead_asked: VecDeque::new(),
             src: src.to_path_buf(),
             rel: rel.to_vec(),
             node,
