@@ -16,31 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// Expands each case `fn name(way: Way)` into `name::uring`, `name::fallback` and `name::remote` (the listed
-/// directory served by a real `fastsync serve`, listed by URL): one conformance suite for local and remote listings.
-macro_rules! local_and_remote {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use crate::common::{Engine, Way};
-                #[test]
-                fn uring() {
-                    super::$case(Way::Local(Engine::Uring))
-                }
-                #[test]
-                fn fallback() {
-                    super::$case(Way::Local(Engine::Fallback))
-                }
-                #[test]
-                fn remote() {
-                    super::$case(Way::Pull)
-                }
-            }
-        )*
-    };
-}
-
-local_and_remote!(
+// Each case on both engines, and `remote`: the listed directory served by a real `fastsync serve`, listed by URL (one
+// conformance suite for local and remote listings).
+cases_for_ways!(
+    [uring => Way::Local(Engine::Uring), fallback => Way::Local(Engine::Fallback), remote => Way::Pull];
     plain_listing_exact_lines,
     recursive_is_depth_first_in_byte_order,
     checksum_digests_in_listing_order,

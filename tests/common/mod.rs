@@ -310,32 +310,41 @@ impl From<Engine> for Way {
     }
 }
 
+/// Expands each case `fn name(way: Way)` into one test per way given: `cases_for_ways!([uring =>
+/// Way::Local(Engine::Uring), remote => Way::Pull]; case_a, case_b)` makes `case_a::uring`, `case_a::remote`, ...
+#[allow(unused_macros)] // not every test binary runs conformance cases
+macro_rules! cases_for_ways {
+    ($ways:tt; $($case:ident),* $(,)?) => {
+        $( cases_for_ways!(@case $ways $case); )*
+    };
+    (@case [$($way:ident => $val:expr),* $(,)?] $case:ident) => {
+        mod $case {
+            #[allow(unused_imports)]
+            use crate::common::{Engine, Way};
+            $(
+                #[test]
+                fn $way() {
+                    super::$case($val)
+                }
+            )*
+        }
+    };
+}
+
 /// Expands each case `fn name(way: Way)` into `name::{uring, fallback, push, pull}` tests: one conformance suite run
 /// every way a transfer can go.
 #[allow(unused_macros)] // not every test binary runs conformance cases
 macro_rules! every_way {
     ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use crate::common::{Engine, Way};
-                #[test]
-                fn uring() {
-                    super::$case(Way::Local(Engine::Uring))
-                }
-                #[test]
-                fn fallback() {
-                    super::$case(Way::Local(Engine::Fallback))
-                }
-                #[test]
-                fn push() {
-                    super::$case(Way::Push)
-                }
-                #[test]
-                fn pull() {
-                    super::$case(Way::Pull)
-                }
-            }
-        )*
+        cases_for_ways!(
+            [
+                uring => Way::Local(Engine::Uring),
+                fallback => Way::Local(Engine::Fallback),
+                push => Way::Push,
+                pull => Way::Pull,
+            ];
+            $($case),*
+        );
     };
 }
 
