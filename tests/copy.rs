@@ -53,10 +53,15 @@ every_way!(
     xattrs_not_copied_without_flag,
 );
 
-both_engines!(
+// -L: on both engines and pushed (a pull follows only links that stay beneath the served root: tests/remote.rs).
+cases_for_ways!(
+    [uring => Way::Local(Engine::Uring), fallback => Way::Local(Engine::Fallback), push => Way::Push];
     dereference_file_symlinks,
     dereference_dir_symlink,
     dereference_dangling_fails,
+);
+
+both_engines!(
     full_disk_fails_cleanly,
     unnamed_files_link_through_proc_where_by_descriptor_is_refused,
     direct_io_exact,
@@ -646,7 +651,7 @@ fn deep_nesting(e: Way) {
 // -L, -H, -X
 // ---------------------------------------------------------------------------------------------------------------
 
-fn dereference_file_symlinks(e: Engine) {
+fn dereference_file_symlinks(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src.join("sub"));
@@ -672,7 +677,7 @@ fn dereference_file_symlinks(e: Engine) {
     assert_same_bytes(&real, &dst.join("real.txt"));
 }
 
-fn dereference_dir_symlink(e: Engine) {
+fn dereference_dir_symlink(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     let realdir = t.path().join("realdir");
@@ -688,7 +693,7 @@ fn dereference_dir_symlink(e: Engine) {
     assert_same_bytes(&realdir.join("y/z.bin"), &q.join("y/z.bin"));
 }
 
-fn dereference_dangling_fails(e: Engine) {
+fn dereference_dangling_fails(e: Way) {
     let t = tmp();
     let src = t.path().join("src");
     mkdirs(&src);
