@@ -51,6 +51,27 @@ fn push_a_tree() {
     assert_eq!((s["bytes"].as_u64(), s["errors"].as_u64()), (Some(bytes), Some(0)));
 }
 
+/// A push copy makes a directory's subdirectories in one burst; one that a file on the server is in the way of fails
+/// there, is made again when the walk gets to it, and fails with one line; its siblings are copied.
+#[test]
+fn a_file_in_the_way_of_a_pushed_directory_fails_alone() {
+    let c = Case::new();
+    let srv = c.serve();
+    let src = c.path("src");
+    for d in ["a", "b", "c"] {
+        write_file(&src.join(d).join("f"), d.as_bytes());
+    }
+    write_file(&srv.root.join("t/b"), b"in the way");
+    let out = c.cmd().args(["copy"]).arg(&src).arg(srv.url("t")).run();
+    out.assert_code(1);
+    out.assert_one_failure("t/b", "Not a directory");
+    assert_eq!(fs::read(srv.root.join("t/b")).unwrap(), b"in the way");
+    for d in ["a", "c"] {
+        assert_eq!(fs::read(srv.root.join("t").join(d).join("f")).unwrap(), d.as_bytes());
+    }
+    assert_no_tmp(&srv.root);
+}
+
 #[test]
 fn pull_a_tree() {
     let c = Case::new();

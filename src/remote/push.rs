@@ -139,6 +139,8 @@ struct PushCore<'a> {
     ahead: Option<ListAhead>,
     /// Finished directories whose metadata is to be set ([`PushCore::flush_dir_metas`]).
     dir_metas: Vec<RemoteDir>,
+    /// Remote directories made ahead of the walk ([`PushCore::make_subdirs`]), until it enters them.
+    premade: HashSet<Vec<u8>>,
 }
 
 pub(super) struct Push<'a> {
@@ -274,6 +276,7 @@ impl<'a> Push<'a> {
                 clean_parts,
                 ahead: (look_dst && md.is_dir()).then(|| ListAhead::start(dialer.clone())),
                 dir_metas: Vec::new(),
+                premade: HashSet::new(),
             },
             pool,
         };
@@ -723,9 +726,12 @@ impl PushCore<'_> {
         if fresh && !rel.is_empty() {
             self.run.item(Change::Mkdir, rel, true);
         }
-        // A directory the parent's listing showed is there already: no `Mkdir` round trip for it.
+        // A directory the parent's listing showed is there already, or that was made with its siblings
+        // ([`PushCore::make_subdirs`]): no `Mkdir` round trip for it.
+        let made = self.premade.remove(&remote);
         if !self.run.opts.dry_run
             && !exists
+            && !made
             && let Err(e) = self.ctl_do(|conn| conn.mkdir(&remote, 0o700))
         {
             let shown = self.url(&remote);
@@ -739,13 +745,16 @@ impl PushCore<'_> {
         if self.run.fatal.is_some() {
             return None;
         }
-        let entries = match fs::read_dir(src) {
-            Ok(it) => it.collect::<Vec<_>>().into_iter(),
+        let entries: Vec<_> = match fs::read_dir(src) {
+            Ok(it) => it.collect(),
             Err(e) => {
                 self.run.fail(format!("cannot open directory '{}': {e}", src.shown()));
                 return None;
             }
         };
+        if !self.run.opts.dry_run && (listing.is_some() || fresh || !self.look_dst) {
+            self.make_subdirs(rel, &entries, listing.as_ref());
+        }
         let (mode, owner, mtime) = (md.mode() & 0o7777, (md.uid(), md.gid()), md_mtime(md));
         let xattrs = match self.run.opts.preserve.xattrs.then(|| crate::meta::read_xattrs(src)) {
             Some(Err(e)) => {
@@ -759,7 +768,7 @@ impl PushCore<'_> {
         let node = self.dirs.open(parent, RemoteDir { remote, mode, owner, mtime, xattrs, apply });
         self.run.summary.directories += 1;
         Some(PushFrame {
-            entries,
+            entries: entries.into_iter(),
             taken: 0,
             ahead_seen: 0,
             ahead_asked: VecDeque::new(),
@@ -773,6 +782,42 @@ impl PushCore<'_> {
             fresh,
             key: (md.dev(), md.ino()),
         })
+    }
+
+    /// Create the remote twins of the source subdirectories in `entries` (of directory `rel`) that the remote side
+    /// lacks — all the listing does not show, or all when nothing was listed (a new directory, or a plain copy, where
+    /// `Mkdir` accepts what is there) — in one burst of requests rather than a round trip each as the walk enters
+    /// them. What fails here is made again, and reported, when the walk gets there; symlinks (`-L`) and excluded
+    /// directories are left to the walk.
+    fn make_subdirs(
+        &mut self,
+        rel: &[u8],
+        entries: &[io::Result<fs::DirEntry>],
+        listing: Option<&HashMap<Vec<u8>, EntryMeta>>,
+    ) {
+        let paths: Vec<Vec<u8>> = entries
+            .iter()
+            .filter_map(|e| e.as_ref().ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| join(rel, e.file_name().as_bytes()))
+            .filter(|child| {
+                let name = child.rsplit(|&b| b == b'/').next().unwrap_or_default();
+                listing.is_none_or(|l| !l.contains_key(name))
+                    && !sync::excluded(&self.run.opts.filter, url::os_path(child), true)
+            })
+            .map(|child| join(&self.target, &child))
+            .collect();
+        if paths.len() < 2 {
+            return;
+        }
+        let msgs: Vec<[Msg; 1]> = paths.iter().map(|p| [Msg::Mkdir { path: p.clone(), mode: 0o700 }]).collect();
+        let groups: Vec<&[Msg]> = msgs.iter().map(|m| &m[..]).collect();
+        let (answers, _) = self.ctl.pipeline_groups(&groups);
+        for (path, answer) in paths.into_iter().zip(answers) {
+            if answer.is_ok() {
+                self.premade.insert(path);
+            }
+        }
     }
 
     /// After an interrupted push: the server removes what dead processes left in `remote` (`Clean`), and the partial
