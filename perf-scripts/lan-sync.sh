@@ -53,21 +53,8 @@ PORT_FS=17878 PORT_RSYNCD=17873
 # ---------------------------------------------------------------- data and servers
 SRC="$WORK/src-$SHAPE"
 if [[ ! -f $SRC.ok ]]; then
-    rm -rf "$SRC"
     log "generating $SRC"
-    python3 - "$SRC" "$SHAPE" <<'PY'
-import os, random, sys
-root, shape = sys.argv[1], sys.argv[2]
-a, b, c = (int(x) for x in shape.split("x"))
-rng = random.Random(7)
-for i in range(a):
-    for j in range(b):
-        d = os.path.join(root, f"d{i:03d}", f"s{j:02d}")
-        os.makedirs(d)
-        for k in range(c):
-            with open(os.path.join(d, f"f{k:03d}"), "wb") as f:
-                f.write(rng.randbytes(rng.randint(0, 63)))
-PY
+    make_tree "$SRC" "$SHAPE" 7 0 63
     touch "$SRC.ok"
 fi
 TOKEN="$LOGDIR/token"

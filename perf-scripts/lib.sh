@@ -60,22 +60,27 @@ hugepages_restore() {
 # The small-files set: SMALL_SHAPE = DIRSxSUBDIRSxFILES seeded random files of 1-64 KiB, made once (SMALL.ok).
 make_small() {
     if [[ -f $SMALL.ok ]]; then log "reusing $SMALL"; return; fi
-    rm -rf "$SMALL"
     log "generating $SMALL (seeded, 1-64 KiB files)"
-    python3 - "$SMALL" "$SMALL_SHAPE" <<'PY'
+    make_tree "$SMALL" "$SMALL_SHAPE" 20240611 1024 65536
+    touch "$SMALL.ok"
+}
+
+# A seeded tree at ROOT (made anew): SHAPE = AxBxC, A directories of B subdirectories of C files of MIN-MAX bytes.
+make_tree() { # root shape seed min max
+    rm -rf "$1"
+    python3 - "$@" <<'PY'
 import os, random, sys
-root, shape = sys.argv[1], sys.argv[2]
+root, shape, seed, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 a, b, c = (int(x) for x in shape.split("x"))
-rng = random.Random(20240611)
+rng = random.Random(seed)
 for i in range(a):
     for j in range(b):
         d = os.path.join(root, f"d{i:03d}", f"s{j:02d}")
         os.makedirs(d)
         for k in range(c):
             with open(os.path.join(d, f"f{k:04d}.bin"), "wb") as f:
-                f.write(rng.randbytes(rng.randint(1024, 65536)))
+                f.write(rng.randbytes(rng.randint(lo, hi)))
 PY
-    touch "$SMALL.ok"
 }
 
 # The real tree: a copy of the Rust toolchain's sysroot, made once (REAL.ok).
