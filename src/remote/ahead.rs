@@ -114,12 +114,11 @@ impl ListAhead {
 
 impl Drop for ListAhead {
     fn drop(&mut self) {
-        // The thread ends after the listing it is reading (it finds its queue closed, or nobody to answer).
+        // Each thread ends after the listing it is reading (it finds its queue closed, or nobody to answer). It is not
+        // waited for: a run that stops (Ctrl-C, a broken server) must not wait on a dial or a listing it no longer
+        // needs.
         self.tx = None;
-        while self.rx.try_recv().is_ok() {}
         drop(std::mem::replace(&mut self.rx, bounded(0).1));
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.threads.clear();
     }
 }
