@@ -399,6 +399,9 @@ pub(super) struct Scaler {
     cap: AtomicUsize,
     /// Every task is queued: the monitor no longer adds streams (and stops with the last worker).
     finished: AtomicBool,
+    /// A worker ended: wakes the monitor, which stops as soon as the last one has (not at its next tick, which every
+    /// run's end would wait for).
+    ended: (Sender<()>, Receiver<()>),
 }
 
 impl Scaler {
@@ -410,6 +413,7 @@ impl Scaler {
             alive: (0..slots).map(|_| AtomicBool::new(false)).collect(),
             cap: AtomicUsize::new(slots),
             finished: AtomicBool::new(false),
+            ended: bounded(1),
         }
     }
 
@@ -450,6 +454,7 @@ impl<T: PoolTask> Spawner<T> {
         let handle = std::thread::spawn(move || {
             worker(stream, &rx, &dtx, &stop, &*work);
             scaler.alive[number - 1].store(false, Ordering::Release);
+            let _ = scaler.ended.0.try_send(());
         });
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
     }
@@ -564,7 +569,7 @@ fn monitor<T: PoolTask>(sp: &Spawner<T>, initial: usize) {
                 }
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = scaler.ended.1.recv_timeout(Duration::from_millis(50));
         }
         let mut rtt = Duration::ZERO;
         for (i, slot) in scaler.fds.iter().enumerate() {

@@ -344,7 +344,8 @@ impl<'a> Push<'a> {
             let rel = join(&frame.rel, name.as_bytes());
             let twin = frame.remote.as_mut().and_then(|m| m.remove(name.as_bytes()));
             let (node, fresh) = (frame.node, frame.fresh);
-            let md = if self.core.run.opts.dereference { fs::metadata(&path) } else { fs::symlink_metadata(&path) };
+            // Not following a symlink, the entry is looked up relative to its directory (no walk of the whole path).
+            let md = if self.core.run.opts.dereference { fs::metadata(&path) } else { entry.metadata() };
             let md = match md {
                 Ok(md) => md,
                 Err(e) => {
