@@ -242,10 +242,11 @@ impl Scanner {
         rx
     }
 
-    /// Read the directory `src` ahead of the walk (its first chunk), if the read-ahead window has room.
+    /// Read the directory `src` ahead of the walk (its first chunk), if it is not already and the read-ahead window
+    /// has room; whether it was asked for now.
     fn read_ahead(&mut self, src: &Path, dst: &Path, look_dst: bool, dereference: bool) -> bool {
         if self.ahead.contains_key(src) {
-            return true;
+            return false;
         }
         let Some(slot) = Slot::take(&self.slots) else { return false };
         let target = self.target(src, dst, look_dst, dereference, 1);

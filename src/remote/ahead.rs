@@ -34,13 +34,16 @@ pub(super) fn read_listing(conn: &mut Connection, path: &[u8]) -> Result<Listing
 }
 
 pub(super) struct ListAhead {
-    tx: Option<Sender<Vec<u8>>>,
+    tx: Sender<Vec<u8>>,
     rx: Receiver<(Vec<u8>, Option<Listing>)>,
     /// Asked for, not yet received.
     asked: HashSet<Vec<u8>>,
     /// Received, not yet taken.
     ready: HashMap<Vec<u8>, Option<Listing>>,
-    threads: Vec<JoinHandle<()>>,
+    /// Whether any helper thread could be started. They are never joined: dropping the channels ends each after the
+    /// listing it is reading (it finds its queue closed, or nobody to answer), and a run that stops (Ctrl-C, a broken
+    /// server) must not wait on a dial or a listing it no longer needs.
+    started: bool,
 }
 
 impl ListAhead {
@@ -48,7 +51,7 @@ impl ListAhead {
     pub(super) fn start(dialer: Arc<Dialer>) -> ListAhead {
         let (tx, paths) = bounded::<Vec<u8>>(LISTINGS_AHEAD_MAX);
         let (results, rx) = bounded(LISTINGS_AHEAD_MAX);
-        let mut threads = Vec::new();
+        let mut started = false;
         for i in 0..LIST_THREADS {
             let (paths, results, dialer) = (paths.clone(), results.clone(), dialer.clone());
             let thread = std::thread::Builder::new().name(format!("fs-list-ahead-{i}")).spawn(move || {
@@ -70,14 +73,14 @@ impl ListAhead {
                     c.bye();
                 }
             });
-            threads.extend(thread.ok());
+            started |= thread.is_ok();
         }
-        ListAhead { tx: Some(tx), rx, asked: HashSet::new(), ready: HashMap::new(), threads }
+        ListAhead { tx, rx, asked: HashSet::new(), ready: HashMap::new(), started }
     }
 
     /// Whether another listing may be asked for now.
     pub(super) fn has_room(&self) -> bool {
-        !self.threads.is_empty() && self.asked.len() + self.ready.len() < LISTINGS_AHEAD_MAX
+        self.started && self.asked.len() + self.ready.len() < LISTINGS_AHEAD_MAX
     }
 
     /// Ask for the listing of directory `path` (a wire path), if there is room.
@@ -85,9 +88,7 @@ impl ListAhead {
         if !self.has_room() || self.asked.contains(&path) || self.ready.contains_key(&path) {
             return;
         }
-        if let Some(tx) = &self.tx
-            && tx.try_send(path.clone()).is_ok()
-        {
+        if self.tx.try_send(path.clone()).is_ok() {
             self.asked.insert(path);
         }
     }
@@ -109,16 +110,5 @@ impl ListAhead {
             self.ready.insert(p, l);
         }
         None
-    }
-}
-
-impl Drop for ListAhead {
-    fn drop(&mut self) {
-        // Each thread ends after the listing it is reading (it finds its queue closed, or nobody to answer). It is not
-        // waited for: a run that stops (Ctrl-C, a broken server) must not wait on a dial or a listing it no longer
-        // needs.
-        self.tx = None;
-        drop(std::mem::replace(&mut self.rx, bounded(0).1));
-        self.threads.clear();
     }
 }

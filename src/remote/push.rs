@@ -570,16 +570,16 @@ impl PushCore<'_> {
         if dirs.is_empty() || self.run.fatal.is_some() {
             return;
         }
-        let msgs: Vec<[Msg; 1]> = dirs
+        let msgs: Vec<Msg> = dirs
             .iter()
             .map(|d| {
                 let (uid, gid) = d.owner;
                 let path = d.remote.clone();
-                [Msg::SetMeta { path, mode: d.mode, uid, gid, mtime_sec: d.mtime.0, mtime_nsec: d.mtime.1 }]
+                Msg::SetMeta { path, mode: d.mode, uid, gid, mtime_sec: d.mtime.0, mtime_nsec: d.mtime.1 }
             })
             .collect();
-        let groups: Vec<&[Msg]> = msgs.iter().map(|m| &m[..]).collect();
-        let (answers, broke) = self.ctl.pipeline_groups(&groups);
+        // One request per group.
+        let (answers, broke) = self.ctl.pipeline_groups(&msgs.chunks(1).collect::<Vec<_>>());
         let failed = |c: &mut Self, d: &RemoteDir, e: ReqError| {
             let shown = c.url(&d.remote);
             c.run.req_failed(e, |m| format!("cannot set permissions and times on '{shown}': {m}"));
@@ -800,20 +800,18 @@ impl PushCore<'_> {
             .iter()
             .filter_map(|e| e.as_ref().ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| join(rel, e.file_name().as_bytes()))
-            .filter(|child| {
-                let name = child.rsplit(|&b| b == b'/').next().unwrap_or_default();
-                listing.is_none_or(|l| !l.contains_key(name))
-                    && !sync::excluded(&self.run.opts.filter, url::os_path(child), true)
-            })
+            .map(|e| e.file_name())
+            .filter(|name| listing.is_none_or(|l| !l.contains_key(name.as_bytes())))
+            .map(|name| join(rel, name.as_bytes()))
+            .filter(|child| !sync::excluded(&self.run.opts.filter, url::os_path(child), true))
             .map(|child| join(&self.target, &child))
             .collect();
         if paths.len() < 2 {
             return;
         }
-        let msgs: Vec<[Msg; 1]> = paths.iter().map(|p| [Msg::Mkdir { path: p.clone(), mode: 0o700 }]).collect();
-        let groups: Vec<&[Msg]> = msgs.iter().map(|m| &m[..]).collect();
-        let (answers, _) = self.ctl.pipeline_groups(&groups);
+        let msgs: Vec<Msg> = paths.iter().map(|p| Msg::Mkdir { path: p.clone(), mode: 0o700 }).collect();
+        // One request per group.
+        let (answers, _) = self.ctl.pipeline_groups(&msgs.chunks(1).collect::<Vec<_>>());
         for (path, answer) in paths.into_iter().zip(answers) {
             if answer.is_ok() {
                 self.premade.insert(path);

@@ -50,39 +50,45 @@ pub(super) fn set_meta(
 ) -> Result<(), Fail> {
     let p = shared.root.parent(rel).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
     let mode = (mode & 0o7777) as libc::mode_t;
-    // Each attribute only where it differs, so that what is already right (a directory of a no-op sync) keeps even
-    // its ctime. Owner first: chown clears set-id bits, which the chmod then sets.
     let Some(name) = &p.name else {
         // The root itself.
         let st = fstat(p.raw()).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
-        let chowned = (st.st_uid, st.st_gid) != owner;
-        if chowned {
+        let (chown, chmod, touch) = differs(&st, mode, owner, mtime);
+        if chown {
             chown_fd(p.raw(), owner, rel)?;
         }
-        if chowned || st.st_mode & 0o7777 != mode {
+        if chmod {
             // SAFETY: valid descriptor.
             cvt(unsafe { libc::fchmod(p.raw(), mode) }).map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
         }
-        if mtime_of_stat(&st) == mtime {
-            return Ok(());
+        if touch {
+            set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e))?;
         }
-        return set_mtime_fd(p.raw(), mtime).map_err(|e| Fail::io("cannot set times on", rel, e));
+        return Ok(());
     };
     let st = lstat_at(p.raw(), name).map_err(|e| Fail::io("cannot set metadata of", rel, e))?;
-    let chowned = (st.st_uid, st.st_gid) != owner;
-    if chowned {
+    let (chown, chmod, touch) = differs(&st, mode, owner, mtime);
+    if chown {
         chown_at(p.raw(), name, owner, rel)?;
     }
-    if kind_of(&st) != EntryKind::Symlink && (chowned || st.st_mode & 0o7777 != mode) {
+    if chmod && kind_of(&st) != EntryKind::Symlink {
         // SAFETY: valid descriptor and C string. AT_SYMLINK_NOFOLLOW: should a symlink have been swapped in since the
         // stat, the call fails instead of changing what it points to.
         cvt(unsafe { libc::fchmodat(p.raw(), name.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
             .map_err(|e| Fail::io("cannot set permissions on", rel, e))?;
     }
-    if mtime_of_stat(&st) == mtime {
-        return Ok(());
+    if touch {
+        set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))?;
     }
-    set_mtime_at(p.raw(), name, mtime).map_err(|e| Fail::io("cannot set times on", rel, e))
+    Ok(())
+}
+
+/// Which of owner, permission bits and mtime to set on what `st` describes: each only where it differs, so that what
+/// is already right (a directory of a no-op sync) keeps even its ctime; the mode also after a chown, which clears
+/// set-id bits.
+fn differs(st: &libc::stat, mode: libc::mode_t, owner: (u32, u32), mtime: (i64, u32)) -> (bool, bool, bool) {
+    let chown = (st.st_uid, st.st_gid) != owner;
+    (chown, chown || st.st_mode & 0o7777 != mode, mtime_of_stat(st) != mtime)
 }
 
 /// A stat's mtime as the wire carries it.
